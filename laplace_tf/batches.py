@@ -1,0 +1,136 @@
+"""Data in: ``tf.data`` datasets or ``(x, y)`` arrays, as checked batches with a progress bar.
+
+Example:
+    >>> import numpy as np, tensorflow as tf
+    >>> batches = as_batches((np.zeros((10, 3)), np.zeros(10)), batch_size=4, dtype=tf.float64)
+    >>> [int(x.shape[0]) for x, _ in batches]
+    [4, 4, 2]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+DEFAULT_BATCH_SIZE = 128
+
+
+def _n_rows(x) -> int:
+    if isinstance(x, dict):
+        sizes = {k: len(v) for k, v in x.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"x: the inputs of a dict must have the same length; got {sizes}.")
+        return next(iter(sizes.values()))
+    return len(x)
+
+
+def _as_float(x, dtype: tf.DType):
+    if isinstance(x, dict):
+        return {k: _as_float(v, dtype) for k, v in x.items()}
+    x = tf.convert_to_tensor(x)
+    if x.dtype.is_floating or x.dtype.is_integer:
+        return tf.cast(x, dtype) if x.dtype.is_floating else x
+    raise TypeError(f"x: expected numeric inputs; got dtype {x.dtype.name}.")
+
+
+def _check_finite(x, index: int) -> None:
+    parts = x.values() if isinstance(x, dict) else [x]
+    for part in parts:
+        if part.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(part))):
+            raise ValueError(
+                f"x: batch {index} contains NaN or Inf inputs; clean or impute the data first."
+            )
+
+
+class Batches:
+    """Re-iterable ``(x, y)`` batches: ``x`` converted to ``dtype``, ``y`` as numpy.
+
+    Args:
+        data: a ``tf.data.Dataset`` of ``(x, y)`` batches, or a tuple ``(x, y)`` of arrays
+            (``x`` may be a dict of arrays for multi-input models).
+        batch_size: the batch size for arrays (ignored for datasets, which come batched).
+        dtype: the floating dtype of the model.
+        progress: show a tqdm progress bar while iterating.
+        description: the progress bar's label.
+    """
+
+    def __init__(self, data, batch_size: int | None = None, *, dtype: tf.DType = tf.float32,
+                 progress: bool = False, description: str = "batches"):
+        self.dtype = tf.as_dtype(dtype)
+        self.progress = progress
+        self.description = description
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size: expected a positive integer; got {batch_size!r}.")
+        if isinstance(data, tf.data.Dataset):
+            spec = data.element_spec
+            if not isinstance(spec, tuple) or len(spec) != 2:
+                raise ValueError(
+                    "data: a tf.data.Dataset must yield (x, y) pairs of batches; got elements "
+                    f"{spec}. Use dataset.map(lambda *e: (e[0], e[1])) and .batch(n)."
+                )
+            self._dataset, self._arrays = data, None
+            n = int(data.cardinality())
+            self.n_batches = n if n >= 0 else None
+        elif isinstance(data, (tuple, list)) and len(data) == 2:
+            x, y = data
+            n = _n_rows(x)
+            if len(y) != n:
+                raise ValueError(
+                    f"data: x has {n} rows but y has {len(y)}; give one target per input."
+                )
+            self._dataset, self._arrays = None, (x, np.asarray(y))
+            self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+            self.n_batches = -(-n // self.batch_size)
+        else:
+            raise TypeError(
+                "data: expected a tf.data.Dataset of (x, y) batches or a tuple (x, y) of "
+                f"arrays; got {type(data).__name__}."
+            )
+        if self.n_batches == 0:
+            raise ValueError("data: the data set is empty; give at least one example.")
+
+    def _raw(self) -> Iterator[tuple]:
+        if self._dataset is not None:
+            yield from self._dataset
+            return
+        x, y = self._arrays
+        for start in range(0, len(y), self.batch_size):
+            stop = start + self.batch_size
+            xb = {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
+            yield xb, y[start:stop]
+
+    def __iter__(self) -> Iterator[tuple]:
+        raw = tqdm(self._raw(), total=self.n_batches, desc=self.description,
+                   disable=not self.progress, leave=False)
+        seen = 0
+        for index, (x, y) in enumerate(raw):
+            x = _as_float(x, self.dtype)
+            _check_finite(x, index)
+            seen += 1
+            yield x, np.asarray(y)
+        if seen == 0:
+            raise ValueError("data: the data set is empty; give at least one example.")
+
+
+def as_batches(data, batch_size: int | None = None, **kwargs) -> Batches:
+    """:class:`Batches` of ``data`` (returned unchanged if it already is one)."""
+    return data if isinstance(data, Batches) else Batches(data, batch_size, **kwargs)
+
+
+def iterate_inputs(x, batch_size: int, dtype: tf.DType) -> Iterator:
+    """Inputs only (arrays, dicts or a dataset of x batches), in batches of ``batch_size``."""
+    if isinstance(x, tf.data.Dataset):
+        for xb in x:
+            xb = xb[0] if isinstance(xb, tuple) else xb
+            yield _as_float(xb, dtype)
+        return
+    n = _n_rows(x)
+    for start in range(0, n, batch_size):
+        stop = start + batch_size
+        xb = {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
+        xb = _as_float(xb, dtype)
+        _check_finite(xb, start // batch_size)
+        yield xb

@@ -1,0 +1,126 @@
+"""Slow, obviously correct references that the tests compare laplace_tf against.
+
+Everything here loops over examples, outputs and weights one at a time, in float64, with
+plain ``tf.GradientTape`` calls and no vectorisation, so that it is easy to trust.
+
+Example:
+    >>> import numpy as np
+    >>> H = finite_difference_hessian(lambda x: x[0] ** 2 * x[1], np.array([1.0, 2.0]))
+    >>> np.round(H, 6).tolist()
+    [[4.0, 2.0], [2.0, 0.0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from laplace_tf.likelihoods import Likelihood
+from laplace_tf.params import LogitModel, WeightSubset
+
+
+def finite_difference_hessian(
+    f: Callable[[np.ndarray], float], x0: np.ndarray, eps: float = 1e-4
+) -> np.ndarray:
+    """Central finite-difference Hessian of a scalar numpy function of a vector ``x0``."""
+    x0 = np.asarray(x0, dtype=np.float64)
+    n = x0.size
+    H = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            def shifted(di, dj):
+                x = x0.copy().ravel()
+                x[i] += di
+                x[j] += dj
+                return f(x.reshape(x0.shape))
+
+            H[i, j] = (
+                shifted(eps, eps) - shifted(eps, -eps) - shifted(-eps, eps) + shifted(-eps, -eps)
+            ) / (4 * eps * eps)
+    return H
+
+
+def finite_difference_gradient(f: Callable, x0: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central finite-difference gradient of a scalar numpy function."""
+    x0 = np.asarray(x0, dtype=np.float64)
+    grad = np.zeros(x0.size)
+    for i in range(x0.size):
+        step = np.zeros(x0.size)
+        step[i] = eps
+        grad[i] = (f((x0.ravel() + step).reshape(x0.shape)) - f((x0.ravel() - step).reshape(x0.shape))) / (2 * eps)
+    return grad.reshape(x0.shape)
+
+
+def _logits_of_flat(model: LogitModel, flat: tf.Tensor, x) -> tf.Tensor:
+    return model(x, model.subset.unflatten(flat))
+
+
+def brute_force_hessian(model: LogitModel, likelihood: Likelihood, x, y) -> np.ndarray:
+    """Dense Hessian of the summed NLL over the flat weights: one gradient per row."""
+    flat = tf.Variable(model.subset.flat_values())
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            loss = likelihood.nll(_logits_of_flat(model, flat, x), y)
+        grad = inner.gradient(loss, flat)
+        rows = [grad[i] for i in range(grad.shape[0])]
+    H = np.stack([outer.gradient(r, flat, unconnected_gradients="zero").numpy() for r in rows])
+    return H
+
+
+def brute_force_jacobians(model: LogitModel, x) -> np.ndarray:
+    """Per-example Jacobians of the logits ``[N, K, P]``: one gradient per example and output."""
+    flat = tf.Variable(model.subset.flat_values())
+    with tf.GradientTape(persistent=True) as tape:
+        logits = _logits_of_flat(model, flat, x)
+        entries = [[logits[n, k] for k in range(logits.shape[1])] for n in range(logits.shape[0])]
+    return np.array(
+        [[tape.gradient(e, flat, unconnected_gradients="zero").numpy() for e in row] for row in entries]
+    )
+
+
+def brute_force_output_hessians(likelihood: Likelihood, logits, y) -> np.ndarray:
+    """Per-example Hessians of the NLL with respect to the logits ``[N, K, K]``, by autodiff."""
+    out = []
+    for n in range(logits.shape[0]):
+        f = tf.Variable(logits[n : n + 1])
+        with tf.GradientTape(persistent=True) as outer:
+            with tf.GradientTape() as inner:
+                loss = likelihood.nll(f, y[n : n + 1])
+            g = inner.gradient(loss, f)[0]
+            entries = [g[k] for k in range(g.shape[0])]
+        out.append(np.stack([outer.gradient(e, f).numpy()[0] for e in entries]))
+    return np.array(out)
+
+
+def brute_force_ggn(model: LogitModel, likelihood: Likelihood, x, y) -> np.ndarray:
+    """Dense GGN ``sum_n J_n^T Lambda_n J_n`` from explicit Jacobians and logit Hessians."""
+    J = brute_force_jacobians(model, x)
+    Lam = brute_force_output_hessians(likelihood, model(x), y)
+    return sum(J[n].T @ Lam[n] @ J[n] for n in range(J.shape[0]))
+
+
+def brute_force_ef(model: LogitModel, likelihood: Likelihood, x, y) -> np.ndarray:
+    """Dense empirical Fisher ``sum_n g_n g_n^T`` from per-example gradients, one at a time."""
+    flat = tf.Variable(model.subset.flat_values())
+    P = int(flat.shape[0])
+    EF = np.zeros((P, P))
+    n_rows = int(y.shape[0])
+    for n in range(n_rows):
+        xn = {k: v[n : n + 1] for k, v in x.items()} if isinstance(x, dict) else x[n : n + 1]
+        with tf.GradientTape() as tape:
+            loss = likelihood.nll(_logits_of_flat(model, flat, xn), y[n : n + 1])
+        g = tape.gradient(loss, flat, unconnected_gradients="zero").numpy()
+        EF += np.outer(g, g)
+    return EF
+
+
+def dense_functional_variance(jacobians: np.ndarray, covariance: np.ndarray) -> np.ndarray:
+    """``J_n Sigma J_n^T`` for every example: ``[N, K, K]`` from ``[N, K, P]`` and ``[P, P]``."""
+    return np.array([J @ covariance @ J.T for J in jacobians])
+
+
+def subset_of(model, layers=None) -> LogitModel:
+    """A :class:`LogitModel` over the weights of ``layers`` (all layers when None)."""
+    return LogitModel(model, WeightSubset(model, layers))
