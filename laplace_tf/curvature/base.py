@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from laplace_tf.batches import Batches
-from laplace_tf.curvature.blocks import Block, add_blocks, scale_block
+from laplace_tf.curvature.blocks import (
+    Block,
+    add_blocks,
+    from_sum_form,
+    scale_block,
+    to_sum_form,
+)
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel
 
@@ -79,16 +85,26 @@ class CurvatureBuilder:
         raise NotImplementedError
 
 
-def fit_curvature(builder: CurvatureBuilder, batches: Batches) -> Curvature:
-    """Sum ``builder``'s blocks over ``batches``; targets are checked batch by batch."""
+def fit_curvature(
+    builder: CurvatureBuilder, batches: Batches, strategy: tf.distribute.Strategy | None = None
+) -> Curvature:
+    """Sum ``builder``'s blocks over ``batches``; targets are checked batch by batch.
+
+    With a ``tf.distribute`` strategy (given, or the one whose scope is active), every batch is
+    split across the local replicas, each replica's curvature is summed locally, and the
+    totals are all-reduced once at the end, so workers may hold different numbers of
+    batches. Each worker of a multi-worker strategy passes its own shard of the data.
+    """
     likelihood = builder.likelihood
+    if strategy is None and tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
     n_outputs = None
 
     @tf.function(reduce_retracing=True)
     def step(x, y):
         blocks, logits = builder.batch_blocks(x, y)
         residual_ss = tf.reduce_sum(tf.square(y - logits), axis=0)
-        return blocks, likelihood.nll(logits, y), residual_ss
+        return blocks, likelihood.nll(logits, y), residual_ss, tf.shape(y)[0]
 
     total = None
     for x, y in batches:
@@ -96,10 +112,61 @@ def fit_curvature(builder: CurvatureBuilder, batches: Batches) -> Curvature:
             n_outputs = int(builder.logit_model(x).shape[-1])
             likelihood.validate_outputs(n_outputs)
         targets = likelihood.prepare_targets(y, n_outputs, batches.dtype)
-        blocks, nll, residual_ss = step(x, targets)
-        part = Curvature(
-            builder.structure, list(blocks), nll, int(targets.shape[0]),
-            residual_ss if likelihood.name == "regression" else None,
-        )
-        total = part if total is None else total + part
+        results = [step(x, targets)] if strategy is None else _replica_steps(strategy, step, x, targets)
+        for blocks, nll, residual_ss, n in results:
+            part = Curvature(
+                builder.structure, list(blocks), nll, int(n),
+                residual_ss if likelihood.name == "regression" else None,
+            )
+            total = part if total is None else total + part
+    if total is None:
+        raise ValueError("data: the data set is empty; give at least one example.")
+    if strategy is not None and strategy.num_replicas_in_sync > _n_local_replicas(strategy):
+        total = _all_reduce(strategy, total)
     return total
+
+
+def _shard(tensor, index: int, n_shards: int):
+    n = tf.shape(tensor)[0]
+    size = -(-n // n_shards)
+    return tensor[index * size : (index + 1) * size]
+
+
+def _n_local_replicas(strategy) -> int:
+    return len(strategy.extended.worker_devices)
+
+
+def _replica_steps(strategy, step, x, y) -> list:
+    """Run ``step`` on each local replica's share of one batch; the local results."""
+    n_replicas = _n_local_replicas(strategy)
+
+    def values(context):
+        index = context.replica_id_in_sync_group % n_replicas
+        return tf.nest.map_structure(lambda t: _shard(t, index, n_replicas), (x, y))
+
+    shards = strategy.experimental_distribute_values_from_function(values)
+    per_replica = strategy.run(lambda xy: step(*xy), args=(shards,))
+    return [r for r in strategy.experimental_local_results(per_replica) if int(r[3]) > 0]
+
+
+def _all_reduce(strategy, total: Curvature) -> Curvature:
+    """Sum a worker-local curvature over all workers (one collective call)."""
+    sums = (
+        [to_sum_form(b) for b in total.blocks], total.nll,
+        total.residual_ss if total.residual_ss is not None else tf.zeros([1], total.nll.dtype),
+        tf.constant(total.n_data, total.nll.dtype),
+    )
+
+    def first_replica_only(context):
+        keep = context.replica_id_in_sync_group % _n_local_replicas(strategy) == 0
+        return tf.nest.map_structure(lambda t: t if keep else tf.zeros_like(t), sums)
+
+    values = strategy.experimental_distribute_values_from_function(first_replica_only)
+    reduced = strategy.run(
+        lambda v: tf.distribute.get_replica_context().all_reduce("sum", v), args=(values,)
+    )
+    blocks, nll, residual_ss, n = strategy.experimental_local_results(reduced)[0]
+    return Curvature(
+        total.structure, [from_sum_form(b) for b in blocks], nll, int(round(float(n))),
+        residual_ss if total.residual_ss is not None else None,
+    )

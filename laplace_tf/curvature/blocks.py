@@ -73,6 +73,16 @@ def scale_block(block: Block, factor) -> Block:
     return type(block)(block[0] * factor)
 
 
+def to_sum_form(block: Block) -> Block:
+    """The block with every entry a plain sum over data (Kronecker ``A`` times ``n``)."""
+    return KronBlock(block.A * block.n, block.G, block.n) if isinstance(block, KronBlock) else block
+
+
+def from_sum_form(block: Block) -> Block:
+    """Inverse of :func:`to_sum_form`, after the sums were added up."""
+    return KronBlock(block.A / block.n, block.G, block.n) if isinstance(block, KronBlock) else block
+
+
 def to_dense(block: Block) -> tf.Tensor:
     """The block as a dense ``[p, p]`` matrix. For tests and small cases only."""
     if isinstance(block, DenseBlock):
