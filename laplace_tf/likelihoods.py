@@ -57,9 +57,22 @@ class Likelihood:
         root = self.output_hessian_sqrt(logits)
         return tf.matmul(root, root, transpose_b=True)
 
+    def output_hessian_diag_lowrank(self, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(d [N, K], U [N, K, m])`` with ``Lambda_n = diag(d_n) - U_n U_n^T`` and small ``m``.
+
+        The output-space Hessian without the ``[N, K, K]`` tensor, so that sums over examples
+        (e.g. ``sum_n Lambda_n = diag(sum_n d_n) - U^T U``) cost ``O(N K^2 m)`` at most.
+        """
+        raise NotImplementedError
+
     def inverse_link(self, logits: tf.Tensor) -> tf.Tensor:
         """Mean prediction from logits (probabilities, or the identity for regression)."""
         raise NotImplementedError
+
+
+def _no_factors(logits: tf.Tensor) -> tf.Tensor:
+    """An empty ``[N, K, 0]`` low-rank part: ``Lambda`` is diagonal."""
+    return logits[:, :, None][:, :, :0]
 
 
 def _check_finite_labels(y: np.ndarray) -> None:
@@ -119,6 +132,10 @@ class Classification(Likelihood):
         p = tf.nn.softmax(logits, axis=-1)
         return tf.linalg.diag(p) - p[:, :, None] * p[:, None, :]
 
+    def output_hessian_diag_lowrank(self, logits):
+        p = tf.nn.softmax(logits, axis=-1)
+        return p, p[:, :, None]
+
     def inverse_link(self, logits):
         return tf.nn.softmax(logits, axis=-1)
 
@@ -155,6 +172,10 @@ class Binary(Likelihood):
     def output_hessian_sqrt(self, logits):
         p = tf.sigmoid(logits)
         return tf.sqrt(p * (1 - p))[:, :, None]
+
+    def output_hessian_diag_lowrank(self, logits):
+        p = tf.sigmoid(logits)
+        return p * (1 - p), _no_factors(logits)
 
     def inverse_link(self, logits):
         return tf.sigmoid(logits)
@@ -209,6 +230,10 @@ class Regression(Likelihood):
 
     def output_hessian_sqrt(self, logits):
         return tf.linalg.diag(tf.ones_like(logits) / self._sigma(logits.dtype))
+
+    def output_hessian_diag_lowrank(self, logits):
+        precision = tf.ones_like(logits) / self._sigma(logits.dtype) ** 2
+        return precision, _no_factors(logits)
 
     def inverse_link(self, logits):
         return logits

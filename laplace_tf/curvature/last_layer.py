@@ -1,0 +1,351 @@
+"""Last-layer curvature in closed form, from one forward pass over the body of the network.
+
+When only the last layer's weights are uncertain and the model output is that layer's
+pre-activation ``f_n = W~^T a~_n`` (``a~_n = [phi_n, 1]``: the layer's inputs ``phi_n`` with the
+constant 1 appended when the layer has a trainable bias, ``W~`` the ``(din + 1, K)`` matrix
+whose last row is the bias), the Jacobian of the logits with respect to the flat weights
+(row-major ravel of ``W~``, DESIGN.md) is ``J_n = a~_n^T ⊗ I_K``. Every curvature then comes
+from the features and a per-example output-space matrix ``M_n [K, K]``:
+
+* GGN: ``M_n = Lambda_n`` (the likelihood's Hessian with respect to the logits);
+* exact Hessian: the same, since the logits are linear in the last layer's weights;
+* empirical Fisher (EF): ``M_n = r_n r_n^T`` with ``r_n = d nll_n / d f_n``;
+
+and ``sum_n J_n^T M_n J_n = sum_n (a~_n a~_n^T) ⊗ M_n`` (full), with diagonal
+``sum_n a~_n^2 ⊗ diag(M_n)`` and Kronecker factors ``A = mean_n a~_n a~_n^T``,
+``G = sum_n M_n``. No per-example Jacobian and no backward pass through the body is needed.
+
+Example:
+    >>> import keras, tensorflow as tf
+    >>> from laplace_tf.likelihoods import get_likelihood
+    >>> from laplace_tf.params import LogitModel, WeightSubset
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> logit_model = LogitModel(model, WeightSubset(model, [find_last_layer(model)]))
+    >>> builder = LastLayerBuilder(logit_model, get_likelihood("regression"), structure="full")
+    >>> blocks, _ = builder.batch_blocks(tf.constant([[1.0, 2.0]]), tf.zeros((1, 1)))
+    >>> blocks[0].matrix.numpy().tolist()       # a~ a~^T with a~ = [1, 2, 1], sigma = 1
+    [[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+from laplace_tf.curvature.base import STRUCTURES, CurvatureBuilder
+from laplace_tf.curvature.blocks import Block, DenseBlock, DiagBlock, KronBlock
+from laplace_tf.curvature.full import default_memory_limit, dense_curvature_bytes
+from laplace_tf.likelihoods import Likelihood
+from laplace_tf.params import LogitModel, WeightSubset, leaf_layers, output_layer
+
+_CLOSED_FORM_LAYERS = (keras.layers.Dense,)
+_DENSE_COPIES = 4  # the einsum's transposed intermediate and result, the running total, the sum
+_ADVICE = "use subset_of_weights='all' (e.g. with hessian_structure='kron')"
+
+
+def find_last_layer(model: keras.Model, name: str | None = None) -> keras.layers.Layer:
+    """The layer whose weights the last-layer Laplace approximation is over.
+
+    Args:
+        model: a built Keras model (nested models are searched too).
+        name: the layer's name; ``None`` picks the layer that owns the last entry of
+            ``model.trainable_variables``.
+
+    Returns:
+        A ``keras.layers.Dense`` layer whose trainable weights are its kernel (and bias).
+
+    Raises:
+        ValueError: if no layer with weights is called ``name`` (the message lists the layers
+            that have weights), or if the layer has no closed-form last-layer curvature.
+
+    Example:
+        >>> import keras
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="hidden"),
+        ...                           keras.layers.Dense(2, name="head")])
+        >>> find_last_layer(model).name, find_last_layer(model, "hidden").name
+        ('head', 'hidden')
+    """
+    layers = leaf_layers(model)
+    names = [layer.name for layer in layers]
+    if name is None:
+        last = model.trainable_variables[-1] if model.trainable_variables else None
+        matches = [layer for layer in layers if any(v is last for v in layer.trainable_variables)]
+        if not matches:
+            raise ValueError(
+                f"model: cannot tell the last layer of {model.name!r}: it is not built, or its "
+                f"last trainable weight belongs to no layer. Build the model, or pass "
+                f"last_layer_name= (layers with weights: {names})."
+            )
+    else:
+        matches = [layer for layer in layers if layer.name == name]
+        if len(matches) != 1:
+            what = "no layer" if not matches else f"{len(matches)} layers (in nested models)"
+            raise ValueError(
+                f"last_layer_name: expected the name of one layer with trainable weights; "
+                f"{what} of model {model.name!r} called {name!r}. The layers with weights are "
+                f"{names}; pass one of these."
+            )
+    _check_closed_form(matches[0])
+    return matches[0]
+
+
+def last_layer_features(logit_model: LogitModel, x) -> tuple[tf.Tensor, tf.Tensor]:
+    """The inputs of the last layer and the logits, from one forward pass.
+
+    Args:
+        logit_model: a :class:`LogitModel` over the last layer's weights only
+            (``WeightSubset(model, [find_last_layer(model)])``).
+        x: a batch of model inputs (a tensor, or a dict of them for multi-input models).
+
+    Returns:
+        ``(features [N, din], logits [N, K])``; the logits are the last layer's
+        pre-activation outputs (a final softmax/sigmoid is stripped by ``logit_model``).
+
+    Raises:
+        ValueError: if ``logit_model`` is not over one Dense layer, if that layer sees inputs
+            of rank other than 2 or is called more than once, or if anything after it changes
+            the model output (then the closed form does not hold).
+
+    Example:
+        >>> import keras, tensorflow as tf
+        >>> from laplace_tf.params import LogitModel, WeightSubset
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, "relu"),
+        ...                           keras.layers.Dense(2, "softmax")])
+        >>> logit_model = LogitModel(model, WeightSubset(model, [model.layers[-1]]))
+        >>> phi, logits = last_layer_features(logit_model, tf.ones((4, 2)))
+        >>> hidden = model.layers[0](tf.ones((4, 2)))
+        >>> bool(tf.reduce_all(phi == hidden)), tuple(logits.shape)
+        (True, (4, 2))
+    """
+    layer = _subset_layer(logit_model)
+    calls = []
+
+    def record(_, inputs, z):
+        calls.append((inputs, z))
+        return z
+
+    logits = logit_model(x, layers=[layer], hook=record)
+    if len(calls) != 1:
+        raise ValueError(
+            f"last_layer_name: layer {layer.name!r} was called {len(calls)} times in one "
+            f"forward pass; the last-layer closed form needs exactly one call. Choose another "
+            f"layer with last_layer_name=, or {_ADVICE}."
+        )
+    inputs, z = calls[0]
+    if inputs.shape.rank != 2:
+        raise ValueError(
+            f"last_layer_name: the Dense layer {layer.name!r} receives inputs of shape "
+            f"{tuple(inputs.shape)}; the last-layer closed form needs inputs [N, features]. "
+            f"Add a Flatten/pooling layer before it, or {_ADVICE}."
+        )
+    if logits is not z:
+        raise ValueError(
+            f"last_layer_name: the model output is not the pre-activation output of layer "
+            f"{layer.name!r} ({_what_follows(logit_model, layer)}), so the last-layer closed "
+            f"form does not hold: it needs the model to return that output unchanged (a final "
+            f"softmax/sigmoid is fine). Name the model's final Dense layer with "
+            f"last_layer_name=, or {_ADVICE}."
+        )
+    return tf.cast(inputs, z.dtype), logits
+
+
+class LastLayerBuilder(CurvatureBuilder):
+    """Closed-form curvature over the last layer's weights: one block per batch.
+
+    Kinds ``"ggn"``, ``"hessian"`` (for a linear last layer on the logits the exact Hessian
+    equals the GGN, so it is computed as the GGN) and ``"ef"``. Structures:
+
+    * ``"full"``: :class:`DenseBlock` ``sum_n (a~_n a~_n^T) ⊗ M_n``, ``[P, P]`` with
+      ``P = (din + 1) K``: ``P^2`` numbers, e.g. 2.6e9 (10 GB in float32) for 512 features
+      and 100 classes, and a batch briefly holds about 4 such matrices. Refused (before any
+      work) when that exceeds ``memory_limit_bytes``; use ``"kron"`` or ``"diag"`` then.
+    * ``"kron"``: :class:`KronBlock` ``A = mean_n a~_n a~_n^T``, ``G = sum_n M_n``, ``n = N``.
+    * ``"diag"``: :class:`DiagBlock` ``sum_n a~_n^2 ⊗ diag(M_n)``.
+
+    The work per batch is one forward pass (no backward pass through the body) plus
+    ``O(N (din^2 + K^2))`` (kron), ``O(N din K)`` (diag) or ``O(N din^2 K^2)`` (full); only
+    ``"full"`` forms the per-example ``[N, K, K]`` output-space matrices, so kron and diag stay
+    fast with hundreds of classes.
+
+    Args:
+        logit_model: a :class:`LogitModel` over the last layer's weights only.
+        likelihood: the likelihood of the data.
+        kind: ``"ggn"``, ``"ef"`` or ``"hessian"``.
+        structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        memory_limit_bytes: for ``"full"``: refuse when the dense matrices would need more
+            than this (default: a quarter of the available memory, as for
+            :class:`~laplace_tf.curvature.full.FullBuilder`).
+
+    Raises:
+        ValueError: for an unknown structure or kind, a ``logit_model`` that is not over one
+            Dense layer, or a ``"full"`` block above the memory limit.
+
+    Example:
+        >>> import keras, numpy as np, tensorflow as tf
+        >>> from laplace_tf.likelihoods import get_likelihood
+        >>> from laplace_tf.params import LogitModel, WeightSubset
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+        >>> logit_model = LogitModel(model, WeightSubset(model, [model.layers[-1]]))
+        >>> lik = get_likelihood("regression", sigma_noise=0.5)
+        >>> x = tf.constant([[1.0, 2.0], [3.0, 4.0]])
+        >>> (block,), _ = LastLayerBuilder(logit_model, lik).batch_blocks(x, tf.zeros((2, 3)))
+        >>> block.G.numpy().diagonal().tolist()      # sum_n 1 / sigma^2
+        [8.0, 8.0, 8.0]
+        >>> np.allclose(block.A, [[5, 7, 2], [7, 10, 3], [2, 3, 1]])   # mean a~ a~^T
+        True
+    """
+
+    def __init__(
+        self,
+        logit_model: LogitModel,
+        likelihood: Likelihood,
+        kind: str = "ggn",
+        structure: str = "kron",
+        memory_limit_bytes: int | None = None,
+    ):
+        if structure not in STRUCTURES:
+            raise ValueError(
+                f"hessian_structure: expected one of {STRUCTURES} for the last layer; got "
+                f"{structure!r}."
+            )
+        self.structure = structure
+        super().__init__(logit_model, likelihood, kind)
+        self.layer = _subset_layer(logit_model)
+        self._has_bias = len(self.layer.trainable_variables) == 2
+        if structure == "full":
+            _check_full_memory(logit_model.subset, memory_limit_bytes)
+
+    def batch_blocks(self, x, y) -> tuple[list[Block], tf.Tensor]:
+        """The batch's one block over the last layer's weights, and its logits ``[N, K]``."""
+        features, logits = last_layer_features(self.logit_model, x)
+        if self._has_bias:
+            features = tf.concat([features, tf.ones_like(features[:, :1])], axis=1)
+        if self.kind == "ef":
+            residuals = _logit_gradients(self.likelihood, logits, y)
+            outputs = _OutputMatrices(tf.zeros_like(residuals), residuals[:, :, None], 1.0)
+        else:
+            outputs = _OutputMatrices(*self.likelihood.output_hessian_diag_lowrank(logits), -1.0)
+        return [_BLOCKS[self.structure](features, outputs)], logits
+
+
+class _OutputMatrices(NamedTuple):
+    """Per-example output-space matrices ``M_n = diag(d_n) + sign U_n U_n^T`` (``U [N, K, m]``).
+
+    Kept in this form so that the Kronecker and diagonal blocks cost ``O(N K m)`` to
+    ``O(N K^2 m)`` instead of building ``[N, K, K]`` (m = 1 for softmax and the EF, 0 else).
+    """
+
+    diagonal: tf.Tensor
+    factors: tf.Tensor
+    sign: float
+
+    def dense(self) -> tf.Tensor:
+        """``M_n`` for every example, ``[N, K, K]``."""
+        low_rank = tf.matmul(self.factors, self.factors, transpose_b=True)
+        return tf.linalg.diag(self.diagonal) + self.sign * low_rank
+
+    def diagonals(self) -> tf.Tensor:
+        """``diag(M_n)`` for every example, ``[N, K]``."""
+        return self.diagonal + self.sign * tf.reduce_sum(tf.square(self.factors), axis=-1)
+
+    def total(self) -> tf.Tensor:
+        """``sum_n M_n``, ``[K, K]``."""
+        low_rank = tf.einsum("nkm,nlm->kl", self.factors, self.factors)
+        return tf.linalg.diag(tf.reduce_sum(self.diagonal, axis=0)) + self.sign * low_rank
+
+
+def _full_block(a: tf.Tensor, outputs: _OutputMatrices) -> DenseBlock:
+    size = a.shape[1] * outputs.diagonal.shape[1]
+    matrix = tf.einsum("ni,nj,nkl->ikjl", a, a, outputs.dense())
+    return DenseBlock(tf.reshape(matrix, [size, size]))
+
+
+def _kron_block(a: tf.Tensor, outputs: _OutputMatrices) -> KronBlock:
+    n = tf.cast(tf.shape(a)[0], a.dtype)
+    return KronBlock(tf.matmul(a, a, transpose_a=True) / n, outputs.total(), n)
+
+
+def _diag_block(a: tf.Tensor, outputs: _OutputMatrices) -> DiagBlock:
+    diagonal = tf.einsum("ni,nk->ik", tf.square(a), outputs.diagonals())
+    return DiagBlock(tf.reshape(diagonal, [-1]))
+
+
+_BLOCKS = {"full": _full_block, "kron": _kron_block, "diag": _diag_block}
+
+
+def _logit_gradients(likelihood: Likelihood, logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """``d nll_n / d f_n`` for every example ``[N, K]`` (the tape sees the likelihood only)."""
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        nll = likelihood.nll(logits, y)
+    return tape.gradient(nll, logits)
+
+
+def _check_closed_form(layer: keras.layers.Layer) -> None:
+    """Raise unless ``layer`` is a Dense layer whose trainable weights are its kernel (+ bias)."""
+    if not isinstance(layer, _CLOSED_FORM_LAYERS):
+        raise ValueError(
+            f"last_layer_name: layer {layer.name!r} is a {type(layer).__name__}; the last-layer "
+            f"curvature has a closed form only for "
+            f"{', '.join(c.__name__ for c in _CLOSED_FORM_LAYERS)} layers. Name a Dense layer with last_layer_name=, or {_ADVICE}."
+        )
+    kernel = getattr(layer, "_kernel", None)
+    trainable = [id(v) for v in layer.trainable_variables]
+    if trainable not in ([id(kernel)], [id(kernel), id(layer.bias)]):
+        raise ValueError(
+            f"last_layer_name: the trainable weights of Dense layer {layer.name!r} are "
+            f"{[v.path for v in layer.trainable_variables]}; the closed form needs its kernel (and bias) only "
+            f"(no LoRA, no quantization). Use a plain Dense layer, or {_ADVICE}."
+        )
+
+
+def _subset_layer(logit_model: LogitModel) -> keras.layers.Layer:
+    """The one closed-form layer ``logit_model``'s weight subset is over."""
+    slices = logit_model.subset.slices
+    if len(slices) != 1:
+        raise ValueError(
+            "logit_model: the last-layer curvature needs a LogitModel over one layer's weights, "
+            f"LogitModel(model, WeightSubset(model, [last_layer])); got layers "
+            f"{[s.name for s in slices]}."
+        )
+    _check_closed_form(slices[0].layer)
+    return slices[0].layer
+
+
+def _what_follows(logit_model: LogitModel, layer: keras.layers.Layer) -> str:
+    """A description of what comes after ``layer`` in the model, for error messages."""
+    model = logit_model.model
+    activation = getattr(layer.activation, "__name__", "linear")
+    stripped = logit_model.output_activation is not None and output_layer(model) is layer
+    if activation != "linear" and not stripped:
+        return f"its activation {activation!r} is applied to it"
+    after = []
+    if isinstance(model, keras.Sequential) and any(layer is other for other in model.layers):
+        index = next(i for i, other in enumerate(model.layers) if other is layer)
+        after = model.layers[index + 1 :]
+    elif output_layer(model) not in (None, layer):
+        after = [output_layer(model)]
+    if not after:
+        return "code after it in the model's call changes it"
+    return "it is followed by " + ", ".join(f"{o.name!r} ({type(o).__name__})" for o in after)
+
+
+def _check_full_memory(subset: WeightSubset, memory_limit_bytes: int | None) -> None:
+    """Refuse a dense ``[P, P]`` last-layer block that would not fit in the memory limit."""
+    limit = default_memory_limit() if memory_limit_bytes is None else memory_limit_bytes
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ValueError(
+            f"memory_limit_bytes: expected a positive integer number of bytes or None; got "
+            f"{memory_limit_bytes!r}."
+        )
+    needed = _DENSE_COPIES * dense_curvature_bytes(subset.n_params, subset.dtype)
+    if needed > limit:
+        raise ValueError(
+            f"hessian_structure='full': a dense last-layer curvature over {subset.n_params} "
+            f"weights ({subset.dtype.name}) needs about {needed / 2**30:.2f} GiB, more than the "
+            f"limit of {limit / 2**30:.2f} GiB (memory_limit_bytes). Use "
+            "hessian_structure='kron' or hessian_structure='diag'; or raise memory_limit_bytes "
+            "if you have the memory."
+        )
