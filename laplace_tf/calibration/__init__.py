@@ -43,9 +43,11 @@ from laplace_tf.calibration.regression import (
     rmse,
     sharpness,
 )
+from laplace_tf.calibration.report import Report, report
 
 __all__ = [
     "CalibrationBins",
+    "Report",
     "accuracy",
     "auroc",
     "brier",
@@ -74,6 +76,7 @@ __all__ = [
     "regression_metrics",
     "reliability_comparison",
     "reliability_diagram",
+    "report",
     "rmse",
     "sharpness",
 ]
