@@ -124,3 +124,66 @@ def dense_functional_variance(jacobians: np.ndarray, covariance: np.ndarray) -> 
 def subset_of(model, layers=None) -> LogitModel:
     """A :class:`LogitModel` over the weights of ``layers`` (all layers when None)."""
     return LogitModel(model, WeightSubset(model, layers))
+
+
+def brute_force_preactivation_jacobians(model: LogitModel, layer, x) -> np.ndarray:
+    """Per-example Jacobians of the logits w.r.t. one layer's pre-activation output ``z``.
+
+    Returns ``[N, K, *z.shape[1:]]``, one gradient per example and output, taken with respect
+    to a zero probe added to ``z`` (``layer`` must be called once per forward pass).
+    """
+    probes = []
+
+    def add_probe(hooked, inputs, z):
+        probe = tf.zeros_like(z)
+        tape.watch(probe)
+        probes.append(probe)
+        return z + probe
+
+    with tf.GradientTape(persistent=True) as tape:
+        logits = model(x, layers=[layer], hook=add_probe)
+        entries = [[logits[n, k] for k in range(logits.shape[1])] for n in range(logits.shape[0])]
+    (probe,) = probes
+    return np.array(
+        [[tape.gradient(e, probe).numpy()[n] for e in row] for n, row in enumerate(entries)]
+    )
+
+
+def brute_force_conv_patches(layer, inputs) -> np.ndarray:
+    """The input patches of a channels_last Conv1D/Conv2D call, one output position at a time.
+
+    Returns ``[N * locations, kh * kw * cin]``, each patch flattened in ``(kh, kw, cin)`` order
+    (a Conv1D is a Conv2D with ``kh = 1``), so that ``patches @ kernel.reshape(-1, cout)`` is
+    the convolution without bias. Padding is computed here from its definition: 'valid' none,
+    'causal' ``(k - 1) * dilation`` on the left, 'same' the TensorFlow split with the extra
+    row or column at the end.
+    """
+    x = np.asarray(inputs, np.float64)
+    if layer.rank == 1:
+        x = x[:, None]
+    lead = (1,) * (2 - layer.rank)
+    kernel, strides = lead + tuple(layer.kernel_size), lead + tuple(layer.strides)
+    dilation = lead + tuple(layer.dilation_rate)
+    pads = []
+    for axis in range(2):
+        size, span = x.shape[1 + axis], (kernel[axis] - 1) * dilation[axis] + 1
+        if layer.padding == "same":
+            total = max((-(-size // strides[axis]) - 1) * strides[axis] + span - size, 0)
+            pads.append((total // 2, total - total // 2))
+        elif layer.padding == "causal":
+            pads.append((span - 1, 0))
+        else:
+            pads.append((0, 0))
+    padded = np.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+    n_rows, n_cols = (
+        (padded.shape[1 + a] - (kernel[a] - 1) * dilation[a] - 1) // strides[a] + 1 for a in range(2)
+    )
+    rows = []
+    for n in range(x.shape[0]):
+        for i in range(n_rows):
+            for j in range(n_cols):
+                rows.append(np.concatenate([
+                    padded[n, i * strides[0] + p * dilation[0], j * strides[1] + q * dilation[1]]
+                    for p in range(kernel[0]) for q in range(kernel[1])
+                ]))
+    return np.array(rows)

@@ -1,0 +1,209 @@
+"""Kronecker-factored (K-FAC) GGN and empirical Fisher, one block per layer.
+
+For a layer with input rows ``a_t`` (bias 1 appended) and pre-activation gradients ``g_t``
+(see :mod:`laplace_tf.curvature.kron_layers`), one batch gives the block ``A ⊗ G`` with::
+
+    A = (1/n) sum_t a_t a_t^T                  over the n = N * locations rows
+    G = sum_t sum_k g_{t,k} g_{t,k}^T
+
+* GGN: ``g_{t,k} = J_{z,t}^T L[:, k]`` for each column ``k`` of ``L = likelihood.
+  output_hessian_sqrt(logits)`` (``Lambda = L L^T``): the ``K`` backward passes are one
+  vectorised Jacobian of ``s_k = sum_{n,o} logits[n, o] * stop_gradient(L[n, o, k])``.
+* Monte-Carlo GGN (``stochastic=True``): one backward pass of the NLL at targets sampled
+  from the model's predictive, whose output gradient ``eps`` has ``E[eps eps^T] = Lambda``.
+* EF: ``g_t`` is the gradient of the example's NLL (one column).
+
+Gradients with respect to the pre-activations come from zero probes added by a hook in
+:class:`~laplace_tf.params.LogitModel`. Layers without a Kronecker rule, with an unsupported
+configuration, or called more than once in a forward pass get a :class:`DiagBlock` with the
+exact diagonal of the GGN / EF of their weights instead (per-example gradients from
+:func:`laplace_tf.curvature._per_example.summed_rows`; logged once, never an error).
+
+Example:
+    One datum through a linear regression layer: ``A = a a^T`` with ``a = [x, 1]`` and
+    ``G = 1 / sigma^2``.
+
+    >>> import keras, tensorflow as tf
+    >>> from laplace_tf.likelihoods import get_likelihood
+    >>> from laplace_tf.params import LogitModel
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> builder = KronBuilder(LogitModel(model), get_likelihood("regression", sigma_noise=0.5))
+    >>> (block,), logits = builder.batch_blocks(tf.constant([[1.0, 2.0]]), tf.zeros((1, 1)))
+    >>> block.A.numpy().tolist()
+    [[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]
+    >>> block.G.numpy().tolist()
+    [[4.0]]
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+from laplace_tf.curvature._per_example import output_cotangents, summed_rows
+from laplace_tf.curvature.base import CurvatureBuilder
+from laplace_tf.curvature.blocks import Block, DiagBlock, KronBlock
+from laplace_tf.curvature.kron_layers import fallback_reason, input_rows
+from laplace_tf.likelihoods import Likelihood
+from laplace_tf.params import LogitModel, WeightSubset
+
+logger = logging.getLogger("laplace_tf")
+
+
+def _sample_classification(likelihood, logits, seed):
+    labels = tf.random.stateless_categorical(logits, 1, seed)[:, 0]
+    return tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
+
+
+def _sample_binary(likelihood, logits, seed):
+    uniform = tf.random.stateless_uniform(tf.shape(logits), seed, dtype=logits.dtype)
+    return tf.cast(uniform < tf.sigmoid(logits), logits.dtype)
+
+
+def _sample_regression(likelihood, logits, seed):
+    sigma = tf.constant(likelihood.sigma_noise, logits.dtype)
+    return logits + sigma * tf.random.stateless_normal(tf.shape(logits), seed, dtype=logits.dtype)
+
+
+_SAMPLERS = {  # likelihood name -> targets drawn from the predictive, in prepare_targets form
+    "classification": _sample_classification,
+    "binary": _sample_binary,
+    "regression": _sample_regression,
+}
+
+
+class KronBuilder(CurvatureBuilder):
+    """One batch -> one Kronecker (or exact diagonal) block per layer of the weight subset.
+
+    Args:
+        logit_model: the model and its weight subset; blocks follow ``subset.slices``.
+        likelihood: the likelihood of the data.
+        kind: ``"ggn"`` or ``"ef"``.
+        stochastic: replace the GGN's ``K`` backward passes per example by one pass at a
+            target sampled from the predictive (Monte-Carlo GGN; ``kind="ggn"`` only). Layers
+            with a diagonal block keep the exact diagonal.
+        seed: an integer seed for ``stochastic``; batch ``i`` of this builder draws with the
+            stateless seed ``(seed, i)``, so a new builder with the same seed repeats the
+            numbers. ``None`` draws a fresh seed.
+
+    Raises:
+        ValueError: for a ``kind`` other than "ggn"/"ef" (the exact Hessian has no Kronecker
+            factorisation), or ``stochastic`` with ``kind="ef"`` or an unknown likelihood.
+        TypeError: for a ``stochastic`` that is not a bool or a ``seed`` that is not an int.
+    """
+
+    structure = "kron"
+    kinds = ("ggn", "ef")
+
+    def __init__(
+        self,
+        logit_model: LogitModel,
+        likelihood: Likelihood,
+        kind: str = "ggn",
+        stochastic: bool = False,
+        seed: int | None = None,
+    ):
+        super().__init__(logit_model, likelihood, kind)
+        if not isinstance(stochastic, bool):
+            raise TypeError(f"stochastic: expected True or False; got {stochastic!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed: expected an integer or None; got {seed!r}.")
+        if stochastic and kind != "ggn":
+            raise ValueError(
+                f"stochastic: the Monte-Carlo estimate samples the GGN's output Hessian and has "
+                f"no meaning for curvature={kind!r}; use curvature='ggn' or stochastic=False."
+            )
+        if stochastic and likelihood.name not in _SAMPLERS:
+            raise ValueError(
+                f"stochastic: no sampler for the likelihood {likelihood.name!r}; expected one of "
+                f"{tuple(_SAMPLERS)}, or use stochastic=False."
+            )
+        self.stochastic = stochastic
+        self.seed = int(np.random.default_rng().integers(2**31 - 1)) if seed is None else int(seed)
+        self._draws = tf.Variable(0, dtype=tf.int64, trainable=False) if stochastic else None
+        slices = logit_model.subset.slices
+        self._fallbacks = {
+            i: reason for i, s in enumerate(slices) if (reason := fallback_reason(s)) is not None
+        }
+        self._diagonal_models: dict[tuple[int, ...], LogitModel] = {}
+        self._logged = False
+
+    def batch_blocks(self, x, y) -> tuple[list[Block], tf.Tensor]:
+        """One block per ``subset.slices`` entry, and the logits ``[N, K]``."""
+        slices = self.logit_model.subset.slices
+        hooked = [s.layer for i, s in enumerate(slices) if i not in self._fallbacks]
+        calls = {id(layer): [] for layer in hooked}
+        with tf.GradientTape() as tape:
+
+            def hook(layer, inputs, z):
+                probe = tf.zeros_like(z)
+                tape.watch(probe)
+                calls[id(layer)].append((inputs, probe))
+                return z + probe
+
+            logits = self.logit_model(x, layers=hooked, hook=hook)
+            scores = tf.einsum("nk,nkr->r", logits, self._cotangents(logits, y))
+
+        fallbacks = dict(self._fallbacks)
+        for i, s in enumerate(slices):
+            if i not in fallbacks and len(calls[id(s.layer)]) != 1:
+                fallbacks[i] = f"called {len(calls[id(s.layer)])} times in one forward pass"
+        self._log_fallbacks(fallbacks)
+
+        kron = [i for i in range(len(slices)) if i not in fallbacks]
+        probes = [calls[id(slices[i].layer)][0][1] for i in kron]
+        gradients = tape.jacobian(scores, probes, experimental_use_pfor=True) if kron else []
+        blocks: dict[int, Block] = {
+            i: _kron_block(input_rows(slices[i].layer, calls[id(slices[i].layer)][0][0]), grad)
+            for i, grad in zip(kron, gradients, strict=True)
+        }
+        if fallbacks:
+            blocks.update(zip(sorted(fallbacks), self._diagonal_blocks(sorted(fallbacks), x, y),
+                              strict=True))
+        return [blocks[i] for i in range(len(slices))], logits
+
+    def _cotangents(self, logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``c [N, K, R]``: the pre-activation gradients of ``logits . c_r`` are the ``g``.
+
+        Monte Carlo: the NLL gradient at targets sampled from the predictive (``R = 1``).
+        """
+        if not self.stochastic:
+            return output_cotangents(self.likelihood, self.kind, logits, y)
+        seed = tf.stack([tf.constant(self.seed, tf.int64), self._draws.assign_add(1) - 1])
+        sampled = _SAMPLERS[self.likelihood.name](self.likelihood, tf.stop_gradient(logits), seed)
+        return output_cotangents(self.likelihood, "ef", logits, tf.stop_gradient(sampled))
+
+    def _diagonal_blocks(self, indices: list[int], x, y) -> list[DiagBlock]:
+        """Exact GGN / EF diagonals of the layers ``subset.slices[indices]``."""
+        key = tuple(indices)
+        if key not in self._diagonal_models:
+            model = self.logit_model.model
+            layers = [self.logit_model.subset.slices[i].layer for i in indices]
+            self._diagonal_models[key] = LogitModel(model, WeightSubset(model, layers))
+        diagonal, _ = summed_rows(self._diagonal_models[key], self.likelihood, self.kind, x, y,
+                                  outer=False)
+        sizes = [self.logit_model.subset.slices[i].size for i in indices]
+        return [DiagBlock(part) for part in tf.split(diagonal, sizes)]
+
+    def _log_fallbacks(self, fallbacks: dict[int, str]) -> None:
+        if self._logged or not fallbacks:
+            return
+        self._logged = True
+        slices = self.logit_model.subset.slices
+        logger.info(
+            "laplace_tf: hessian_structure='kron' uses the exact %s diagonal for %d layer(s): %s.",
+            self.kind.upper(), len(fallbacks),
+            "; ".join(f"{slices[i].name!r} ({reason})" for i, reason in sorted(fallbacks.items())),
+        )
+
+
+def _kron_block(a_rows: tf.Tensor, probe_grad: tf.Tensor) -> KronBlock:
+    """``A`` = mean of ``a a^T`` over the rows, ``G`` = sum of ``g g^T`` over all gradients."""
+    n = tf.cast(tf.shape(a_rows)[0], a_rows.dtype)
+    g_rows = tf.reshape(probe_grad, [-1, tf.shape(probe_grad)[-1]])
+    A = tf.matmul(a_rows, a_rows, transpose_a=True) / n
+    G = tf.matmul(g_rows, g_rows, transpose_a=True)
+    return KronBlock(A, G, n)
