@@ -1,0 +1,591 @@
+"""``PosteriorLaplace``: a weight subset composed with a posterior structure.
+
+The Laplace posterior over the flat weight vector ``theta`` of a subset of a trained Keras
+model is ``N(theta_MAP, P^-1)`` with precision (DESIGN.md)::
+
+    P = s * H / T + diag(lambda)
+
+``H`` is the curvature of the summed negative log-likelihood at the MAP (``la.curvature``),
+``T`` the temperature, ``lambda`` the prior precision (scalar, per layer or per weight) and
+``s`` rescales a regression curvature fitted with noise ``sigma_fit`` to the current
+``sigma_noise``: ``s = (sigma_fit / sigma)^2`` for the GGN and the exact Hessian,
+``(sigma_fit / sigma)^4`` for the empirical Fisher. Changing the prior, the temperature or a
+scalar ``sigma_noise`` therefore never recomputes curvature.
+
+One class serves every (subset, structure) pair: ``subset_of_weights`` picks the weights
+(``"all"`` or ``"last_layer"``), ``hessian_structure`` picks a
+:class:`~laplace_tf.posterior.structures.Structure`, and the curvature blocks are factored
+block by block (:mod:`laplace_tf.posterior.factors`). ``laplace_tf.Laplace`` (the predictive)
+subclasses it.
+
+Example:
+    >>> import keras, numpy as np
+    >>> keras.utils.set_random_seed(0)
+    >>> model = keras.Sequential([keras.Input((2,), dtype="float64"),
+    ...                           keras.layers.Dense(1, dtype="float64")])
+    >>> x = np.random.default_rng(0).normal(size=(20, 2))
+    >>> la = PosteriorLaplace(model, "regression", "all", "full", progress=False)
+    >>> la.fit((x, x @ [1.0, -1.0]))
+    >>> X = np.c_[x, np.ones(20)]          # a linear model: H = X^T X / sigma^2 exactly
+    >>> np.allclose(la.posterior_precision.to_dense(), X.T @ X + np.eye(3))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from laplace_tf.batches import DEFAULT_BATCH_SIZE, Batches
+from laplace_tf.curvature import make_builder
+from laplace_tf.curvature.base import CURVATURES, Curvature, fit_curvature
+from laplace_tf.curvature.blocks import block_size
+from laplace_tf.curvature.last_layer import find_last_layer
+from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
+from laplace_tf.params import LogitModel, WeightSubset
+from laplace_tf.posterior import io, marglik
+from laplace_tf.posterior.factors import Covariance, factorize
+from laplace_tf.posterior.prior import (
+    as_float_tensor,
+    check_positive,
+    per_block,
+    prior_mean_tensor,
+    prior_precision_tensor,
+    prior_terms,
+)
+from laplace_tf.posterior.structures import STRUCTURES, dense_covariance, precision_operator
+
+SUBSETS = ("all", "last_layer")
+ON_INDEFINITE = ("raise", "clip")
+DEFAULT_DENSE_LIMIT_BYTES = 2 * 1024**3
+
+
+class NotFittedError(ValueError):
+    """Raised when a posterior quantity is asked for before :meth:`PosteriorLaplace.fit`."""
+
+
+def _choice(value, name: str, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ValueError(f"{name}: expected one of {valid}; got {value!r}.")
+    return value
+
+
+def _positive_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a positive number; got {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0; got {value!r}.")
+    return float(value)
+
+
+def _positive_int(value, name: str, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer; got {value!r}.")
+    return int(value)
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False; got {value!r}.")
+    return value
+
+
+def stateless_seed(seed: int | None) -> tf.Tensor:
+    """A ``[2]`` int32 stateless seed from an int (fresh entropy when ``None``)."""
+    if seed is None:
+        seed = int(np.random.default_rng().integers(2**31 - 1))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed: expected an integer or None; got {seed!r}.")
+    return tf.constant([int(seed) % (2**31 - 1), 0], tf.int32)
+
+
+class PosteriorLaplace:
+    """The Laplace posterior over a weight subset of a trained Keras model.
+
+    Args:
+        model: a trained, built Keras model (its current weights are the MAP).
+        likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
+        subset_of_weights: ``"last_layer"`` or ``"all"``.
+        hessian_structure: ``"kron"``, ``"full"`` or ``"diag"``.
+        curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (exact; with ``subset_of_weights="all"``
+            only for ``"full"``).
+        prior_precision: ``lambda`` > 0: a scalar, one per layer, or one per weight (not for
+            ``"kron"``).
+        prior_mean: the prior mean, a scalar or one per weight.
+        sigma_noise: regression noise (scalar or one per output); must be 1 otherwise.
+        temperature: ``T`` > 0 (the curvature and the log-likelihood are divided by it).
+        last_layer_name: the layer for ``"last_layer"`` (default: the last layer with weights).
+        stochastic: Monte-Carlo Kronecker GGN (``"kron"`` with ``curvature="ggn"`` only).
+        seed: seed of the Monte-Carlo curvature.
+        on_indefinite: ``"raise"`` a ValueError when the precision is not positive definite,
+            or ``"clip"`` negative curvature eigenvalues at zero (with a warning).
+        batch_size: batch size for array data.
+        progress: show progress bars.
+        memory_limit_bytes: the largest dense matrix allowed (full curvature, dense
+            covariance); default 2 GiB.
+
+    Raises:
+        ValueError, TypeError: for any invalid argument (the message lists the valid values).
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        likelihood: str,
+        subset_of_weights: str = "last_layer",
+        hessian_structure: str = "kron",
+        curvature: str = "ggn",
+        prior_precision=1.0,
+        prior_mean=0.0,
+        sigma_noise=1.0,
+        temperature: float = 1.0,
+        last_layer_name: str | None = None,
+        stochastic: bool = False,
+        seed: int | None = None,
+        on_indefinite: str = "raise",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: bool = True,
+        memory_limit_bytes: int | None = None,
+    ):
+        self.likelihood_name = _choice(likelihood, "likelihood", LIKELIHOODS)
+        self.subset_of_weights = _choice(subset_of_weights, "subset_of_weights", SUBSETS)
+        self.hessian_structure = _choice(hessian_structure, "hessian_structure", tuple(STRUCTURES))
+        self.curvature_kind = _choice(curvature, "curvature", CURVATURES)
+        self.on_indefinite = _choice(on_indefinite, "on_indefinite", ON_INDEFINITE)
+        if curvature == "hessian" and subset_of_weights == "all" and hessian_structure != "full":
+            raise ValueError(
+                f"curvature: the exact 'hessian' over all weights is only available with "
+                f"hessian_structure='full' (got {hessian_structure!r}); use curvature='ggn' or "
+                "'ef' for 'kron'/'diag', or subset_of_weights='last_layer'."
+            )
+        self.stochastic = _flag(stochastic, "stochastic")
+        if stochastic and (hessian_structure != "kron" or curvature != "ggn"):
+            raise ValueError(
+                "stochastic: the Monte-Carlo curvature exists for hessian_structure='kron' with "
+                f"curvature='ggn' only; got {hessian_structure!r} / {curvature!r}. Set "
+                "stochastic=False."
+            )
+        if seed is not None:
+            stateless_seed(seed)
+        self.seed = seed
+        self.progress = _flag(progress, "progress")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.memory_limit_bytes = _positive_int(memory_limit_bytes, "memory_limit_bytes", True)
+        if last_layer_name is not None and subset_of_weights != "last_layer":
+            raise ValueError(
+                "last_layer_name: only used with subset_of_weights='last_layer'; got "
+                f"subset_of_weights={subset_of_weights!r}. Drop last_layer_name."
+            )
+        self.structure = STRUCTURES[hessian_structure]
+        self.model = model
+        self.subset = WeightSubset(model)  # checks the model
+        self.last_layer_name = None
+        if subset_of_weights == "last_layer":
+            layer = find_last_layer(model, last_layer_name)
+            self.subset = WeightSubset(model, [layer])
+            self.last_layer_name = layer.name
+        self.logit_model = LogitModel(model, self.subset)
+        self._dtype = self.subset.dtype
+        self._layer_ranges = [(s.offset, s.size) for s in self.subset.slices]
+        self._temperature = _positive_number(temperature, "temperature")
+        self._prior = self._checked_prior(prior_precision)
+        self._prior_mean = prior_mean_tensor(prior_mean, self.n_params, self._dtype)
+        self._curvature: Curvature | None = None
+        self._fit_sigma: np.ndarray | None = None
+        self._sigma = self._checked_sigma(sigma_noise)
+        self.likelihood = get_likelihood(likelihood, np.asarray(self._sigma))
+        self._factors = None
+        self._mean = None
+        self._block_ranges = None
+        self._cache: dict = {}
+        self._tuners: dict = {}
+        self.tuning_trace: dict | None = None
+
+    # ------------------------------------------------------------------ checks and state
+    def _checked_prior(self, value, name: str = "prior_precision") -> tf.Tensor:
+        return prior_precision_tensor(
+            value, [s.name for s in self.subset.slices], self.n_params,
+            self.structure.prior_structures, self._dtype, name,
+        )
+
+    def _checked_sigma(self, value) -> tf.Tensor:
+        """``sigma_noise`` as a tensor; refuses what would need a new curvature fit."""
+        if self.likelihood_name != "regression":
+            if isinstance(value, bool) or np.ndim(value) != 0 or float(value) != 1.0:
+                raise ValueError(
+                    f"sigma_noise: only used with likelihood='regression'; it must stay 1 for "
+                    f"{self.likelihood_name!r}; got {value!r}."
+                )
+            return tf.constant(1.0, self._dtype)
+        sigma = as_float_tensor(value, "sigma_noise", self._dtype)
+        if sigma.shape.rank not in (0, 1):
+            raise ValueError(
+                f"sigma_noise: expected a scalar or one value per output; got shape "
+                f"{sigma.shape.as_list()}."
+            )
+        check_positive(sigma, "sigma_noise", "Give positive noise standard deviations.")
+        fit = self._fit_sigma
+        if fit is not None and (fit.ndim or sigma.shape.rank) and not (
+            fit.shape == tuple(sigma.shape) and np.array_equal(fit, np.asarray(sigma))
+        ):
+            raise ValueError(
+                f"sigma_noise: the curvature was fitted with sigma_noise={fit.tolist()}; only a "
+                f"scalar sigma_noise can change without refitting (got "
+                f"{np.asarray(sigma).tolist()}): a per-output sigma_noise is fixed at its fit "
+                "value. Build a new Laplace with the new sigma_noise and fit it."
+            )
+        return sigma
+
+    def _require_fit(self, what: str) -> None:
+        if self._curvature is None:
+            raise NotFittedError(
+                f"{what}: the posterior is not fitted yet; call la.fit(train_data) first."
+            )
+
+    def _multiplier(self, sigma: tf.Tensor | None = None, temperature: float | None = None,
+                    fit_sigma: np.ndarray | None = None) -> tf.Tensor:
+        """``c = s / T``: the factor of the stored curvature (fitted at ``fit_sigma``, default
+        the stored one) in the precision at ``sigma`` and ``temperature`` (default: current)."""
+        c = tf.constant(1.0 / (temperature or self._temperature), self._dtype)
+        fit_sigma = self._fit_sigma if fit_sigma is None else fit_sigma
+        if fit_sigma is None or fit_sigma.ndim:
+            return c  # not regression, or a per-output sigma fixed at its fit value
+        sigma = self._sigma if sigma is None else sigma
+        power = 4 if self.curvature_kind == "ef" else 2
+        return c * (tf.constant(fit_sigma, self._dtype) / sigma) ** power
+
+    def _block_priors(self, prior: tf.Tensor) -> list[tf.Tensor]:
+        return per_block(prior, self._layer_ranges, self._block_ranges)
+
+    def _check_positive_definite(self, factors, c, priors) -> None:
+        """Raise a ValueError explaining why when ``c H + diag(prior)`` is not PD."""
+        for factor, prior in zip(factors, priors, strict=True):
+            bound = c * factor.min_curvature_eigenvalue + tf.reduce_min(prior)
+            if float(bound) > 0:
+                continue  # Weyl: every eigenvalue is at least the bound
+            lowest = float(factor.smallest_precision_eigenvalue(c, prior))
+            if lowest > 0:
+                continue
+            raise ValueError(
+                f"The posterior precision H / temperature + prior_precision is not positive "
+                f"definite: its smallest eigenvalue is {lowest:.3g}, because the curvature has "
+                f"{factor.n_negative} negative eigenvalue(s) (most negative "
+                f"{factor.most_negative:.3g}). This happens with curvature='hessian' at a "
+                f"saddle point or with an under-trained model. Use curvature='ggn' (always "
+                f"positive semi-definite), train the model to a minimum, raise "
+                f"prior_precision, or pass on_indefinite='clip' to set negative curvature "
+                f"eigenvalues to zero."
+            )
+
+    def _factorize(self, curvature: Curvature) -> list:
+        clip = self.on_indefinite == "clip"
+        factors = [factorize(block, clip) for block in curvature.blocks]
+        negative = sum(f.n_negative for f in factors)
+        if clip and negative:
+            total = sum(f.n_eigenvalues for f in factors)
+            lowest = min(f.most_negative for f in factors)
+            kron = " (for Kronecker blocks: eigenvalues of the factors A and G)" \
+                if self.hessian_structure == "kron" else ""
+            warnings.warn(
+                f"on_indefinite='clip': clipped {negative} of {total} curvature eigenvalues "
+                f"at zero{kron}; the most negative was {lowest:.3g}. The curvature is not "
+                "positive semi-definite (exact Hessian away from a minimum, or an "
+                "under-trained model).", stacklevel=3,
+            )
+        return factors
+
+    def _set(self, **state) -> None:
+        """Commit new state (after every check passed) and drop cached derived objects.
+
+        Compiled prior tuners take the prior and sigma_noise as inputs: they survive changes
+        of those two only.
+        """
+        for key, value in state.items():
+            setattr(self, f"_{key}", value)
+        self._cache.clear()
+        if set(state) - {"prior", "sigma"}:
+            self._tuners.clear()
+
+    def _cached(self, key: str, build):
+        """``build()`` once per state, always eagerly (also when called while tracing)."""
+        if key not in self._cache:
+            with tf.init_scope():
+                self._cache[key] = build()
+        return self._cache[key]
+
+    # ------------------------------------------------------------------ fitting
+    def _builder(self):
+        options = {"memory_limit_bytes": self.memory_limit_bytes}
+        if self.stochastic:
+            options.update(stochastic=True, seed=self.seed)
+        return make_builder(
+            self.subset_of_weights, self.hessian_structure, self.logit_model, self.likelihood,
+            curvature=self.curvature_kind, **options,
+        )
+
+    def fit(self, data, override: bool = True, batch_size: int | None = None,
+            progress: bool | None = None) -> None:
+        """Compute the curvature at the model's current weights (the MAP).
+
+        Args:
+            data: a ``tf.data.Dataset`` of ``(x, y)`` batches, or a tuple ``(x, y)`` of arrays.
+            override: ``True`` replaces the curvature; ``False`` adds this data to it (online
+                update; the mean becomes the current weights).
+            batch_size: batch size for arrays (default: the constructor's).
+            progress: progress bar (default: the constructor's).
+
+        Nothing changes if anything fails (bad data, an indefinite precision, ...).
+        """
+        _flag(override, "override")
+        batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
+        progress = self.progress if progress is None else _flag(progress, "progress")
+        batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
+                          description="curvature")
+        curvature = fit_curvature(self._builder(), batches)
+        if not override and self._curvature is not None:
+            self.structure.check(curvature)
+            curvature = self._curvature.scaled(self._multiplier() * self._temperature) + curvature
+        fit_sigma = np.asarray(self._sigma, np.float64) if self.likelihood_name == "regression" else None
+        self._install(curvature, self.subset.flat_values(), fit_sigma, self.subset.fingerprint())
+
+    def _install(self, curvature: Curvature, mean: tf.Tensor, fit_sigma: np.ndarray | None,
+                 fingerprint: str) -> None:
+        """Factor ``curvature`` (fitted at ``fit_sigma``), check it, and commit it."""
+        self.structure.check(curvature)
+        ranges, offset = [], 0
+        for block in curvature.blocks:
+            ranges.append((offset, block_size(block)))
+            offset += block_size(block)
+        if offset != self.n_params:
+            raise ValueError(
+                f"curvature: the blocks cover {offset} weights but the subset has "
+                f"{self.n_params}; fit the curvature on this model's weight subset."
+            )
+        factors = self._factorize(curvature)
+        c = self._multiplier(fit_sigma=fit_sigma)
+        self._check_positive_definite(factors, c, per_block(self._prior, self._layer_ranges, ranges))
+        self._set(curvature=curvature, factors=factors, block_ranges=ranges, mean=mean,
+                  fit_sigma=fit_sigma, fingerprint=fingerprint)
+
+    def _update(self, prior=None, sigma=None, temperature=None) -> None:
+        """Check and commit a new prior precision, sigma_noise and/or temperature at once."""
+        prior = self._prior if prior is None else self._checked_prior(prior)
+        sigma = self._sigma if sigma is None else self._checked_sigma(sigma)
+        temperature = self._temperature if temperature is None else \
+            _positive_number(temperature, "temperature")
+        if self._curvature is not None:
+            self._check_positive_definite(
+                self._factors, self._multiplier(sigma, temperature), self._block_priors(prior)
+            )
+        changed = dict(prior=prior, sigma=sigma)
+        if temperature != self._temperature:
+            changed["temperature"] = temperature
+        self._set(**changed)
+        self.likelihood = get_likelihood(self.likelihood_name, np.asarray(sigma))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_params(self) -> int:
+        """Number of weights ``P`` in the posterior."""
+        return self.subset.n_params
+
+    @property
+    def curvature(self) -> Curvature | None:
+        """The fitted :class:`~laplace_tf.curvature.base.Curvature` (at the fit's sigma_noise)."""
+        return self._curvature
+
+    @property
+    def mean(self) -> tf.Tensor:
+        """The MAP weights ``[P]`` (flat) at the last fit."""
+        self._require_fit("mean")
+        return self._mean
+
+    @property
+    def prior_precision(self) -> tf.Tensor:
+        """``lambda``: ``[]``, ``[L]`` (per layer) or ``[P]`` (per weight)."""
+        return self._prior
+
+    @prior_precision.setter
+    def prior_precision(self, value) -> None:
+        self._update(prior=value)
+
+    @property
+    def prior_mean(self) -> tf.Tensor:
+        """The prior mean, ``[]`` or ``[P]``."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value) -> None:
+        self._set(prior_mean=prior_mean_tensor(value, self.n_params, self._dtype))
+
+    @property
+    def sigma_noise(self) -> tf.Tensor:
+        """Regression noise standard deviation (``[]`` or ``[K]``); 1 for other likelihoods."""
+        return self._sigma
+
+    @sigma_noise.setter
+    def sigma_noise(self, value) -> None:
+        self._update(sigma=value)
+
+    @property
+    def temperature(self) -> float:
+        """``T``: the curvature and the log-likelihood are divided by it."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value) -> None:
+        self._update(temperature=value)
+
+    # ------------------------------------------------------------------ the posterior
+    def block_slices(self) -> list[tuple[int, int]]:
+        """``(offset, size)`` of each curvature block in the flat weight vector."""
+        self._require_fit("block_slices")
+        return list(self._block_ranges)
+
+    def covariance_blocks(self) -> list[Covariance]:
+        """The covariance, block by block (aligned with :meth:`block_slices`).
+
+        Each entry is a :class:`~laplace_tf.posterior.factors.DenseCovariance`,
+        :class:`~laplace_tf.posterior.factors.KronCovariance` or
+        :class:`~laplace_tf.posterior.factors.DiagCovariance`.
+        """
+        self._require_fit("covariance_blocks")
+        c, priors = self._multiplier(), self._block_priors(self._prior)
+        return self._cached("covariance_blocks", lambda: [
+            f.covariance(c, p) for f, p in zip(self._factors, priors, strict=True)
+        ])
+
+    @property
+    def posterior_precision(self) -> tf.linalg.LinearOperator:
+        """``s H / T + diag(lambda)`` as a (block-diagonal, structured) LinearOperator."""
+        self._require_fit("posterior_precision")
+        return self._cached("precision", lambda: precision_operator(
+            self._factors, self._multiplier(), self._block_priors(self._prior)
+        ))
+
+    @property
+    def posterior(self):
+        """The posterior over the flat weights, a ``tfp.distributions`` multivariate normal."""
+        self._require_fit("posterior")
+        return self._cached("posterior", lambda: self.structure.distribution(
+            self._mean, self._factors, self._multiplier(), self._block_priors(self._prior)
+        ))
+
+    @property
+    def posterior_covariance(self) -> tf.Tensor:
+        """The dense covariance ``[P, P]``; refused above ``memory_limit_bytes``."""
+        self._require_fit("posterior_covariance")
+        limit = self.memory_limit_bytes or DEFAULT_DENSE_LIMIT_BYTES
+        n_bytes = self.n_params**2 * self._dtype.size
+        if n_bytes > limit:
+            raise ValueError(
+                f"posterior_covariance: a dense {self.n_params} x {self.n_params} matrix needs "
+                f"{n_bytes / 1024**2:.0f} MiB, above the {limit / 1024**2:.0f} MiB limit "
+                f"(memory_limit_bytes). Use la.covariance_blocks() (structured), la.sample(), "
+                f"or la.posterior.stddev() instead."
+            )
+        blocks = [tf.linalg.LinearOperatorFullMatrix(dense_covariance(b))
+                  for b in self.covariance_blocks()]
+        return blocks[0].to_dense() if len(blocks) == 1 else \
+            tf.linalg.LinearOperatorBlockDiag(blocks).to_dense()
+
+    def sample(self, n_samples: int, seed: int | None = None) -> tf.Tensor:
+        """``n_samples`` weight vectors ``[n, P]`` from the posterior (stateless: same seed,
+        same numbers)."""
+        n_samples = _positive_int(n_samples, "n_samples")
+        seed = stateless_seed(seed)
+        self._require_fit("sample")
+        return self.posterior.sample(n_samples, seed=seed)
+
+    # ------------------------------------------------------------------ evidence and tuning
+    def _data_nll(self, sigma: tf.Tensor) -> tf.Tensor:
+        """Summed NLL at the MAP; for regression recomputed for ``sigma`` from the residuals."""
+        curvature = self._curvature
+        if self.likelihood_name != "regression":
+            return tf.cast(curvature.nll, self._dtype)
+        return marglik.gaussian_nll(
+            tf.cast(curvature.residual_ss, self._dtype), curvature.n_data, sigma
+        )
+
+    def _log_evidence(self, prior: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
+        """The evidence at ``prior`` and ``sigma`` (pure TensorFlow, no checks)."""
+        sizes = [size for _, size in self._layer_ranges]
+        squares = self._cached("squares", lambda: tf.square(self._mean - self._prior_mean))
+        layer_squares = self._cached("layer_squares", lambda: tf.stack(
+            [tf.reduce_sum(part) for part in tf.split(squares, sizes)]
+        ))
+        scatter, log_det_prior = prior_terms(prior, sizes, squares, layer_squares)
+        return marglik.laplace_evidence(
+            log_likelihood=-self._data_nll(sigma) / self._temperature,
+            factors=self._factors,
+            c=self._multiplier(sigma),
+            block_priors=self._block_priors(prior),
+            scatter=scatter,
+            log_det_prior=log_det_prior,
+        )
+
+    def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None) -> tf.Tensor:
+        """The Laplace approximation of the log evidence, a differentiable scalar.
+
+        ``log p(D) ~ log p(D | theta*) / T - 1/2 sum lambda (theta* - mu0)^2
+        + 1/2 log det diag(lambda) - 1/2 log det P``.
+
+        Args:
+            prior_precision: evaluate at this prior (default: ``la.prior_precision``); a
+                tensor or variable here keeps gradients. The stored prior is not changed.
+            sigma_noise: regression only: evaluate at this noise (default: ``la.sigma_noise``).
+
+        Example:
+            ``with tf.GradientTape() as tape: z = la.log_marginal_likelihood(lam)`` then
+            ``tape.gradient(z, lam)``.
+        """
+        self._require_fit("log_marginal_likelihood")
+        prior = self._prior if prior_precision is None else self._checked_prior(prior_precision)
+        if sigma_noise is None:
+            sigma = self._sigma
+        else:
+            sigma = self._checked_sigma(sigma_noise)
+        if tf.executing_eagerly():
+            self._check_positive_definite(self._factors, self._multiplier(sigma),
+                                          self._block_priors(prior))
+        return self._log_evidence(prior, sigma)
+
+    def optimize_prior_precision(
+        self,
+        method: str = "marglik",
+        prior_structure: str = "scalar",
+        n_steps: int = 100,
+        lr: float = 0.1,
+        val_data=None,
+        grid=None,
+        pred_type: str = "glm",
+        link_approx: str = "probit",
+        tune_sigma_noise: bool | None = None,
+        progress: bool | None = None,
+    ) -> dict:
+        """Tune the prior precision (and, for regression, ``sigma_noise``); see
+        :func:`laplace_tf.posterior.marglik.optimize_prior_precision`."""
+        self._require_fit("optimize_prior_precision")
+        return marglik.optimize_prior_precision(
+            self, method=method, prior_structure=prior_structure, n_steps=n_steps, lr=lr,
+            val_data=val_data, grid=grid, pred_type=pred_type, link_approx=link_approx,
+            tune_sigma_noise=tune_sigma_noise,
+            progress=self.progress if progress is None else _flag(progress, "progress"),
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path) -> None:
+        """Write the posterior to one ``.npz`` file (numbers + JSON metadata, no pickle)."""
+        self._require_fit("save")
+        io.save(self, path)
+
+    @classmethod
+    def load(cls, path, model: keras.Model) -> PosteriorLaplace:
+        """Read a posterior written by :meth:`save` for ``model`` (checked to match)."""
+        return io.load(cls, path, model)

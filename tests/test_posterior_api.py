@@ -1,0 +1,252 @@
+"""The PosteriorLaplace boundary: bad inputs give clear errors and leave the object usable;
+save -> load gives the identical posterior and refuses a different model or a broken file."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from models import tanh_mlp, targets
+from test_posterior_math import make
+
+from laplace_tf.posterior import NotFittedError, PosteriorLaplace
+from laplace_tf.predictive import Laplace
+
+# (keyword arguments, error type, message pattern) for the constructor
+BAD_ARGUMENTS = [
+    (dict(likelihood="regresion"), ValueError, r"likelihood: expected one of \('classification'"),
+    (dict(subset_of_weights="head"), ValueError, r"subset_of_weights: expected one of \('all', 'last_layer'\)"),
+    (dict(hessian_structure="lowrank"), ValueError, r"hessian_structure: expected one of \('full', 'kron', 'diag'\)"),
+    (dict(curvature="fisher"), ValueError, r"curvature: expected one of \('ggn', 'ef', 'hessian'\)"),
+    (dict(curvature="hessian", subset_of_weights="all"), ValueError, "only available with hessian_structure='full'"),
+    (dict(prior_precision=0.0), ValueError, "prior_precision: every value must be finite and > 0"),
+    (dict(prior_precision=-2.0), ValueError, "prior_precision: every value must be finite and > 0"),
+    (dict(prior_precision=np.nan), ValueError, "prior_precision: every value must be finite"),
+    (dict(prior_precision=[1.0, 2.0, 3.0], subset_of_weights="all", hessian_structure="diag"), ValueError, r"prior_precision: expected a positive scalar, 2 values \(one per layer: \['dense\w*', 'dense\w*'\]\) or 26 values \(one per weight\); got shape \[3\]"),
+    (dict(prior_precision=np.ones(26), subset_of_weights="all"), ValueError, "one value per weight is not available"),
+    (dict(prior_precision="big"), TypeError, "prior_precision: expected a number"),
+    (dict(prior_mean=np.zeros(5)), ValueError, "prior_mean: expected a scalar or 10 values"),
+    (dict(sigma_noise=0.0), ValueError, "sigma_noise: every value must be finite and > 0"),
+    (dict(sigma_noise=[1.0, -1.0]), ValueError, "sigma_noise: every value must be finite and > 0"),
+    (dict(likelihood="classification", sigma_noise=2.0), ValueError, "sigma_noise: only used with likelihood='regression'"),
+    (dict(temperature=0), ValueError, "temperature: expected a finite number > 0"),
+    (dict(temperature="hot"), TypeError, "temperature: expected a positive number"),
+    (dict(on_indefinite="ignore"), ValueError, r"on_indefinite: expected one of \('raise', 'clip'\)"),
+    (dict(last_layer_name="nope"), ValueError, "last_layer_name: .* The layers with weights are"),
+    (dict(last_layer_name="dense", subset_of_weights="all"), ValueError, "last_layer_name: only used with subset_of_weights='last_layer'"),
+    (dict(stochastic=True, hessian_structure="diag"), ValueError, "stochastic: the Monte-Carlo curvature exists for hessian_structure='kron'"),
+    (dict(batch_size=0), ValueError, "batch_size: expected a positive integer"),
+    (dict(memory_limit_bytes=-5), ValueError, "memory_limit_bytes: expected a positive integer"),
+    (dict(progress="yes"), TypeError, "progress: expected True or False"),
+    (dict(seed="s"), TypeError, "seed: expected an integer or None"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGUMENTS)
+def test_constructor_rejects_bad_arguments(kwargs, error, match):
+    model, _ = tanh_mlp(2)
+    kwargs = {"likelihood": "regression", **kwargs}
+    with pytest.raises(error, match=match):
+        PosteriorLaplace(model, kwargs.pop("likelihood"), **kwargs)
+
+
+def test_constructor_rejects_a_model_that_is_not_keras():
+    with pytest.raises(TypeError, match="model: expected a keras.Model"):
+        PosteriorLaplace(object(), "regression")
+
+
+@pytest.mark.parametrize("use", [
+    lambda la: la.posterior, lambda la: la.posterior_precision, lambda la: la.mean,
+    lambda la: la.posterior_covariance, lambda la: la.sample(3), lambda la: la.block_slices(),
+    lambda la: la.covariance_blocks(), lambda la: la.log_marginal_likelihood(),
+    lambda la: la.optimize_prior_precision(), lambda la: la.save("unused.npz"),
+])
+def test_everything_posterior_needs_a_fit_first(use):
+    model, _ = tanh_mlp(2)
+    la = PosteriorLaplace(model, "regression", progress=False)
+    with pytest.raises(NotFittedError, match="not fitted yet; call la.fit"):
+        use(la)
+    la.prior_precision = 2.0  # still usable: settings work before fit
+    assert la.n_params == 10 and la.curvature is None
+
+
+# (action on a fitted kron regression posterior, error type, message pattern)
+BAD_USES = [
+    (lambda la: setattr(la, "prior_precision", [1.0, 2.0, 3.0]), ValueError, "prior_precision: expected"),
+    (lambda la: setattr(la, "prior_precision", -1.0), ValueError, "prior_precision: every value"),
+    (lambda la: setattr(la, "sigma_noise", 0.0), ValueError, "sigma_noise: every value"),
+    (lambda la: setattr(la, "sigma_noise", [0.5, 0.6]), ValueError, "only a scalar sigma_noise can change without refitting"),
+    (lambda la: setattr(la, "temperature", -1.0), ValueError, "temperature: expected a finite number > 0"),
+    (lambda la: setattr(la, "prior_mean", np.zeros(3)), ValueError, "prior_mean: expected a scalar or 26 values"),
+    (lambda la: la.sample(0), ValueError, "n_samples: expected a positive integer"),
+    (lambda la: la.sample(2, seed=1.5), TypeError, "seed: expected an integer or None"),
+    (lambda la: la.log_marginal_likelihood(prior_precision=0.0), ValueError, "prior_precision: every value"),
+    (lambda la: la.log_marginal_likelihood(sigma_noise=-1.0), ValueError, "sigma_noise: every value"),
+    (lambda la: la.optimize_prior_precision(method="adam"), ValueError, r"method: expected one of \('marglik', 'gridsearch'\)"),
+    (lambda la: la.optimize_prior_precision(prior_structure="diag"), ValueError, r"prior_structure: expected one of \('scalar', 'layerwise'\) for hessian_structure='kron'"),
+    (lambda la: la.optimize_prior_precision(n_steps=0), ValueError, "n_steps: expected a positive integer"),
+    (lambda la: la.optimize_prior_precision(lr=-0.1), ValueError, "lr: expected a positive step size"),
+    (lambda la: la.optimize_prior_precision(lr=1e6, n_steps=5), ValueError, "optimize_prior_precision: the log evidence became"),
+    (lambda la: la.optimize_prior_precision(method="gridsearch", tune_sigma_noise=True), ValueError, "gridsearch' tunes the prior precision only"),
+    (lambda la: la.fit(([[1.0]], [1.0]), override="no"), TypeError, "override: expected True or False"),
+    (lambda la: (setattr(la, "memory_limit_bytes", 1000), la.posterior_covariance),
+     ValueError, "posterior_covariance: a dense 26 x 26 matrix .* la.covariance_blocks"),
+]
+
+
+@pytest.mark.parametrize(("use", "error", "match"), BAD_USES)
+def test_bad_uses_raise_and_leave_the_posterior_unchanged(use, error, match):
+    la = make("kron", "all", prior_precision=[0.5, 2.0])
+    before = (la.log_marginal_likelihood().numpy(), la.posterior_covariance.numpy())
+    with pytest.raises(error, match=match):
+        use(la)
+    la.memory_limit_bytes = None
+    np.testing.assert_array_equal(la.log_marginal_likelihood(), before[0])
+    np.testing.assert_array_equal(la.posterior_covariance, before[1])
+    np.testing.assert_array_equal(la.prior_precision, [0.5, 2.0])
+
+
+def test_evidence_keyword_arguments_fit_the_likelihood():
+    la = make("diag", "all", "classification")
+    with pytest.raises(ValueError, match="sigma_noise: only used with likelihood='regression'"):
+        la.log_marginal_likelihood(sigma_noise=0.5)
+    with pytest.raises(ValueError, match="tune_sigma_noise: only a scalar sigma_noise"):
+        la.optimize_prior_precision(tune_sigma_noise=True)
+
+
+# ---------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize(("structure", "subset"), [("full", "all"), ("kron", "all"),
+                                                   ("diag", "last_layer")])
+def test_save_load_gives_the_identical_posterior(tmp_path, structure, subset):
+    la = make(structure, subset, temperature=1.3)
+    la.optimize_prior_precision(n_steps=5, progress=False)
+    path = tmp_path / "posterior.bin"  # the exact name is kept
+    la.save(path)
+    loaded = PosteriorLaplace.load(path, la.model)
+    theta = la.sample(4, seed=3)
+    np.testing.assert_array_equal(loaded.sample(4, seed=3), theta)
+    theta = tf.constant(theta.numpy())  # not the sampled tensor: TFP caches its inverse
+    np.testing.assert_array_equal(loaded.posterior.log_prob(theta), la.posterior.log_prob(theta))
+    np.testing.assert_array_equal(loaded.posterior_covariance, la.posterior_covariance)
+    np.testing.assert_array_equal(loaded.log_marginal_likelihood(), la.log_marginal_likelihood())
+    for name in ("prior_precision", "sigma_noise", "mean"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(la, name))
+    assert loaded.temperature == la.temperature and loaded.hessian_structure == structure
+    for key, value in la.tuning_trace.items():
+        np.testing.assert_array_equal(loaded.tuning_trace[key], value)
+    with np.load(path, allow_pickle=False) as archive:  # readable without pickle
+        metadata = json.loads(str(archive["metadata"]))
+    assert metadata["fingerprint"] == la.subset.fingerprint()
+    assert metadata["signature"] == la.subset.signature()
+
+
+def test_loaded_laplace_predicts_the_same(tmp_path):
+    model, x = tanh_mlp(3, n=10)
+    y = targets("classification", 3, 10)
+    la = Laplace(model, "classification", "last_layer", "kron", prior_precision=2.0,
+                 progress=False)
+    la.fit((x, y))
+    la.save(tmp_path / "p.npz")
+    loaded = Laplace.load(tmp_path / "p.npz", model)
+    assert type(loaded) is Laplace
+    np.testing.assert_array_equal(loaded(x), la(x))
+    np.testing.assert_array_equal(loaded(x, pred_type="nn", n_samples=8, seed=1),
+                                  la(x, pred_type="nn", n_samples=8, seed=1))
+
+
+def _saved(tmp_path):
+    la = make("diag", "all")
+    path = tmp_path / "posterior.npz"
+    la.save(path)
+    return la, path
+
+
+def test_load_refuses_a_different_model(tmp_path):
+    la, path = _saved(tmp_path)
+    retrained, _ = tanh_mlp(2, seed=1)  # same architecture, other weights
+    with pytest.raises(ValueError, match="weights differ from the MAP .*model.load_weights"):
+        PosteriorLaplace.load(path, retrained)
+    keras.utils.set_random_seed(0)
+    wider = keras.Sequential([keras.Input((3,), dtype="float64"),
+                              keras.layers.Dense(5, "tanh", dtype="float64"),
+                              keras.layers.Dense(2, dtype="float64")])
+    with pytest.raises(ValueError, match="do not match the posterior saved .* saved layer"):
+        PosteriorLaplace.load(path, wider)
+    renamed, _ = tanh_mlp(2)  # same weights, layers numbered differently by Keras
+    assert renamed.layers[0].name != la.model.layers[0].name
+    loaded = PosteriorLaplace.load(path, renamed)
+    np.testing.assert_array_equal(loaded.posterior_covariance, la.posterior_covariance)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _garbage(path):
+    path.write_bytes(b"not a posterior at all" * 10)
+
+
+def _drop_metadata(path):
+    with np.load(path) as archive:
+        arrays = {k: archive[k] for k in archive.files if k != "mean"}
+    np.savez(path, **arrays)
+
+
+def _other_format(path):
+    with np.load(path) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    arrays["metadata"] = np.array(json.dumps({"format": "something else"}))
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def _flip_bytes(path):
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.getinfo("block_0_diagonal.npy").header_offset
+    name_length, extra_length = np.frombuffer(bytes(data[offset + 26:offset + 30]), "<u2")
+    start = offset + 30 + int(name_length) + int(extra_length) + 140  # inside the numbers
+    data[start:start + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("damage", "match"), [
+    (_truncate, "is not a readable laplace_tf posterior"),
+    (_garbage, "is not a readable laplace_tf posterior"),
+    (_drop_metadata, "array 'mean' is missing"),
+    (_other_format, "holds format 'something else'"),
+    (_flip_bytes, "is not a readable laplace_tf posterior"),
+])
+def test_load_refuses_a_broken_file(tmp_path, damage, match):
+    la, path = _saved(tmp_path)
+    damage(path)
+    with pytest.raises(ValueError, match=match):
+        PosteriorLaplace.load(path, la.model)
+
+
+def test_load_of_a_missing_file():
+    model, _ = tanh_mlp(2)
+    with pytest.raises(FileNotFoundError):
+        PosteriorLaplace.load("/nonexistent/posterior.npz", model)
+
+
+def test_save_writes_atomically_and_overwrites(tmp_path):
+    la, path = _saved(tmp_path)
+    la.prior_precision = 4.0
+    la.save(path)
+    assert float(PosteriorLaplace.load(path, la.model).prior_precision) == 4.0
+    assert [p.name for p in tmp_path.iterdir()] == ["posterior.npz"]
+
+
+def test_tf_function_can_take_the_kron_posterior():
+    la = make("kron", "all")
+
+    @tf.function
+    def draw(distribution):
+        return distribution.sample(2, seed=tf.constant([1, 2]))
+
+    np.testing.assert_allclose(draw(la.posterior), la.posterior.sample(2, seed=tf.constant([1, 2])))
