@@ -1,0 +1,189 @@
+"""The ``laplace-tf`` command: usage and input errors (exit 2, one line), and the pipelines
+end to end: ``demo --fast``, ``fit`` from a saved model and .npz data, ``report`` from the
+saved posterior."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from laplace_tf import data, models
+from laplace_tf.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A small digits MLP saved as .keras, and train / test / OOD data saved as .npz."""
+    folder = tmp_path_factory.mktemp("saved")
+    ds = data.load("digits", seed=0)
+    model = models.mlp(ds.input_shape, ds.n_outputs, hidden=(16,), seed=0)
+    models.train_map(model, "classification", ds.train.x, ds.train.y, epochs=3)
+    model.save(folder / "model.keras")
+    for name, split in (("train", ds.train), ("test", ds.test),
+                        ("ood", data.load_ood("digits_rotated", seed=0))):
+        np.savez(folder / f"{name}.npz", x=split.x, y=split.y)
+    return folder
+
+
+USAGE_ERRORS = [
+    ([], "laplace-tf: error: choose a command: demo, fit or report"),
+    (["demo", "--bogus"], "laplace-tf: error: unrecognized arguments: --bogus"),
+    (["report", "p.npz"], "the following arguments are required: --model, --test"),
+    (["fit", "--dataset", "digits", "--hessian-structure", "dense"],
+     "laplace-tf fit: error: --hessian-structure: expected one of kron, full, diag; got 'dense'"),
+    (["fit", "--dataset", "digits", "--epochs", "ten"],
+     "laplace-tf fit: error: --epochs: expected an integer; got 'ten'"),
+    (["fit"], "laplace-tf fit: error: flags: give exactly one of data.dataset"),
+    (["fit", "--config", "missing.yaml"], "laplace-tf fit: error: --config: no such file"),
+    (["fit", "--train", "missing.npz", "--likelihood", "binary", "--quiet"],
+     "laplace-tf fit: error: data.train: no such file 'missing.npz'"),
+    (["fit", "--dataset", "digits", "--ood", "digits_rotatd", "--quiet"],
+     "data set 'digits_rotatd' (did you mean 'digits_rotated'?)"),
+    (["fit", "--dataset", "digits", "--model", "missing.keras", "--quiet"],
+     "laplace-tf fit: error: model.path: no such file 'missing.keras'"),
+    (["report", "missing.npz", "--model", "m.keras", "--test", "t.npz"],
+     "laplace-tf report: error: posterior: no such file 'missing.npz'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", USAGE_ERRORS, ids=lambda v: " ".join(v)[:40]
+                         if isinstance(v, list) else None)
+def test_bad_usage_exits_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in _error_line(capsys)
+
+
+def test_config_with_unknown_key_lists_the_valid_keys(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {dataset: digits}\nlaplace: {prior_precison: 2.0}\n")
+    assert main(["fit", "--config", str(path)]) == 2
+    line = _error_line(capsys)
+    assert f"{path}: unknown key 'laplace.prior_precison'" in line
+    assert "did you mean 'laplace.prior_precision'?" in line
+    assert "valid keys in 'laplace': likelihood, subset_of_weights, hessian_structure" in line
+
+
+def test_inputs_that_do_not_fit_the_saved_model(saved, tmp_path, capsys):
+    np.savez(tmp_path / "wide.npz", x=np.zeros((4, 65), np.float32), y=np.zeros(4))
+    assert main(["fit", "--model", str(saved / "model.keras"), "--train", str(tmp_path / "wide.npz"),
+                 "--likelihood", "classification", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "laplace-tf fit: error:" in _error_line(capsys)
+
+
+def test_help_exits_0(capsys):
+    assert main(["fit", "--help"]) == 0
+    assert "--hessian-structure {kron,full,diag}" in capsys.readouterr().out
+
+
+def test_python_dash_m_reports_errors_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-m", "laplace_tf", "fit", "--config", "nope.yaml"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "laplace-tf fit: error: --config: no such file 'nope.yaml'")
+
+
+def _metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_demo_fast_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--fast", "--quiet"]) == 0
+    for name in ("report.html", "metrics.json", "model.keras", "posterior.npz",
+                 "regression_model.keras", "regression_posterior.npz", "config.yaml",
+                 "plots/reliability_comparison.png", "plots/ood_histograms.png",
+                 "plots/regression_band.png", "plots/evidence.png",
+                 "plots/regression_evidence.png"):
+        assert (out / name).is_file(), name
+    metrics = _metrics(out)
+    assert set(metrics) == {"classification", "regression"}
+    assert metrics["classification"]["ood"]["laplace"]["auroc_entropy"] is not None
+    html_text = (out / "report.html").read_text()
+    assert html_text.count("<img") >= 5 and "demo_regression" in html_text
+    table = capsys.readouterr().out
+    for label in ("accuracy", "NLL", "ECE", "Brier", "95% coverage", "MAP", "Laplace"):
+        assert label in table
+    map_nll = metrics["classification"]["test"]["map"]["nll"]
+    assert f"{map_nll:.4f}" in table
+
+
+def test_fit_from_saved_model_and_npz_then_report_from_the_saved_posterior(saved, tmp_path):
+    fit_out, report_out = tmp_path / "fit", tmp_path / "report"
+    assert main(["fit", "--model", str(saved / "model.keras"), "--train", str(saved / "train.npz"),
+                 "--test", str(saved / "test.npz"), "--ood", str(saved / "ood.npz"),
+                 "--likelihood", "classification", "--hessian-structure", "diag",
+                 "--out", str(fit_out), "--quiet"]) == 0
+    fitted = _metrics(fit_out)
+    # the MAP column is the saved network itself
+    import keras
+
+    model = keras.models.load_model(saved / "model.keras")
+    test = np.load(saved / "test.npz")
+    accuracy = np.mean(np.argmax(model.predict(test["x"], verbose=0), axis=1) == test["y"])
+    assert fitted["test"]["map"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert fitted["config"]["run"]["laplace"]["hessian_structure"] == "diag"
+
+    assert main(["report", str(fit_out / "posterior.npz"), "--model", str(fit_out / "model.keras"),
+                 "--test", str(saved / "test.npz"), "--ood", str(saved / "ood.npz"),
+                 "--out", str(report_out), "--quiet"]) == 0
+    reported = _metrics(report_out)
+    # the same posterior on the same data gives the same numbers
+    for model_name in ("map", "laplace"):
+        for key, value in fitted["test"][model_name].items():
+            assert reported["test"][model_name][key] == pytest.approx(value, rel=1e-6, abs=1e-9)
+        assert reported["ood"][model_name] == pytest.approx(fitted["ood"][model_name], rel=1e-6)
+    assert (report_out / "report.html").is_file()
+    assert (report_out / "plots" / "reliability_comparison.png").is_file()
+
+
+def test_report_refuses_a_posterior_of_another_model(saved, tmp_path, capsys):
+    other = models.mlp((64,), 10, hidden=(8,), seed=1)
+    other.save(tmp_path / "other.keras")
+    fit_out = tmp_path / "fit"
+    assert main(["fit", "--model", str(saved / "model.keras"), "--train", str(saved / "train.npz"),
+                 "--likelihood", "classification", "--optimize-prior", "none",
+                 "--out", str(fit_out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(fit_out / "posterior.npz"), "--model", str(tmp_path / "other.keras"),
+                 "--test", str(saved / "test.npz"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "laplace-tf report: error:" in _error_line(capsys)
+
+
+def test_regression_fit_then_report_on_the_same_test_data(tmp_path, capsys):
+    fit_out, report_out = tmp_path / "fit", tmp_path / "report"
+    assert main(["fit", "--dataset", "sine_1d", "--epochs", "20", "--hidden", "16",
+                 "--hessian-structure", "diag", "--learning-rate", "0.01", "--seed", "3",
+                 "--out", str(fit_out)]) == 0
+    shown = capsys.readouterr()
+    assert "training MAP" in shown.err and "training an MLP [16]" in shown.out  # progress on
+    test = data.load("sine_1d", seed=3).test
+    np.savez(tmp_path / "test.npz", x=test.x, y=test.y)
+    assert main(["report", str(fit_out / "posterior.npz"), "--model", str(fit_out / "model.keras"),
+                 "--test", str(tmp_path / "test.npz"), "--out", str(report_out), "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and "evaluating" not in quiet.out  # --quiet: no bars, no log lines
+    fitted, reported = _metrics(fit_out), _metrics(report_out)
+    # sigma_noise tuned by marglik travels with the posterior: identical predictive numbers
+    assert reported["config"]["sigma_noise"] == pytest.approx(fitted["config"]["sigma_noise"])
+    for model_name in ("map", "laplace"):
+        assert reported["test"][model_name] == pytest.approx(fitted["test"][model_name], rel=1e-6)
+    assert (report_out / "plots" / "regression_band.png").is_file()
