@@ -76,6 +76,11 @@ class Batches:
             self.n_batches = n if n >= 0 else None
         elif isinstance(data, (tuple, list)) and len(data) == 2:
             x, y = data
+            if y is None:
+                raise TypeError(
+                    "data: got y=None; fitting needs targets. Give a tuple (x, y) with one "
+                    "label or target per input."
+                )
             n = _n_rows(x)
             if len(y) != n:
                 raise ValueError(
@@ -107,10 +112,14 @@ class Batches:
                    disable=not self.progress, leave=False)
         seen = 0
         for index, (x, y) in enumerate(raw):
-            x = _as_float(x, self.dtype)
+            x, y = _as_float(x, self.dtype), np.asarray(y)
             _check_finite(x, index)
+            if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+                raise ValueError(
+                    f"y: batch {index} contains NaN or Inf labels; clean the labels first."
+                )
             seen += 1
-            yield x, np.asarray(y)
+            yield x, y
         if seen == 0:
             raise ValueError("data: the data set is empty; give at least one example.")
 

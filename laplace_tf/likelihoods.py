@@ -75,6 +75,17 @@ def _no_factors(logits: tf.Tensor) -> tf.Tensor:
     return logits[:, :, None][:, :, :0]
 
 
+def _numeric_labels(y) -> np.ndarray:
+    """``y`` as a numeric numpy array, or a TypeError that says how to get one."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "biuf":
+        raise TypeError(
+            f"y: expected numeric labels; got dtype {y.dtype}. Encode class names as integers "
+            "0..C-1 first (e.g. with sklearn.preprocessing.LabelEncoder)."
+        )
+    return y
+
+
 def _check_finite_labels(y: np.ndarray) -> None:
     if not np.all(np.isfinite(y)):
         raise ValueError("y: labels contain NaN or Inf; clean the labels before fitting.")
@@ -93,7 +104,7 @@ class Classification(Likelihood):
             )
 
     def prepare_targets(self, y, n_outputs: int, dtype: tf.DType) -> tf.Tensor:
-        y = np.asarray(y)
+        y = _numeric_labels(y)
         if y.dtype.kind == "f":
             _check_finite_labels(y)
         if y.ndim == 2 and y.shape[1] == n_outputs:
@@ -153,7 +164,7 @@ class Binary(Likelihood):
             )
 
     def prepare_targets(self, y, n_outputs: int, dtype: tf.DType) -> tf.Tensor:
-        y = np.asarray(y)
+        y = _numeric_labels(y)
         if y.dtype.kind == "f":
             _check_finite_labels(y)
         if y.ndim == 1:
@@ -207,7 +218,7 @@ class Regression(Likelihood):
             )
 
     def prepare_targets(self, y, n_outputs: int, dtype: tf.DType) -> tf.Tensor:
-        y = np.asarray(y, dtype=np.float64)
+        y = _numeric_labels(y).astype(np.float64)
         _check_finite_labels(y)
         if y.ndim == 1 and n_outputs == 1:
             y = y[:, None]

@@ -112,6 +112,8 @@ def fit_curvature(
             n_outputs = int(builder.logit_model(x).shape[-1])
             likelihood.validate_outputs(n_outputs)
         targets = likelihood.prepare_targets(y, n_outputs, batches.dtype)
+        if total is None and strategy is None:  # one trace for all batch sizes (a short last)
+            step.get_concrete_function(*any_batch_size([x, targets]))
         results = [step(x, targets)] if strategy is None else _replica_steps(strategy, step, x, targets)
         for blocks, nll, residual_ss, n in results:
             part = Curvature(
@@ -126,10 +128,15 @@ def fit_curvature(
     return total
 
 
+def any_batch_size(tensors):
+    """``TensorSpec``s of (nested) ``tensors`` with the batch dimension left open."""
+    return tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), tensors)
+
+
 def _shard(tensor, index: int, n_shards: int):
+    """Rows ``[index n / n_shards, (index + 1) n / n_shards)``: sizes differ by at most one."""
     n = tf.shape(tensor)[0]
-    size = -(-n // n_shards)
-    return tensor[index * size : (index + 1) * size]
+    return tensor[index * n // n_shards : (index + 1) * n // n_shards]
 
 
 def _n_local_replicas(strategy) -> int:
@@ -137,8 +144,15 @@ def _n_local_replicas(strategy) -> int:
 
 
 def _replica_steps(strategy, step, x, y) -> list:
-    """Run ``step`` on each local replica's share of one batch; the local results."""
+    """Run ``step`` on each local replica's share of one batch; the local results.
+
+    A batch with fewer examples than local replicas runs on one device instead: an empty
+    shard would reach the builders as a batch of zero examples, which not all of them accept
+    (the exact Hessian's vectorised Jacobian fails on it).
+    """
     n_replicas = _n_local_replicas(strategy)
+    if int(tf.shape(y)[0]) < n_replicas:
+        return [step(x, y)]
 
     def values(context):
         index = context.replica_id_in_sync_group % n_replicas
@@ -146,7 +160,7 @@ def _replica_steps(strategy, step, x, y) -> list:
 
     shards = strategy.experimental_distribute_values_from_function(values)
     per_replica = strategy.run(lambda xy: step(*xy), args=(shards,))
-    return [r for r in strategy.experimental_local_results(per_replica) if int(r[3]) > 0]
+    return list(strategy.experimental_local_results(per_replica))
 
 
 def _all_reduce(strategy, total: Curvature) -> Curvature:

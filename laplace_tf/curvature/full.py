@@ -1,0 +1,158 @@
+"""Dense curvature over all weights of a subset: exact Hessian, GGN or empirical Fisher.
+
+Each batch gives one :class:`DenseBlock` ``[P, P]`` over the subset's flat weights:
+
+* ``"ggn"``: ``sum_n J_n^T Lambda_n J_n = sum_n (L_n^T J_n)^T (L_n^T J_n)`` with
+  ``Lambda_n = L_n L_n^T`` (see :mod:`~laplace_tf.curvature._per_example`: Dense layers cost
+  ``N p_l p_m`` per block instead of ``N K p_l p_m``);
+* ``"ef"``: ``sum_n g_n g_n^T`` with ``g_n`` the gradient of example ``n``'s NLL;
+* ``"hessian"``: the exact Hessian of the summed batch NLL, by nested ``GradientTape``s
+  (:func:`laplace_tf.autodiff.hessian`) over chunks of examples.
+
+A dense ``P x P`` matrix grows fast, so :class:`FullBuilder` refuses (before any work) when its
+estimate exceeds ``memory_limit_bytes`` (default: a quarter of the available memory).
+:func:`dense_curvature_bytes` is that estimate's unit, for other dense structures to reuse.
+
+Example:
+    A linear regression model with unit noise has GGN = Hessian = ``sum_n [x_n, 1] [x_n, 1]^T``:
+
+    >>> import keras, numpy as np, tensorflow as tf
+    >>> from laplace_tf.batches import Batches
+    >>> from laplace_tf.curvature.base import fit_curvature
+    >>> from laplace_tf.likelihoods import get_likelihood
+    >>> from laplace_tf.params import LogitModel
+    >>> model = keras.Sequential([keras.Input((1,), dtype="float64"),
+    ...                           keras.layers.Dense(1, dtype="float64")])
+    >>> x, y = np.array([[1.0], [2.0]]), np.zeros(2)
+    >>> builder = FullBuilder(LogitModel(model), get_likelihood("regression"), "hessian")
+    >>> fit_curvature(builder, Batches((x, y), dtype=tf.float64)).blocks[0].matrix.numpy()
+    array([[5., 3.],
+           [3., 2.]])
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from laplace_tf.autodiff import hessian
+from laplace_tf.curvature._per_example import (
+    CHUNK_BYTES,
+    activations_per_example,
+    sum_over_chunks,
+    summed_rows,
+)
+from laplace_tf.curvature.base import CurvatureBuilder
+from laplace_tf.curvature.blocks import DenseBlock
+from laplace_tf.likelihoods import Likelihood
+from laplace_tf.params import LogitModel
+
+FALLBACK_MEMORY_BYTES = 4 * 2**30
+"""The memory limit when the available memory cannot be read."""
+
+_DENSE_COPIES = 5  # fit_curvature's running total; in a step: blocks, their concat, loop sum + update
+_TANGENTS_PER_ACTIVATION = 6  # a Hessian row's pfor tangents per forward number (measured, MLPs)
+
+
+def dense_curvature_bytes(n_params: int, dtype: tf.DType | str) -> int:
+    """Bytes of one dense ``n_params x n_params`` matrix of ``dtype``.
+
+    Example:
+        >>> dense_curvature_bytes(1000, "float32")
+        4000000
+    """
+    return int(n_params) ** 2 * tf.as_dtype(dtype).size
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` in bytes, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def default_memory_limit() -> int:
+    """A quarter of the available memory (:data:`FALLBACK_MEMORY_BYTES` if unknown)."""
+    available = available_memory_bytes()
+    return FALLBACK_MEMORY_BYTES if available is None else available // 4
+
+
+class FullBuilder(CurvatureBuilder):
+    """One dense block per batch over the subset's weights.
+
+    Args:
+        logit_model: the model and its weight subset.
+        likelihood: the likelihood of the data.
+        kind: ``"ggn"``, ``"ef"`` or ``"hessian"``.
+        memory_limit_bytes: refuse when the dense matrices would need more than this (default:
+            :func:`default_memory_limit`).
+
+    Raises:
+        ValueError: the dense curvature does not fit in ``memory_limit_bytes``.
+    """
+
+    structure = "full"
+    kinds = ("ggn", "ef", "hessian")
+
+    def __init__(
+        self,
+        logit_model: LogitModel,
+        likelihood: Likelihood,
+        kind: str = "ggn",
+        memory_limit_bytes: int | None = None,
+    ):
+        super().__init__(logit_model, likelihood, kind)
+        if memory_limit_bytes is None:
+            memory_limit_bytes = default_memory_limit()
+        elif isinstance(memory_limit_bytes, bool) or not isinstance(memory_limit_bytes, int) or (
+            memory_limit_bytes <= 0
+        ):
+            raise ValueError(
+                f"memory_limit_bytes: expected a positive integer number of bytes or None; got "
+                f"{memory_limit_bytes!r}."
+            )
+        self.memory_limit_bytes = memory_limit_bytes
+        subset = logit_model.subset
+        needed = _DENSE_COPIES * dense_curvature_bytes(subset.n_params, subset.dtype) + CHUNK_BYTES
+        if needed > memory_limit_bytes:
+            raise ValueError(
+                f"hessian_structure='full': a dense curvature over {subset.n_params} weights "
+                f"({subset.dtype.name}) needs about {needed / 2**30:.2f} GiB, more than the limit "
+                f"of {memory_limit_bytes / 2**30:.2f} GiB (memory_limit_bytes). Use "
+                "hessian_structure='kron' or hessian_structure='diag', or "
+                "subset_of_weights='last_layer'; or raise memory_limit_bytes if you have the memory."
+            )
+
+    def batch_blocks(self, x, y) -> tuple[list[DenseBlock], tf.Tensor]:
+        if self.kind == "hessian":
+            matrix, logits = self._exact_hessian(x, y)
+        else:
+            matrix, logits = summed_rows(self.logit_model, self.likelihood, self.kind, x, y, outer=True)
+        return [DenseBlock(matrix)], logits
+
+    def _exact_hessian(self, x, y) -> tuple[tf.Tensor, tf.Tensor]:
+        """The Hessian of the batch's NLL, by nested tapes over chunks of examples.
+
+        Its ``P`` rows are vectorised by pfor, each carrying tangents of the chunk's
+        intermediate tensors, so a chunk needs about ``P`` times its activations; chunks are
+        sized to a quarter of ``memory_limit_bytes`` (at least :data:`CHUNK_BYTES`).
+        """
+        model, likelihood, subset = self.logit_model, self.likelihood, self.logit_model.subset
+
+        def chunk_hessian(x_chunk, y_chunk):
+            matrix = hessian(
+                lambda weights: likelihood.nll(model(x_chunk, weights), y_chunk), subset.values(),
+                flat=True,
+            )
+            return matrix, model(x_chunk)
+
+        per_example = _TANGENTS_PER_ACTIVATION * subset.dtype.size * subset.n_params * (
+            activations_per_example(model, x)
+        )
+        budget = max(CHUNK_BYTES, self.memory_limit_bytes // 4)
+        initial = tf.zeros([subset.n_params, subset.n_params], subset.dtype)
+        return sum_over_chunks(chunk_hessian, initial, x, y, max(1, budget // per_example))
