@@ -124,7 +124,9 @@ class PosteriorLaplace:
         stochastic: Monte-Carlo Kronecker GGN (``"kron"`` with ``curvature="ggn"`` only).
         seed: seed of the Monte-Carlo curvature.
         on_indefinite: ``"raise"`` a ValueError when the precision is not positive definite,
-            or ``"clip"`` negative curvature eigenvalues at zero (with a warning).
+            or ``"clip"`` negative curvature eigenvalues at zero (with a warning). Applies to
+            ``curvature="hessian"``; the GGN and EF are positive semi-definite by
+            construction, so their round-off negatives are always clipped silently.
         batch_size: batch size for array data.
         progress: show progress bars.
         memory_limit_bytes: the largest dense matrix allowed (full curvature, dense
@@ -284,10 +286,13 @@ class PosteriorLaplace:
             )
 
     def _factorize(self, curvature: Curvature) -> list:
-        clip = self.on_indefinite == "clip"
+        # the GGN and the EF are positive semi-definite by construction: their negative
+        # eigenvalues are round-off (float32 Kronecker factors) and are always clipped
+        psd_by_construction = self.curvature_kind != "hessian"
+        clip = psd_by_construction or self.on_indefinite == "clip"
         factors = [factorize(block, clip) for block in curvature.blocks]
         negative = sum(f.n_negative for f in factors)
-        if clip and negative:
+        if negative and not psd_by_construction and clip:
             total = sum(f.n_eigenvalues for f in factors)
             lowest = min(f.most_negative for f in factors)
             kron = " (for Kronecker blocks: eigenvalues of the factors A and G)" \
