@@ -22,7 +22,7 @@ _PUBLIC = {
     "WeightSubset": "laplace_tf.params",
     "get_likelihood": "laplace_tf.likelihoods",
 }
-_SUBMODULES = ("calibration", "data", "testing")
+_SUBMODULES = ("calibration", "data", "models", "testing")
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES, "load", "__version__"])
 

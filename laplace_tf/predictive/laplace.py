@@ -1,0 +1,299 @@
+"""``Laplace``: a fitted weight posterior that predicts with uncertainty.
+
+Two predictives, named as in laplace-torch:
+
+* ``pred_type="glm"`` (linearised): the network linearised at the MAP ``theta*`` gives, per
+  input, logits ``f ~ N(f(x; theta*), J Sigma J^T)``. The covariance is computed block by
+  block from the posterior's covariance blocks (:mod:`laplace_tf.predictive.jacobians`), then
+  a link approximation turns it into probabilities (:mod:`laplace_tf.predictive.links`);
+  regression is Gaussian in closed form.
+* ``pred_type="nn"`` (sampling): ``n_samples`` weight vectors drawn from the posterior, the
+  network run with each of them (statelessly, a few samples at a time), the
+  probabilities averaged; for regression the mean and variance of the sampled outputs.
+
+Inputs of any length are processed in batches of ``batch_size`` by compiled per-batch
+functions (traced once per batch shape). Random numbers are stateless: the same ``seed``
+gives the same numbers; ``seed=None`` draws a fresh one.
+
+Example:
+    >>> import keras, numpy as np
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    >>> x, y = np.random.default_rng(0).normal(size=(20, 2)), np.arange(20) % 3
+    >>> la = Laplace(model, "classification", subset_of_weights="last_layer",
+    ...              hessian_structure="kron", prior_precision=1e8, progress=False)
+    >>> la.fit((x, y))
+    >>> probs = la(x[:5])          # probit GLM predictive [5, 3]; this strong a prior leaves
+    >>> bool(np.allclose(probs, la.map_predict(x[:5]), atol=1e-4))    # the MAP's softmax
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import tensorflow as tf
+
+from laplace_tf.batches import iterate_inputs
+from laplace_tf.posterior import PosteriorLaplace
+from laplace_tf.posterior.laplace import stateless_seed
+from laplace_tf.predictive.jacobians import FunctionalVariance, block_kind
+from laplace_tf.predictive.links import (
+    PRED_TYPES,
+    bridge,
+    check_link,
+    gaussian_samples,
+    needs_full_covariance,
+    probit,
+)
+
+DEFAULT_BATCH_SIZE = 256
+SAMPLES_IN_FLIGHT = 4
+"""Weight samples the ``nn`` predictive runs concurrently."""
+
+_MODEL_ERRORS = (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError)
+
+
+class Laplace(PosteriorLaplace):
+    """Post-hoc Laplace approximation of a Keras model, with predictive uncertainty.
+
+    Construct and fit as :class:`~laplace_tf.posterior.PosteriorLaplace` (same arguments);
+    then ``la(x)`` predicts, ``la.functional_variance(x)`` gives ``J Sigma J^T``,
+    ``la.predictive_samples(x)`` sampled outputs and ``la.map_predict(x)`` the plain network.
+    See the module docstring for the two predictives.
+    """
+
+    def __call__(
+        self,
+        x,
+        pred_type: str = "glm",
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        seed: int | None = None,
+        batch_size: int | None = None,
+    ):
+        """The posterior predictive at inputs ``x``.
+
+        Args:
+            x: inputs ``[N, ...]`` (array, tensor, dict of them, or a ``tf.data.Dataset`` of
+                input batches).
+            pred_type: ``"glm"`` (linearised) or ``"nn"`` (weight sampling).
+            link_approx: ``"probit"``, ``"mc"`` or ``"bridge"`` (classification; binary:
+                ``"probit"``/``"mc"``; regression needs none and takes the default). Used
+                by ``"glm"`` only.
+            n_samples: samples for ``link_approx="mc"`` and for ``pred_type="nn"``.
+            seed: an integer seed for the random parts; None draws one. The same seed (and,
+                for ``"mc"``, which draws per batch, the same ``batch_size``) gives the same
+                numbers; ``"nn"`` draws one set of weights for all inputs.
+            batch_size: inputs per batch (default 256); memory grows linearly with it.
+
+        Returns:
+            classification: probabilities ``[N, C]``; binary: ``[N, 1]``; regression:
+            ``(mean [N, K], variance [N, K])``, the variance including ``sigma_noise**2``.
+
+        Raises:
+            ValueError: before ``fit``; for an unknown ``pred_type``/``link_approx``, a link
+                that does not fit the likelihood, ``n_samples < 1``, or inputs whose shape
+                does not fit the model.
+        """
+        self._require_fit("la(x)")
+        _check_choice("pred_type", pred_type, PRED_TYPES)
+        check_link(link_approx, self.likelihood_name)
+        n_samples = _check_positive_int("n_samples", n_samples)
+        if pred_type == "nn":
+            return self._nn(x, "predict", n_samples, seed, batch_size)
+        return self._glm(x, "predict", link_approx, n_samples, seed, batch_size)
+
+    def functional_variance(self, x, batch_size: int | None = None) -> tf.Tensor:
+        """``J Sigma J^T`` ``[N, K, K]``: the GLM covariance of the network outputs (no noise).
+
+        Example:
+            ``la.functional_variance(x)`` equals ``J @ la.posterior_covariance @ J^T`` with
+            ``J`` the per-example Jacobians of the logits.
+        """
+        self._require_fit("functional_variance")
+        return self._glm(x, "variance", "probit", 1, None, batch_size)
+
+    def predictive_samples(
+        self,
+        x,
+        n_samples: int = 100,
+        seed: int | None = None,
+        pred_type: str = "glm",
+        batch_size: int | None = None,
+    ) -> tf.Tensor:
+        """Samples ``[S, N, K]`` of the predicted outputs.
+
+        Probabilities (classification, binary) or function values (regression, without the
+        observation noise). ``"glm"``: logits drawn from ``N(f(x; theta*), J Sigma J^T)``;
+        ``"nn"``: the network run with weights drawn from the posterior.
+        """
+        self._require_fit("predictive_samples")
+        _check_choice("pred_type", pred_type, PRED_TYPES)
+        n_samples = _check_positive_int("n_samples", n_samples)
+        if pred_type == "nn":
+            return self._nn(x, "samples", n_samples, seed, batch_size)
+        return self._glm(x, "samples", "mc", n_samples, seed, batch_size)
+
+    def map_predict(self, x, batch_size: int | None = None):
+        """The plain network at the MAP: probabilities, or ``(mean, sigma_noise**2)``."""
+        self._require_fit("map_predict")
+        step = self._compiled(("map",), self._map_step)
+        outputs = self._over_batches(x, batch_size, lambda xb, _: step(xb, self.mean))
+        if self.likelihood_name != "regression":
+            return tf.concat(outputs, axis=0)
+        mean = tf.concat(outputs, axis=0)
+        return mean, tf.broadcast_to(self._noise_variance(mean.dtype), tf.shape(mean))
+
+    # ------------------------------------------------------------------ internals
+
+    def _glm(self, x, mode: str, link: str, n_samples: int, seed, batch_size):
+        """Run the compiled GLM step over the batches of ``x`` and join the results."""
+        seed = stateless_seed(seed)
+        diagonal = mode == "predict" and not needs_full_covariance(link)
+        blocks = self.covariance_blocks()
+        fv = self._functional(blocks)
+        blocks = fv.prepare(blocks, diagonal)
+        noise = self._noise_variance(self.subset.dtype)
+        step = self._compiled(("glm", mode, link, n_samples), functools.partial(
+            self._glm_step, fv, diagonal=diagonal, mode=mode, link=link, n_samples=n_samples,
+        ))
+        outputs = self._over_batches(x, batch_size, lambda xb, index: step(
+            xb, self.mean, blocks, noise, tf.random.experimental.stateless_fold_in(seed, index)
+        ))
+        return _join(outputs, axis=1 if mode == "samples" else 0)
+
+    def _nn(self, x, mode: str, n_samples: int, seed, batch_size):
+        """Run the compiled sampling step over the batches of ``x`` and join the results."""
+        thetas = tf.convert_to_tensor(self.sample(n_samples, seed=seed))
+        noise = self._noise_variance(thetas.dtype)
+        step = self._compiled(("nn", mode), functools.partial(self._nn_step, mode=mode))
+        outputs = self._over_batches(x, batch_size, lambda xb, _: step(xb, thetas, noise))
+        return _join(outputs, axis=1 if mode == "samples" else 0)
+
+    def _functional(self, blocks) -> FunctionalVariance:
+        """The :class:`FunctionalVariance` for the current block layout (built once).
+
+        A last-layer posterior uses the closed forms in the features: its layer's
+        pre-activation is the model output (checked by ``last_layer_features`` at fit time).
+        """
+        layout = (tuple(map(tuple, self.block_slices())), tuple(block_kind(b) for b in blocks))
+        cached = getattr(self, "_functional_cache", None)
+        if cached is None or cached[0] != layout:
+            fv = FunctionalVariance(self.logit_model, layout[0], layout[1],
+                                    logits_layer=self.subset_of_weights == "last_layer")
+            self._functional_cache = cached = (layout, fv)
+            self._compiled_steps = {}
+        return cached[1]
+
+    def _compiled(self, key: tuple, fn):
+        """``tf.function(fn)``, built once per ``key`` (and per block layout)."""
+        steps = getattr(self, "_compiled_steps", None)
+        if steps is None:
+            steps = self._compiled_steps = {}
+        if key not in steps:
+            steps[key] = tf.function(fn, reduce_retracing=True)
+        return steps[key]
+
+    def _glm_step(self, fv: FunctionalVariance, x, mean, blocks, noise, seed, *, diagonal, mode,
+                  link, n_samples):
+        """One batch of the GLM predictive (``mode``: predict, variance or samples)."""
+        logits, variance = fv(x, mean, blocks, diagonal=diagonal)
+        likelihood = self.likelihood
+        if mode == "variance":
+            return variance
+        if mode == "samples" or link == "mc":
+            outputs = likelihood.inverse_link(gaussian_samples(logits, variance, n_samples, seed))
+            return outputs if mode == "samples" else tf.reduce_mean(outputs, axis=0)
+        if likelihood.name == "regression":
+            return logits, variance + noise
+        if link == "bridge":
+            return bridge(logits, variance)
+        return probit(logits, variance, likelihood.name)
+
+    def _nn_step(self, x, thetas, noise, *, mode):
+        """One batch of the sampling predictive: ``[S, N, K]`` outputs, or their moments."""
+        outputs = self.likelihood.inverse_link(self._sampled_logits(x, thetas))
+        if mode == "samples":
+            return outputs
+        if self.likelihood_name == "regression":
+            return tf.reduce_mean(outputs, axis=0), tf.math.reduce_variance(outputs, axis=0) + noise
+        return tf.reduce_mean(outputs, axis=0)
+
+    def _sampled_logits(self, x, thetas):
+        """Logits ``[S, N, K]`` for weight samples ``[S, P]``, ``SAMPLES_IN_FLIGHT`` at a time.
+
+        A ``tf.map_fn`` over samples: on CPU it measured faster than ``tf.vectorized_map`` over
+        chunks of samples (MLP 784-256-256-10, 100 samples, batches of 256: 44x one forward
+        pass against 58x for chunks of 10 and 80x for chunks of 25), and its memory does not
+        grow with the number of samples.
+        """
+
+        def run(theta):
+            return self.logit_model(x, self.subset.unflatten(theta))
+
+        return tf.map_fn(run, thetas, fn_output_signature=thetas.dtype,
+                         parallel_iterations=SAMPLES_IN_FLIGHT)
+
+    def _map_step(self, x, mean):
+        return self.likelihood.inverse_link(self.logit_model(x, self.subset.unflatten(mean)))
+
+    def _noise_variance(self, dtype) -> tf.Tensor:
+        """``sigma_noise**2`` (scalar or ``[K]``) for regression, else 0."""
+        if self.likelihood_name != "regression":
+            return tf.zeros([], dtype)
+        return tf.square(tf.cast(self.sigma_noise, dtype))
+
+    def _over_batches(self, x, batch_size: int | None, step) -> list:
+        """``step(batch, index)`` for every batch of ``x`` (in the model dtype).
+
+        When the first batch fails, one example is run through the plain model to tell
+        inputs that do not fit the model (a clear ValueError) from other failures.
+        """
+        size = DEFAULT_BATCH_SIZE if batch_size is None else _check_positive_int(
+            "batch_size", batch_size
+        )
+        outputs = []
+        for index, xb in enumerate(iterate_inputs(x, size, self.subset.dtype)):
+            try:
+                outputs.append(step(xb, index))
+            except _MODEL_ERRORS:
+                if index == 0:
+                    self._check_input_shape(xb)
+                raise
+        if not outputs:
+            raise ValueError("x: got no inputs; give at least one example [N >= 1, ...].")
+        return outputs
+
+    def _check_input_shape(self, xb) -> None:
+        """Run one example through the model; re-raise a failure as a clear ValueError."""
+        try:
+            self.logit_model(tf.nest.map_structure(lambda t: t[:1], xb))
+        except _MODEL_ERRORS as err:
+            shapes = tf.nest.map_structure(lambda t: tuple(t.shape), xb)
+            expected = getattr(self.model, "input_shape", None)
+            wanted = "the shape it was built with" if expected is None else f"{expected}"
+            raise ValueError(
+                f"x: inputs of shape {shapes} do not fit the model, which expects inputs of "
+                f"shape {wanted} (None: any size). Give inputs [N, ...] with the model's "
+                f"per-example shape. The model said: {err}"
+            ) from err
+
+
+def _join(outputs: list, axis: int):
+    if isinstance(outputs[0], tuple):
+        return tuple(tf.concat(parts, axis=axis) for parts in zip(*outputs, strict=True))
+    return tf.concat(outputs, axis=axis)
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}; got {value!r}.")
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive integer; got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive integer (>= 1); got {value}.")
+    return int(value)

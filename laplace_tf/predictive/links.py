@@ -1,0 +1,111 @@
+"""Link approximations: from a Gaussian over logits to predicted probabilities.
+
+The GLM predictive gives, per input, logits ``f ~ N(mu, V)`` with ``mu [N, K]`` and
+``V [N, K, K]``. Pushing that Gaussian through the softmax (or sigmoid) has no closed form;
+three approximations, named as in laplace-torch:
+
+* ``"probit"``: ``softmax(mu / sqrt(1 + pi/8 * diag V))`` (MacKay 1992); for one logit
+  ``sigmoid(mu / sqrt(1 + pi/8 * V))``. Needs only the diagonal of ``V``.
+* ``"mc"``: the mean of ``softmax(f_s)`` over samples ``f_s = mu + L eps_s`` with
+  ``L L^T = V`` (Cholesky, with a small jitter).
+* ``"bridge"``: the Laplace bridge (Hobbhahn, Kristiadi and Hennig, UAI 2022), as in
+  laplace-torch: remove the component of ``f`` along the all-ones direction (softmax is blind
+  to it), map the Gaussian to a Dirichlet with
+  ``alpha_k = (1 - 2/K + exp(mu_k) / K^2 * sum_j exp(-mu_j)) / V_kk`` and return the
+  Dirichlet mean ``alpha / sum(alpha)``. Classification with K >= 2 only.
+
+Regression needs no link: the predictive is Gaussian in closed form.
+
+Example:
+    >>> import tensorflow as tf
+    >>> mu = tf.constant([[1.0, 0.0]], tf.float64)
+    >>> var = tf.constant([[8 / 3.141592653589793 * 3, 0.0]], tf.float64)  # 1 + pi/8 var = 4, 1
+    >>> probit(mu, var, "classification").numpy().round(4)        # softmax([0.5, 0.0])
+    array([[0.6225, 0.3775]])
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+LINKS = ("probit", "mc", "bridge")
+PRED_TYPES = ("glm", "nn")
+
+_LINKS_OF = {
+    "classification": ("probit", "mc", "bridge"),
+    "binary": ("probit", "mc"),
+    "regression": ("probit",),
+}
+
+
+def check_link(link_approx: str, likelihood: str) -> None:
+    """Raise a ValueError if ``link_approx`` is unknown or does not fit ``likelihood``.
+
+    Regression accepts only the default ``"probit"``, which it ignores: its predictive is
+    Gaussian in closed form and needs no link approximation.
+    """
+    if link_approx not in LINKS:
+        raise ValueError(f"link_approx: expected one of {LINKS}; got {link_approx!r}.")
+    allowed = _LINKS_OF[likelihood]
+    if link_approx not in allowed:
+        if likelihood == "regression":
+            hint = ("the regression predictive is Gaussian in closed form; leave link_approx "
+                    "at its default 'probit' (it is not used)")
+        else:
+            hint = f"use one of {allowed}"
+        raise ValueError(
+            f"link_approx: {link_approx!r} does not fit likelihood={likelihood!r}; {hint}."
+        )
+
+
+def needs_full_covariance(link_approx: str) -> bool:
+    """Whether the link needs the whole ``V [N, K, K]`` rather than its diagonal."""
+    return link_approx in ("mc", "bridge")
+
+
+def probit(mu: tf.Tensor, variance: tf.Tensor, likelihood: str) -> tf.Tensor:
+    """The probit approximation from the mean ``[N, K]`` and the diagonal variance ``[N, K]``."""
+    scaled = mu / tf.sqrt(1.0 + (math.pi / 8.0) * variance)
+    return tf.sigmoid(scaled) if likelihood == "binary" else tf.nn.softmax(scaled, axis=-1)
+
+
+def bridge(mu: tf.Tensor, covariance: tf.Tensor) -> tf.Tensor:
+    """The Laplace bridge: the Dirichlet mean from ``mu [N, K]`` and ``V [N, K, K]``.
+
+    Example:
+        >>> import tensorflow as tf                      # mu = 0, V = I: uniform, alpha = 1
+        >>> bridge(tf.zeros((1, 4), tf.float64), tf.eye(4, batch_shape=[1], dtype=tf.float64)).numpy()
+        array([[0.25, 0.25, 0.25, 0.25]])
+    """
+    n_classes = int(mu.shape[-1])
+    row = tf.reduce_sum(covariance, axis=-1)  # V 1        [N, K]
+    total = tf.reduce_sum(row, axis=-1, keepdims=True)  # 1^T V 1   [N, 1]
+    mu = mu - row * tf.reduce_sum(mu, axis=-1, keepdims=True) / total
+    variance = tf.linalg.diag_part(covariance) - row**2 / total
+    sum_exp = tf.reduce_sum(tf.exp(-mu), axis=-1, keepdims=True)
+    alpha = (1.0 - 2.0 / n_classes + tf.exp(mu) * sum_exp / n_classes**2) / variance
+    return alpha / tf.reduce_sum(alpha, axis=-1, keepdims=True)
+
+
+def gaussian_samples(
+    mu: tf.Tensor, covariance: tf.Tensor, n_samples: int, seed: tf.Tensor
+) -> tf.Tensor:
+    """Samples ``[S, N, K]`` of ``N(mu [N, K], V [N, K, K])``, reproducible from ``seed [2]``.
+
+    ``V`` is factored by Cholesky after adding ``10 K eps`` times its mean diagonal (plus the
+    smallest normal number) to the diagonal: the backward error of a Cholesky factorisation
+    is of that order, so a positive semi-definite ``V`` (rank-deficient, or zero when the
+    prior is very strong) factors without changing the samples beyond rounding.
+    """
+    n_outputs = int(mu.shape[-1])
+    info = np.finfo(mu.dtype.as_numpy_dtype)
+    scale = tf.reduce_mean(tf.linalg.diag_part(covariance), axis=-1)[:, None, None]
+    jitter = 10.0 * n_outputs * float(info.eps) * scale + float(info.tiny)
+    root = tf.linalg.cholesky(covariance + jitter * tf.eye(n_outputs, dtype=mu.dtype))
+    eps = tf.random.stateless_normal(
+        tf.concat([[n_samples], tf.shape(mu)], axis=0), seed=seed, dtype=mu.dtype
+    )
+    return mu + tf.einsum("nkl,snl->snk", root, eps)

@@ -1,0 +1,210 @@
+"""GLM and sampling predictives against brute-force references, in float64.
+
+The judge is ``J Sigma J^T`` with ``J`` from one gradient per example and output
+(``testing.brute_force_jacobians``) and ``Sigma`` the dense posterior covariance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from laplace_tf import testing
+from laplace_tf.predictive import Laplace
+from laplace_tf.predictive.jacobians import FunctionalVariance, block_kind
+from tests.models import F64, MODELS, N_OUTPUTS, targets
+
+EXACT = 1e-10  # relative, for identities that hold up to float64 round-off
+
+
+def _sequence_dense(n_outputs: int, seed: int = 0, n: int = 5):
+    """A Dense layer applied at 4 positions of a sequence: several locations per example."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((4, 3), dtype=F64), keras.layers.Dense(2, "tanh", dtype=F64),
+        keras.layers.Flatten(dtype=F64), keras.layers.Dense(n_outputs, dtype=F64),
+    ])
+    return model, np.random.default_rng(seed).normal(size=(n, 4, 3))
+
+
+def _shared_dense(n_outputs: int, seed: int = 0, n: int = 5):
+    """One Dense layer called twice in a forward pass."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((3,), dtype=F64)
+    shared = keras.layers.Dense(3, "tanh", dtype=F64)
+    outputs = keras.layers.Dense(n_outputs, dtype=F64)(shared(shared(inputs)))
+    return keras.Model(inputs, outputs), np.random.default_rng(seed).normal(size=(n, 3))
+
+
+BUILDERS = {**MODELS, "sequence_dense": _sequence_dense, "shared_dense": _shared_dense}
+
+
+def fitted(name="tanh_mlp", likelihood="classification", subset="all", structure="kron",
+           prior=1.0, sigma=1.0, n=6, dtype_model=None):
+    """A Laplace fitted on random targets for a tiny model, and the model's inputs."""
+    model, x = (dtype_model or BUILDERS[name](N_OUTPUTS[likelihood], n=n))
+    la = Laplace(model, likelihood, subset_of_weights=subset, hessian_structure=structure,
+                 prior_precision=prior, sigma_noise=sigma, progress=False)
+    la.fit((x, targets(likelihood, N_OUTPUTS[likelihood], len(x))))
+    return la, x
+
+
+def brute_force_variance(la, x) -> np.ndarray:
+    jacobians = testing.brute_force_jacobians(la.logit_model, tf.constant(x))
+    return testing.dense_functional_variance(jacobians, la.posterior_covariance.numpy())
+
+
+def assert_close(actual, expected, rtol=EXACT):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = max(np.max(np.abs(expected)), 1e-300)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
+
+
+# (model, likelihood, subset, structure): every (subset, structure) pair, and every Jacobian
+# path: Dense, Conv2D (many locations), Dense on sequences, a layer called twice, layers
+# without a Kronecker rule (BatchNorm), functional and subclassed models, the closed form.
+FV_CASES = [
+    ("tanh_mlp", "classification", "all", "full"),
+    ("small_cnn", "classification", "all", "kron"),
+    ("with_batchnorm", "regression", "all", "kron"),
+    ("two_branch_functional", "binary", "all", "kron"),
+    ("sequence_dense", "classification", "all", "kron"),
+    ("shared_dense", "regression", "all", "kron"),
+    ("small_cnn", "classification", "all", "diag"),
+    ("with_batchnorm", "binary", "all", "full"),
+    ("subclassed", "classification", "all", "diag"),
+    ("tanh_mlp", "classification", "last_layer", "full"),
+    ("small_cnn", "regression", "last_layer", "kron"),
+    ("two_branch_functional", "classification", "last_layer", "kron"),
+    ("tanh_mlp", "binary", "last_layer", "diag"),
+]
+
+
+@pytest.mark.parametrize("name, likelihood, subset, structure", FV_CASES)
+def test_functional_variance_equals_explicit_jacobians(name, likelihood, subset, structure):
+    la, x = fitted(name, likelihood, subset, structure)
+    assert_close(la.functional_variance(x, batch_size=4), brute_force_variance(la, x))
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_last_layer_closed_form_equals_generic_path(structure):
+    la, x = fitted("relu_mlp", "classification", "last_layer", structure)
+    closed = la.functional_variance(x)
+    assert la._functional_cache[1].logits_layer, "the closed form was not used"
+    blocks = la.covariance_blocks()
+    generic = FunctionalVariance(la.logit_model, la.block_slices(),
+                                 [block_kind(b) for b in blocks], logits_layer=False)
+    _, expected = generic(tf.constant(x), la.mean, blocks, diagonal=False)
+    assert_close(closed, expected)
+
+
+@pytest.mark.parametrize("likelihood, subset, structure", [
+    ("classification", "all", "kron"), ("classification", "last_layer", "kron"),
+    ("classification", "last_layer", "full"), ("classification", "all", "diag"),
+    ("binary", "last_layer", "full"),
+])
+def test_probit_is_the_formula_on_the_variance_diagonal(likelihood, subset, structure):
+    """The probit path computes only diag(J Sigma J^T) (for the last layer by contracting the
+    blocks over the outputs once per call); it must agree with the full path."""
+    la, x = fitted("tanh_mlp", likelihood, subset, structure)
+    mu = la.logit_model(tf.constant(x))
+    var = np.diagonal(la.functional_variance(x), axis1=1, axis2=2)
+    scaled = mu / np.sqrt(1 + math.pi / 8 * var)
+    expected = tf.sigmoid(scaled) if likelihood == "binary" else tf.nn.softmax(scaled)
+    assert_close(la(x, link_approx="probit"), expected)
+
+
+@pytest.mark.parametrize("subset, structure, sigma", [
+    ("all", "kron", 0.7), ("last_layer", "full", [0.5, 2.0]), ("all", "diag", 1.3),
+])
+def test_regression_variance_is_functional_variance_plus_noise(subset, structure, sigma):
+    la, x = fitted("relu_mlp", "regression", subset, structure, sigma=sigma)
+    mean, var = la(x)
+    functional = np.diagonal(brute_force_variance(la, x), axis1=1, axis2=2)
+    assert_close(mean, la.logit_model(tf.constant(x)))
+    assert_close(var, functional + np.square(sigma))
+    map_mean, map_var = la.map_predict(x)
+    assert_close(map_mean, mean)
+    assert_close(map_var, np.broadcast_to(np.square(sigma), var.shape))
+
+
+@pytest.mark.parametrize("likelihood, subset, structure", [
+    ("classification", "all", "kron"), ("binary", "last_layer", "full"),
+    ("regression", "all", "diag"),
+])
+def test_huge_prior_precision_gives_the_map_prediction(likelihood, subset, structure):
+    """With lambda = 1e12 the posterior is a point mass: every predictive is the MAP's.
+
+    Weight deviations are ~1e-6, so outputs move by ~1e-6 times the Jacobian (O(1) here).
+    """
+    la, x = fitted("tanh_mlp", likelihood, subset, structure, prior=1e12)
+    expected = la.map_predict(x)
+    if likelihood == "regression":
+        for pred_type in ("glm", "nn"):
+            mean, var = la(x, pred_type=pred_type, n_samples=20, seed=0)
+            np.testing.assert_allclose(mean, expected[0], atol=1e-5)
+            np.testing.assert_allclose(var, expected[1], atol=1e-9)
+        return
+    for pred_type, link in (("glm", "probit"), ("glm", "mc"), ("nn", "probit")):
+        np.testing.assert_allclose(
+            la(x, pred_type=pred_type, link_approx=link, n_samples=20, seed=0), expected,
+            atol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("likelihood, n_samples", [
+    ("classification", 13), ("binary", 7), ("regression", 12),
+])
+def test_nn_predictive_averages_the_network_over_posterior_samples(likelihood, n_samples):
+    """Chunked, vectorised sampling == one plain model call per weight sample."""
+    la, x = fitted("relu_mlp", likelihood, "all", "kron", prior=3.0)
+    thetas = la.sample(n_samples, seed=5)
+    outputs = np.stack([
+        la.likelihood.inverse_link(la.logit_model(tf.constant(x), la.subset.unflatten(t)))
+        for t in thetas
+    ])
+    assert_close(la.predictive_samples(x, n_samples, seed=5, pred_type="nn", batch_size=4),
+                 outputs)
+    result = la(x, pred_type="nn", n_samples=n_samples, seed=5, batch_size=4)
+    if likelihood == "regression":
+        assert_close(result[0], outputs.mean(0))
+        assert_close(result[1], outputs.var(0) + 1.0)
+    else:
+        assert_close(result, outputs.mean(0))
+
+
+def test_glm_predictive_samples_have_the_glm_moments():
+    """Regression GLM samples: mean f(x), covariance J Sigma J^T, within 5 standard errors."""
+    la, x = fitted("tanh_mlp", "regression", "all", "full", prior=0.5)
+    n = 40_000
+    samples = la.predictive_samples(x, n_samples=n, seed=3).numpy()
+    mu = la.logit_model(tf.constant(x)).numpy()
+    cov = brute_force_variance(la, x)
+    sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    assert np.all(np.abs(samples.mean(0) - mu) < 5 * sd / np.sqrt(n))
+    centred = samples - mu
+    sample_cov = np.einsum("snk,snl->nkl", centred, centred) / n
+    cov_se = np.sqrt((sd[:, :, None] ** 2 * sd[:, None, :] ** 2 + cov**2) / n)
+    assert np.all(np.abs(sample_cov - cov) < 5 * cov_se)
+
+
+def test_float32_matches_float64():
+    """The same network in float32: predictions agree with float64 to float32 accuracy."""
+    model64, x = MODELS["small_cnn"](3)
+    keras.utils.set_random_seed(0)
+    model32 = keras.Sequential([
+        keras.Input((5, 5, 2)), keras.layers.Conv2D(3, 3, activation="tanh"),
+        keras.layers.Flatten(), keras.layers.Dense(3),
+    ])
+    model32.set_weights([w.astype(np.float32) for w in model64.get_weights()])
+    la64, _ = fitted(dtype_model=(model64, x))
+    la32, _ = fitted(dtype_model=(model32, x.astype(np.float32)))
+    probs32 = la32(x.astype(np.float32))
+    assert probs32.dtype == tf.float32
+    np.testing.assert_allclose(probs32, la64(x), atol=1e-4)
+    np.testing.assert_allclose(la32.functional_variance(x), la64.functional_variance(x),
+                               rtol=1e-3, atol=1e-5)

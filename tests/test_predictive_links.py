@@ -1,0 +1,125 @@
+"""Link approximations on hand-made Gaussians over logits (no model involved)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from laplace_tf.predictive.links import bridge, check_link, gaussian_samples, probit
+
+F64 = tf.float64
+MU = np.array([[1.0, -0.5, 0.2], [0.0, 2.0, -1.0]])
+ROOT = np.array([[[0.6, 0.0, 0.0], [0.3, 0.5, 0.0], [-0.2, 0.1, 0.7]],
+                 [[0.9, 0.0, 0.0], [-0.4, 0.3, 0.0], [0.2, 0.2, 0.4]]])
+COV = ROOT @ np.swapaxes(ROOT, 1, 2)  # two SPD covariances [2, 3, 3], variances 0.13 to 0.81
+SEED = tf.constant([7, 0], tf.int64)
+
+
+def test_bridge_on_a_hand_case():
+    """The Laplace bridge written out step by step (Hobbhahn et al. 2022; laplace-torch)."""
+    mu, V = MU[0], COV[0]
+    K = 3
+    ones = np.ones(K)
+    # 1. remove the component along 1 (softmax is invariant to it)
+    mu_c = mu - V @ ones * (ones @ mu) / (ones @ V @ ones)
+    V_c = V - np.outer(V @ ones, ones @ V) / (ones @ V @ ones)
+    # 2. Dirichlet parameters, 3. the Dirichlet mean
+    alpha = np.array([
+        (1 - 2 / K + math.exp(mu_c[k]) / K**2 * sum(math.exp(-m) for m in mu_c)) / V_c[k, k]
+        for k in range(K)
+    ])
+    expected = alpha / alpha.sum()
+    actual = bridge(tf.constant(MU, F64), tf.constant(COV, F64)).numpy()[0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-12)
+
+
+def test_bridge_with_zero_mean_and_isotropic_variance_is_uniform():
+    """mu = 0, V = s I: the corrected variance is s (1 - 1/K), every alpha is 1/s."""
+    for K, s in ((2, 0.5), (5, 3.0)):
+        probs = bridge(tf.zeros((1, K), F64), s * tf.eye(K, batch_shape=[1], dtype=F64))
+        np.testing.assert_allclose(probs, np.full((1, K), 1 / K), rtol=1e-12)
+
+
+def test_probit_on_a_hand_case():
+    """1 + pi/8 var = 4 halves the logit: softmax([2, 0] / 2) and sigmoid(2 / 2)."""
+    var = np.array([[24 / math.pi, 0.0]])
+    np.testing.assert_allclose(
+        probit(tf.constant([[2.0, 0.0]], F64), tf.constant(var, F64), "classification"),
+        [[math.e / (math.e + 1), 1 / (math.e + 1)]], rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        probit(tf.constant([[2.0]], F64), tf.constant(var[:, :1], F64), "binary"),
+        [[1 / (1 + math.exp(-1))]], rtol=1e-12,
+    )
+
+
+def test_probit_is_close_to_monte_carlo():
+    """Probit vs 200k Monte-Carlo samples of E[sigmoid(f)] and E[softmax(f)], f independent.
+
+    Sigmoid: the probit approximation is accurate to ~2e-3 for variances below 1 and the
+    Monte-Carlo standard error is below 0.5 / sqrt(2e5) ~ 1.1e-3, so 5e-3 holds, while doubling
+    the variance or dropping it is off by more than 9e-3. Softmax: the probit (mean-field)
+    approximation is rougher (~3e-2 here), so the check is loose, plus the property that it is
+    closer to the truth than the plain softmax of the mean.
+    """
+    variance = np.diagonal(COV, axis1=1, axis2=2)
+    mu = tf.constant(MU, F64)
+    samples = gaussian_samples(mu, tf.linalg.diag(tf.constant(variance, F64)), 200_000, SEED)
+    mc_binary = tf.reduce_mean(tf.sigmoid(samples), axis=0)
+    np.testing.assert_allclose(probit(mu, variance, "binary"), mc_binary, atol=5e-3)
+    for wrong in (2 * variance, 0 * variance):
+        assert np.max(np.abs(probit(mu, wrong, "binary") - mc_binary)) > 9e-3
+    mc = tf.reduce_mean(tf.nn.softmax(samples), axis=0)
+    approx = probit(mu, variance, "classification")
+    np.testing.assert_allclose(approx, mc, atol=0.03)
+    assert np.max(np.abs(approx - mc)) < np.max(np.abs(tf.nn.softmax(mu) - mc))
+
+
+def test_gaussian_samples_have_the_right_moments():
+    n = 100_000
+    samples = gaussian_samples(tf.constant(MU, F64), tf.constant(COV, F64), n, SEED).numpy()
+    sd = np.sqrt(np.diagonal(COV, axis1=1, axis2=2))
+    assert np.all(np.abs(samples.mean(0) - MU) < 5 * sd / np.sqrt(n))
+    centred = samples - MU
+    cov = np.einsum("snk,snl->nkl", centred, centred) / n
+    se = np.sqrt((sd[:, :, None] ** 2 * sd[:, None, :] ** 2 + COV**2) / n)
+    assert np.all(np.abs(cov - COV) < 5 * se)
+
+
+@pytest.mark.parametrize("cov", [
+    np.outer([1.0, -2.0, 0.5], [1.0, -2.0, 0.5]),  # rank one
+    np.zeros((3, 3)),  # a point mass (huge prior precision)
+])
+def test_gaussian_samples_of_a_singular_covariance(cov):
+    """The jitter lets Cholesky factor PSD matrices; samples stay on the covariance's range."""
+    mu = tf.constant(MU[:1], F64)
+    samples = gaussian_samples(mu, tf.constant(cov[None], F64), 1000, SEED).numpy()[:, 0]
+    deviation = samples - MU[0]
+    _, s, vt = np.linalg.svd(cov)
+    null_space = vt[s < 1e-12]
+    assert np.all(np.isfinite(samples))
+    assert np.max(np.abs(deviation @ null_space.T)) < 1e-6 * max(1.0, np.sqrt(cov.max()))
+    if cov.any():
+        assert np.std(deviation @ vt[0]) > 0.5 * np.sqrt(s[0])
+
+
+def test_gaussian_samples_are_reproducible():
+    mu, cov = tf.constant(MU, F64), tf.constant(COV, F64)
+    first = gaussian_samples(mu, cov, 5, SEED)
+    np.testing.assert_array_equal(first, gaussian_samples(mu, cov, 5, SEED))
+    assert not np.allclose(first, gaussian_samples(mu, cov, 5, SEED + 1))
+
+
+@pytest.mark.parametrize("link, likelihood, message", [
+    ("bridge", "binary", "use one of ('probit', 'mc')"),
+    ("bridge", "regression", "Gaussian in closed form"),
+    ("mc", "regression", "leave link_approx at its default"),
+    ("laplace", "classification", "expected one of ('probit', 'mc', 'bridge')"),
+])
+def test_links_that_do_not_fit_are_refused(link, likelihood, message):
+    with pytest.raises(ValueError, match=r"link_approx: .*" + message.replace("(", r"\(")
+                       .replace(")", r"\)")):
+        check_link(link, likelihood)
