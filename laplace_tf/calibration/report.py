@@ -15,7 +15,8 @@ configuration. A report writes itself as
   renders as is (e.g. on GitHub);
 * PNG files (:meth:`Report.save_plots`).
 
-This module does not import TensorFlow (the fitted ``la`` brings it along).
+The tables, HTML and Markdown are rendered by :mod:`laplace_tf.calibration._render`. This
+module does not import TensorFlow (the fitted ``la`` brings it along).
 
 Example:
     ``rep = calibration.report(la, test=(x_test, y_test), ood=x_ood)`` then
@@ -25,12 +26,8 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
-import io
 import json
-import math
 import os
 import platform
 from collections.abc import Mapping
@@ -42,7 +39,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import laplace_tf
+from laplace_tf.calibration import _render as _r
 from laplace_tf.calibration import _validation as _v
+from laplace_tf.calibration._render import MODELS
 from laplace_tf.calibration.metrics import (
     auroc,
     classification_metrics,
@@ -61,9 +60,6 @@ from laplace_tf.calibration.plots import (
 )
 from laplace_tf.calibration.regression import regression_metrics
 
-MODELS = {"map": "MAP", "laplace": "Laplace"}
-"""The two predictives compared in every table: metrics key -> display name."""
-
 SPECTRUM_DENSE_LIMIT = 2048
 """Largest dense curvature block whose eigenvalues the report computes (cost ``O(p^3)``)."""
 
@@ -78,66 +74,6 @@ _LIBRARIES = {  # key in metrics["versions"] -> distribution name
     "scipy": "scipy",
     "matplotlib": "matplotlib",
 }
-
-# metric key -> (goal, description). The goal decides which value a table marks as better:
-# "max", "min", a target value (closest wins), or None (neither is better, e.g. a width).
-_METRICS: dict[str, tuple[str | float | None, str]] = {
-    "accuracy": ("max", "fraction of correct top-1 predictions"),
-    "nll": ("min", "mean negative log-likelihood (nats)"),
-    "brier": ("min", "Brier score, summed over classes (range 0-2)"),
-    "ece": ("min", "expected calibration error, top label (bins: see the ECE table)"),
-    "mce": ("min", "maximum calibration error, same bins"),
-    "classwise_ece": ("min", "class-wise ECE, same bins"),
-    "rmse": ("min", "root mean squared error"),
-    "mae": ("min", "mean absolute error"),
-    "coverage_68": (0.68, "fraction of targets inside the central 68% interval"),
-    "width_68": (None, "mean width of the central 68% interval"),
-    "coverage_95": (0.95, "fraction of targets inside the central 95% interval"),
-    "width_95": (None, "mean width of the central 95% interval"),
-    "sharpness": (None, "mean predictive standard deviation"),
-    "crps": ("min", "continuous ranked probability score"),
-    "miscalibration_area": ("min", "area between the calibration curve and the diagonal"),
-    "auroc_confidence": ("max", "AUROC in- vs out-of-distribution, score: confidence"),
-    "fpr_at_95_tpr_confidence": ("min", "OOD inputs accepted at 95% TPR, score: confidence"),
-    "auroc_entropy": ("max", "AUROC in- vs out-of-distribution, score: -entropy"),
-    "fpr_at_95_tpr_entropy": ("min", "OOD inputs accepted at 95% TPR, score: -entropy"),
-    "auroc_variance": ("max", "AUROC in- vs out-of-distribution, score: -predictive variance"),
-    "fpr_at_95_tpr_variance": ("min", "OOD inputs accepted at 95% TPR, score: -variance"),
-}
-
-_CAPTIONS = {
-    "reliability_comparison": "Reliability of MAP and Laplace on the test set",
-    "reliability_diagrams": "Reliability diagrams with calibration gaps and confidence histograms",
-    "ood_histograms": "Confidence and entropy on in- vs out-of-distribution inputs",
-    "regression_band": "Predictive mean with 1 and 2 sigma bands",
-    "regression_calibration": "Regression calibration curves (expected vs observed coverage)",
-    "evidence": "Log marginal likelihood against prior precision (prior tuning)",
-    "curvature_spectrum": "Eigenvalues of the fitted curvature",
-}
-
-_SPLIT_TITLES = {"test": "Test set", "val": "Validation set"}
-
-_CSS = """
-.ltf-report { font-family: system-ui, sans-serif; line-height: 1.4; max-width: 1200px; }
-.ltf-report table { border-collapse: collapse; margin: 0.4em 0 1.4em; }
-.ltf-report th, .ltf-report td { border: 1px solid #ccc; padding: 3px 9px; text-align: left; }
-.ltf-report th { background: #f3f3f3; }
-.ltf-report td.better { font-weight: bold; background: #e3f3e3; }
-.ltf-report figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
-.ltf-report img { max-width: 100%; }
-.ltf-report .note { color: #555; font-size: 0.9em; }
-"""
-
-
-@dataclasses.dataclass
-class _Table:
-    """A table rendered to both HTML and Markdown; ``marked`` cells hold the better value."""
-
-    title: str
-    header: list[str]
-    rows: list[list[str]]
-    marked: set[tuple[int, int]] = dataclasses.field(default_factory=set)
-    note: str = ""
 
 
 @dataclasses.dataclass
@@ -172,21 +108,16 @@ class Report:
 
     def to_html(self, path: str | os.PathLike) -> Path:
         """Write one self-contained HTML5 file (images embedded) and return its path."""
-        document = (
-            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{html.escape(self.title)}</title>\n<style>{_CSS}</style>\n</head>\n"
-            f'<body>\n<div class="ltf-report">\n{self._html_body()}\n</div>\n</body>\n</html>\n'
-        )
-        return _write(path, document)
+        return _r.write(path, _r.html_document(self.title, self.metrics, self.figures))
 
     def _repr_html_(self) -> str:
         """The body of :meth:`to_html` as a fragment, for inline display in Jupyter."""
-        return f'<div class="ltf-report">\n<style>{_CSS}</style>\n{self._html_body()}\n</div>'
+        return _r.html_fragment(self.title, self.metrics, self.figures)
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write :attr:`metrics` as JSON (NaN and infinities as ``null``); return the path."""
-        return _write(path, json.dumps(_plain(self.metrics), indent=2, allow_nan=False) + "\n")
+        text = json.dumps(_r.plain(self.metrics), indent=2, allow_nan=False)
+        return _r.write(path, text + "\n")
 
     def to_markdown(self, path: str | os.PathLike) -> Path:
         """Write the tables as Markdown and the plots as PNGs into ``plots/`` next to it.
@@ -195,61 +126,19 @@ class Report:
             The Markdown file's path (the PNGs are ``<folder>/plots/<figure name>.png``; no
             ``plots/`` folder without figures).
         """
-        path = _as_path(path, "path")
+        path = _r.as_path(path, "path")
         images = self.save_plots(path.parent / "plots") if self.figures else {}
-        parts = [f"# {_md_text(self.title)}", *map(_md_table, self._tables())]
-        if images:
-            parts.append("## Plots")
-            parts += [
-                f"![{_md_text(_caption(name))}](plots/{image.name})"
-                for name, image in images.items()
-            ]
-        parts.append(_md_table(self._versions_table()))
-        return _write(path, "\n\n".join(parts) + "\n")
+        links = {name: f"plots/{image.name}" for name, image in images.items()}
+        return _r.write(path, _r.markdown(self.title, self.metrics, links))
 
     def save_plots(self, folder: str | os.PathLike) -> dict[str, Path]:
         """Write each figure as ``<folder>/<name>.png`` (folder created); return name -> path."""
-        folder = _as_path(folder, "folder")
+        folder = _r.as_path(folder, "folder")
         folder.mkdir(parents=True, exist_ok=True)
         paths = {name: folder / f"{name}.png" for name in self.figures}
         for name, fig in self.figures.items():
             fig.savefig(paths[name], format="png", dpi=100)
         return paths
-
-    def _html_body(self) -> str:
-        parts = [f"<h1>{html.escape(self.title)}</h1>", *map(_html_table, self._tables())]
-        if self.figures:
-            parts.append("<h2>Plots</h2>")
-            parts += [_html_figure(name, fig) for name, fig in self.figures.items()]
-        parts.append(_html_table(self._versions_table()))
-        return "\n".join(parts)
-
-    def _tables(self) -> list[_Table]:
-        """Configuration, metric tables (MAP vs Laplace) and the ECE binning table."""
-        m = self.metrics
-        tables = []
-        if m.get("config"):
-            rows = [[key, _fmt(value)] for key, value in _flatten(m["config"]).items()]
-            tables.append(_Table("Configuration", ["setting", "value"], rows))
-        for split, title in _SPLIT_TITLES.items():
-            if m.get(split):
-                tables.append(_comparison_table(f"{title}: MAP vs Laplace", m[split]))
-        if m.get("ood"):
-            tables.append(_comparison_table("Out-of-distribution detection", m["ood"]))
-        if m.get("ece"):
-            rows = [
-                [MODELS[model], d["binning"], str(d["n_bins"]), _fmt(d["value"])]
-                for model, schemes in m["ece"].items()
-                for d in schemes.values()
-            ]
-            tables.append(
-                _Table("ECE binning (test set)", ["model", "binning", "bins", "ECE"], rows)
-            )
-        return tables
-
-    def _versions_table(self) -> _Table:
-        rows = [[name, str(version)] for name, version in self.metrics.get("versions", {}).items()]
-        return _Table("Library versions", ["library", "version"], rows)
 
 
 def report(
@@ -379,7 +268,7 @@ def report(
     if title is None:
         title = (f"Laplace calibration report: {la.likelihood.name}, "
                  f"{la.subset_of_weights} / {la.hessian_structure}")
-    return Report(title, _plain(metrics, nan_to_none=False), figures)
+    return Report(title, _r.plain(metrics, nan_to_none=False), figures)
 
 
 # ---------------------------------------------------------------------- inputs and predictions
@@ -618,146 +507,3 @@ def _versions() -> dict[str, str]:
             versions[key] = "not installed"
     versions["python"] = platform.python_version()
     return versions
-
-
-# ---------------------------------------------------------------------- rendering
-
-
-def _plain(value: Any, nan_to_none: bool = True) -> Any:
-    """``value`` with numpy and tensor values as Python types (NaN -> None if asked)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v, nan_to_none) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v, nan_to_none) for v in value]
-    if hasattr(value, "numpy"):  # an eager tensor
-        value = value.numpy()
-    if isinstance(value, np.ndarray | np.generic):
-        return _plain(value.tolist(), nan_to_none)
-    if nan_to_none and isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as one level with dotted keys (``run.laplace.prior_precision``)."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return "[" + ", ".join(map(_fmt, value)) + "]"
-    return str(value)
-
-
-def _better(metric: str, values: dict[str, Any]) -> str | None:
-    """The model with the better value of ``metric``; None for a tie or no preference."""
-    goal = _METRICS.get(metric, (None, ""))[0]
-    finite = all(isinstance(v, int | float) and math.isfinite(v) for v in values.values())
-    if goal is None or not finite:
-        return None
-    if goal == "max":
-        loss = {model: -v for model, v in values.items()}
-    elif goal == "min":
-        loss = dict(values)
-    else:
-        loss = {model: abs(v - goal) for model, v in values.items()}
-    best = min(loss.values())
-    winners = [model for model, v in loss.items() if v == best]
-    return winners[0] if len(winners) == 1 else None
-
-
-def _goal_text(goal: str | float | None) -> str:
-    if goal is None:
-        return ""
-    return {"max": "higher", "min": "lower"}.get(goal, f"closer to {goal}")
-
-
-def _comparison_table(title: str, by_model: dict[str, dict[str, Any]]) -> _Table:
-    """Rows ``metric | better | MAP | Laplace | meaning`` with the better value marked."""
-    models = list(by_model)
-    table = _Table(title, ["metric", "better", *(MODELS[m] for m in models), "meaning"], [],
-                   note="Bold with a check mark: the better of MAP and Laplace.")
-    for i, metric in enumerate(by_model[models[0]]):
-        goal, meaning = _METRICS.get(metric, (None, ""))
-        values = {m: by_model[m][metric] for m in models}
-        table.rows.append([metric, _goal_text(goal), *(_fmt(v) for v in values.values()),
-                           meaning])
-        winner = _better(metric, values)
-        if winner is not None:
-            table.marked.add((i, 2 + models.index(winner)))
-    return table
-
-
-def _html_table(table: _Table) -> str:
-    def cell(i: int, j: int, text: str) -> str:
-        if (i, j) in table.marked:
-            return f'<td class="better">{html.escape(text)} &#10003;</td>'
-        return f"<td>{html.escape(text)}</td>"
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
-    rows = "\n".join(
-        "<tr>" + "".join(cell(i, j, text) for j, text in enumerate(row)) + "</tr>"
-        for i, row in enumerate(table.rows)
-    )
-    note = f'<p class="note">{html.escape(table.note)}</p>\n' if table.note else ""
-    return (f"<h2>{html.escape(table.title)}</h2>\n{note}<table>\n<thead><tr>{head}</tr></thead>"
-            f"\n<tbody>\n{rows}\n</tbody>\n</table>")
-
-
-def _caption(name: str) -> str:
-    return _CAPTIONS.get(name, name.replace("_", " "))
-
-
-def _html_figure(name: str, fig: Figure) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    caption = html.escape(_caption(name))
-    return (f'<figure id="{html.escape(name)}"><img src="data:image/png;base64,{data}" '
-            f'alt="{caption}"><figcaption>{caption}</figcaption></figure>')
-
-
-def _md_text(text: str) -> str:
-    """Text safe inside a Markdown table cell or heading."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(table: _Table) -> str:
-    def cell(i: int, j: int, text: str) -> str:
-        return f"**{_md_text(text)}** ✓" if (i, j) in table.marked else _md_text(text)
-
-    lines = [f"## {_md_text(table.title)}", ""]
-    if table.note:
-        lines += [_md_text(table.note), ""]
-    lines.append("| " + " | ".join(map(_md_text, table.header)) + " |")
-    lines.append("|" + "---|" * len(table.header))
-    lines += [
-        "| " + " | ".join(cell(i, j, text) for j, text in enumerate(row)) + " |"
-        for i, row in enumerate(table.rows)
-    ]
-    return "\n".join(lines)
-
-
-def _as_path(path: Any, name: str) -> Path:
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"{name}: expected a file system path (str or Path); got "
-                        f"{type(path).__name__}")
-    return Path(path)
-
-
-def _write(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path``, creating the parent folders; return the path."""
-    path = _as_path(path, "path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
