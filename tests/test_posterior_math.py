@@ -322,35 +322,37 @@ def _indefinite(structure, rng):
     return kron
 
 
-@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_indefinite_curvature_raises_or_clips(structure):
+def _clipped_dense(structure, blocks):
+    """The dense curvature with negative eigenvalues set to zero (Kronecker: of A)."""
+    if structure == "kron":
+        a, Qa = np.linalg.eigh(blocks[0].A.numpy())
+        return blocks_to_dense([KronBlock(tf.constant(Qa @ np.diag(np.maximum(a, 0)) @ Qa.T),
+                                          blocks[0].G, blocks[0].n), *blocks[1:]]).numpy()
+    e, Q = np.linalg.eigh(blocks_to_dense(blocks).numpy())
+    return Q @ np.diag(np.maximum(e, 0)) @ Q.T
+
+
+def _indefinite_case(structure, curvature_kind, **options):
     rng = np.random.default_rng(4)
     model, _ = tanh_mlp(2)
-    make_blocks = _indefinite(structure, rng)
-    raising = PosteriorLaplace(model, "regression", "all", structure, prior_precision=0.01,
-                               progress=False)
-    blocks = make_blocks(raising)
+    la = PosteriorLaplace(model, "regression", "all", structure, curvature=curvature_kind,
+                          prior_precision=0.01, progress=False, **options)
+    blocks = _indefinite(structure, rng)(la)
     curvature = Curvature(structure, blocks, tf.constant(1.0, F64), 4, tf.constant([1.0, 1.0], F64))
-    args = (curvature, raising.subset.flat_values(), np.asarray(1.0), "hash")
+    return la, blocks, (curvature, la.subset.flat_values(), np.asarray(1.0), "hash")
+
+
+def test_indefinite_exact_hessian_raises_or_clips():
+    raising, blocks, args = _indefinite_case("full", "hessian")
     with pytest.raises(ValueError, match="not positive definite.*on_indefinite='clip'"):
         raising._install(*args)
     assert raising.curvature is None
-    clipping = PosteriorLaplace(model, "regression", "all", structure, prior_precision=0.01,
-                                on_indefinite="clip", progress=False)
+    clipping, _, _ = _indefinite_case("full", "hessian", on_indefinite="clip")
     with pytest.warns(UserWarning, match=r"clipped \d+ of \d+ curvature eigenvalues") as record:
         clipping._install(*args)
     n_clipped = int(str(record[0].message).split("clipped ")[1].split(" ")[0])
-    if structure == "kron":
-        A = blocks[0].A.numpy()
-        a, Qa = np.linalg.eigh(A)
-        assert n_clipped == np.sum(a < 0)
-        dense = blocks_to_dense([KronBlock(tf.constant(Qa @ np.diag(np.maximum(a, 0)) @ Qa.T),
-                                           blocks[0].G, blocks[0].n), *blocks[1:]]).numpy()
-    else:
-        H = blocks_to_dense(blocks).numpy()
-        e, Q = np.linalg.eigh(H)
-        assert n_clipped == np.sum(e < 0) > 0
-        dense = Q @ np.diag(np.maximum(e, 0)) @ Q.T
+    assert n_clipped == np.sum(np.linalg.eigvalsh(blocks_to_dense(blocks).numpy()) < 0) > 0
+    dense = _clipped_dense("full", blocks)
     np.testing.assert_allclose(clipping.posterior_precision.to_dense(),
                                dense + 0.01 * np.eye(len(dense)), atol=1e-12)
     # a prior large enough makes the raw precision positive definite: no error then
@@ -360,6 +362,18 @@ def test_indefinite_curvature_raises_or_clips(structure):
         raising.prior_precision = 0.01
     np.testing.assert_allclose(raising.prior_precision, 10.0)
 
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_ggn_negative_eigenvalues_are_clipped_silently(structure):
+    # the GGN is positive semi-definite by construction: negatives can only be round-off
+    la, blocks, args = _indefinite_case(structure, "ggn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        la._install(*args)
+    dense = _clipped_dense(structure, blocks)
+    np.testing.assert_allclose(la.posterior_precision.to_dense(),
+                               dense + 0.01 * np.eye(len(dense)), atol=1e-12)
 
 def test_positive_semidefinite_round_off_is_not_reported():
     model, _ = tanh_mlp(2)
