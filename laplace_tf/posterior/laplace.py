@@ -45,8 +45,9 @@ from laplace_tf.curvature import make_builder
 from laplace_tf.curvature.base import CURVATURES, Curvature, fit_curvature
 from laplace_tf.curvature.blocks import block_size
 from laplace_tf.curvature.last_layer import find_last_layer
+from laplace_tf.curvature.memory import MemoryEstimate, estimate_memory
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
-from laplace_tf.params import LogitModel, WeightSubset
+from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
 from laplace_tf.posterior import io, marglik
 from laplace_tf.posterior.factors import Covariance, factorize
 from laplace_tf.posterior.prior import (
@@ -334,16 +335,40 @@ class PosteriorLaplace:
             curvature=self.curvature_kind, **options,
         )
 
+    def memory_estimate(self, n_outputs: int | None = None,
+                        batch_size: int | None = None) -> MemoryEstimate:
+        """The bytes this (subset, structure) needs to fit and use, before fitting.
+
+        Args:
+            n_outputs: the number of model outputs; default: read from the model.
+            batch_size: the fit's batch size (default: the constructor's).
+
+        Example:
+            ``print(ltf.Laplace(model, "classification", "all", "full").memory_estimate())``
+        """
+        if n_outputs is None:
+            n_outputs = _n_outputs(self.model)
+        return estimate_memory(
+            self.subset, self.hessian_structure, n_outputs,
+            self.batch_size if batch_size is None else batch_size, self._dtype,
+            self.subset_of_weights, self.curvature_kind,
+        )
+
     def fit(self, data, override: bool = True, batch_size: int | None = None,
-            progress: bool | None = None) -> None:
+            progress: bool | None = None,
+            strategy: tf.distribute.Strategy | None = None) -> None:
         """Compute the curvature at the model's current weights (the MAP).
 
         Args:
             data: a ``tf.data.Dataset`` of ``(x, y)`` batches, or a tuple ``(x, y)`` of arrays.
+                Datasets are streamed batch by batch. With a multi-worker strategy, each
+                worker passes its own shard.
             override: ``True`` replaces the curvature; ``False`` adds this data to it (online
                 update; the mean becomes the current weights).
             batch_size: batch size for arrays (default: the constructor's).
             progress: progress bar (default: the constructor's).
+            strategy: a ``tf.distribute`` strategy: batches are split across its replicas and
+                the curvature is all-reduced (default: the strategy whose scope is active).
 
         Nothing changes if anything fails (bad data, an indefinite precision, ...).
         """
@@ -352,7 +377,7 @@ class PosteriorLaplace:
         progress = self.progress if progress is None else _flag(progress, "progress")
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
                           description="curvature")
-        curvature = fit_curvature(self._builder(), batches)
+        curvature = fit_curvature(self._builder(), batches, strategy)
         if not override and self._curvature is not None:
             self.structure.check(curvature)
             curvature = self._curvature.scaled(self._multiplier() * self._temperature) + curvature
@@ -594,3 +619,17 @@ class PosteriorLaplace:
     def load(cls, path, model: keras.Model) -> PosteriorLaplace:
         """Read a posterior written by :meth:`save` for ``model`` (checked to match)."""
         return io.load(cls, path, model)
+
+
+def _n_outputs(model) -> int:
+    """The number of model outputs, from Keras' records or the last layer with weights."""
+    outputs = getattr(model, "outputs", None)
+    if outputs and outputs[0].shape[-1] is not None:
+        return int(outputs[0].shape[-1])
+    units = getattr(leaf_layers(model)[-1], "units", None)
+    if units is None:
+        raise ValueError(
+            "n_outputs: cannot read the number of outputs from this model; pass "
+            "memory_estimate(n_outputs=K)."
+        )
+    return int(units)
