@@ -1,0 +1,351 @@
+"""How many bytes a Laplace approximation needs, before anything is computed.
+
+:func:`estimate_memory` adds up the buffers that fitting a curvature structure and using its
+posterior allocate, from the sizes of the weight subset's layers, the number of outputs ``K``,
+the batch size ``B`` and the dtype (``s`` bytes a number); :func:`check_memory` refuses an
+estimate above a limit. With ``P`` weights and ``R`` rows per example (``K`` for the GGN and
+the exact Hessian, 1 for the empirical Fisher), in numbers (times ``s`` for bytes):
+
+=========  ========================================================================
+structure  parts
+=========  ========================================================================
+full       ``curvature`` P² (the summed block, kept); ``fit_workspace`` 6 P² over all
+           weights (the per-example sum's start value, loop carry, a chunk's pair
+           blocks, their concatenation and the new carry; the new running sum) or
+           3 P² over the last layer (a batch's block, its reshape, the new running
+           sum); ``per_batch`` (below); ``eigendecomposition`` 2 P² + P (the
+           symmetrised copy, eigenvectors, eigenvalues); ``cholesky`` P² (of the
+           posterior precision); ``covariance`` 2 P² (the identity it is solved
+           from, and the covariance)
+kron       per layer with a Kronecker rule, with ``D`` inputs (+1 for the bias), ``O``
+           outputs, ``L`` locations (1 for Dense on ``[N, din]``; output pixels for a
+           convolution): ``curvature`` D² + O²; ``fit_workspace`` 2 (D² + O²);
+           ``per_batch`` B L (D + R O) (input rows and pre-activation gradients);
+           ``eigendecomposition`` D² + O² + D + O + D O (eigenvectors and eigenvalues
+           of the factors, eigenvalues of the precision). A layer of ``p`` weights
+           without a rule (a diagonal block): p, 2 p, B R p (its per-example
+           Jacobian), 2 p
+diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
+           ``posterior`` 2 P (precision and variances)
+=========  ========================================================================
+
+``per_batch`` of full and diag over ``"all"`` weights is one chunk of the per-example
+intermediates of :func:`~laplace_tf.curvature._per_example.summed_rows`: a Dense layer with
+one location per example is factored (its inputs and pre-activation gradients, never its
+rows), every other layer has rows of its size; the intermediates exist twice, in chunks of at
+most ``CHUNK_BYTES`` (256 MiB) and at least one example. Over the last layer (one Dense layer:
+``D = din + 1``, ``K = dout``, ``P = D K``), ``per_batch`` is B (D + K²): the features and
+the output-space Hessians, nothing per weight; kron has the two factors D² and K².
+
+Not counted: the model's own weights, the activations of a forward/backward pass (as for a
+training step), TensorFlow's runtime and traced graphs, and the GLM predictive, which works
+batch by batch on the order of ``per_batch``. The parts are summed as if all were alive at
+once: an upper bound on the peak, since the fit workspace is free before the posterior's
+parts are allocated (and the allocator reuses it). Measured (``tests/test_memory.py``): the
+peak resident memory of ``Laplace(..., "full").fit`` and one GLM prediction grows by about
+0.7 to 0.8 times the full estimate.
+
+Example:
+    >>> import keras
+    >>> from laplace_tf.params import WeightSubset
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> estimate = estimate_memory(WeightSubset(model), "full", n_outputs=2, batch_size=4)
+    >>> estimate.parts["curvature"]              # 8 x 8 float32 numbers
+    256
+    >>> estimate_memory(WeightSubset(model), "kron", n_outputs=2).parts["curvature"]
+    80
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from laplace_tf.curvature import SUBSETS
+from laplace_tf.curvature._per_example import _COPIES, CHUNK_BYTES, _example_width
+from laplace_tf.curvature.base import CURVATURES, STRUCTURES
+from laplace_tf.curvature.full import default_memory_limit
+from laplace_tf.curvature.kron_layers import fallback_reason
+from laplace_tf.params import LayerSlice, WeightSubset
+
+_ALL_WEIGHTS_FIT_COPIES = 6  # P x P buffers of a fit besides the curvature (module docstring)
+_LAST_LAYER_FIT_COPIES = 3
+# (structure, subset_of_weights) -> what needs less memory
+_CHEAPER = {
+    ("full", "all"): "hessian_structure='kron' or hessian_structure='diag', or "
+                     "subset_of_weights='last_layer'",
+    ("kron", "all"): "hessian_structure='diag', or subset_of_weights='last_layer'",
+    ("diag", "all"): "subset_of_weights='last_layer'",
+    ("full", "last_layer"): "hessian_structure='kron' or hessian_structure='diag'",
+    ("kron", "last_layer"): "hessian_structure='diag'",
+    ("diag", "last_layer"): "",
+}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a (structure, weight subset) pair needs, part by part (see the module docstring).
+
+    Attributes:
+        structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        subset_of_weights: ``"all"`` or ``"last_layer"``.
+        n_params: number of weights ``P``.
+        dtype: the dtype's name, e.g. ``"float32"``.
+        batch_size: the batch size the per-batch part assumes.
+        parts: bytes per part, e.g. ``{"curvature": ..., "per_batch": ...}``.
+    """
+
+    structure: str
+    subset_of_weights: str
+    n_params: int
+    dtype: str
+    batch_size: int
+    parts: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        """The sum of all parts."""
+        return sum(self.parts.values())
+
+    def __str__(self) -> str:
+        lines = [
+            f"hessian_structure={self.structure!r}, subset_of_weights="
+            f"{self.subset_of_weights!r}: {self.n_params:,} weights ({self.dtype}), batch size "
+            f"{self.batch_size}: about {_format_bytes(self.total_bytes)}"
+        ]
+        width = max(len(name) for name in self.parts)
+        lines += [f"  {name:<{width}}  {_format_bytes(n):>10}" for name, n in self.parts.items()]
+        return "\n".join(lines)
+
+
+def estimate_memory(
+    subset: WeightSubset,
+    structure: str,
+    n_outputs: int,
+    batch_size: int = 128,
+    dtype: tf.DType | str | None = None,
+    subset_of_weights: str = "all",
+    curvature: str = "ggn",
+) -> MemoryEstimate:
+    """The bytes fitting ``structure`` over ``subset`` and using its posterior need.
+
+    Args:
+        subset: the weights (for ``"last_layer"``: the last Dense layer's weights only).
+        structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        n_outputs: the number of model outputs (logits) ``K``.
+        batch_size: the batch size of the fit.
+        dtype: the floating dtype of the computation (default: the weights' dtype).
+        subset_of_weights: ``"all"`` or ``"last_layer"``.
+        curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (rows per example: 1 for ``"ef"``,
+            else ``n_outputs``).
+
+    Returns:
+        A :class:`MemoryEstimate`; see the module docstring for every part's formula.
+
+    Raises:
+        TypeError: ``subset`` is not a :class:`~laplace_tf.params.WeightSubset`, or
+            ``dtype`` is not a dtype.
+        ValueError: an unknown structure, subset or curvature, a non-positive ``n_outputs``
+            or ``batch_size``, a non-floating dtype, or a last-layer subset that is not one
+            Dense layer with ``n_outputs`` outputs.
+
+    Example:
+        >>> import keras
+        >>> from laplace_tf.params import WeightSubset
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> estimate_memory(WeightSubset(model), "diag", 2, dtype="float64").parts["curvature"]
+        64
+    """
+    if not isinstance(subset, WeightSubset):
+        raise TypeError(
+            f"subset: expected a laplace_tf.params.WeightSubset; got {type(subset).__name__}. "
+            "Use WeightSubset(model) or WeightSubset(model, [last_layer])."
+        )
+    _check_choice("structure", structure, STRUCTURES)
+    _check_choice("subset_of_weights", subset_of_weights, SUBSETS)
+    _check_choice("curvature", curvature, CURVATURES)
+    n_outputs = _positive_int("n_outputs", n_outputs)
+    batch_size = _positive_int("batch_size", batch_size)
+    dtype = subset.dtype if dtype is None else _as_dtype(dtype)
+    if not dtype.is_floating:
+        raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {dtype.name}.")
+    rows = 1 if curvature == "ef" else n_outputs
+    if subset_of_weights == "last_layer":
+        counts = _last_layer(subset, structure, n_outputs, batch_size)
+    elif structure == "full":
+        per_batch = _per_example(subset, rows, True, batch_size, dtype.size)
+        counts = _full(subset.n_params, _ALL_WEIGHTS_FIT_COPIES, per_batch)
+    elif structure == "kron":
+        counts = _kron(subset.slices, rows, batch_size)
+    else:
+        counts = _diag(subset.n_params, _per_example(subset, rows, False, batch_size, dtype.size))
+    return MemoryEstimate(
+        structure, subset_of_weights, subset.n_params, dtype.name, batch_size,
+        {name: int(n) * dtype.size for name, n in counts.items()},
+    )
+
+
+def check_memory(estimate: MemoryEstimate, limit_bytes: int | None = None) -> None:
+    """Refuse (ValueError) when ``estimate`` exceeds ``limit_bytes``.
+
+    Args:
+        estimate: from :func:`estimate_memory`.
+        limit_bytes: the most bytes allowed; default a quarter of the available memory
+            (:func:`laplace_tf.curvature.full.default_memory_limit`).
+
+    Raises:
+        ValueError: the estimate is above the limit (the message names the cheaper
+            structures), or ``limit_bytes`` is not a positive integer.
+
+    Example:
+        >>> import keras
+        >>> from laplace_tf.params import WeightSubset
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> check_memory(estimate_memory(WeightSubset(model), "full", 2), limit_bytes=2**20)
+    """
+    if limit_bytes is None:
+        limit_bytes = default_memory_limit()
+    limit_bytes = _positive_int("limit_bytes", limit_bytes)
+    if estimate.total_bytes <= limit_bytes:
+        return
+    advice = [_CHEAPER[estimate.structure, estimate.subset_of_weights]]
+    if estimate.parts.get("per_batch", 0) > estimate.total_bytes / 2:
+        advice.append(f"a smaller batch_size than {estimate.batch_size}")
+    advice.append("raise limit_bytes if you have the memory")
+    largest = max(estimate.parts, key=estimate.parts.get)
+    raise ValueError(
+        f"hessian_structure={estimate.structure!r} with subset_of_weights="
+        f"{estimate.subset_of_weights!r} over {estimate.n_params:,} weights ({estimate.dtype}) "
+        f"needs about {_format_bytes(estimate.total_bytes)} (largest part: {largest}, "
+        f"{_format_bytes(estimate.parts[largest])}), more than the limit of "
+        f"{_format_bytes(limit_bytes)} (limit_bytes). Use "
+        + "; or ".join(a for a in advice if a) + "."
+    )
+
+
+def _full(p: int, fit_copies: int, per_batch: int) -> dict[str, int]:
+    square = p * p
+    return {
+        "curvature": square,
+        "fit_workspace": fit_copies * square,
+        "per_batch": per_batch,
+        "eigendecomposition": 2 * square + p,
+        "cholesky": square,
+        "covariance": 2 * square,
+    }
+
+
+def _kron(slices, rows: int, batch_size: int) -> dict[str, int]:
+    counts = dict.fromkeys(("curvature", "fit_workspace", "per_batch", "eigendecomposition"), 0)
+    for layer_slice in slices:
+        if fallback_reason(layer_slice) is None:
+            d, o = _factor_sizes(layer_slice)
+            layer = _kron_layer(d, o, batch_size * _locations(layer_slice) * (d + rows * o))
+        else:
+            size = layer_slice.size
+            layer = {"curvature": size, "fit_workspace": 2 * size,
+                     "per_batch": batch_size * rows * size, "eigendecomposition": 2 * size}
+        for name, n in layer.items():
+            counts[name] += n
+    return counts
+
+
+def _kron_layer(d: int, o: int, per_batch: int) -> dict[str, int]:
+    factors = d * d + o * o
+    return {"curvature": factors, "fit_workspace": 2 * factors, "per_batch": per_batch,
+            "eigendecomposition": factors + d + o + d * o}
+
+
+def _diag(p: int, per_batch: int) -> dict[str, int]:
+    return {"curvature": p, "fit_workspace": 2 * p, "per_batch": per_batch, "posterior": 2 * p}
+
+
+def _last_layer(
+    subset: WeightSubset, structure: str, n_outputs: int, batch_size: int
+) -> dict[str, int]:
+    """Counts over one Dense layer whose outputs are the logits (closed forms, no rows)."""
+    slices = subset.slices
+    if len(slices) != 1 or not isinstance(slices[0].layer, keras.layers.Dense):
+        raise ValueError(
+            "subset: subset_of_weights='last_layer' needs the weights of one Dense layer, "
+            f"WeightSubset(model, [last_layer]); got layers {[s.name for s in slices]}."
+        )
+    d, k = _factor_sizes(slices[0])
+    if k != n_outputs:
+        raise ValueError(
+            f"n_outputs: the last layer {slices[0].name!r} has {k} outputs, but n_outputs="
+            f"{n_outputs}; give the number of the model's outputs."
+        )
+    per_batch = batch_size * (d + k * k)  # features and output-space Hessians
+    if structure == "full":
+        return _full(subset.n_params, _LAST_LAYER_FIT_COPIES, per_batch)
+    if structure == "kron":
+        return _kron_layer(d, k, per_batch)
+    return _diag(subset.n_params, per_batch)
+
+
+def _factor_sizes(layer_slice: LayerSlice) -> tuple[int, int]:
+    """``(D, O)``: the inputs (with the 1 for a bias) and outputs of a kernel ``[..., O]``."""
+    o = int(layer_slice.variables[0].shape[-1])
+    return layer_slice.size // o, o
+
+
+def _locations(layer_slice: LayerSlice) -> int:
+    """Output positions per example (1 for Dense on ``[N, din]``), from the layer's output.
+
+    A layer without a recorded output shape (a subclassed model) counts as one location.
+    """
+    try:
+        shape = layer_slice.layer.output.shape
+    except (AttributeError, ValueError):
+        return 1
+    return int(np.prod([n or 1 for n in shape[1:-1]]))
+
+
+def _per_example(
+    subset: WeightSubset, rows: int, outer: bool, batch_size: int, itemsize: int
+) -> int:
+    """Numbers alive for one chunk of per-example intermediates of full / diag.
+
+    Mirrors :func:`laplace_tf.curvature._per_example.summed_rows`: a layer with a Kronecker
+    rule and one location per example is factored (taken here from its output shape), the
+    intermediates exist ``_COPIES`` times, and examples come in chunks that fit in
+    ``CHUNK_BYTES``.
+    """
+    factored = [fallback_reason(s) is None and _locations(s) == 1 for s in subset.slices]
+    per_example = _COPIES * _example_width(subset.slices, factored, rows, outer)
+    chunk = max(1, CHUNK_BYTES // (per_example * itemsize))
+    return min(batch_size, chunk) * per_example
+
+
+def _as_dtype(dtype) -> tf.DType:
+    try:
+        return tf.as_dtype(dtype)
+    except TypeError:
+        raise TypeError(
+            f"dtype: expected a TensorFlow dtype or its name, e.g. 'float32'; got {dtype!r}."
+        ) from None
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}; got {value!r}.")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer; got {value!r}.")
+    return int(value)
+
+
+def _format_bytes(n: int) -> str:
+    """``n`` bytes in B, KiB, MiB, GiB or TiB, e.g. ``'1.5 MiB'``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
