@@ -375,23 +375,29 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 
 DEMO_CONFIGS: dict[str, dict[str, Any]] = {
+    # Trained as practitioners usually train (Adam at its default step, weight decay
+    # 0.5 / N ~ 5e-4, 300 epochs to a training NLL of ~0.006): more confident on the rotated
+    # digits than on real ones. Marglik-tuned last-layer Laplace raises the OOD AUROC and
+    # costs some test NLL and ECE (see configs/demo_classification.yaml).
     "classification": {
         "name": "demo_classification",
         "seed": 0,
         "data": {"dataset": "digits", "ood": "digits_rotated"},
-        "model": {"hidden": [64, 64], "activation": "tanh", "epochs": 30, "batch_size": 64,
-                  "learning_rate": 0.01},
+        "model": {"hidden": [256, 256], "activation": "tanh", "epochs": 300, "batch_size": 64,
+                  "learning_rate": 0.001},
         "laplace": {"subset_of_weights": "last_layer", "hessian_structure": "kron",
-                    "curvature": "ggn", "prior_precision": 1.0, "optimize_prior": "marglik"},
+                    "curvature": "ggn", "prior_precision": 0.5, "optimize_prior": "marglik"},
         "predictive": {"pred_type": "glm", "link_approx": "probit"},
     },
+    # All weights, full covariance (2,701 of them): the band widens in the gaps between the
+    # clusters; last-layer Laplace of this small network widens it there only slightly.
     "regression": {
         "name": "demo_regression",
         "seed": 0,
         "data": {"dataset": "sine_1d"},
         "model": {"hidden": [50, 50], "activation": "tanh", "epochs": 500, "batch_size": 64,
                   "learning_rate": 0.01},
-        "laplace": {"subset_of_weights": "last_layer", "hessian_structure": "kron",
+        "laplace": {"subset_of_weights": "all", "hessian_structure": "full",
                     "curvature": "ggn", "prior_precision": 0.01, "sigma_noise": 1.0,
                     "optimize_prior": "marglik"},
         "predictive": {"pred_type": "glm"},
