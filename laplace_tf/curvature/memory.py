@@ -211,18 +211,19 @@ def check_memory(estimate: MemoryEstimate, limit_bytes: int | None = None) -> No
     limit_bytes = _positive_int("limit_bytes", limit_bytes)
     if estimate.total_bytes <= limit_bytes:
         return
-    advice = [_CHEAPER[estimate.structure, estimate.subset_of_weights]]
+    cheaper = _CHEAPER[estimate.structure, estimate.subset_of_weights]
+    advice = [f"use {cheaper}"] if cheaper else []
     if estimate.parts.get("per_batch", 0) > estimate.total_bytes / 2:
-        advice.append(f"a smaller batch_size than {estimate.batch_size}")
+        advice.append(f"use a smaller batch_size than {estimate.batch_size}")
     advice.append("raise limit_bytes if you have the memory")
+    text = "; or ".join(advice)
     largest = max(estimate.parts, key=estimate.parts.get)
     raise ValueError(
         f"hessian_structure={estimate.structure!r} with subset_of_weights="
         f"{estimate.subset_of_weights!r} over {estimate.n_params:,} weights ({estimate.dtype}) "
         f"needs about {_format_bytes(estimate.total_bytes)} (largest part: {largest}, "
         f"{_format_bytes(estimate.parts[largest])}), more than the limit of "
-        f"{_format_bytes(limit_bytes)} (limit_bytes). Use "
-        + "; or ".join(a for a in advice if a) + "."
+        f"{_format_bytes(limit_bytes)} (limit_bytes). {text[:1].upper()}{text[1:]}."
     )
 
 
