@@ -167,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: choose a command: demo, fit or report (see {PROG} --help)",
               file=sys.stderr)
         return 2
+    if not args.debug:
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")  # TensorFlow's tracing notes are not for users
     try:
         return _COMMANDS[args.command](args)
     except USER_ERRORS as err:
