@@ -27,17 +27,19 @@ def finite_difference_hessian(
     """Central finite-difference Hessian of a scalar numpy function of a vector ``x0``."""
     x0 = np.asarray(x0, dtype=np.float64)
     n = x0.size
+
+    def shifted(i, j, di, dj):
+        x = x0.copy().ravel()
+        x[i] += di
+        x[j] += dj
+        return f(x.reshape(x0.shape))
+
     H = np.zeros((n, n))
     for i in range(n):
         for j in range(n):
-            def shifted(di, dj):
-                x = x0.copy().ravel()
-                x[i] += di
-                x[j] += dj
-                return f(x.reshape(x0.shape))
-
             H[i, j] = (
-                shifted(eps, eps) - shifted(eps, -eps) - shifted(-eps, eps) + shifted(-eps, -eps)
+                shifted(i, j, eps, eps) - shifted(i, j, eps, -eps)
+                - shifted(i, j, -eps, eps) + shifted(i, j, -eps, -eps)
             ) / (4 * eps * eps)
     return H
 
