@@ -43,6 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _peak_memory import reset_peak, status_kib  # noqa: E402
 
 from laplace_tf.batches import Batches  # noqa: E402
 from laplace_tf.curvature import fit_curvature, make_builder  # noqa: E402
@@ -56,26 +57,6 @@ TARGETS = {"all diag GGN": 3.0, "all kron GGN": 3.0, "last_layer kron GGN": 1.5,
            "last_layer full GGN": 1.5, "all full GGN": 2.0}
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class Timing(NamedTuple):
     wall: float  # seconds
     cpu: float  # process CPU seconds, all threads
@@ -86,15 +67,15 @@ def measure(fn: Callable[[], object], repeats: int) -> Timing:
     """Medians over ``repeats`` calls of wall and CPU time, and the largest memory peak."""
     walls, cpus, peaks = [], [], []
     for _ in range(repeats):
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
         max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        reset = _reset_peak()
+        reset = reset_peak()
         wall, cpu = time.perf_counter(), time.process_time()
         fn()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
         if reset and before is not None:
-            peaks.append((_status_kib("VmHWM") - before) / 1024)
+            peaks.append((status_kib("VmHWM") - before) / 1024)
         else:
             peaks.append((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - max_before) / 1024)
     return Timing(statistics.median(walls), statistics.median(cpus), max(peaks))

@@ -51,6 +51,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _peak_memory import reset_peak, status_kib
+
 HERE = Path(__file__).resolve().parent
 PAIRS = [(s, h) for s in ("all", "last_layer") for h in ("full", "kron", "diag")]
 INPUTS, CLASSES, BATCH = 64, 10, 256
@@ -61,21 +63,11 @@ WIDTHS = (64, 128, 256, 512)
 BEGIN, END = "<!-- run_all.py: begin -->", "<!-- run_all.py: end -->"
 
 
-def _peak_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise OSError(f"/proc/self/status has no {field}")
+    kib = status_kib(field)
+    if kib is None:
+        raise OSError(f"/proc/self/status has no {field}")
+    return kib / 1024
 
 
 def _timed(fn: Callable[[], object], repeats: int = 1) -> dict[str, float]:
@@ -161,7 +153,7 @@ def run_pair(subset: str, structure: str) -> dict:
     problem = _Problem(hidden, max(N_SCALING))
     la = problem.laplace(subset, structure)
     x, y = problem.x[:N_BASE], problem.y[:N_BASE]
-    reset = _peak_reset()
+    reset = reset_peak()
     before = _status_mib("VmRSS")
     la.fit((x, y))
     la(x)
