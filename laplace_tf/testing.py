@@ -189,3 +189,20 @@ def brute_force_conv_patches(layer, inputs) -> np.ndarray:
                     for p in range(kernel[0]) for q in range(kernel[1])
                 ]))
     return np.array(rows)
+
+
+def assert_gaussian_moments(samples, mean, covariance, k: float = 5.0) -> None:
+    """Assert that ``samples [S, N, K]`` have mean ``[N, K]`` and covariance ``[N, K, K]``.
+
+    Each sample mean must lie within ``k`` standard errors ``sd / sqrt(S)``; each sample
+    covariance entry within ``k`` standard errors ``sqrt((s_i^2 s_j^2 + C_ij^2) / S)`` (the
+    Gaussian variance of the estimator).
+    """
+    samples, mean, covariance = (np.asarray(a, np.float64) for a in (samples, mean, covariance))
+    n = samples.shape[0]
+    sd = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
+    assert np.all(np.abs(samples.mean(0) - mean) < k * sd / np.sqrt(n))
+    centred = samples - mean
+    sample_cov = np.einsum("snk,snl->nkl", centred, centred) / n
+    se = np.sqrt((sd[:, :, None] ** 2 * sd[:, None, :] ** 2 + covariance**2) / n)
+    assert np.all(np.abs(sample_cov - covariance) < k * se)
