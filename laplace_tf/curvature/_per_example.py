@@ -8,8 +8,9 @@ The GGN and the empirical Fisher (EF) are both sums of outer products of per-exa
 where ``J_n [K, P]`` is the Jacobian of example ``n``'s logits with respect to the weights. A row
 ``J_n^T c`` is the gradient of the scalar ``f_n . c`` with the cotangent ``c`` held fixed, so the
 cotangents ``c [N, K, R]`` (:func:`output_cotangents`) are all that depends on the likelihood.
-:func:`summed_rows` returns ``sum v v^T`` (``[P, P]``, full) or ``sum v**2`` (``[P]``, the exact
-diagonal), layer by layer:
+:func:`summed_rows` returns ``sum v**2`` (``[P]``, the exact diagonal) and
+:func:`summed_outer_products` ``sum v v^T`` (compact sums that :func:`outer_matrix` lays out as
+the ``[P, P]`` matrix), layer by layer:
 
 * a layer with a Kronecker rule (:mod:`~laplace_tf.curvature.kron_layers`: Dense, Conv) called
   once, with one location per example (a Dense layer on ``[N, din]`` inputs), is *factored*: its
@@ -17,8 +18,9 @@ diagonal), layer by layer:
   and the gradient of ``f_n . c_r`` with respect to its pre-activation. ``delta`` for the whole
   batch comes from one backward pass per row ``r``, vectorised over ``r``. No row is formed:
   the diagonal is ``(a**2)^T sum_r delta_r**2``, and the block of two factored layers ``l, m``
-  is ``sum_n (a_l a_m^T) ⊗ (sum_r delta_lr delta_mr^T)``, one matmul over ``n`` that costs
-  ``N p_l p_m`` instead of the ``N R p_l p_m`` of the rows;
+  is ``sum_n (a_l a_m^T) ⊗ (sum_r delta_lr delta_mr^T)`` (:mod:`~laplace_tf.curvature._kron_sums`),
+  one matmul over ``n`` that costs ``N p_l p_m`` instead of the ``N R p_l p_m`` of the rows,
+  and a quarter of that for a layer's own (symmetric) block;
 * every other layer gets its rows ``[N, R, p]`` by ``tf.vectorized_map`` over examples.
 
 Examples are processed in chunks whose per-example intermediates fit in :data:`CHUNK_BYTES`
@@ -31,8 +33,7 @@ Example:
     >>> model = keras.Sequential([keras.Input((2,), dtype="float64"),
     ...                           keras.layers.Dense(1, dtype="float64")])
     >>> x, y = tf.constant([[1.0, 2.0], [3.0, -1.0]], tf.float64), tf.zeros((2, 1), tf.float64)
-    >>> diag, _ = summed_rows(LogitModel(model), get_likelihood("regression"), "ggn", x, y,
-    ...                       outer=False)
+    >>> diag, _ = summed_rows(LogitModel(model), get_likelihood("regression"), "ggn", x, y)
     >>> diag.numpy().tolist()            # linear model, unit noise: sum_n [x_n, 1]**2
     [10.0, 5.0, 2.0]
 """
@@ -44,6 +45,12 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from laplace_tf.curvature._kron_sums import (
+    kron_block,
+    kron_sum,
+    symmetric_kron_block,
+    symmetric_kron_sum,
+)
 from laplace_tf.curvature.base import any_batch_size
 from laplace_tf.curvature.kron_layers import fallback_reason, input_rows
 from laplace_tf.likelihoods import Likelihood
@@ -77,9 +84,9 @@ def output_cotangents(likelihood: Likelihood, kind: str, logits: tf.Tensor, y: t
 
 
 def summed_rows(
-    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor, *, outer: bool
+    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """``sum_{n,r} v_nr v_nr^T`` (``outer=True``, ``[P, P]``) or ``sum_{n,r} v_nr**2`` (``[P]``).
+    """``sum_{n,r} v_nr**2`` ``[P]``: the diagonal of the GGN (``kind="ggn"``) or EF (``"ef"``).
 
     Args:
         logit_model: the model and its weight subset (``P`` weights).
@@ -87,30 +94,74 @@ def summed_rows(
         kind: ``"ggn"`` or ``"ef"``.
         x: a batch of inputs (tensor or dict of tensors) ``[N, ...]``.
         y: targets prepared by the likelihood ``[N, ...]``.
-        outer: sum outer products (dense matrix) instead of squares (its diagonal).
 
     Returns:
         The sum, and the batch's logits ``[N, K]``.
     """
-    slices = logit_model.subset.slices
-    factored, n_outputs = _factored_slices(logit_model, x)
-    n_rows = n_outputs if kind == "ggn" else 1
-    dtype = logit_model.subset.dtype
-    n_params = logit_model.subset.n_params
+    layout = slice_layout(logit_model, x)
 
     def chunk_sum(x_chunk, y_chunk):
-        parts, logits = _rows_by_slice(logit_model, likelihood, kind, x_chunk, y_chunk, factored)
-        if outer:
-            return _outer_sum(parts), logits
+        parts, logits = _rows_by_slice(logit_model, likelihood, kind, x_chunk, y_chunk, layout)
         return tf.concat([_squared_sum(p) for p in parts], 0), logits
 
-    per_example = _COPIES * dtype.size * _example_width(slices, factored, n_rows, outer)
-    initial = tf.zeros([n_params, n_params] if outer else [n_params], dtype)
-    return sum_over_chunks(chunk_sum, initial, x, y, max(1, CHUNK_BYTES // per_example))
+    itemsize = logit_model.subset.dtype.size
+    per_example = _COPIES * itemsize * _example_width(layout.dims, _n_rows(layout, kind), outer=False)
+    return sum_over_chunks(chunk_sum, x, y, max(1, CHUNK_BYTES // per_example))
 
 
-def _factored_slices(logit_model: LogitModel, x) -> tuple[list[bool], int]:
-    """Which slices are factored, and the number of logits: read off a trace of one call.
+def summed_outer_products(
+    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
+    layout: Layout,
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """``sum_{n,r} v_nr v_nr^T`` as compact sums, one per pair of slices ``l <= m``.
+
+    Arguments as for :func:`summed_rows`; ``layout`` is :func:`slice_layout`'s. Sums of
+    several batches add up entry by entry; :func:`outer_matrix` lays them out as ``[P, P]``.
+
+    Returns:
+        The sums, and the batch's logits ``[N, K]``.
+    """
+
+    def chunk_sum(x_chunk, y_chunk):
+        parts, logits = _rows_by_slice(logit_model, likelihood, kind, x_chunk, y_chunk, layout)
+        return _outer_sums(parts), logits
+
+    itemsize = logit_model.subset.dtype.size
+    per_example = _COPIES * itemsize * _example_width(layout.dims, _n_rows(layout, kind), outer=True)
+    return sum_over_chunks(chunk_sum, x, y, max(1, CHUNK_BYTES // per_example))
+
+
+def outer_matrix(sums: Sequence[tf.Tensor], layout: Layout) -> tf.Tensor:
+    """The ``[P, P]`` matrix of :func:`summed_outer_products`' sums: upper blocks, mirrored."""
+    pairs = iter(sums)
+    dims = layout.dims
+    grid = [[None] * len(dims) for _ in dims]
+    for i, a in enumerate(dims):
+        for j in range(i, len(dims)):
+            b, compact = dims[j], next(pairs)
+            if isinstance(a, tuple) and isinstance(b, tuple):
+                compact = (symmetric_kron_block(compact, *a) if j == i
+                           else kron_block(compact, a[0], b[0], a[1], b[1]))
+            grid[i][j] = compact
+            if j > i:
+                grid[j][i] = tf.transpose(compact)
+    return tf.concat([tf.concat(row, axis=1) for row in grid], axis=0)
+
+
+class Layout(NamedTuple):
+    """How a batch's rows are computed: per slice, ``(din (+1 for the bias), dout)`` if the
+    slice is factored, else its number of weights; and the number of logits ``K``."""
+
+    dims: list[tuple[int, int] | int]
+    n_outputs: int
+
+    @property
+    def factored(self) -> list[bool]:
+        return [isinstance(d, tuple) for d in self.dims]
+
+
+def slice_layout(logit_model: LogitModel, x) -> Layout:
+    """The :class:`Layout` of ``logit_model`` on inputs like ``x``, read off a trace of one call.
 
     A slice is factored if its layer has a Kronecker rule and is called exactly once per
     forward pass with a pre-activation of one location per example. The trace is a separate
@@ -126,7 +177,8 @@ def _factored_slices(logit_model: LogitModel, x) -> tuple[list[bool], int]:
 
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record))
     n_outputs = int(traced.get_concrete_function(any_batch_size(x)).structured_outputs.shape[-1])
-    return [locations.get(id(s.layer)) == [1] for s in slices], n_outputs
+    dims = [_factor_dims(s) if locations.get(id(s.layer)) == [1] else s.size for s in slices]
+    return Layout(dims, n_outputs)
 
 
 def activations_per_example(logit_model: LogitModel, x) -> int:
@@ -139,16 +191,25 @@ def activations_per_example(logit_model: LogitModel, x) -> int:
     )
 
 
-def _example_width(slices: Sequence[LayerSlice], factored: Sequence[bool], n_rows: int,
-                   outer: bool) -> int:
-    """Numbers held per example by a chunk's intermediates (rows, factors, pair products)."""
-    dims = [_factor_dims(s) for s, f in zip(slices, factored, strict=True) if f]
-    rows = [s.size for s, f in zip(slices, factored, strict=True) if not f]
+def _example_width(slice_dims: Sequence[tuple[int, int] | int], n_rows: int, outer: bool) -> int:
+    """Numbers held per example by a chunk's intermediates (rows, factors, pair products), for
+    :attr:`Layout.dims` ``slice_dims`` and ``n_rows`` rows per example."""
+    dims = [d for d in slice_dims if isinstance(d, tuple)]
+    rows = [d for d in slice_dims if not isinstance(d, tuple)]
     if not outer:
         return n_rows * (sum(rows) + sum(d[1] for d in dims)) + sum(d[0] for d in dims)
     pairs = sum(a[0] * b[0] + a[1] * b[1] for i, a in enumerate(dims) for b in dims[i:])
-    all_rows = n_rows * sum(s.size for s in slices) if rows else 0
+    all_rows = n_rows * sum(_size(d) for d in slice_dims) if rows else 0
     return all_rows + pairs + n_rows * sum(d[1] for d in dims)
+
+
+def _n_rows(layout: Layout, kind: str) -> int:
+    """Rows per example: ``K`` for the GGN, 1 for the EF."""
+    return layout.n_outputs if kind == "ggn" else 1
+
+
+def _size(dims: tuple[int, int] | int) -> int:
+    return dims[0] * dims[1] if isinstance(dims, tuple) else dims
 
 
 def _factor_dims(s: LayerSlice) -> tuple[int, int]:
@@ -157,32 +218,35 @@ def _factor_dims(s: LayerSlice) -> tuple[int, int]:
     return s.size // kernel[-1], kernel[-1]
 
 
-def sum_over_chunks(fn, initial: tf.Tensor, x, y: tf.Tensor, chunk: int):
-    """``initial + sum fn(x[i:j], y[i:j])[0]`` over chunks of ``chunk`` examples, one chunk at a
-    time, and the concatenated second outputs (the logits ``[N, K]``)."""
+def sum_over_chunks(fn, x, y: tf.Tensor, chunk: int):
+    """``sum fn(x[i:j], y[i:j])[0]`` over chunks of ``chunk`` examples, one chunk at a time, and
+    the concatenated second outputs (the logits ``[N, K]``). The sums may be nested structures
+    of tensors; a batch of at most ``chunk`` examples is one call of ``fn``, with no loop.
+    ``fn`` is traced once (a nested ``tf.function``) for the first chunk and the loop."""
+    fn = tf.function(fn, reduce_retracing=True)
     n = tf.shape(y)[0]
-    logits = tf.TensorArray(initial.dtype, size=0, dynamic_size=True, infer_shape=False)
-    n_outputs = []
+    total, first_logits = fn(tf.nest.map_structure(lambda t: t[:chunk], x), y[:chunk])
+    logits = tf.TensorArray(first_logits.dtype, size=0, dynamic_size=True, infer_shape=False)
 
     def body(index, start, total, logits):
         stop = tf.minimum(start + chunk, n)
         part, chunk_logits = fn(tf.nest.map_structure(lambda t: t[start:stop], x), y[start:stop])
-        n_outputs.append(chunk_logits.shape[-1])
-        return index + 1, stop, total + part, logits.write(index, chunk_logits)
+        total = tf.nest.map_structure(tf.add, total, part)
+        return index + 1, stop, total, logits.write(index, chunk_logits)
 
     _, _, total, logits = tf.while_loop(
         lambda index, start, total, logits: start < n, body,
-        (tf.constant(0), tf.constant(0), initial, logits), parallel_iterations=1,
+        (tf.constant(1), tf.minimum(chunk, n), total, logits.write(0, first_logits)),
+        parallel_iterations=1,
     )
-    return total, tf.reshape(logits.concat(), [-1, n_outputs[0]])
+    return total, tf.reshape(logits.concat(), [-1, first_logits.shape[-1]])
 
 
 def _rows_by_slice(
-    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
-    factored: Sequence[bool],
+    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor, layout: Layout
 ) -> tuple[list[_Outer | tf.Tensor], tf.Tensor]:
     """Each slice's rows (an :class:`_Outer` if factored, else ``[n, R, p]``), and the logits."""
-    slices = logit_model.subset.slices
+    slices, factored = logit_model.subset.slices, layout.factored
     layers = [s.layer for s, f in zip(slices, factored, strict=True) if f]
     inputs, probes = {}, {}
     with tf.GradientTape() as tape:
@@ -251,8 +315,12 @@ def _squared_sum(part: _Outer | tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.square(part), axis=[0, 1])
 
 
-def _outer_sum(parts: Sequence[_Outer | tf.Tensor]) -> tf.Tensor:
-    """``sum_{n,r} v_nr v_nr^T`` ``[P, P]``: the upper blocks slice pair by pair, mirrored."""
+def _outer_sums(parts: Sequence[_Outer | tf.Tensor]) -> list[tf.Tensor]:
+    """``sum_{n,r} v_nr v_nr^T`` of each pair of slices ``l <= m``, compact.
+
+    Two factored slices: ``sum_n (a_n b_n^T) ⊗ (sum_r d_nr e_nr^T)``; otherwise the rows'
+    matmul ``[p_l, p_m]``.
+    """
     rows: dict[int, tf.Tensor] = {}
 
     def rows_of(i: int) -> tf.Tensor:
@@ -260,23 +328,16 @@ def _outer_sum(parts: Sequence[_Outer | tf.Tensor]) -> tf.Tensor:
             rows[i] = _as_rows(parts[i])
         return rows[i]
 
-    grid = [[None] * len(parts) for _ in parts]
+    # per-example deltas [n, R, dout], so that sum_r d_nr e_nr^T is one batched matmul
+    deltas = {i: tf.transpose(p.deltas, [1, 0, 2]) for i, p in enumerate(parts) if isinstance(p, _Outer)}
+    sums = []
     for i, a in enumerate(parts):
         for j in range(i, len(parts)):
             b = parts[j]
             if isinstance(a, _Outer) and isinstance(b, _Outer):
-                grid[i][j] = _factored_pair(a, b)
+                outputs = tf.matmul(deltas[i], deltas[j], transpose_a=True)
+                sums.append(symmetric_kron_sum(a.inputs, outputs) if j == i
+                            else kron_sum(a.inputs, b.inputs, outputs))
             else:
-                grid[i][j] = tf.matmul(rows_of(i), rows_of(j), transpose_a=True)
-            if j > i:
-                grid[j][i] = tf.transpose(grid[i][j])
-    return tf.concat([tf.concat(row, axis=1) for row in grid], axis=0)
-
-
-def _factored_pair(a: _Outer, b: _Outer) -> tf.Tensor:
-    """``sum_{n,r} (a_n ⊗ d_nr)(b_n ⊗ e_nr)^T = sum_n (a_n b_n^T) ⊗ (sum_r d_nr e_nr^T)``."""
-    (di, do), (dj, dp) = (a.inputs.shape[-1], a.deltas.shape[-1]), (b.inputs.shape[-1], b.deltas.shape[-1])
-    inputs = tf.reshape(a.inputs[:, :, None] * b.inputs[:, None, :], [-1, di * dj])
-    grads = tf.reshape(tf.einsum("rno,rnp->nop", a.deltas, b.deltas), [-1, do * dp])
-    block = tf.reshape(tf.matmul(inputs, grads, transpose_a=True), [di, dj, do, dp])
-    return tf.reshape(tf.transpose(block, [0, 2, 1, 3]), [di * do, dj * dp])
+                sums.append(tf.matmul(rows_of(i), rows_of(j), transpose_a=True))
+    return sums

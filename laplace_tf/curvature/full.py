@@ -1,10 +1,11 @@
 """Dense curvature over all weights of a subset: exact Hessian, GGN or empirical Fisher.
 
-Each batch gives one :class:`DenseBlock` ``[P, P]`` over the subset's flat weights:
+The curvature is one :class:`DenseBlock` ``[P, P]`` over the subset's flat weights:
 
 * ``"ggn"``: ``sum_n J_n^T Lambda_n J_n = sum_n (L_n^T J_n)^T (L_n^T J_n)`` with
   ``Lambda_n = L_n L_n^T`` (see :mod:`~laplace_tf.curvature._per_example`: Dense layers cost
-  ``N p_l p_m`` per block instead of ``N K p_l p_m``);
+  ``N p_l p_m`` per block instead of ``N K p_l p_m``, a quarter of that on the diagonal; the
+  sums stay compact over batches and are laid out as ``[P, P]`` once, at the end);
 * ``"ef"``: ``sum_n g_n g_n^T`` with ``g_n`` the gradient of example ``n``'s NLL;
 * ``"hessian"``: the exact Hessian of the summed batch NLL, by nested ``GradientTape``s
   (:func:`laplace_tf.autodiff.hessian`) over chunks of examples.
@@ -38,8 +39,10 @@ from laplace_tf.autodiff import hessian
 from laplace_tf.curvature._per_example import (
     CHUNK_BYTES,
     activations_per_example,
+    outer_matrix,
+    slice_layout,
     sum_over_chunks,
-    summed_rows,
+    summed_outer_products,
 )
 from laplace_tf.curvature.base import CurvatureBuilder
 from laplace_tf.curvature.blocks import DenseBlock
@@ -127,12 +130,17 @@ class FullBuilder(CurvatureBuilder):
                 "subset_of_weights='last_layer'; or raise memory_limit_bytes if you have the memory."
             )
 
-    def batch_blocks(self, x, y) -> tuple[list[DenseBlock], tf.Tensor]:
+    def batch_sums(self, x, y) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """The batch's compact sums (one ``[P, P]`` matrix for the exact Hessian)."""
         if self.kind == "hessian":
             matrix, logits = self._exact_hessian(x, y)
-        else:
-            matrix, logits = summed_rows(self.logit_model, self.likelihood, self.kind, x, y, outer=True)
-        return [DenseBlock(matrix)], logits
+            return [matrix], logits
+        self._layout = slice_layout(self.logit_model, x)
+        return summed_outer_products(self.logit_model, self.likelihood, self.kind, x, y,
+                                     self._layout)
+
+    def finish(self, sums: list[tf.Tensor]) -> list[DenseBlock]:
+        return [DenseBlock(sums[0] if self.kind == "hessian" else outer_matrix(sums, self._layout))]
 
     def _exact_hessian(self, x, y) -> tuple[tf.Tensor, tf.Tensor]:
         """The Hessian of the batch's NLL, by nested tapes over chunks of examples.
@@ -154,5 +162,4 @@ class FullBuilder(CurvatureBuilder):
             activations_per_example(model, x)
         )
         budget = max(CHUNK_BYTES, self.memory_limit_bytes // 4)
-        initial = tf.zeros([subset.n_params, subset.n_params], subset.dtype)
-        return sum_over_chunks(chunk_hessian, initial, x, y, max(1, budget // per_example))
+        return sum_over_chunks(chunk_hessian, x, y, max(1, budget // per_example))

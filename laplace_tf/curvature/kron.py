@@ -131,7 +131,7 @@ class KronBuilder(CurvatureBuilder):
         self._diagonal_models: dict[tuple[int, ...], LogitModel] = {}
         self._logged = False
 
-    def batch_blocks(self, x, y) -> tuple[list[Block], tf.Tensor]:
+    def batch_sums(self, x, y) -> tuple[list[Block], tf.Tensor]:
         """One block per ``subset.slices`` entry, and the logits ``[N, K]``."""
         slices = self.logit_model.subset.slices
         hooked = [s.layer for i, s in enumerate(slices) if i not in self._fallbacks]
@@ -183,8 +183,7 @@ class KronBuilder(CurvatureBuilder):
             model = self.logit_model.model
             layers = [self.logit_model.subset.slices[i].layer for i in indices]
             self._diagonal_models[key] = LogitModel(model, WeightSubset(model, layers))
-        diagonal, _ = summed_rows(self._diagonal_models[key], self.likelihood, self.kind, x, y,
-                                  outer=False)
+        diagonal, _ = summed_rows(self._diagonal_models[key], self.likelihood, self.kind, x, y)
         sizes = [self.logit_model.subset.slices[i].size for i in indices]
         return [DiagBlock(part) for part in tf.split(diagonal, sizes)]
 

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from laplace_tf.curvature._kron_sums import symmetric_kron_block, symmetric_kron_sum
 from laplace_tf.curvature.base import STRUCTURES, CurvatureBuilder
 from laplace_tf.curvature.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature.full import default_memory_limit, dense_curvature_bytes
@@ -217,8 +218,9 @@ class LastLayerBuilder(CurvatureBuilder):
         if structure == "full":
             _check_full_memory(logit_model.subset, memory_limit_bytes)
 
-    def batch_blocks(self, x, y) -> tuple[list[Block], tf.Tensor]:
-        """The batch's one block over the last layer's weights, and its logits ``[N, K]``."""
+    def batch_sums(self, x, y) -> tuple[list[Block | tf.Tensor], tf.Tensor]:
+        """The batch's one block over the last layer's weights (``"full"``: its packed sums,
+        see :mod:`~laplace_tf.curvature._kron_sums`), and its logits ``[N, K]``."""
         features, logits = last_layer_features(self.logit_model, x)
         if self._has_bias:
             features = tf.concat([features, tf.ones_like(features[:, :1])], axis=1)
@@ -228,6 +230,13 @@ class LastLayerBuilder(CurvatureBuilder):
         else:
             outputs = _OutputMatrices(*self.likelihood.output_hessian_diag_lowrank(logits), -1.0)
         return [_BLOCKS[self.structure](features, outputs)], logits
+
+    def finish(self, sums: list[Block | tf.Tensor]) -> list[Block]:
+        if self.structure != "full":
+            return sums
+        n_outputs = int(self.logit_model.subset.slices[0].variables[0].shape[-1])
+        n_inputs = self.logit_model.subset.n_params // n_outputs  # din (+1 for the bias)
+        return [DenseBlock(symmetric_kron_block(sums[0], n_inputs, n_outputs))]
 
 
 class _OutputMatrices(NamedTuple):
@@ -256,10 +265,9 @@ class _OutputMatrices(NamedTuple):
         return tf.linalg.diag(tf.reduce_sum(self.diagonal, axis=0)) + self.sign * low_rank
 
 
-def _full_block(a: tf.Tensor, outputs: _OutputMatrices) -> DenseBlock:
-    size = a.shape[1] * outputs.diagonal.shape[1]
-    matrix = tf.einsum("ni,nj,nkl->ikjl", a, a, outputs.dense())
-    return DenseBlock(tf.reshape(matrix, [size, size]))
+def _full_sums(a: tf.Tensor, outputs: _OutputMatrices) -> tf.Tensor:
+    """``sum_n (a~_n a~_n^T) ⊗ M_n`` packed (:func:`LastLayerBuilder.finish` lays it out)."""
+    return symmetric_kron_sum(a, outputs.dense())
 
 
 def _kron_block(a: tf.Tensor, outputs: _OutputMatrices) -> KronBlock:
@@ -272,7 +280,7 @@ def _diag_block(a: tf.Tensor, outputs: _OutputMatrices) -> DiagBlock:
     return DiagBlock(tf.reshape(diagonal, [-1]))
 
 
-_BLOCKS = {"full": _full_block, "kron": _kron_block, "diag": _diag_block}
+_BLOCKS = {"full": _full_sums, "kron": _kron_block, "diag": _diag_block}
 
 
 def _logit_gradients(likelihood: Likelihood, logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:

@@ -30,7 +30,7 @@ diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
 =========  ========================================================================
 
 ``per_batch`` of full and diag over ``"all"`` weights is one chunk of the per-example
-intermediates of :func:`~laplace_tf.curvature._per_example.summed_rows`: a Dense layer with
+intermediates of :mod:`~laplace_tf.curvature._per_example`: a Dense layer with
 one location per example is factored (its inputs and pre-activation gradients, never its
 rows), every other layer has rows of its size; the intermediates exist twice, in chunks of at
 most ``CHUNK_BYTES`` (256 MiB) and at least one example. Over the last layer (one Dense layer:
@@ -65,7 +65,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.curvature import SUBSETS
-from laplace_tf.curvature._per_example import _COPIES, CHUNK_BYTES, _example_width
+from laplace_tf.curvature._per_example import _COPIES, CHUNK_BYTES, _example_width, _factor_dims
 from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.kron_layers import fallback_reason
@@ -311,13 +311,14 @@ def _per_example(
 ) -> int:
     """Numbers alive for one chunk of per-example intermediates of full / diag.
 
-    Mirrors :func:`laplace_tf.curvature._per_example.summed_rows`: a layer with a Kronecker
+    Mirrors :mod:`laplace_tf.curvature._per_example`: a layer with a Kronecker
     rule and one location per example is factored (taken here from its output shape), the
     intermediates exist ``_COPIES`` times, and examples come in chunks that fit in
     ``CHUNK_BYTES``.
     """
-    factored = [fallback_reason(s) is None and _locations(s) == 1 for s in subset.slices]
-    per_example = _COPIES * _example_width(subset.slices, factored, rows, outer)
+    dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
+            for s in subset.slices]
+    per_example = _COPIES * _example_width(dims, rows, outer)
     chunk = max(1, CHUNK_BYTES // (per_example * itemsize))
     return min(batch_size, chunk) * per_example
 
