@@ -270,3 +270,17 @@ def test_make_builder_rejects_bad_names(args, options, error, match):
 @pytest.mark.parametrize("module", [curvature, full, diag, _per_example], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     assert doctest.testmod(module, raise_on_error=True).attempted > 0
+
+
+def test_full_ggn_of_wide_layers_equals_brute_force():
+    """Hidden layers of 20 units pack their input pairs (``packs_inputs``), the head does not."""
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((3,), dtype=F64), L.Dense(20, "tanh", dtype=F64),
+                              L.Dense(20, "tanh", dtype=F64), L.Dense(2, dtype=F64)])
+    x = np.random.default_rng(4).normal(size=(6, 3))
+    y = targets("classification", 2, len(x))
+    likelihood, logit_model = get_likelihood("classification"), LogitModel(model)
+    (block,) = _fit(FullBuilder(logit_model, likelihood), x, y).blocks
+    prepared = likelihood.prepare_targets(y, 2, tf.float64)
+    reference = testing.brute_force_ggn(logit_model, likelihood, tf.constant(x), prepared)
+    np.testing.assert_allclose(block.matrix.numpy(), reference, **EXACT)

@@ -4,11 +4,14 @@ The dense curvature of layers with Kronecker structure is made of such sums: ``a
 are two layers' input rows, ``M_n [o, p]`` a per-example matrix over their outputs. Entry
 ``((i, o), (j, p))`` of the ``[da o, db p]`` block is ``sum_n a_ni b_nj M_nop``, the matmul
 ``(a ⊗ b)^T M`` over examples: ``N da db o p`` multiply-adds. A symmetric block (``b = a`` and
-every ``M_n`` symmetric) has only ``da (da + 1) / 2`` distinct pairs ``i <= j`` and
-``o (o + 1) / 2`` pairs ``o <= p``; computing just those does a quarter of the work.
+every ``M_n`` symmetric) has only ``d (d + 1) / 2`` distinct pairs ``i <= j`` and
+``o (o + 1) / 2`` pairs ``o <= p``; computing just those does a quarter of the work. Forming
+the input pairs costs memory traffic, though (``d^2`` numbers an example, each worth about
+:data:`INPUT_PAIR_COST` multiply-adds), so when ``o`` is small (a last layer: many features,
+few classes) only the output pairs are packed, ``[d, o (o + 1) / 2 d]``.
 
-A sum is kept *compact* (``[da db, o p]``, or *packed* ``[da (da + 1) / 2, o (o + 1) / 2]``
-when symmetric) while batches are added up, and laid out as the block once, at the end.
+A sum is kept *compact* (``[da db, o p]``, or *packed* when symmetric) while batches are
+added up, and laid out as the block once, at the end.
 
 Example:
     >>> import numpy as np, tensorflow as tf
@@ -25,6 +28,10 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+INPUT_PAIR_COST = 67
+"""Multiply-adds that forming one input pair ``a_ni a_nj`` costs in memory traffic (measured
+in float32 on 2 AVX-512 cores: packed sums for ``(d, o)`` = (257, 10), (785, 5), (51, 50))."""
+
 
 def kron_sum(a: tf.Tensor, b: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
     """``sum_n (a_n b_n^T) ⊗ M_n`` compact, ``[da db, o p]`` (``a [N, da]``, ``b [N, db]``,
@@ -40,19 +47,40 @@ def kron_block(compact: tf.Tensor, da: int, db: int, o: int, p: int) -> tf.Tenso
     return tf.reshape(block, [da * o, db * p])
 
 
-def symmetric_kron_sum(a: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
-    """``sum_n (a_n a_n^T) ⊗ M_n`` packed, ``[d (d + 1) / 2, o (o + 1) / 2]``, for symmetric
-    ``m [N, o, o]``; :func:`symmetric_kron_block` lays it out."""
-    a = tf.transpose(a)  # examples last: [d, N]
-    pairs = upper_triangle(a[:, None, :] * a[None, :, :])
-    outputs = upper_triangle(tf.transpose(m, [1, 2, 0]))
-    return tf.matmul(pairs, outputs, transpose_b=True)
+def symmetric_kron_sum(a: tf.Tensor, m: tf.Tensor, pack_inputs: bool | None = None) -> tf.Tensor:
+    """``sum_n (a_n a_n^T) ⊗ M_n`` packed, for symmetric ``m [N, o, o]``:
+    ``[d (d + 1) / 2, o (o + 1) / 2]`` if ``pack_inputs`` (default: :func:`packs_inputs`), else
+    ``[d, o (o + 1) / 2 d]``; :func:`symmetric_kron_block` lays it out."""
+    outputs = upper_triangle(tf.transpose(m, [1, 2, 0]))  # [o (o + 1) / 2, N]
+    if packs_inputs(a.shape[-1], m.shape[-1]) if pack_inputs is None else pack_inputs:
+        inputs = tf.transpose(a)  # examples last: [d, N]
+        pairs = upper_triangle(inputs[:, None, :] * inputs[None, :, :])
+        return tf.matmul(pairs, outputs, transpose_b=True)
+    scaled = tf.transpose(outputs)[:, :, None] * a[:, None, :]  # [N, o (o + 1) / 2, d]
+    return tf.matmul(a, tf.reshape(scaled, [tf.shape(a)[0], -1]), transpose_a=True)
 
 
-def symmetric_kron_block(packed: tf.Tensor, d: int, o: int) -> tf.Tensor:
-    """The ``[d o, d o]`` block of a :func:`symmetric_kron_sum`."""
-    rows = tf.gather(packed, _packed_position(d), axis=0)
-    return kron_block(tf.gather(rows, _packed_position(o), axis=1), d, d, o, o)
+def symmetric_kron_block(packed: tf.Tensor, d: int, o: int,
+                         pack_inputs: bool | None = None) -> tf.Tensor:
+    """The ``[d o, d o]`` block of a :func:`symmetric_kron_sum` (with the same ``pack_inputs``)."""
+    if packs_inputs(d, o) if pack_inputs is None else pack_inputs:
+        rows = tf.gather(packed, _packed_position(d), axis=0)
+        return kron_block(tf.gather(rows, _packed_position(o), axis=1), d, d, o, o)
+    entries = tf.gather(tf.reshape(packed, [d, -1, d]), _packed_position(o), axis=1)
+    block = tf.transpose(tf.reshape(entries, [d, o, o, d]), [0, 1, 3, 2])
+    return tf.reshape(block, [d * o, d * o])
+
+
+def packs_inputs(d: int, o: int) -> bool:
+    """Whether :func:`symmetric_kron_sum` packs the input pairs too: when the multiply-adds it
+    saves exceed the cost of forming the pairs.
+
+    Example:
+        >>> packs_inputs(51, 50), packs_inputs(257, 10)     # a hidden layer; a last layer
+        (True, False)
+    """
+    d_pairs, o_pairs = d * (d + 1) // 2, o * (o + 1) // 2
+    return d_pairs * o_pairs + INPUT_PAIR_COST * d * d < d * d * o_pairs
 
 
 def upper_triangle(m: tf.Tensor) -> tf.Tensor:
