@@ -21,7 +21,6 @@ from laplace_tf.curvature.blocks import (
     add_blocks,
     from_sum_form,
     scale_block,
-    to_sum_form,
 )
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel
@@ -90,13 +89,14 @@ class CurvatureBuilder:
         return self.finish(sums), logits
 
     def batch_sums(self, x, y) -> tuple[list, tf.Tensor]:
-        """One batch's sums over examples, which add up over batches entry by entry (Kronecker
-        blocks: see :func:`~laplace_tf.curvature.blocks.add_blocks`), and its logits ``[N, K]``."""
+        """One batch's sums over examples, which add up over batches entry by entry (blocks,
+        Kronecker blocks in sum form, or compact sums), and its logits ``[N, K]``."""
         raise NotImplementedError
 
     def finish(self, sums: list) -> list[Block]:
-        """The blocks of :meth:`batch_sums` added up over batches (by default, the sums)."""
-        return sums
+        """The blocks of :meth:`batch_sums` added up over batches (by default, the sums with
+        Kronecker ``A`` turned from a sum into a mean)."""
+        return [from_sum_form(b) for b in sums]
 
 
 class _Sums(NamedTuple):
@@ -128,17 +128,17 @@ def fit_curvature(
     def step(x, y):
         sums, logits = builder.batch_sums(x, y)
         residual_ss = tf.reduce_sum(tf.square(y - logits), axis=0) if regression else tf.zeros([1], logits.dtype)
-        return _Sums([to_sum_form(s) for s in sums], likelihood.nll(logits, y), residual_ss)
+        return _Sums(list(sums), likelihood.nll(logits, y), residual_ss)
 
-    total, n_data = None, 0
+    total, n_data, run = None, 0, step
     for x, y in batches:
         if n_outputs is None:
             n_outputs = int(builder.logit_model(x).shape[-1])
             likelihood.validate_outputs(n_outputs)
         targets = likelihood.prepare_targets(y, n_outputs, batches.dtype)
-        if total is None and strategy is None:  # one trace for all batch sizes (a short last)
-            step.get_concrete_function(*any_batch_size([x, targets]))
-        parts = [step(x, targets)] if strategy is None else _replica_steps(strategy, step, x, targets)
+        if total is None and strategy is None:  # one trace for all batch sizes (a short last),
+            run = step.get_concrete_function(*any_batch_size([x, targets]))  # called directly
+        parts = [run(x, targets)] if strategy is None else _replica_steps(strategy, step, x, targets)
         for part in parts:
             total = _add_in_place(total, part)
         n_data += int(targets.shape[0])
@@ -147,7 +147,7 @@ def fit_curvature(
     total = tf.nest.map_structure(tf.convert_to_tensor, total)
     if strategy is not None and strategy.num_replicas_in_sync > _n_local_replicas(strategy):
         total, n_data = _all_reduce(strategy, total, n_data)
-    blocks = builder.finish([from_sum_form(b) for b in total.blocks])
+    blocks = builder.finish(total.blocks)
     return Curvature(builder.structure, blocks, total.nll, n_data,
                      total.residual_ss if regression else None)
 

@@ -73,13 +73,9 @@ def scale_block(block: Block, factor) -> Block:
     return type(block)(block[0] * factor)
 
 
-def to_sum_form(block: Block) -> Block:
-    """The block with every entry a plain sum over data (Kronecker ``A`` times ``n``)."""
-    return KronBlock(block.A * block.n, block.G, block.n) if isinstance(block, KronBlock) else block
-
-
 def from_sum_form(block: Block) -> Block:
-    """Inverse of :func:`to_sum_form`, after the sums were added up."""
+    """The block with Kronecker ``A`` a mean, from ``A`` a plain sum over data (the form in which
+    batches and workers add up)."""
     return KronBlock(block.A / block.n, block.G, block.n) if isinstance(block, KronBlock) else block
 
 

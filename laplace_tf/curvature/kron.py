@@ -132,7 +132,7 @@ class KronBuilder(CurvatureBuilder):
         self._logged = False
 
     def batch_sums(self, x, y) -> tuple[list[Block], tf.Tensor]:
-        """One block per ``subset.slices`` entry, and the logits ``[N, K]``."""
+        """One block per ``subset.slices`` entry (Kronecker blocks in sum form), and the logits."""
         slices = self.logit_model.subset.slices
         hooked = [s.layer for i, s in enumerate(slices) if i not in self._fallbacks]
         calls = {id(layer): [] for layer in hooked}
@@ -200,9 +200,10 @@ class KronBuilder(CurvatureBuilder):
 
 
 def _kron_block(a_rows: tf.Tensor, probe_grad: tf.Tensor) -> KronBlock:
-    """``A`` = mean of ``a a^T`` over the rows, ``G`` = sum of ``g g^T`` over all gradients."""
+    """In sum form: ``A`` = sum of ``a a^T`` over the rows, ``G`` = sum of ``g g^T`` over all
+    gradients."""
     n = tf.cast(tf.shape(a_rows)[0], a_rows.dtype)
     g_rows = tf.reshape(probe_grad, [-1, tf.shape(probe_grad)[-1]])
-    A = tf.matmul(a_rows, a_rows, transpose_a=True) / n
+    A = tf.matmul(a_rows, a_rows, transpose_a=True)
     G = tf.matmul(g_rows, g_rows, transpose_a=True)
     return KronBlock(A, G, n)

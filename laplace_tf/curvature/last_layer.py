@@ -233,7 +233,7 @@ class LastLayerBuilder(CurvatureBuilder):
 
     def finish(self, sums: list[Block | tf.Tensor]) -> list[Block]:
         if self.structure != "full":
-            return sums
+            return super().finish(sums)
         n_outputs = int(self.logit_model.subset.slices[0].variables[0].shape[-1])
         n_inputs = self.logit_model.subset.n_params // n_outputs  # din (+1 for the bias)
         return [DenseBlock(symmetric_kron_block(sums[0], n_inputs, n_outputs))]
@@ -271,8 +271,9 @@ def _full_sums(a: tf.Tensor, outputs: _OutputMatrices) -> tf.Tensor:
 
 
 def _kron_block(a: tf.Tensor, outputs: _OutputMatrices) -> KronBlock:
+    """In sum form (``A = sum_n a~_n a~_n^T``)."""
     n = tf.cast(tf.shape(a)[0], a.dtype)
-    return KronBlock(tf.matmul(a, a, transpose_a=True) / n, outputs.total(), n)
+    return KronBlock(tf.matmul(a, a, transpose_a=True), outputs.total(), n)
 
 
 def _diag_block(a: tf.Tensor, outputs: _OutputMatrices) -> DiagBlock:
