@@ -26,6 +26,7 @@ from laplace_tf.curvature import (
     KronBuilder,
     LastLayerBuilder,
     _per_example,
+    base,
     diag,
     fit_curvature,
     full,
@@ -284,3 +285,18 @@ def test_full_ggn_of_wide_layers_equals_brute_force():
     prepared = likelihood.prepare_targets(y, 2, tf.float64)
     reference = testing.brute_force_ggn(logit_model, likelihood, tf.constant(x), prepared)
     np.testing.assert_allclose(block.matrix.numpy(), reference, **EXACT)
+
+
+@pytest.mark.parametrize(("limit", "sizes"), [(4, [4, 5, 3]), (0, [2, 2, 5, 1, 1, 1]), (100, [12])])
+def test_batches_are_joined_into_steps_of_at_most_the_limit(limit, sizes):
+    """Consecutive batches join while they fit; a batch above the limit is a step alone."""
+    rows = [2, 2, 5, 1, 1, 1]
+    values = np.arange(sum(rows), dtype=float)
+    starts = np.cumsum([0, *rows])
+    batches = [({"a": tf.constant(values[s:e, None]), "b": tf.constant(-values[s:e, None])},
+                tf.constant(values[s:e])) for s, e in zip(starts[:-1], starts[1:], strict=True)]
+    steps = list(base._joined(iter(batches), lambda x: limit))
+    assert [int(t.shape[0]) for _, t in steps] == sizes
+    joined_x = np.concatenate([x["b"].numpy()[:, 0] for x, _ in steps])
+    np.testing.assert_array_equal(joined_x, -values)
+    np.testing.assert_array_equal(np.concatenate([t.numpy() for _, t in steps]), values)

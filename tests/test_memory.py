@@ -21,7 +21,7 @@ import pytest
 from models import MODELS
 
 from laplace_tf.curvature import memory
-from laplace_tf.curvature._per_example import CHUNK_BYTES
+from laplace_tf.curvature._per_example import CHUNK_BYTES, STEP_EXAMPLES
 from laplace_tf.curvature.memory import MemoryEstimate, check_memory, estimate_memory
 from laplace_tf.params import WeightSubset
 
@@ -60,18 +60,32 @@ def test_full_is_dense_matrices_plus_the_per_batch_part(subset_of_weights, n_par
 
 
 def test_last_layer_per_batch_is_features_and_output_hessians():
-    for structure in ("full", "kron", "diag"):
+    for structure in ("kron", "diag"):
         estimate = estimate_memory(_subset(last_layer=True), structure, K, BATCH,
                                    subset_of_weights="last_layer")
         assert estimate.parts["per_batch"] == BATCH * (5 + K * K) * F64, structure
 
 
+def test_last_layer_full_per_batch_is_a_joined_step():
+    """Full joins batches into steps of STEP_EXAMPLES: features, M_n, and the outputs' packed
+    pairs scaled by the 5 inputs (with the bias's 1) for each example."""
+    estimate = estimate_memory(_subset(last_layer=True), "full", K, BATCH,
+                               subset_of_weights="last_layer")
+    pairs = K * (K + 1) // 2
+    assert estimate.parts["per_batch"] == STEP_EXAMPLES * (5 + K * K + 6 * pairs) * F64
+
+
 @pytest.mark.parametrize("structure", ["full", "diag"])
 def test_per_example_part_is_linear_in_the_batch_size_then_capped(structure):
+    """Diag: one batch a step. Full joins batches into steps of at least STEP_EXAMPLES."""
     subset = _subset("small_cnn")
-    one = estimate_memory(subset, structure, K, 1).parts["per_batch"]
+    smallest = STEP_EXAMPLES if structure == "full" else 1
+    one = estimate_memory(subset, structure, K, 1).parts["per_batch"] // smallest
     assert one > 0
-    assert estimate_memory(subset, structure, K, 7).parts["per_batch"] == 7 * one
+    for batch in (1, 7):
+        assert estimate_memory(subset, structure, K, batch).parts["per_batch"] == (
+            max(batch, smallest) * one)
+    assert estimate_memory(subset, structure, K, 3000).parts["per_batch"] == 3000 * one
     huge = estimate_memory(subset, structure, K, 10**9).parts["per_batch"]
     assert CHUNK_BYTES - one < huge <= CHUNK_BYTES
 

@@ -71,6 +71,13 @@ def symmetric_kron_block(packed: tf.Tensor, d: int, o: int,
     return tf.reshape(block, [d * o, d * o])
 
 
+def symmetric_sum_numbers(d: int, o: int) -> int:
+    """Numbers per example that :func:`symmetric_kron_sum` holds for ``a [N, d]``, ``m [N, o, o]``
+    (input pairs and packed outputs, or outputs scaled by the inputs)."""
+    o_pairs = o * (o + 1) // 2
+    return d * d + d * (d + 1) // 2 + o_pairs if packs_inputs(d, o) else (d + 1) * o_pairs
+
+
 def packs_inputs(d: int, o: int) -> bool:
     """Whether :func:`symmetric_kron_sum` packs the input pairs too: when the multiply-adds it
     saves exceed the cost of forming the pairs.

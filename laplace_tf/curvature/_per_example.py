@@ -61,6 +61,10 @@ CHUNK_BYTES = 256 * 2**20
 
 _COPIES = 2  # a chunk's intermediates exist about twice at once (computed, then combined)
 
+STEP_EXAMPLES = 2048
+"""Dense builders join batches into steps of at most this many examples: enough for efficient
+matmuls over the examples, and a step's ``P x P``-sized add is then a small part of its work."""
+
 
 class _Outer(NamedTuple):
     """Rows ``inputs[n] ⊗ deltas[r, n]`` of a factored layer, never formed unless asked for."""
@@ -129,6 +133,23 @@ def summed_outer_products(
     itemsize = logit_model.subset.dtype.size
     per_example = _COPIES * itemsize * _example_width(layout.dims, _n_rows(layout, kind), outer=True)
     return sum_over_chunks(chunk_sum, x, y, max(1, CHUNK_BYTES // per_example))
+
+
+def outer_step_examples(logit_model: LogitModel, kind: str, x) -> int:
+    """How many examples one step of :func:`summed_outer_products` may take: their
+    intermediates and the activations of their forward and ``R`` backward passes fit in
+    :data:`CHUNK_BYTES` (see :func:`step_examples`)."""
+    layout = slice_layout(logit_model, x)
+    rows = _n_rows(layout, kind)
+    numbers = (_COPIES * _example_width(layout.dims, rows, outer=True)
+               + rows * activations_per_example(logit_model, x))
+    return step_examples(numbers, logit_model.subset.dtype.size)
+
+
+def step_examples(numbers_per_example: int, itemsize: int) -> int:
+    """Examples of ``numbers_per_example`` numbers each that fit in :data:`CHUNK_BYTES`, at least
+    one and at most :data:`STEP_EXAMPLES`."""
+    return max(1, min(STEP_EXAMPLES, CHUNK_BYTES // (numbers_per_example * itemsize)))
 
 
 def outer_matrix(sums: Sequence[tf.Tensor], layout: Layout) -> tf.Tensor:

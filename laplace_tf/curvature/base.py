@@ -9,6 +9,7 @@ batches up in another, and returns a :class:`Curvature`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -93,6 +94,13 @@ class CurvatureBuilder:
         Kronecker blocks in sum form, or compact sums), and its logits ``[N, K]``."""
         raise NotImplementedError
 
+    def examples_per_step(self, x) -> int:
+        """The most examples one compiled step may take, for batches like ``x``: consecutive
+        batches are joined up to this many (a larger batch is a step of its own). By default 0,
+        one step a batch; builders whose every step adds a large sum (dense ``P x P``) join
+        batches to take fewer steps, within their memory budget."""
+        return 0
+
     def finish(self, sums: list) -> list[Block]:
         """The blocks of :meth:`batch_sums` added up over batches (by default, the sums with
         Kronecker ``A`` turned from a sum into a mean)."""
@@ -120,8 +128,6 @@ def fit_curvature(
     likelihood = builder.likelihood
     if strategy is None and tf.distribute.has_strategy():
         strategy = tf.distribute.get_strategy()
-    n_outputs = None
-
     regression = likelihood.name == "regression"
 
     @tf.function(reduce_retracing=True)
@@ -130,12 +136,16 @@ def fit_curvature(
         residual_ss = tf.reduce_sum(tf.square(y - logits), axis=0) if regression else tf.zeros([1], logits.dtype)
         return _Sums(list(sums), likelihood.nll(logits, y), residual_ss)
 
+    def prepared():
+        n_outputs = None
+        for x, y in batches:
+            if n_outputs is None:
+                n_outputs = int(builder.logit_model(x).shape[-1])
+                likelihood.validate_outputs(n_outputs)
+            yield x, likelihood.prepare_targets(y, n_outputs, batches.dtype)
+
     total, n_data, run = None, 0, step
-    for x, y in batches:
-        if n_outputs is None:
-            n_outputs = int(builder.logit_model(x).shape[-1])
-            likelihood.validate_outputs(n_outputs)
-        targets = likelihood.prepare_targets(y, n_outputs, batches.dtype)
+    for x, targets in _joined(prepared(), builder.examples_per_step):
         if total is None and strategy is None:  # one trace for all batch sizes (a short last),
             run = step.get_concrete_function(*any_batch_size([x, targets]))  # called directly
         parts = [run(x, targets)] if strategy is None else _replica_steps(strategy, step, x, targets)
@@ -150,6 +160,33 @@ def fit_curvature(
     blocks = builder.finish(total.blocks)
     return Curvature(builder.structure, blocks, total.nll, n_data,
                      total.residual_ss if regression else None)
+
+
+def _joined(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple]:
+    """``(x, targets)`` batches, consecutive ones joined into steps of at most
+    ``examples_per_step(x)`` examples (read from the first batch); a larger batch stays alone."""
+    pending, held, limit = [], 0, None
+    for x, targets in batches:
+        if limit is None:
+            limit = examples_per_step(x)
+        rows = int(targets.shape[0])
+        if pending and held + rows > limit:
+            yield _join(pending)
+            pending, held = [], 0
+        pending.append((x, targets))
+        held += rows
+        if held >= limit:
+            yield _join(pending)
+            pending, held = [], 0
+    if pending:
+        yield _join(pending)
+
+
+def _join(batches: list[tuple]) -> tuple:
+    """One ``(x, targets)`` of several, concatenated along the examples."""
+    if len(batches) == 1:
+        return batches[0]
+    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
 
 
 def _add_in_place(total: _Sums | None, part: _Sums) -> _Sums:

@@ -40,6 +40,7 @@ from laplace_tf.curvature._per_example import (
     CHUNK_BYTES,
     activations_per_example,
     outer_matrix,
+    outer_step_examples,
     slice_layout,
     sum_over_chunks,
     summed_outer_products,
@@ -138,6 +139,11 @@ class FullBuilder(CurvatureBuilder):
         self._layout = slice_layout(self.logit_model, x)
         return summed_outer_products(self.logit_model, self.likelihood, self.kind, x, y,
                                      self._layout)
+
+    def examples_per_step(self, x) -> int:
+        """GGN / EF: every step adds ``P x P``-sized sums, so batches are joined into steps as
+        large as the per-example memory budget allows; the exact Hessian keeps its batches."""
+        return 0 if self.kind == "hessian" else outer_step_examples(self.logit_model, self.kind, x)
 
     def finish(self, sums: list[tf.Tensor]) -> list[DenseBlock]:
         return [DenseBlock(sums[0] if self.kind == "hessian" else outer_matrix(sums, self._layout))]

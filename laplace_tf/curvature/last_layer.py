@@ -34,7 +34,12 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from laplace_tf.curvature._kron_sums import symmetric_kron_block, symmetric_kron_sum
+from laplace_tf.curvature._kron_sums import (
+    symmetric_kron_block,
+    symmetric_kron_sum,
+    symmetric_sum_numbers,
+)
+from laplace_tf.curvature._per_example import activations_per_example, step_examples
 from laplace_tf.curvature.base import STRUCTURES, CurvatureBuilder
 from laplace_tf.curvature.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature.full import default_memory_limit, dense_curvature_bytes
@@ -231,12 +236,24 @@ class LastLayerBuilder(CurvatureBuilder):
             outputs = _OutputMatrices(*self.likelihood.output_hessian_diag_lowrank(logits), -1.0)
         return [_BLOCKS[self.structure](features, outputs)], logits
 
+    def examples_per_step(self, x) -> int:
+        """``"full"``: every step adds a ``P x P``-sized sum, so batches are joined into steps
+        whose activations and intermediates fit in the chunk budget; else one step a batch."""
+        if self.structure != "full":
+            return 0
+        d, k = self._dims()
+        numbers = activations_per_example(self.logit_model, x) + full_example_numbers(d, k)
+        return step_examples(numbers, self.logit_model.subset.dtype.size)
+
     def finish(self, sums: list[Block | tf.Tensor]) -> list[Block]:
         if self.structure != "full":
             return super().finish(sums)
+        return [DenseBlock(symmetric_kron_block(sums[0], *self._dims()))]
+
+    def _dims(self) -> tuple[int, int]:
+        """``(din (+1 for the bias), K)`` of the last layer."""
         n_outputs = int(self.logit_model.subset.slices[0].variables[0].shape[-1])
-        n_inputs = self.logit_model.subset.n_params // n_outputs  # din (+1 for the bias)
-        return [DenseBlock(symmetric_kron_block(sums[0], n_inputs, n_outputs))]
+        return self.logit_model.subset.n_params // n_outputs, n_outputs
 
 
 class _OutputMatrices(NamedTuple):
@@ -263,6 +280,12 @@ class _OutputMatrices(NamedTuple):
         """``sum_n M_n``, ``[K, K]``."""
         low_rank = tf.einsum("nkm,nlm->kl", self.factors, self.factors)
         return tf.linalg.diag(tf.reduce_sum(self.diagonal, axis=0)) + self.sign * low_rank
+
+
+def full_example_numbers(d: int, k: int) -> int:
+    """Numbers per example of a ``"full"`` step besides the body's activations, for ``d``
+    inputs (with the bias's 1) and ``k`` outputs: features, ``M_n`` and the packed sums'."""
+    return d + k * k + symmetric_sum_numbers(d, k)
 
 
 def _full_sums(a: tf.Tensor, outputs: _OutputMatrices) -> tf.Tensor:

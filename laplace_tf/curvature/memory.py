@@ -35,7 +35,9 @@ one location per example is factored (its inputs and pre-activation gradients, n
 rows), every other layer has rows of its size; the intermediates exist twice, in chunks of at
 most ``CHUNK_BYTES`` (256 MiB) and at least one example. Over the last layer (one Dense layer:
 ``D = din + 1``, ``K = dout``, ``P = D K``), ``per_batch`` is B (D + K²): the features and
-the output-space Hessians, nothing per weight; kron has the two factors D² and K².
+the output-space Hessians, nothing per weight; kron has the two factors D² and K². Full
+(over all weights or the last layer) joins batches into steps of up to ``STEP_EXAMPLES``
+(2048) examples within a chunk, so its ``per_batch`` counts such a step.
 
 Not counted: the model's own weights, the activations of a forward/backward pass (as for a
 training step), TensorFlow's runtime and traced graphs, and the GLM predictive, which works
@@ -65,10 +67,17 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.curvature import SUBSETS
-from laplace_tf.curvature._per_example import _COPIES, CHUNK_BYTES, _example_width, _factor_dims
+from laplace_tf.curvature._per_example import (
+    _COPIES,
+    CHUNK_BYTES,
+    STEP_EXAMPLES,
+    _example_width,
+    _factor_dims,
+)
 from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.kron_layers import fallback_reason
+from laplace_tf.curvature.last_layer import full_example_numbers
 from laplace_tf.params import LayerSlice, WeightSubset
 
 _ALL_WEIGHTS_FIT_COPIES = 6  # P x P buffers of a fit besides the curvature (module docstring)
@@ -174,7 +183,7 @@ def estimate_memory(
         raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {dtype.name}.")
     rows = 1 if curvature == "ef" else n_outputs
     if subset_of_weights == "last_layer":
-        counts = _last_layer(subset, structure, n_outputs, batch_size)
+        counts = _last_layer(subset, structure, n_outputs, batch_size, dtype.size)
     elif structure == "full":
         per_batch = _per_example(subset, rows, True, batch_size, dtype.size)
         counts = _full(subset.n_params, _ALL_WEIGHTS_FIT_COPIES, per_batch)
@@ -265,7 +274,7 @@ def _diag(p: int, per_batch: int) -> dict[str, int]:
 
 
 def _last_layer(
-    subset: WeightSubset, structure: str, n_outputs: int, batch_size: int
+    subset: WeightSubset, structure: str, n_outputs: int, batch_size: int, itemsize: int
 ) -> dict[str, int]:
     """Counts over one Dense layer whose outputs are the logits (closed forms, no rows)."""
     slices = subset.slices
@@ -281,8 +290,9 @@ def _last_layer(
             f"{n_outputs}; give the number of the model's outputs."
         )
     per_batch = batch_size * (d + k * k)  # features and output-space Hessians
-    if structure == "full":
-        return _full(subset.n_params, _LAST_LAYER_FIT_COPIES, per_batch)
+    if structure == "full":  # batches joined into steps of up to STEP_EXAMPLES, within a chunk
+        step = max(batch_size, STEP_EXAMPLES) * full_example_numbers(d, k)
+        return _full(subset.n_params, _LAST_LAYER_FIT_COPIES, min(step, CHUNK_BYTES // itemsize))
     if structure == "kron":
         return _kron_layer(d, k, per_batch)
     return _diag(subset.n_params, per_batch)
@@ -314,13 +324,14 @@ def _per_example(
     Mirrors :mod:`laplace_tf.curvature._per_example`: a layer with a Kronecker
     rule and one location per example is factored (taken here from its output shape), the
     intermediates exist ``_COPIES`` times, and examples come in chunks that fit in
-    ``CHUNK_BYTES``.
+    ``CHUNK_BYTES`` (full joins batches into steps of up to a chunk).
     """
     dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
             for s in subset.slices]
     per_example = _COPIES * _example_width(dims, rows, outer)
     chunk = max(1, CHUNK_BYTES // (per_example * itemsize))
-    return min(batch_size, chunk) * per_example
+    step = max(batch_size, STEP_EXAMPLES) if outer else batch_size  # full joins batches
+    return min(step, chunk) * per_example
 
 
 def _as_dtype(dtype) -> tf.DType:
