@@ -24,10 +24,10 @@ float32, fitted with ``make_builder`` + ``fit_curvature`` on random data:
    ``P x P``-sized sum.
 
 Times. ``fit_curvature`` compiles a fresh ``tf.function`` per call, so a fit includes tracing.
-"fit wall" is that user-facing time; "steady" subtracts a fit on one batch (the tracing and
-fixed costs, measured after a throw-away first fit) and scales to all batches: the compute per
-data set, comparable with the warmed-up epoch (for the full builders it also leaves out laying
-the packed sums out as the ``P x P`` matrix, once per fit). Medians over repeats, as wall time
+"fit wall" is that user-facing time; "steady" is half the difference between a fit on the data
+three times over and a fit on the data (after a throw-away first fit): the compute per data
+set, without the tracing and other costs paid once per fit (for the full builders, laying the
+packed sums out as the ``P x P`` matrix), comparable with the warmed-up epoch. Medians over repeats, as wall time
 and as process CPU time (all threads). The verdicts use the CPU-time ratio, because on a shared
 machine other processes stretch wall times at random; on an idle machine the two agree.
 
@@ -111,14 +111,13 @@ class Row(NamedTuple):
 
 
 def steady_fit(builder_fn: Callable[[], object], x, y, repeats: int) -> tuple[Timing, Timing]:
-    """A fit on all data (with tracing), and the steady compute: minus a one-batch fit, scaled."""
-    n_batches = -(-len(y) // BATCH)
-    first = Batches((x[:BATCH], y[:BATCH]), BATCH)
-    fit_curvature(builder_fn(), first)  # one-time costs of the first fit in a process
-    one = measure(lambda: fit_curvature(builder_fn(), first), repeats)
+    """A fit on all data (with tracing), and the steady compute per data set: a fit on the data
+    three times over takes two data sets' compute longer (the fixed costs cancel)."""
+    fit_curvature(builder_fn(), Batches((x[:BATCH], y[:BATCH]), BATCH))  # one-time costs
     whole = measure(lambda: fit_curvature(builder_fn(), Batches((x, y), BATCH)), repeats)
-    scale = n_batches / (n_batches - 1)
-    steady = Timing((whole.wall - one.wall) * scale, (whole.cpu - one.cpu) * scale, whole.peak)
+    x3, y3 = np.concatenate([x] * 3), np.concatenate([y] * 3)
+    triple = measure(lambda: fit_curvature(builder_fn(), Batches((x3, y3), BATCH)), repeats)
+    steady = Timing((triple.wall - whole.wall) / 2, (triple.cpu - whole.cpu) / 2, triple.peak)
     return whole, steady
 
 
@@ -176,7 +175,7 @@ def small_mlp() -> list[Row]:
 
     for xb, _ in batches:
         jacobians(xb)
-    jac = measure(lambda: [jacobians(xb) for xb, _ in batches], 3)
+    jac = measure(lambda: [jacobians(xb) for xb, _ in batches], 5)
     # R^T R of one batch's rows [B K, P], timed once and counted for every batch
     random_rows = tf.random.normal([BATCH * n_outputs, n_params])
     gram = tf.function(lambda r: tf.matmul(r, r, transpose_a=True))
@@ -187,7 +186,7 @@ def small_mlp() -> list[Row]:
     both = Timing(jac.wall + matmul.wall, jac.cpu + matmul.cpu, 0.0)
     likelihood = get_likelihood("classification")
     whole, steady = steady_fit(lambda: make_builder("all", "full", logit_model, likelihood),
-                               x, y, repeats=2)
+                               x, y, repeats=5)
     return [
         Row(f"per-example Jacobians (P={n_params})", jac, jac),
         Row("R^T R matmuls (rows approach)", matmul, matmul),
