@@ -92,7 +92,7 @@ def _builder(subset_of_weights: str, structure: str, on_batch=None):
 def test_a_stream_is_consumed_batch_by_batch_and_equals_the_in_memory_fit(
     subset_of_weights, structure, monkeypatch
 ):
-    monkeypatch.setattr(_per_example, "CHUNK_BYTES", 2**15)  # dense steps of a few batches
+    monkeypatch.setattr(_per_example, "CHUNK_BYTES", 2**16)  # dense steps of a few batches
     x, y = _data()
     produced: list[int] = []
     produced_when_processed: list[int] = []

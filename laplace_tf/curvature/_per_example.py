@@ -50,6 +50,7 @@ from laplace_tf.curvature._kron_sums import (
     kron_sum,
     symmetric_kron_block,
     symmetric_kron_sum,
+    symmetric_sum_numbers,
 )
 from laplace_tf.curvature.base import any_batch_size
 from laplace_tf.curvature.kron_layers import fallback_reason, input_rows
@@ -219,7 +220,8 @@ def _example_width(slice_dims: Sequence[tuple[int, int] | int], n_rows: int, out
     rows = [d for d in slice_dims if not isinstance(d, tuple)]
     if not outer:
         return n_rows * (sum(rows) + sum(d[1] for d in dims)) + sum(d[0] for d in dims)
-    pairs = sum(a[0] * b[0] + a[1] * b[1] for i, a in enumerate(dims) for b in dims[i:])
+    pairs = sum(a[0] * b[0] + a[1] * b[1] for i, a in enumerate(dims) for b in dims[i + 1:])
+    pairs += sum(symmetric_sum_numbers(*d) + d[1] * d[1] for d in dims)  # own blocks
     all_rows = n_rows * sum(_size(d) for d in slice_dims) if rows else 0
     return all_rows + pairs + n_rows * sum(d[1] for d in dims)
 
