@@ -126,13 +126,13 @@ def large_mlp() -> list[Row]:
     model, (x, y) = mlp(widths), data(widths, n)
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    epoch = measure(lambda: model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0), 3)
+    epoch = measure(lambda: model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0), 5)
 
     forward_fn = tf.function(lambda xb: model(xb, training=False))
     batches = Batches((x, y), BATCH)
     for xb, _ in batches:
         forward_fn(xb)
-    forward = measure(lambda: [forward_fn(xb) for xb, _ in batches], 3)
+    forward = measure(lambda: [forward_fn(xb) for xb, _ in batches], 7)
 
     likelihood = get_likelihood("classification")
     every = LogitModel(model)
@@ -146,7 +146,7 @@ def large_mlp() -> list[Row]:
     ]:
         whole, steady = steady_fit(
             lambda lm=logit_model, s=subset, st=structure: make_builder(s, st, lm, likelihood),
-            x, y, repeats=3,
+            x, y, repeats=5,
         )
         rows.append(Row(name, whole, steady, unit_name, unit, TARGETS[name]))
     return rows

@@ -128,7 +128,9 @@ class Classification(Likelihood):
                 f"y: class labels must lie in [0, {n_outputs}) for a model with {n_outputs} "
                 f"outputs; got labels from {y.min()} to {y.max()}."
             )
-        return tf.one_hot(y.astype(np.int64), n_outputs, dtype=dtype)
+        one_hot = np.zeros((y.size, n_outputs), tf.as_dtype(dtype).as_numpy_dtype)
+        one_hot[np.arange(y.size), y.astype(np.int64)] = 1  # in numpy: cheaper than an eager op
+        return tf.constant(one_hot)
 
     def nll_per_example(self, logits, y):
         return -tf.reduce_sum(y * tf.nn.log_softmax(logits, axis=-1), axis=-1)
