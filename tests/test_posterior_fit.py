@@ -220,6 +220,17 @@ def test_failed_fit_keeps_the_previous_posterior():
 
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_non_finite_weights_are_refused_by_name(structure):
+    model, x, y = _data("classification", 6)
+    weights = model.get_weights()
+    weights[0][0, 0] = np.nan
+    model.set_weights(weights)
+    la = PosteriorLaplace(model, "classification", "all", structure, progress=False)
+    with pytest.raises(ValueError, match="curvature: the fitted curvature has NaN or Inf"):
+        la.fit((x, y))
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
 def test_float32_posterior_is_close_to_float64(structure):
     model64, x, y = _data("classification", 8, seed=6)
     model32 = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "tanh"),

@@ -300,5 +300,15 @@ _FACTORS: dict[type, type[Factor]] = {
 
 
 def factorize(block: Block, clip: bool = False) -> Factor:
-    """The factor class registered for ``type(block)``, built from ``block``."""
+    """The factor class registered for ``type(block)``, built from ``block``.
+
+    Raises:
+        ValueError: if the block has NaN or Inf entries (no posterior exists then).
+    """
+    if not all(bool(tf.reduce_all(tf.math.is_finite(part))) for part in block):
+        raise ValueError(
+            "curvature: the fitted curvature has NaN or Inf entries, so there is no posterior. "
+            "The model's weights or its outputs on the data are not finite (a diverged "
+            "training run?); check np.isfinite on model.get_weights() and on its predictions."
+        )
     return _FACTORS[type(block)](block, clip)
