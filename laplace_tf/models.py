@@ -26,7 +26,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from laplace_tf.likelihoods import get_likelihood
-from laplace_tf.params import output_activation
+from laplace_tf.outputs import output_activation
 
 
 def _positive(name: str, value, integer: bool) -> None:

@@ -19,8 +19,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,9 +30,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-logger = logging.getLogger("laplace_tf")
+from laplace_tf.outputs import ProbabilityOutput, probability_output
 
-_PROBABILITY_ACTIVATIONS = {"softmax": "softmax", "sigmoid": "sigmoid"}
+logger = logging.getLogger("laplace_tf")
 
 
 @dataclass(frozen=True)
@@ -164,28 +166,6 @@ class WeightSubset:
         return digest.hexdigest()
 
 
-def output_layer(model: keras.Model) -> keras.layers.Layer | None:
-    """The layer that produces the model output, when Keras records it (None if unknown)."""
-    if isinstance(model, keras.Sequential):
-        return model.layers[-1] if model.layers else None
-    outputs = getattr(model, "outputs", None)
-    if outputs and len(outputs) == 1 and hasattr(outputs[0], "_keras_history"):
-        return outputs[0]._keras_history.operation
-    return None
-
-
-def output_activation(model: keras.Model) -> str | None:
-    """``"softmax"``/``"sigmoid"`` if the model's last layer applies it, else None."""
-    layer = output_layer(model)
-    if layer is None:
-        return None
-    if isinstance(layer, keras.layers.Softmax):
-        return "softmax"
-    activation = getattr(layer, "activation", None)
-    name = getattr(activation, "__name__", None)
-    return _PROBABILITY_ACTIVATIONS.get(name)
-
-
 PreactivationHook = Callable[[keras.layers.Layer, tf.Tensor, tf.Tensor], tf.Tensor]
 
 
@@ -193,36 +173,39 @@ PreactivationHook = Callable[[keras.layers.Layer, tf.Tensor, tf.Tensor], tf.Tens
 def _patched_calls(
     layers: Sequence[keras.layers.Layer],
     hook: PreactivationHook | None,
-    strip_output_of: keras.layers.Layer | None,
+    strip: ProbabilityOutput | None,
 ) -> Iterator[None]:
     """Temporarily wrap layer calls to see inputs and pre-activations.
 
     Each layer in ``layers`` runs with its fused activation switched off; ``hook(layer,
     inputs, z)`` sees its inputs and pre-activation ``z`` and returns the tensor to continue
-    with (e.g. ``z`` plus a zero probe); then the activation is applied. ``strip_output_of``
-    is the output layer whose softmax/sigmoid is dropped so that the model returns logits.
+    with (e.g. ``z`` plus a zero probe); then the activation is applied. ``strip`` is the
+    model's final softmax/sigmoid, dropped so that the model returns logits: a layer's fused
+    activation is switched off, any other operation (``Softmax``, ``Lambda``,
+    ``keras.ops.softmax``) returns its input.
     """
     patched = list(layers)
-    if strip_output_of is not None and all(layer is not strip_output_of for layer in patched):
-        patched.append(strip_output_of)
+    if strip is not None and all(layer is not strip.operation for layer in patched):
+        patched.append(strip.operation)
     originals = {}
 
     def wrap(layer, original):
+        stripped = strip is not None and layer is strip.operation
+
         def call(inputs, *args, **kwargs):
-            if isinstance(layer, keras.layers.Softmax):
-                z, activation = inputs, None
-            else:
-                activation = getattr(layer, "activation", None)
+            if stripped and not strip.fused:
+                return inputs
+            activation = getattr(layer, "activation", None)
+            if activation is not None:
+                layer.activation = keras.activations.linear
+            try:
+                z = original(inputs, *args, **kwargs)
+            finally:
                 if activation is not None:
-                    layer.activation = keras.activations.linear
-                try:
-                    z = original(inputs, *args, **kwargs)
-                finally:
-                    if activation is not None:
-                        layer.activation = activation
+                    layer.activation = activation
             if hook is not None and any(layer is hooked for hooked in layers):
                 z = hook(layer, inputs, z)
-            if layer is strip_output_of or activation is None:
+            if stripped or activation is None:
                 return z
             return activation(z)
 
@@ -238,15 +221,54 @@ def _patched_calls(
             del layer.call
 
 
+@contextlib.contextmanager
+def _in_variable_dtype(model: keras.Model) -> Iterator[None]:
+    """Temporarily run every mixed-precision layer of ``model`` in its variables' dtype.
+
+    Under ``keras.mixed_precision`` (e.g. ``"mixed_float16"``: float32 variables, float16
+    computation) a layer casts its inputs and its variables to the compute dtype of its
+    ``dtype_policy``, which ``Layer.__call__`` reads at every call. Setting the policy to the
+    variables' dtype makes the whole computation happen in that dtype (the dtype of the
+    weights, of the curvature and of the posterior); the original policies are put back on
+    exit. Quantized layers and policy maps are left alone.
+    """
+    changed = []
+    try:
+        for layer in model._flatten_layers(include_self=True, recursive=True):
+            policy = layer.dtype_policy
+            if (
+                policy.compute_dtype != policy.variable_dtype
+                and policy.quantization_mode is None
+                and not isinstance(policy, keras.dtype_policies.DTypePolicyMap)
+            ):
+                changed.append((layer, policy))
+                layer.dtype_policy = policy.variable_dtype
+        yield
+    finally:
+        for layer, policy in changed:
+            layer.dtype_policy = policy
+
+
 class LogitModel:
     """Calls a Keras model with given subset weights and returns logits.
 
-    A model whose last layer applies softmax or sigmoid is called without it (logged once),
-    so that curvature and predictives work on logits.
+    A model whose output is a softmax/sigmoid (:func:`~laplace_tf.outputs.probability_output`:
+    a final layer with that activation, a ``Softmax`` layer, ``keras.ops.softmax``, ... possibly
+    followed by ``Dropout``) is called without it (logged once), so that curvature and
+    predictives work on logits. With ``likelihood="regression"`` the output is the mean and is
+    used as it is (with a warning that a softmax/sigmoid output is unusual there). Every layer
+    computes in its variables' dtype, so a mixed-precision model (float16 computation, float32
+    variables) is computed in float32; the model itself is left as it was.
 
     Args:
         model: a built Keras model.
         subset: the weights that calls may replace (default: all).
+        likelihood: what the outputs are for (``"classification"``, ``"binary"``,
+            ``"regression"``); None strips any final softmax/sigmoid and checks nothing.
+
+    Raises:
+        ValueError: a final sigmoid with ``likelihood="classification"`` or a final softmax
+            with ``likelihood="binary"`` (the model and the likelihood disagree).
 
     Example:
         >>> import keras, tensorflow as tf
@@ -257,16 +279,36 @@ class LogitModel:
         True
     """
 
-    def __init__(self, model: keras.Model, subset: WeightSubset | None = None):
+    def __init__(
+        self, model: keras.Model, subset: WeightSubset | None = None,
+        likelihood: str | None = None,
+    ):
         self.model = model
         self.subset = subset if subset is not None else WeightSubset(model)
-        self.output_activation = output_activation(model)
-        self._strip = output_layer(model) if self.output_activation else None
-        if self.output_activation:
-            logger.info(
-                "laplace_tf: the model's last layer %r applies %s; using its pre-activation "
-                "outputs (logits).", self._strip.name, self.output_activation,
+        self.likelihood = likelihood
+        found = probability_output(model)
+        if found is not None and likelihood == "regression":
+            warnings.warn(
+                f"model: its output is the {found.activation} of {found.operation.name!r}; "
+                "with likelihood='regression' it is used as the mean as it is (no logits). "
+                "For class labels use likelihood='classification' (softmax) or 'binary' "
+                "(sigmoid).", UserWarning, stacklevel=2,
             )
+            found = None
+        if found is not None:
+            _check_link(found, likelihood)
+            logger.info(
+                "laplace_tf: the model output is the %s of %r; using its input (logits).",
+                found.activation, found.operation.name,
+            )
+        self.stripped: ProbabilityOutput | None = found
+        self.output_activation = found.activation if found else None
+
+    def with_subset(self, subset: WeightSubset) -> LogitModel:
+        """The same model calls (same stripping) over another weight subset."""
+        twin = copy.copy(self)
+        twin.subset = subset
+        return twin
 
     def __call__(
         self,
@@ -283,7 +325,7 @@ class LogitModel:
         """
         trainable = self.subset.all_trainable_values(weights)
         non_trainable = [v.value for v in self.model.non_trainable_variables]
-        with _patched_calls(layers, hook, self._strip):
+        with _patched_calls(layers, hook, self.stripped), _in_variable_dtype(self.model):
             kwargs = {"training": False} if self.model._call_has_training_arg else {}
             outputs, _ = self.model.stateless_call(trainable, non_trainable, x, **kwargs)
         if isinstance(outputs, (list, tuple, dict)):
@@ -292,3 +334,17 @@ class LogitModel:
                 f"{type(outputs).__name__}. Wrap the model so that it returns one tensor."
             )
         return outputs
+
+
+def _check_link(found: ProbabilityOutput, likelihood: str | None) -> None:
+    """Refuse a final sigmoid for ``"classification"`` and a final softmax for ``"binary"``."""
+    expected = {"classification": "softmax", "binary": "sigmoid"}.get(likelihood)
+    if expected is None or found.activation == expected:
+        return
+    raise ValueError(
+        f"model: its output is the {found.activation} of {found.operation.name!r}, but "
+        f"likelihood={likelihood!r} applies {expected} to logits, which would give other "
+        f"probabilities than the model's. Use likelihood="
+        f"{'binary' if expected == 'softmax' else 'classification'!r} for a {found.activation} "
+        f"output, or end the model with {expected} (or with no activation)."
+    )

@@ -24,6 +24,7 @@ from laplace_tf.curvature.blocks import (
     scale_block,
 )
 from laplace_tf.likelihoods import Likelihood
+from laplace_tf.outputs import check_outputs
 from laplace_tf.params import LogitModel
 
 CURVATURES = ("ggn", "ef", "hessian")
@@ -118,7 +119,9 @@ class _Sums(NamedTuple):
 def fit_curvature(
     builder: CurvatureBuilder, batches: Batches, strategy: tf.distribute.Strategy | None = None
 ) -> Curvature:
-    """Sum ``builder``'s blocks over ``batches``; targets are checked batch by batch.
+    """Sum ``builder``'s blocks over ``batches``; targets are checked batch by batch, and the
+    model outputs on the first batch are checked to be logits, not probabilities
+    (:func:`~laplace_tf.outputs.check_outputs`).
 
     A dense builder joins consecutive batches into steps of up to
     :meth:`CurvatureBuilder.examples_per_step` examples; every other builder takes one step a
@@ -143,9 +146,11 @@ def fit_curvature(
     def prepared():
         n_outputs = None
         for x, y in batches:
-            if n_outputs is None:
-                n_outputs = int(builder.logit_model(x).shape[-1])
+            if n_outputs is None:  # the first batch, once eagerly: are these logits?
+                outputs = builder.logit_model(x)
+                n_outputs = int(outputs.shape[-1])
                 likelihood.validate_outputs(n_outputs)
+                check_outputs(outputs, likelihood.name, builder.logit_model.stripped)
             yield x, likelihood.prepare_targets(y, n_outputs, batches.dtype)
 
     total, n_data, run = None, 0, step

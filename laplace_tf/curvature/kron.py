@@ -182,7 +182,7 @@ class KronBuilder(CurvatureBuilder):
         if key not in self._diagonal_models:
             model = self.logit_model.model
             layers = [self.logit_model.subset.slices[i].layer for i in indices]
-            self._diagonal_models[key] = LogitModel(model, WeightSubset(model, layers))
+            self._diagonal_models[key] = self.logit_model.with_subset(WeightSubset(model, layers))
         diagonal, _ = summed_rows(self._diagonal_models[key], self.likelihood, self.kind, x, y)
         sizes = [self.logit_model.subset.slices[i].size for i in indices]
         return [DiagBlock(part) for part in tf.split(diagonal, sizes)]

@@ -44,11 +44,15 @@ from laplace_tf.curvature.base import STRUCTURES, CurvatureBuilder
 from laplace_tf.curvature.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature.full import default_memory_limit, dense_curvature_bytes
 from laplace_tf.likelihoods import Likelihood
-from laplace_tf.params import LogitModel, WeightSubset, leaf_layers, output_layer
+from laplace_tf.outputs import output_layer
+from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
 
 _CLOSED_FORM_LAYERS = (keras.layers.Dense,)
 _DENSE_COPIES = 4  # the einsum's transposed intermediate and result, the running total, the sum
-_ADVICE = "use subset_of_weights='all' (e.g. with hessian_structure='kron')"
+_ADVICE = (
+    "use subset_of_weights='all' (e.g. with hessian_structure='kron'), which takes any model "
+    "that returns logits or ends in a softmax/sigmoid layer"
+)
 
 
 def find_last_layer(model: keras.Model, name: str | None = None) -> keras.layers.Layer:
@@ -151,7 +155,8 @@ def last_layer_features(logit_model: LogitModel, x) -> tuple[tf.Tensor, tf.Tenso
             f"last_layer_name: the model output is not the pre-activation output of layer "
             f"{layer.name!r} ({_what_follows(logit_model, layer)}), so the last-layer closed "
             f"form does not hold: it needs the model to return that output unchanged (a final "
-            f"softmax/sigmoid is fine). Name the model's final Dense layer with "
+            f"softmax/sigmoid layer is fine; a softmax/sigmoid applied in call() is not: return "
+            f"the logits from call() instead). Name the model's final Dense layer with "
             f"last_layer_name=, or {_ADVICE}."
         )
     return tf.cast(inputs, z.dtype), logits
@@ -350,7 +355,7 @@ def _what_follows(logit_model: LogitModel, layer: keras.layers.Layer) -> str:
     """A description of what comes after ``layer`` in the model, for error messages."""
     model = logit_model.model
     activation = getattr(layer.activation, "__name__", "linear")
-    stripped = logit_model.output_activation is not None and output_layer(model) is layer
+    stripped = logit_model.stripped is not None and logit_model.stripped.operation is layer
     if activation != "linear" and not stripped:
         return f"its activation {activation!r} is applied to it"
     after = []

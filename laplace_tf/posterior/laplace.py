@@ -193,7 +193,7 @@ class PosteriorLaplace:
             layer = find_last_layer(model, last_layer_name)
             self.subset = WeightSubset(model, [layer])
             self.last_layer_name = layer.name
-        self.logit_model = LogitModel(model, self.subset)
+        self.logit_model = LogitModel(model, self.subset, likelihood)
         self._dtype = self.subset.dtype
         self._layer_ranges = [(s.offset, s.size) for s in self.subset.slices]
         self._temperature = _positive_number(temperature, "temperature")
