@@ -2,30 +2,31 @@
 
 Curvature and predictives work on logits, and laplace_tf applies the softmax/sigmoid itself.
 A model that returns probabilities would have it applied twice: a wrong answer with no error.
-Two lines of defence:
+Three lines of defence, none of which guesses:
 
-* **Structure** (:func:`probability_output`): walking back from the output of a Functional or
-  Sequential model through layers that return their input unchanged at inference
-  (``Dropout`` and its variants, ``GaussianNoise``, ``ActivityRegularization``, ``Identity``;
-  the model is always called with ``training=False``), the first other operation is a
-  softmax/sigmoid when it is a layer whose activation is one (``Dense(.., "softmax")``,
-  ``Activation("sigmoid")``, ...), a ``Softmax`` layer or ``keras.ops.softmax``/``sigmoid``
-  over the last axis, or a ``Lambda`` of ``tf.nn.softmax``/``tf.nn.sigmoid`` (and their
-  ``keras`` twins) without extra arguments. :class:`~laplace_tf.params.LogitModel` then calls
-  the model without it: the logits are exact, not guessed.
-* **Values** (:func:`check_outputs`), on the first batch of every fit, for what structure
-  cannot see (``tf.nn.softmax`` inside a subclassed model's ``call()``, a ``Lambda`` of a
-  custom function, a softmax applied twice). ``"classification"``: every entry in ``[0, 1]``
-  AND every row summing to 1 (within 1e-3, which float16 softmaxes meet) is refused. Logits
-  of >= 2 classes satisfy both on every row of a batch only by design (a model built to
-  output a distribution), not by chance: a false positive is not a practical concern.
-  ``"binary"``: one output in ``(0, 1]`` on the whole batch is weaker evidence (a weak model
-  on imbalanced data may have every logit in ``(0, 1]``, i.e. probabilities 0.5 to 0.73), so
-  it is a warning, and only when no final sigmoid was found structurally. Zero is left out:
-  a sigmoid is 0 only below about -88 (float32), while all-zero logits are common (a head
-  initialised at zero).
-  ``"regression"``: probabilities may be the targets (proportions), so only a structural
-  softmax/sigmoid gives a warning, and the output is used as it is.
+* **Keras structure** (:func:`probability_output`): walking back from the output of a
+  Functional or Sequential model through layers that return their input unchanged at
+  inference (``Dropout`` and its variants, ``GaussianNoise``, ``ActivityRegularization``,
+  ``Identity``; the model is always called with ``training=False``), the first other
+  operation is a softmax/sigmoid when it is a layer whose activation is one
+  (``Dense(.., "softmax")``, ``Activation("sigmoid")``, ...), a ``Softmax`` layer or
+  ``keras.ops.softmax``/``sigmoid`` over the last axis, or a ``Lambda`` of
+  ``tf.nn.softmax``/``tf.nn.sigmoid`` (and their ``keras`` twins) without extra arguments.
+  :class:`~laplace_tf.params.LogitModel` calls the model without it: the logits are exact.
+* **TensorFlow graph** (:func:`traced_outputs`, :func:`check_outputs`), on the first batch of
+  every fit: the outputs are computed by one traced forward pass, and a ``Softmax`` or
+  ``Sigmoid`` op at the end of the graph (``tf.nn.softmax`` inside a subclassed model's
+  ``call()``, a softmax applied twice) means probabilities that cannot be removed: refused
+  (``"classification"``, ``"binary"``) or warned about (``"regression"``, where the output
+  is the mean and is used as it is; probabilities may be the targets, e.g. proportions).
+* **Values** (:func:`check_outputs`), on the same batch, for a softmax written by hand:
+  ``"classification"`` outputs with every entry in ``[0, 1]`` AND every row summing to 1
+  (within 1e-3, which float16 softmaxes meet) are refused. Logits of >= 2 classes satisfy
+  both on every row of a batch only by design (a model built to output a distribution), not
+  by chance, so a false positive is not a practical concern. For ``"binary"`` there is no
+  check on values: one output in ``[0, 1]`` on a whole batch is what a weak or untrained
+  model's logits often look like (this library's own tests hit it with 6 examples), so it
+  is no evidence; the graph check covers ``tf.sigmoid``.
 
 Example:
     >>> import keras
@@ -60,13 +61,8 @@ _FUNCTIONS = {
     keras.activations.sigmoid: "sigmoid", keras.ops.sigmoid: "sigmoid", tf.nn.sigmoid: "sigmoid",
 }
 _TOLERANCE = 1e-3
-_EXPOSE = (
-    "Make the model return logits: end it with a layer that applies the {activation} "
-    "(Dense(..., activation='{activation}'), Activation('{activation}'){softmax_layer}, "
-    "optionally followed by Dropout), which laplace_tf removes; or, in a subclassed model, "
-    "return the last Dense layer's output from call() and apply the {activation} outside the "
-    "model. laplace_tf applies the {activation} itself."
-)
+_GRAPH_OPS = {"Softmax": "softmax", "Sigmoid": "sigmoid"}
+_MOVES_VALUES = ("Identity", "IdentityN", "Reshape", "Squeeze", "ExpandDims")
 
 
 class ProbabilityOutput(NamedTuple):
@@ -110,20 +106,48 @@ def output_activation(model: keras.Model) -> str | None:
     return found.activation if found else None
 
 
-def check_outputs(outputs, likelihood: str, stripped: ProbabilityOutput | None) -> None:
-    """Refuse or warn when a batch of what should be logits looks like probabilities.
+def traced_outputs(call, x) -> tuple[tf.Tensor, str | None]:
+    """``call(x)`` computed by one traced forward pass, and the type of the TensorFlow op that
+    makes the output (looking through ``Identity``/``Reshape``-like ops), e.g. ``"Softmax"``.
+
+    Example:
+        >>> import keras
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3),
+        ...                           keras.layers.Lambda(lambda z: tf.nn.softmax(z))])
+        >>> probs, op = traced_outputs(model, tf.ones((4, 2)))
+        >>> tuple(probs.shape), op
+        ((4, 3), 'Softmax')
+    """
+    found = []
+
+    def forward(inputs):
+        outputs = call(inputs)
+        found.append(_final_op_type(outputs))
+        return outputs
+
+    outputs = tf.function(forward, autograph=False)(x)
+    return outputs, found[-1]
+
+
+def check_outputs(
+    outputs, likelihood: str, stripped: ProbabilityOutput | None, final_op: str | None = None
+) -> None:
+    """Refuse (or, for regression, warn about) model outputs that are probabilities.
 
     Args:
-        outputs: the model outputs ``[N, K]`` (after stripping ``stripped``).
+        outputs: the model outputs on a batch ``[N, K]`` (after removing ``stripped``).
         likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
-        stripped: the softmax/sigmoid already removed from the model output, if any.
+        stripped: the final softmax/sigmoid already removed from the model output, if any.
+        final_op: the type of the TensorFlow op that computes ``outputs``
+            (:func:`traced_outputs`), if known.
 
     Raises:
-        ValueError: ``"classification"`` outputs with every entry in ``[0, 1]`` and every row
-            summing to 1 (the message says how to expose the logits).
+        ValueError: ``"classification"``/``"binary"`` outputs made by a ``Softmax``/``Sigmoid``
+            op, or ``"classification"`` outputs with every entry in ``[0, 1]`` and every row
+            summing to 1. The message says how to expose the logits.
 
     Warns:
-        UserWarning: ``"binary"`` outputs all in ``(0, 1]`` when no sigmoid was stripped.
+        UserWarning: ``"regression"`` outputs made by a ``Softmax``/``Sigmoid`` op.
 
     Example:
         >>> check_outputs(np.array([[2.0, -1.0, 0.5]]), "classification", None)   # logits
@@ -132,31 +156,57 @@ def check_outputs(outputs, likelihood: str, stripped: ProbabilityOutput | None) 
         ...
         ValueError: model: its outputs on the first batch are probabilities, ...
     """
-    values = np.asarray(outputs, np.float64)
-    in_unit_interval = bool(np.all((values >= -_TOLERANCE) & (values <= 1 + _TOLERANCE)))
-    if not in_unit_interval or values.size == 0:
-        return
     after = "" if stripped is None else (
         f" even after removing the {stripped.activation} of "
         f"{stripped.operation.name!r} (is it applied twice?)"
     )
-    if likelihood == "classification":
-        if values.shape[-1] >= 2 and np.all(np.abs(values.sum(axis=-1) - 1) <= _TOLERANCE):
-            raise ValueError(
-                f"model: its outputs on the first batch are probabilities, not logits (every "
-                f"entry is in [0, 1] and every row sums to 1){after}; laplace_tf would apply "
-                "softmax to them a second time. "
-                + _EXPOSE.format(activation="softmax", softmax_layer=" or Softmax()")
-            )
-    elif likelihood == "binary" and stripped is None and np.all(values > 0):
+    activation = _GRAPH_OPS.get(final_op)
+    if activation and likelihood == "regression":
         warnings.warn(
-            "model: its outputs on the first batch all lie in (0, 1]. If they are "
-            "probabilities (e.g. tf.sigmoid inside call()), laplace_tf applies the sigmoid a "
-            "second time and its answers are wrong. "
-            + _EXPOSE.format(activation="sigmoid", softmax_layer="")
-            + " If they are logits, ignore this warning.",
-            UserWarning, stacklevel=2,
+            f"model: its output is computed by a {final_op} op; with likelihood='regression' "
+            "it is used as the mean as it is (no logits). For class labels use "
+            "likelihood='classification' (softmax) or 'binary' (sigmoid).",
+            UserWarning, stacklevel=3,
         )
+    elif activation:
+        raise ValueError(
+            f"model: its output is computed by a TensorFlow {final_op} op{after} (e.g. "
+            f"tf.nn.{activation} in call()), so it holds probabilities, not logits; laplace_tf "
+            f"would apply the {activation} a second time. " + _expose(activation)
+        )
+    if likelihood != "classification":
+        return
+    values = np.asarray(outputs, np.float64)
+    if (
+        values.size and values.shape[-1] >= 2
+        and np.all((values >= -_TOLERANCE) & (values <= 1 + _TOLERANCE))
+        and np.all(np.abs(values.sum(axis=-1) - 1) <= _TOLERANCE)
+    ):
+        raise ValueError(
+            f"model: its outputs on the first batch are probabilities, not logits (every "
+            f"entry is in [0, 1] and every row sums to 1){after}; laplace_tf would apply "
+            "softmax to them a second time. " + _expose("softmax")
+        )
+
+
+def _expose(activation: str) -> str:
+    """How to make a model return logits, for error messages."""
+    softmax_layer = " or Softmax()" if activation == "softmax" else ""
+    return (
+        f"Make the model return logits: end it with a layer that applies the {activation} "
+        f"(Dense(..., activation='{activation}'), Activation('{activation}'){softmax_layer}, "
+        "optionally followed by Dropout), which laplace_tf removes; or, in a subclassed "
+        "model, return the last Dense layer's output from call() and apply the "
+        f"{activation} outside the model. laplace_tf applies the {activation} itself."
+    )
+
+
+def _final_op_type(tensor) -> str | None:
+    """The type of the op that computes a graph tensor, through ops that only move values."""
+    op = getattr(tensor, "op", None)
+    while op is not None and op.type in _MOVES_VALUES and op.inputs:
+        op = op.inputs[0].op
+    return None if op is None else op.type
 
 
 def _walk_back(model: keras.Model) -> Iterator[keras.Operation]:

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import hashlib
 import logging
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -256,7 +255,8 @@ class LogitModel:
     a final layer with that activation, a ``Softmax`` layer, ``keras.ops.softmax``, ... possibly
     followed by ``Dropout``) is called without it (logged once), so that curvature and
     predictives work on logits. With ``likelihood="regression"`` the output is the mean and is
-    used as it is (with a warning that a softmax/sigmoid output is unusual there). Every layer
+    used as it is (:func:`~laplace_tf.outputs.check_outputs` warns about a softmax/sigmoid
+    there when fitting). Every layer
     computes in its variables' dtype, so a mixed-precision model (float16 computation, float32
     variables) is computed in float32; the model itself is left as it was.
 
@@ -286,15 +286,8 @@ class LogitModel:
         self.model = model
         self.subset = subset if subset is not None else WeightSubset(model)
         self.likelihood = likelihood
-        found = probability_output(model)
-        if found is not None and likelihood == "regression":
-            warnings.warn(
-                f"model: its output is the {found.activation} of {found.operation.name!r}; "
-                "with likelihood='regression' it is used as the mean as it is (no logits). "
-                "For class labels use likelihood='classification' (softmax) or 'binary' "
-                "(sigmoid).", UserWarning, stacklevel=2,
-            )
-            found = None
+        # for regression the output is the mean, whatever it is (fit warns about a softmax)
+        found = None if likelihood == "regression" else probability_output(model)
         if found is not None:
             _check_link(found, likelihood)
             logger.info(

@@ -108,8 +108,9 @@ def test_probability_outputs_use_the_exact_logits_or_are_refused(kind, subset, s
     model, x = PROBABILITY_MODELS[kind](), _x()
     y = targets("classification", 3, len(x))
     if kind.startswith("subclassed"):  # nothing in the structure to remove: refused
-        with pytest.raises(ValueError, match=r"probabilities, not logits.*return the last "
-                                             r"Dense layer's output from call\(\)"):
+        with pytest.raises(ValueError, match=r"computed by a TensorFlow Softmax op.*probabilities"
+                                             r", not logits.*return the last Dense layer's "
+                                             r"output from call\(\)"):
             _fit(model, "classification", subset, structure, x, y)
         return
     la = _fit(model, "classification", subset, structure, x, y)
@@ -133,19 +134,32 @@ def test_the_model_is_unchanged_after_fitting_a_stripped_model():
 def test_softmax_applied_twice_is_refused():
     model = keras.Sequential([*_body(head_activation="softmax"), keras.layers.Softmax(dtype=F64)])
     x = _x()
-    with pytest.raises(ValueError, match=r"even after removing the softmax of '.*' \(is it "
-                                         r"applied twice\?\)"):
+    with pytest.raises(ValueError, match=r"Softmax op even after removing the softmax of '.*' "
+                                         r"\(is it applied twice\?\)"):
         _fit(model, "classification", "all", "diag", x, targets("classification", 3, len(x)))
 
 
-def test_a_sigmoid_inside_call_for_binary_warns():
+def test_a_softmax_written_by_hand_is_refused_by_its_values():
+    def softmax(z):
+        return tf.exp(z) / tf.reduce_sum(tf.exp(z), axis=-1, keepdims=True)
+
+    model, x = _SoftmaxInCall(softmax), _x()
+    model(x[:1])
+    with pytest.raises(ValueError, match=r"outputs on the first batch are probabilities, not "
+                                         r"logits \(every entry is in \[0, 1\] and every row "
+                                         r"sums to 1\).*from call\(\)"):
+        _fit(model, "classification", "all", "kron", x, targets("classification", 3, len(x)))
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_a_sigmoid_inside_call_for_binary_is_refused(subset):
     keras.utils.set_random_seed(0)
     model = _SoftmaxInCall(tf.sigmoid, n_outputs=1)
     x = _x()
     model(x[:1])
-    with pytest.warns(UserWarning, match=r"outputs on the first batch all lie in \(0, 1\].*"
-                                         r"return the last Dense layer's output"):
-        _fit(model, "binary", "all", "diag", x, targets("binary", 1, len(x)))
+    with pytest.raises(ValueError, match=r"computed by a TensorFlow Sigmoid op.*apply the "
+                                         r"sigmoid outside the model"):
+        _fit(model, "binary", subset, "diag", x, targets("binary", 1, len(x)))
 
 
 @pytest.mark.parametrize(("subset", "structure"), [("all", "kron"), ("last_layer", "kron")])
@@ -177,11 +191,11 @@ def test_regression_on_a_softmax_or_sigmoid_output_warns_and_keeps_the_output(ac
     keras.utils.set_random_seed(0)
     model = keras.Sequential([*_body(2), keras.layers.Activation(activation, dtype=F64)])
     x = _x()
-    with pytest.warns(UserWarning, match=rf"output is the {activation} of .*"
+    la = ltf.Laplace(model, "regression", subset_of_weights="all", hessian_structure="full",
+                     progress=False)
+    with pytest.warns(UserWarning, match=rf"computed by a {activation.title()} op; with "
                                          r"likelihood='regression' it is used as the mean"):
-        la = ltf.Laplace(model, "regression", subset_of_weights="all", hessian_structure="full",
-                         progress=False)
-    la.fit((x, targets("regression", 2, len(x))))
+        la.fit((x, targets("regression", 2, len(x))))
     mean, _ = la.map_predict(x)
     np.testing.assert_allclose(mean.numpy(), model(x).numpy(), **EXACT)
 
@@ -210,13 +224,10 @@ def test_the_value_check_needs_every_row_in_the_unit_interval_and_summing_to_one
     with pytest.raises(ValueError, match="probabilities, not logits"):  # float16 round-off
         probs = tf.nn.softmax(tf.random.normal((64, 10), dtype=tf.float16) * 4)
         check_outputs(tf.cast(probs, tf.float32), "classification", None)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # logits in [0, 1] are common for one output: no check
         warnings.simplefilter("error")
-        check_outputs(np.array([[0.5], [0.9]]), "binary", probability_output(
-            keras.Sequential(_body(1, head_activation="sigmoid"))))  # sigmoid already removed
-        check_outputs(np.array([[0.5], [0.9]]), "regression", None)
-        check_outputs(np.array([[0.5], [1.9]]), "binary", None)
-        check_outputs(np.zeros((4, 1)), "binary", None)  # a head initialised at zero
+        check_outputs(np.array([[0.5], [0.9]]), "binary", None, "BiasAdd")
+        check_outputs(np.array([[0.5], [0.9]]), "regression", None, "BiasAdd")
 
 
 def test_structures_that_are_not_a_final_softmax_are_not_removed():

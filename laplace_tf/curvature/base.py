@@ -24,7 +24,7 @@ from laplace_tf.curvature.blocks import (
     scale_block,
 )
 from laplace_tf.likelihoods import Likelihood
-from laplace_tf.outputs import check_outputs
+from laplace_tf.outputs import check_outputs, traced_outputs
 from laplace_tf.params import LogitModel
 
 CURVATURES = ("ggn", "ef", "hessian")
@@ -146,11 +146,11 @@ def fit_curvature(
     def prepared():
         n_outputs = None
         for x, y in batches:
-            if n_outputs is None:  # the first batch, once eagerly: are these logits?
-                outputs = builder.logit_model(x)
+            if n_outputs is None:  # the first batch: are these logits?
+                outputs, final_op = traced_outputs(builder.logit_model, x)
                 n_outputs = int(outputs.shape[-1])
                 likelihood.validate_outputs(n_outputs)
-                check_outputs(outputs, likelihood.name, builder.logit_model.stripped)
+                check_outputs(outputs, likelihood.name, builder.logit_model.stripped, final_op)
             yield x, likelihood.prepare_targets(y, n_outputs, batches.dtype)
 
     total, n_data, run = None, 0, step
