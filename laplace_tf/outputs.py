@@ -13,13 +13,15 @@ Three lines of defence, none of which guesses:
   ``keras.ops.softmax``/``sigmoid`` over the last axis, or a ``Lambda`` of
   ``tf.nn.softmax``/``tf.nn.sigmoid`` (and their ``keras`` twins) without extra arguments.
   :class:`~laplace_tf.params.LogitModel` calls the model without it: the logits are exact.
-* **TensorFlow graph** (:func:`traced_outputs`, :func:`check_outputs`), on the first batch of
-  every fit: the outputs are computed by one traced forward pass, and a ``Softmax`` or
-  ``Sigmoid`` op at the end of the graph (``tf.nn.softmax`` inside a subclassed model's
-  ``call()``, a softmax applied twice) means probabilities that cannot be removed: refused
-  (``"classification"``, ``"binary"``) or warned about (``"regression"``, where the output
-  is the mean and is used as it is; probabilities may be the targets, e.g. proportions).
-* **Values** (:func:`check_outputs`), on the same batch, for a softmax written by hand:
+* **TensorFlow graph** (:func:`final_op_type`, :func:`check_output_op`): every traced call
+  of a ``LogitModel`` records the type of the op that computes its output; a ``Softmax`` or
+  ``Sigmoid`` op there after the fit's step is traced (``tf.nn.softmax`` inside a subclassed
+  model's ``call()``, a softmax applied twice) means probabilities that cannot be removed:
+  refused (``"classification"``, ``"binary"``) or warned about (``"regression"``, where the
+  output is the mean and is used as it is; probabilities may be the targets, e.g.
+  proportions). It costs nothing: the step is traced anyway.
+* **Values** (:func:`check_output_values`), on the first batch of every fit (computed
+  anyway, for the number of outputs), for a softmax written by hand:
   ``"classification"`` outputs with every entry in ``[0, 1]`` AND every row summing to 1
   (within 1e-3, which float16 softmaxes meet) are refused. Logits of >= 2 classes satisfy
   both on every row of a batch only by design (a model built to output a distribution), not
@@ -106,74 +108,79 @@ def output_activation(model: keras.Model) -> str | None:
     return found.activation if found else None
 
 
-def traced_outputs(call, x) -> tuple[tf.Tensor, str | None]:
-    """``call(x)`` computed by one traced forward pass, and the type of the TensorFlow op that
-    makes the output (looking through ``Identity``/``Reshape``-like ops), e.g. ``"Softmax"``.
+def final_op_type(tensor) -> str | None:
+    """The type of the TensorFlow op that computes a graph tensor (looking through ops that
+    only move values, such as ``Identity`` and ``Reshape``), e.g. ``"Softmax"``; None when
+    eager.
 
     Example:
-        >>> import keras
-        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3),
-        ...                           keras.layers.Lambda(lambda z: tf.nn.softmax(z))])
-        >>> probs, op = traced_outputs(model, tf.ones((4, 2)))
-        >>> tuple(probs.shape), op
-        ((4, 3), 'Softmax')
+        >>> with tf.Graph().as_default():
+        ...     final_op_type(tf.reshape(tf.nn.softmax(tf.ones((2, 3))), [-1]))
+        'Softmax'
     """
-    found = []
-
-    def forward(inputs):
-        outputs = call(inputs)
-        found.append(_final_op_type(outputs))
-        return outputs
-
-    outputs = tf.function(forward, autograph=False)(x)
-    return outputs, found[-1]
+    op = getattr(tensor, "op", None) if not tf.executing_eagerly() else None
+    while op is not None and op.type in _MOVES_VALUES and op.inputs:
+        op = op.inputs[0].op
+    return None if op is None else op.type
 
 
-def check_outputs(
-    outputs, likelihood: str, stripped: ProbabilityOutput | None, final_op: str | None = None
-) -> None:
-    """Refuse (or, for regression, warn about) model outputs that are probabilities.
+def check_output_op(op_type: str | None, likelihood: str, stripped: ProbabilityOutput | None):
+    """Refuse (or, for regression, warn about) an output made by a ``Softmax``/``Sigmoid`` op.
+
+    Args:
+        op_type: the type of the TensorFlow op that computes the model output
+            (:func:`final_op_type`, recorded by :class:`~laplace_tf.params.LogitModel`).
+        likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
+        stripped: the final softmax/sigmoid already removed from the model output, if any.
+
+    Raises:
+        ValueError: for ``"classification"`` and ``"binary"``; the message says how to expose
+            the logits.
+
+    Warns:
+        UserWarning: for ``"regression"`` (the output is used as the mean as it is).
+
+    Example:
+        >>> check_output_op("BiasAdd", "classification", None)      # a Dense layer's logits
+        >>> check_output_op("Sigmoid", "binary", None)
+        Traceback (most recent call last):
+        ...
+        ValueError: model: its output is computed by a TensorFlow Sigmoid op (e.g. ...
+    """
+    activation = _GRAPH_OPS.get(op_type)
+    if activation is None:
+        return
+    if likelihood == "regression":
+        warnings.warn(
+            f"model: its output is computed by a {op_type} op; with likelihood='regression' "
+            "it is used as the mean as it is (no logits). For class labels use "
+            "likelihood='classification' (softmax) or 'binary' (sigmoid).",
+            UserWarning, stacklevel=3,
+        )
+        return
+    raise ValueError(
+        f"model: its output is computed by a TensorFlow {op_type} op{_after(stripped)} (e.g. "
+        f"tf.nn.{activation} in call()), so it holds probabilities, not logits; laplace_tf "
+        f"would apply the {activation} a second time. " + _expose(activation)
+    )
+
+
+def check_output_values(outputs, likelihood: str, stripped: ProbabilityOutput | None) -> None:
+    """Refuse ``"classification"`` outputs that are probabilities: every entry in ``[0, 1]``
+    and every row summing to 1 (within 1e-3). Other likelihoods are not checked by value.
 
     Args:
         outputs: the model outputs on a batch ``[N, K]`` (after removing ``stripped``).
         likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
         stripped: the final softmax/sigmoid already removed from the model output, if any.
-        final_op: the type of the TensorFlow op that computes ``outputs``
-            (:func:`traced_outputs`), if known.
-
-    Raises:
-        ValueError: ``"classification"``/``"binary"`` outputs made by a ``Softmax``/``Sigmoid``
-            op, or ``"classification"`` outputs with every entry in ``[0, 1]`` and every row
-            summing to 1. The message says how to expose the logits.
-
-    Warns:
-        UserWarning: ``"regression"`` outputs made by a ``Softmax``/``Sigmoid`` op.
 
     Example:
-        >>> check_outputs(np.array([[2.0, -1.0, 0.5]]), "classification", None)   # logits
-        >>> check_outputs(np.array([[0.7, 0.1, 0.2]]), "classification", None)
+        >>> check_output_values(np.array([[2.0, -1.0, 0.5]]), "classification", None)
+        >>> check_output_values(np.array([[0.7, 0.1, 0.2]]), "classification", None)
         Traceback (most recent call last):
         ...
         ValueError: model: its outputs on the first batch are probabilities, ...
     """
-    after = "" if stripped is None else (
-        f" even after removing the {stripped.activation} of "
-        f"{stripped.operation.name!r} (is it applied twice?)"
-    )
-    activation = _GRAPH_OPS.get(final_op)
-    if activation and likelihood == "regression":
-        warnings.warn(
-            f"model: its output is computed by a {final_op} op; with likelihood='regression' "
-            "it is used as the mean as it is (no logits). For class labels use "
-            "likelihood='classification' (softmax) or 'binary' (sigmoid).",
-            UserWarning, stacklevel=3,
-        )
-    elif activation:
-        raise ValueError(
-            f"model: its output is computed by a TensorFlow {final_op} op{after} (e.g. "
-            f"tf.nn.{activation} in call()), so it holds probabilities, not logits; laplace_tf "
-            f"would apply the {activation} a second time. " + _expose(activation)
-        )
     if likelihood != "classification":
         return
     values = np.asarray(outputs, np.float64)
@@ -184,9 +191,16 @@ def check_outputs(
     ):
         raise ValueError(
             f"model: its outputs on the first batch are probabilities, not logits (every "
-            f"entry is in [0, 1] and every row sums to 1){after}; laplace_tf would apply "
-            "softmax to them a second time. " + _expose("softmax")
+            f"entry is in [0, 1] and every row sums to 1){_after(stripped)}; laplace_tf would "
+            "apply softmax to them a second time. " + _expose("softmax")
         )
+
+
+def _after(stripped: ProbabilityOutput | None) -> str:
+    if stripped is None:
+        return ""
+    return (f" even after removing the {stripped.activation} of {stripped.operation.name!r} "
+            "(is it applied twice?)")
 
 
 def _expose(activation: str) -> str:
@@ -199,14 +213,6 @@ def _expose(activation: str) -> str:
         "model, return the last Dense layer's output from call() and apply the "
         f"{activation} outside the model. laplace_tf applies the {activation} itself."
     )
-
-
-def _final_op_type(tensor) -> str | None:
-    """The type of the op that computes a graph tensor, through ops that only move values."""
-    op = getattr(tensor, "op", None)
-    while op is not None and op.type in _MOVES_VALUES and op.inputs:
-        op = op.inputs[0].op
-    return None if op is None else op.type
 
 
 def _walk_back(model: keras.Model) -> Iterator[keras.Operation]:

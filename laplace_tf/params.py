@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from laplace_tf.outputs import ProbabilityOutput, probability_output
+from laplace_tf.outputs import ProbabilityOutput, final_op_type, probability_output
 
 logger = logging.getLogger("laplace_tf")
 
@@ -296,6 +296,7 @@ class LogitModel:
             )
         self.stripped: ProbabilityOutput | None = found
         self.output_activation = found.activation if found else None
+        self.output_op: str | None = None
 
     def with_subset(self, subset: WeightSubset) -> LogitModel:
         """The same model calls (same stripping) over another weight subset."""
@@ -314,7 +315,10 @@ class LogitModel:
         """Logits of ``x`` with the subset's weights set to ``weights`` (None: current).
 
         ``layers``/``hook``: see :func:`_patched_calls`; used to read layer inputs and to add
-        probes to pre-activations. The model itself is never modified.
+        probes to pre-activations. The model itself is never modified. A traced call records
+        in ``output_op`` the type of the TF op that computes the output (e.g. ``"Softmax"``
+        for ``tf.nn.softmax`` in a subclassed ``call()``), for
+        :func:`~laplace_tf.outputs.check_output_op`.
         """
         trainable = self.subset.all_trainable_values(weights)
         non_trainable = [v.value for v in self.model.non_trainable_variables]
@@ -326,6 +330,8 @@ class LogitModel:
                 "model: laplace_tf needs a model with one output tensor; got "
                 f"{type(outputs).__name__}. Wrap the model so that it returns one tensor."
             )
+        if not tf.executing_eagerly():
+            self.output_op = final_op_type(outputs)
         return outputs
 
 

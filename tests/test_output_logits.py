@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import laplace_tf as ltf
 from laplace_tf import outputs, params
-from laplace_tf.outputs import check_outputs, probability_output
+from laplace_tf.outputs import check_output_op, check_output_values, probability_output
 from tests.models import targets
 
 F64 = "float64"
@@ -108,9 +108,8 @@ def test_probability_outputs_use_the_exact_logits_or_are_refused(kind, subset, s
     model, x = PROBABILITY_MODELS[kind](), _x()
     y = targets("classification", 3, len(x))
     if kind.startswith("subclassed"):  # nothing in the structure to remove: refused
-        with pytest.raises(ValueError, match=r"computed by a TensorFlow Softmax op.*probabilities"
-                                             r", not logits.*return the last Dense layer's "
-                                             r"output from call\(\)"):
+        with pytest.raises(ValueError, match=r"probabilities, not logits.*return the last "
+                                             r"Dense layer's output from call\(\)"):
             _fit(model, "classification", subset, structure, x, y)
         return
     la = _fit(model, "classification", subset, structure, x, y)
@@ -134,8 +133,8 @@ def test_the_model_is_unchanged_after_fitting_a_stripped_model():
 def test_softmax_applied_twice_is_refused():
     model = keras.Sequential([*_body(head_activation="softmax"), keras.layers.Softmax(dtype=F64)])
     x = _x()
-    with pytest.raises(ValueError, match=r"Softmax op even after removing the softmax of '.*' "
-                                         r"\(is it applied twice\?\)"):
+    with pytest.raises(ValueError, match=r"probabilities, not logits.* even after removing "
+                                         r"the softmax of '.*' \(is it applied twice\?\)"):
         _fit(model, "classification", "all", "diag", x, targets("classification", 3, len(x)))
 
 
@@ -157,8 +156,12 @@ def test_a_sigmoid_inside_call_for_binary_is_refused(subset):
     model = _SoftmaxInCall(tf.sigmoid, n_outputs=1)
     x = _x()
     model(x[:1])
-    with pytest.raises(ValueError, match=r"computed by a TensorFlow Sigmoid op.*apply the "
-                                         r"sigmoid outside the model"):
+    message = {  # the last-layer closed form sees that something follows its layer first
+        "all": r"computed by a TensorFlow Sigmoid op.*apply the sigmoid outside the model",
+        "last_layer": r"a softmax/sigmoid applied in call\(\) is not: return the logits from "
+                      r"call\(\) instead",
+    }[subset]
+    with pytest.raises(ValueError, match=message):
         _fit(model, "binary", subset, "diag", x, targets("binary", 1, len(x)))
 
 
@@ -219,15 +222,17 @@ def test_a_plain_logits_model_fits_without_warnings(likelihood, subset, structur
 
 
 def test_the_value_check_needs_every_row_in_the_unit_interval_and_summing_to_one():
-    check_outputs(np.array([[0.2, 0.3, 0.4], [0.1, 0.2, 0.7]]), "classification", None)
-    check_outputs(np.array([[0.2, 0.8], [1.5, -0.5]]), "classification", None)  # sums to 1
+    check_output_values(np.array([[0.2, 0.3, 0.4], [0.1, 0.2, 0.7]]), "classification", None)
+    check_output_values(np.array([[0.2, 0.8], [1.5, -0.5]]), "classification", None)  # sum 1
     with pytest.raises(ValueError, match="probabilities, not logits"):  # float16 round-off
         probs = tf.nn.softmax(tf.random.normal((64, 10), dtype=tf.float16) * 4)
-        check_outputs(tf.cast(probs, tf.float32), "classification", None)
+        check_output_values(tf.cast(probs, tf.float32), "classification", None)
     with warnings.catch_warnings():  # logits in [0, 1] are common for one output: no check
         warnings.simplefilter("error")
-        check_outputs(np.array([[0.5], [0.9]]), "binary", None, "BiasAdd")
-        check_outputs(np.array([[0.5], [0.9]]), "regression", None, "BiasAdd")
+        check_output_values(np.array([[0.5], [0.9]]), "binary", None)
+        check_output_values(np.array([[0.5, 0.5], [0.1, 0.9]]), "regression", None)
+        for likelihood in ("classification", "binary", "regression"):
+            check_output_op("BiasAdd", likelihood, None)
 
 
 def test_structures_that_are_not_a_final_softmax_are_not_removed():

@@ -24,7 +24,7 @@ from laplace_tf.curvature.blocks import (
     scale_block,
 )
 from laplace_tf.likelihoods import Likelihood
-from laplace_tf.outputs import check_outputs, traced_outputs
+from laplace_tf.outputs import check_output_op, check_output_values
 from laplace_tf.params import LogitModel
 
 CURVATURES = ("ggn", "ef", "hessian")
@@ -120,8 +120,9 @@ def fit_curvature(
     builder: CurvatureBuilder, batches: Batches, strategy: tf.distribute.Strategy | None = None
 ) -> Curvature:
     """Sum ``builder``'s blocks over ``batches``; targets are checked batch by batch, and the
-    model outputs on the first batch are checked to be logits, not probabilities
-    (:func:`~laplace_tf.outputs.check_outputs`).
+    model outputs are checked to be logits, not probabilities: by their values on the first
+    batch, and by the op that computes them in the traced step
+    (:func:`~laplace_tf.outputs.check_output_values`, :func:`~laplace_tf.outputs.check_output_op`).
 
     A dense builder joins consecutive batches into steps of up to
     :meth:`CurvatureBuilder.examples_per_step` examples; every other builder takes one step a
@@ -147,10 +148,10 @@ def fit_curvature(
         n_outputs = None
         for x, y in batches:
             if n_outputs is None:  # the first batch: are these logits?
-                outputs, final_op = traced_outputs(builder.logit_model, x)
+                outputs = builder.logit_model(x)
                 n_outputs = int(outputs.shape[-1])
                 likelihood.validate_outputs(n_outputs)
-                check_outputs(outputs, likelihood.name, builder.logit_model.stripped, final_op)
+                check_output_values(outputs, likelihood.name, builder.logit_model.stripped)
             yield x, likelihood.prepare_targets(y, n_outputs, batches.dtype)
 
     total, n_data, run = None, 0, step
@@ -158,6 +159,9 @@ def fit_curvature(
         if total is None and strategy is None:  # one trace for all batch sizes (a short last),
             run = step.get_concrete_function(*any_batch_size([x, targets]))  # called directly
         parts = [run(x, targets)] if strategy is None else _replica_steps(strategy, step, x, targets)
+        if total is None:  # the step is traced: what op computes the model output?
+            check_output_op(builder.logit_model.output_op, likelihood.name,
+                            builder.logit_model.stripped)
         for part in parts:
             total = _add_in_place(total, part)
         n_data += int(targets.shape[0])
