@@ -255,10 +255,10 @@ class LogitModel:
     a final layer with that activation, a ``Softmax`` layer, ``keras.ops.softmax``, ... possibly
     followed by ``Dropout``) is called without it (logged once), so that curvature and
     predictives work on logits. With ``likelihood="regression"`` the output is the mean and is
-    used as it is (:func:`~laplace_tf.outputs.check_outputs` warns about a softmax/sigmoid
-    there when fitting). Every layer
-    computes in its variables' dtype, so a mixed-precision model (float16 computation, float32
-    variables) is computed in float32; the model itself is left as it was.
+    used as it is (:func:`~laplace_tf.outputs.check_output_op` warns about a softmax/sigmoid
+    there when fitting). Every layer computes in its variables' dtype, so a mixed-precision
+    model (float16 computation, float32 variables) is computed in float32; the model itself
+    is left as it was.
 
     Args:
         model: a built Keras model.
