@@ -314,3 +314,14 @@ def test_mixed_precision_gives_the_numbers_of_the_float32_model(mixed_float16, s
     assert all(layer.dtype_policy is p for layer, p in zip(mixed.layers, policies, strict=True))
     assert mixed.layers[0](x).dtype == tf.float16
     np.testing.assert_allclose(mixed(x).numpy(), float32(x).numpy(), atol=2e-3)
+
+
+def test_mixed_precision_policies_are_restored_when_a_call_fails(mixed_float16):
+    mixed, _ = _mixed_and_float32_twin()
+    policies = [layer.dtype_policy for layer in mixed.layers]
+    logit_model = params.LogitModel(mixed, likelihood="classification")
+    assert tuple(logit_model(tf.ones((2, 3))).shape) == (2, 3)
+    with pytest.raises(ValueError):
+        logit_model(tf.ones((2, 5)))  # 5 features where the model takes 3
+    assert all(layer.dtype_policy is p for layer, p in zip(mixed.layers, policies, strict=True))
+    assert mixed.layers[1](tf.ones((2, 5))).dtype == tf.float16
