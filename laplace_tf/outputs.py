@@ -244,10 +244,10 @@ def _probability_activation(operation: keras.Operation, rank: int | None) -> str
         function = None if operation.arguments else operation.function
     elif hasattr(operation, "activation"):  # Dense, Conv*, Activation, ...
         function = operation.activation
-    elif isinstance(operation, keras.layers.Layer):  # e.g. keras.layers.Softmax
-        return "softmax" if isinstance(operation, keras.layers.Softmax) and \
-            _last_axis(operation.axis, rank) else None
-    else:  # keras.ops.softmax / keras.ops.sigmoid in a Functional model
+    elif isinstance(operation, keras.layers.Layer) and \
+            not isinstance(operation, keras.layers.Softmax):
+        return None
+    else:  # a Softmax layer, or keras.ops.softmax / keras.ops.sigmoid in a Functional model
         name = type(operation).__name__
         if name == "Softmax":
             return "softmax" if _last_axis(operation.axis, rank) else None
