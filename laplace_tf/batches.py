@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -55,15 +57,22 @@ class Batches:
         dtype: the floating dtype of the model.
         progress: show a tqdm progress bar while iterating.
         description: the progress bar's label.
+        steps: take only the first ``steps`` batches (as Keras' ``steps_per_epoch``); needed
+            for an infinite dataset (``.repeat()`` without a count).
+
+    Raises:
+        ValueError: an infinite dataset without ``steps``, fewer batches than ``steps``, empty
+            data, or a bad argument.
     """
 
     def __init__(self, data, batch_size: int | None = None, *, dtype: tf.DType = tf.float32,
-                 progress: bool = False, description: str = "batches"):
+                 progress: bool = False, description: str = "batches",
+                 steps: int | None = None):
         self.dtype = tf.as_dtype(dtype)
         self.progress = progress
         self.description = description
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size: expected a positive integer; got {batch_size!r}.")
+        self.steps = _positive_int_or_none(steps, "steps")
+        _positive_int_or_none(batch_size, "batch_size")
         if isinstance(data, tf.data.Dataset):
             spec = data.element_spec
             if not isinstance(spec, tuple) or len(spec) != 2:
@@ -73,6 +82,12 @@ class Batches:
                 )
             self._dataset, self._arrays = data, None
             n = int(data.cardinality())
+            if n == tf.data.INFINITE_CARDINALITY and self.steps is None:
+                raise ValueError(
+                    "data: the dataset is infinite (.repeat() without a count), so the fit "
+                    "would never end; pass steps=N to take its first N batches, or make it "
+                    "finite with .take(N) or .repeat(count)."
+                )
             self.n_batches = n if n >= 0 else None
         elif isinstance(data, (tuple, list)) and len(data) == 2:
             x, y = data
@@ -96,8 +111,24 @@ class Batches:
             )
         if self.n_batches == 0:
             raise ValueError("data: the data set is empty; give at least one example.")
+        if self.steps is not None:
+            if self.n_batches is not None and 0 < self.n_batches < self.steps:
+                raise ValueError(
+                    f"steps: the data has only {self.n_batches} batches; got steps="
+                    f"{self.steps}. Give steps <= {self.n_batches}, or leave steps=None to "
+                    "use all the data."
+                )
+            self.n_batches = self.steps
+        elif self.n_batches is None:
+            self.description = f"{description} (size unknown)"
 
     def _raw(self) -> Iterator[tuple]:
+        if self.steps is not None:
+            yield from itertools.islice(self._all(), self.steps)
+            return
+        yield from self._all()
+
+    def _all(self) -> Iterator[tuple]:
         if self._dataset is not None:
             yield from self._dataset
             return
@@ -122,6 +153,19 @@ class Batches:
             yield x, y
         if seen == 0:
             raise ValueError("data: the data set is empty; give at least one example.")
+        if self.steps is not None and seen < self.steps:
+            warnings.warn(
+                f"steps: the data ran out after {seen} batches; steps={self.steps} asked for "
+                f"more. Used the {seen} batches.", stacklevel=2,
+            )
+
+
+def _positive_int_or_none(value, name: str) -> int | None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+    ):
+        raise ValueError(f"{name}: expected a positive integer; got {value!r}.")
+    return None if value is None else int(value)
 
 
 def as_batches(data, batch_size: int | None = None, **kwargs) -> Batches:
@@ -130,8 +174,17 @@ def as_batches(data, batch_size: int | None = None, **kwargs) -> Batches:
 
 
 def iterate_inputs(x, batch_size: int, dtype: tf.DType) -> Iterator:
-    """Inputs only (arrays, dicts or a dataset of x batches), in batches of ``batch_size``."""
+    """Inputs only (arrays, dicts or a dataset of x batches), in batches of ``batch_size``.
+
+    Raises:
+        ValueError: an infinite dataset (it would never end), or NaN/Inf inputs.
+    """
     if isinstance(x, tf.data.Dataset):
+        if int(x.cardinality()) == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                "x: the dataset is infinite (.repeat() without a count), so predicting would "
+                "never end; make it finite with .take(N)."
+            )
         for xb in x:
             xb = xb[0] if isinstance(xb, tuple) else xb
             yield _as_float(xb, dtype)

@@ -356,7 +356,7 @@ class PosteriorLaplace:
 
     def fit(self, data, override: bool = True, batch_size: int | None = None,
             progress: bool | None = None,
-            strategy: tf.distribute.Strategy | None = None) -> None:
+            strategy: tf.distribute.Strategy | None = None, steps: int | None = None) -> None:
         """Compute the curvature at the model's current weights (the MAP).
 
         Args:
@@ -369,14 +369,20 @@ class PosteriorLaplace:
             progress: progress bar (default: the constructor's).
             strategy: a ``tf.distribute`` strategy: batches are split across its replicas and
                 the curvature is all-reduced (default: the strategy whose scope is active).
+            steps: use only the first ``steps`` batches (as Keras' ``steps_per_epoch``);
+                required for an infinite dataset (``.repeat()`` without a count).
+
+        Example:
+            ``la.fit(train.repeat(), steps=100)``: the curvature of the first 100 batches.
 
         Nothing changes if anything fails (bad data, an indefinite precision, ...).
         """
         _flag(override, "override")
         batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
         progress = self.progress if progress is None else _flag(progress, "progress")
+        steps = _positive_int(steps, "steps", allow_none=True)
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
-                          description="curvature")
+                          description="curvature", steps=steps)
         curvature = fit_curvature(self._builder(), batches, strategy)
         if not override and self._curvature is not None:
             self.structure.check(curvature)
