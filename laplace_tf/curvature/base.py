@@ -23,6 +23,7 @@ from laplace_tf.curvature.blocks import (
     from_sum_form,
     scale_block,
 )
+from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel
 
@@ -143,8 +144,9 @@ def fit_curvature(
     def prepared():
         n_outputs = None
         for x, y in batches:
-            if n_outputs is None:
-                n_outputs = int(builder.logit_model(x).shape[-1])
+            if n_outputs is None:  # the first batch: a failure is explained if x is the cause
+                logits = InputCheck(builder.logit_model.model).call(builder.logit_model, x)
+                n_outputs = int(logits.shape[-1])
                 likelihood.validate_outputs(n_outputs)
             yield x, likelihood.prepare_targets(y, n_outputs, batches.dtype)
 

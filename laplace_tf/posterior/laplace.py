@@ -52,6 +52,7 @@ from laplace_tf.curvature.memory import (
     estimate_memory,
     format_bytes,
 )
+from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
 from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
 from laplace_tf.posterior import io, marglik
@@ -408,7 +409,7 @@ class PosteriorLaplace:
         steps = _positive_int(steps, "steps", allow_none=True)
         self._check_memory(batch_size)
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
-                          description="curvature", steps=steps)
+                          description="curvature", steps=steps, check=InputCheck(self.model))
         curvature = fit_curvature(self._builder(), batches, strategy)
         if not override and self._curvature is not None:
             self.structure.check(curvature)
