@@ -91,8 +91,8 @@ class Laplace(PosteriorLaplace):
 
         Raises:
             ValueError: before ``fit``; for an unknown ``pred_type``/``link_approx``, a link
-                that does not fit the likelihood, ``n_samples < 1``, or inputs whose shape
-                does not fit the model.
+                that does not fit the likelihood, ``n_samples < 1``, inputs that do not fit
+                the model (:class:`~laplace_tf.inputs.InputCheck`), or an infinite dataset.
         """
         self._require_fit("la(x)")
         _check_choice("pred_type", pred_type, PRED_TYPES)
