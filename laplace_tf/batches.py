@@ -9,11 +9,15 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
+
+from laplace_tf.inputs import InputCheck
 
 DEFAULT_BATCH_SIZE = 128
 
@@ -55,15 +59,25 @@ class Batches:
         dtype: the floating dtype of the model.
         progress: show a tqdm progress bar while iterating.
         description: the progress bar's label.
+        steps: take only the first ``steps`` batches (as Keras' ``steps_per_epoch``); needed
+            for an infinite dataset (``.repeat()`` without a count).
+        check: an :class:`~laplace_tf.inputs.InputCheck` of the model: the inputs are
+            checked against it (before batching, and batch by batch).
+
+    Raises:
+        ValueError: an infinite dataset without ``steps``, fewer batches than ``steps``, empty
+            data, or a bad argument.
     """
 
     def __init__(self, data, batch_size: int | None = None, *, dtype: tf.DType = tf.float32,
-                 progress: bool = False, description: str = "batches"):
+                 progress: bool = False, description: str = "batches",
+                 steps: int | None = None, check: InputCheck | None = None):
         self.dtype = tf.as_dtype(dtype)
+        self.check = check
         self.progress = progress
         self.description = description
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size: expected a positive integer; got {batch_size!r}.")
+        self.steps = _positive_int_or_none(steps, "steps")
+        _positive_int_or_none(batch_size, "batch_size")
         if isinstance(data, tf.data.Dataset):
             spec = data.element_spec
             if not isinstance(spec, tuple) or len(spec) != 2:
@@ -71,8 +85,22 @@ class Batches:
                     "data: a tf.data.Dataset must yield (x, y) pairs of batches; got elements "
                     f"{spec}. Use dataset.map(lambda *e: (e[0], e[1])) and .batch(n)."
                 )
+            if any(part.shape.rank == 0 for part in tf.nest.flatten(spec)):
+                raise ValueError(
+                    f"data: the dataset yields single examples (element shapes "
+                    f"{tf.nest.map_structure(lambda t: tuple(t.shape), spec)}), not batches. "
+                    "Call .batch(n) on the dataset."
+                )
+            if check is not None:
+                check.data(spec[0], dataset=True)
             self._dataset, self._arrays = data, None
             n = int(data.cardinality())
+            if n == tf.data.INFINITE_CARDINALITY and self.steps is None:
+                raise ValueError(
+                    "data: the dataset is infinite (.repeat() without a count), so the fit "
+                    "would never end; pass steps=N to take its first N batches, or make it "
+                    "finite with .take(N) or .repeat(count)."
+                )
             self.n_batches = n if n >= 0 else None
         elif isinstance(data, (tuple, list)) and len(data) == 2:
             x, y = data
@@ -81,6 +109,8 @@ class Batches:
                     "data: got y=None; fitting needs targets. Give a tuple (x, y) with one "
                     "label or target per input."
                 )
+            if check is not None:
+                check.data(x)
             n = _n_rows(x)
             if len(y) != n:
                 raise ValueError(
@@ -96,8 +126,24 @@ class Batches:
             )
         if self.n_batches == 0:
             raise ValueError("data: the data set is empty; give at least one example.")
+        if self.steps is not None:
+            if self.n_batches is not None and 0 < self.n_batches < self.steps:
+                raise ValueError(
+                    f"steps: the data has only {self.n_batches} batches; got steps="
+                    f"{self.steps}. Give steps <= {self.n_batches}, or leave steps=None to "
+                    "use all the data."
+                )
+            self.n_batches = self.steps
+        elif self.n_batches is None:
+            self.description = f"{description} (size unknown)"
 
     def _raw(self) -> Iterator[tuple]:
+        if self.steps is not None:
+            yield from itertools.islice(self._all(), self.steps)
+            return
+        yield from self._all()
+
+    def _all(self) -> Iterator[tuple]:
         if self._dataset is not None:
             yield from self._dataset
             return
@@ -114,6 +160,8 @@ class Batches:
         for index, (x, y) in enumerate(raw):
             x, y = _as_float(x, self.dtype), np.asarray(y)
             _check_finite(x, index)
+            if self.check is not None:
+                self.check.batch(x, index)
             if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
                 raise ValueError(
                     f"y: batch {index} contains NaN or Inf labels; clean the labels first."
@@ -122,6 +170,19 @@ class Batches:
             yield x, y
         if seen == 0:
             raise ValueError("data: the data set is empty; give at least one example.")
+        if self.steps is not None and seen < self.steps:
+            warnings.warn(
+                f"steps: the data ran out after {seen} batches; steps={self.steps} asked for "
+                f"more. Used the {seen} batches.", stacklevel=2,
+            )
+
+
+def _positive_int_or_none(value, name: str) -> int | None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+    ):
+        raise ValueError(f"{name}: expected a positive integer; got {value!r}.")
+    return None if value is None else int(value)
 
 
 def as_batches(data, batch_size: int | None = None, **kwargs) -> Batches:
@@ -129,17 +190,39 @@ def as_batches(data, batch_size: int | None = None, **kwargs) -> Batches:
     return data if isinstance(data, Batches) else Batches(data, batch_size, **kwargs)
 
 
-def iterate_inputs(x, batch_size: int, dtype: tf.DType) -> Iterator:
-    """Inputs only (arrays, dicts or a dataset of x batches), in batches of ``batch_size``."""
+def iterate_inputs(x, batch_size: int, dtype: tf.DType,
+                   check: InputCheck | None = None) -> Iterator:
+    """Inputs only (arrays, dicts or a dataset of x batches), in batches of ``batch_size``,
+    checked against the model by ``check`` (see :class:`Batches`).
+
+    Raises:
+        ValueError: an infinite dataset (it would never end), NaN/Inf inputs, or inputs that
+            ``check`` refuses.
+    """
+    for index, xb in enumerate(_input_batches(x, batch_size, dtype, check)):
+        _check_finite(xb, index)
+        if check is not None:
+            check.batch(xb, index)
+        yield xb
+
+
+def _input_batches(x, batch_size: int, dtype: tf.DType, check: InputCheck | None) -> Iterator:
     if isinstance(x, tf.data.Dataset):
+        if int(x.cardinality()) == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                "x: the dataset is infinite (.repeat() without a count), so predicting would "
+                "never end; make it finite with .take(N)."
+            )
+        spec = x.element_spec
+        if check is not None:
+            check.data(spec[0] if isinstance(spec, tuple) else spec, dataset=True)
         for xb in x:
-            xb = xb[0] if isinstance(xb, tuple) else xb
-            yield _as_float(xb, dtype)
+            yield _as_float(xb[0] if isinstance(xb, tuple) else xb, dtype)
         return
+    if check is not None:
+        check.data(x)
     n = _n_rows(x)
     for start in range(0, n, batch_size):
         stop = start + batch_size
         xb = {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
-        xb = _as_float(xb, dtype)
-        _check_finite(xb, start // batch_size)
-        yield xb
+        yield _as_float(xb, dtype)

@@ -27,7 +27,7 @@ def _mlp_problem():
 def _fit(data, builder=DiagBuilder, problem=None, batch_size=None):
     logit_model, likelihood, *_ = problem or _mlp_problem()
     return fit_curvature(builder(logit_model, likelihood, "ggn"),
-                         Batches(data, batch_size, dtype=tf.float64))
+                         batches.as_batches(data, batch_size, dtype=tf.float64))
 
 
 @pytest.mark.parametrize(
@@ -183,3 +183,62 @@ def test_unbuilt_model_is_refused():
 
 def test_docstring_examples():
     assert doctest.testmod(batches, raise_on_error=True).attempted > 0
+
+
+def _dataset(x, y, batch=2):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def test_an_infinite_dataset_is_refused_unless_steps_bound_it():
+    _, _, x, y = _mlp_problem()
+    with pytest.raises(ValueError, match=r"data: the dataset is infinite.*pass steps=N"):
+        Batches(_dataset(x, y).repeat())
+    with pytest.raises(ValueError, match=r"x: the dataset is infinite.*\.take\(N\)"):
+        next(iterate_inputs(tf.data.Dataset.from_tensor_slices(x).batch(2).repeat(), 2, tf.float64))
+
+
+@pytest.mark.parametrize(
+    "make_data",
+    [lambda x, y: _dataset(x, y).repeat(), lambda x, y: _dataset(x, y),
+     lambda x, y: _dataset(x, y).filter(lambda *_: True), lambda x, y: (x, y)],
+    ids=["infinite", "known-cardinality", "unknown-cardinality", "arrays"],
+)
+def test_steps_takes_the_first_batches(make_data):
+    _, _, x, y = _mlp_problem()  # 6 examples: 3 batches of 2
+    first_steps = Batches(make_data(x, y), 2, dtype=tf.float64, steps=2)
+    assert first_steps.n_batches == 2
+    first_two = _fit((x[:4], y[:4]), batch_size=2)
+    taken = _fit(first_steps)
+    assert taken.n_data == 4
+    np.testing.assert_array_equal(taken.blocks[0].diagonal.numpy(),
+                                  first_two.blocks[0].diagonal.numpy())
+
+
+def test_more_steps_than_batches():
+    _, _, x, y = _mlp_problem()
+    with pytest.raises(ValueError, match=r"steps: the data has only 3 batches; got steps=4"):
+        Batches(_dataset(x, y), steps=4)
+    with pytest.raises(ValueError, match=r"steps: the data has only 3 batches"):
+        Batches((x, y), 2, steps=4)
+    unknown = Batches(_dataset(x, y).filter(lambda *_: True), dtype=tf.float64, steps=4)
+    with pytest.warns(UserWarning, match=r"steps: the data ran out after 3 batches; steps=4"):
+        assert len(list(unknown)) == 3
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.5, True, "3"])
+def test_bad_steps(steps):
+    with pytest.raises(ValueError, match="steps: expected a positive integer"):
+        Batches((np.zeros((4, 3)), np.zeros(4)), steps=steps)
+
+
+@pytest.mark.parametrize(
+    ("make_data", "steps", "bar"),
+    [(lambda x, y: _dataset(x, y).repeat(), 2, "| 0/2 ["),
+     (lambda x, y: _dataset(x, y).filter(lambda *_: True), None, "curvature (size unknown): ")],
+    ids=["steps-are-the-total", "unknown-size-said"],
+)
+def test_progress_bar_total_and_label(make_data, steps, bar, capsys):
+    _, _, x, y = _mlp_problem()
+    list(Batches(make_data(x, y), dtype=tf.float64, progress=True, description="curvature",
+                 steps=steps))
+    assert bar in capsys.readouterr().err

@@ -17,10 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
+import numpy as np
 import pytest
 from models import MODELS
 
-from laplace_tf.curvature import memory
+from laplace_tf import Laplace
+from laplace_tf.curvature import full, memory
 from laplace_tf.curvature._per_example import CHUNK_BYTES, STEP_EXAMPLES
 from laplace_tf.curvature.memory import MemoryEstimate, check_memory, estimate_memory
 from laplace_tf.params import WeightSubset
@@ -140,8 +143,8 @@ def test_str_names_the_total_and_every_part():
     text = str(estimate)
     assert "hessian_structure='full'" in text and f"{estimate.n_params} weights" in text
     assert all(name in text for name in estimate.parts)
-    assert memory._format_bytes(estimate.total_bytes) in text
-    assert [memory._format_bytes(n) for n in (5, 1536, 3 * 2**30)] == ["5 B", "1.5 KiB", "3.0 GiB"]
+    assert memory.format_bytes(estimate.total_bytes) in text
+    assert [memory.format_bytes(n) for n in (5, 1536, 3 * 2**30)] == ["5 B", "1.5 KiB", "3.0 GiB"]
 
 
 # (structure, subset_of_weights) -> what a refusal must suggest
@@ -213,6 +216,41 @@ def test_unknown_locations_count_as_one():
     assert [memory._locations(s) for s in subset.slices] == [1, 1]
     cnn = _subset("small_cnn")
     assert [memory._locations(s) for s in cnn.slices] == [9, 1]
+
+
+def test_fit_refuses_exactly_above_the_estimate_and_gives_its_figure():
+    model, x = MODELS["tanh_mlp"](K)
+    y = np.arange(len(x)) % K
+    la = Laplace(model, "classification", "all", "full", progress=False, batch_size=BATCH)
+    total = la.memory_estimate().total_bytes
+    la.memory_limit_bytes = total - 1
+    with pytest.raises(ValueError, match="memory_limit_bytes") as error:
+        la.fit((x, y))
+    assert f"needs about {memory.format_bytes(total)}" in str(error.value)
+    la.memory_limit_bytes = total
+    la.fit((x, y))
+
+
+def test_default_limit_is_a_quarter_of_the_available_memory(monkeypatch):
+    """One default everywhere: the fit's refusal and the dense covariance's."""
+    monkeypatch.setattr(full, "available_memory_bytes", lambda: 8 * 2**30)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((150,)), keras.layers.Dense(128, "tanh"),
+                              keras.layers.Dense(10)])  # 20,618 weights: 12 P^2 is 19 GiB
+    la = Laplace(model, "classification", "all", "full", progress=False)
+    with pytest.raises(ValueError, match=r"more than the limit of 2\.0 GiB \(memory_limit_bytes\)"
+                       ) as error:
+        la.fit((np.zeros((2, 150)), np.zeros(2)))
+    assert f"about {memory.format_bytes(la.memory_estimate().total_bytes)} " in str(error.value)
+    small, x = MODELS["tanh_mlp"](K)
+    la = Laplace(small, "classification", "all", "kron", progress=False)
+    la.fit((x, np.arange(len(x)) % K))
+    n_bytes = la.n_params**2 * 8
+    monkeypatch.setattr(full, "available_memory_bytes", lambda: 4 * n_bytes - 4)
+    with pytest.raises(ValueError, match=r"posterior_covariance: a dense 31 x 31 matrix needs 7\.5 KiB, above the limit of 7\.5 KiB \(memory_limit_bytes\)"):
+        _ = la.posterior_covariance
+    monkeypatch.setattr(full, "available_memory_bytes", lambda: 4 * n_bytes)
+    assert la.posterior_covariance.shape == (la.n_params, la.n_params)
 
 
 @pytest.mark.slow

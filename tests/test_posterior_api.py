@@ -93,9 +93,27 @@ BAD_USES = [
     (lambda la: la.optimize_prior_precision(lr=1e6, n_steps=5), ValueError, "optimize_prior_precision: the log evidence became"),
     (lambda la: la.optimize_prior_precision(method="gridsearch", tune_sigma_noise=True), ValueError, "gridsearch' tunes the prior precision only"),
     (lambda la: la.fit(([[1.0]], [1.0]), override="no"), TypeError, "override: expected True or False"),
+    (lambda la: la.fit(_dataset(4).repeat()), ValueError, r"data: the dataset is infinite .*pass steps=N"),
+    (lambda la: la.fit(_dataset(4), steps=0), ValueError, "steps: expected a positive integer"),
     (lambda la: (setattr(la, "memory_limit_bytes", 1000), la.posterior_covariance),
      ValueError, "posterior_covariance: a dense 26 x 26 matrix .* la.covariance_blocks"),
 ]
+
+
+def _dataset(n: int, batch: int = 2) -> tf.data.Dataset:
+    rng = np.random.default_rng(5)
+    return tf.data.Dataset.from_tensor_slices(
+        (rng.normal(size=(n, 3)), rng.normal(size=(n, 2)))
+    ).batch(batch)
+
+
+def test_fit_with_steps_uses_the_first_batches_of_an_infinite_dataset():
+    la, first = make("kron", "all"), make("kron", "all")
+    la.fit(_dataset(6).repeat(), steps=2)
+    first.fit(_dataset(6).take(2))
+    assert la.curvature.n_data == first.curvature.n_data == 4
+    np.testing.assert_array_equal(la.posterior_precision.to_dense(),
+                                  first.posterior_precision.to_dense())
 
 
 @pytest.mark.parametrize(("use", "error", "match"), BAD_USES)

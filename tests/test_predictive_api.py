@@ -129,6 +129,8 @@ def test_inputs_that_do_not_fit_the_model_are_refused(name, expected):
 @pytest.mark.parametrize("x, message", [
     (np.zeros((0, 3)), "x: got no inputs"),
     (np.full((3, 3), np.nan), "x: batch 0 contains NaN or Inf"),
+    (tf.data.Dataset.from_tensor_slices(np.zeros((4, 3))).batch(2).repeat(),
+     r"x: the dataset is infinite .*\.take\(N\)"),
 ])
 def test_empty_or_non_finite_inputs_are_refused(classifier, x, message):
     la, _ = classifier

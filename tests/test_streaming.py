@@ -12,7 +12,7 @@ batch, how many earlier batches are still alive (weak references). For every str
 * the streamed curvature equals the curvature of the same data held in memory.
 
 A dataset of unknown cardinality (a generator) gets a progress bar that counts batches
-without a total.
+without a total, and says that the size is unknown.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def test_a_stream_is_consumed_batch_by_batch_and_equals_the_in_memory_fit(
 @pytest.mark.parametrize(
     ("make", "bar"),
     [
-        (lambda x, y: _stream(x, y, []), "curvature: 0it ["),
+        (lambda x, y: _stream(x, y, []), "curvature (size unknown): 0it ["),
         (lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH),
          f"| 0/{N_BATCHES} ["),
     ],

@@ -47,7 +47,7 @@ SUBSETS = ("all", "last_layer")
 
 _ALL_WEIGHTS = {"full": FullBuilder, "diag": DiagBuilder, "kron": KronBuilder}
 _POSITIONAL = ("self", "logit_model", "likelihood", "kind", "structure")
-_DENSE_ONLY = "memory_limit_bytes"  # a limit on dense blocks; builders without them ignore it
+_DENSE_ONLY = "memory_limit_bytes"  # sizes the exact Hessian's chunks; other builders ignore it
 
 
 def make_builder(
@@ -67,8 +67,9 @@ def make_builder(
         logit_model: the model and its weight subset.
         likelihood: the likelihood of the data.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (not every structure has every kind).
-        **options: builder options: ``memory_limit_bytes`` (dense blocks; ignored by builders
-            that allocate none), ``stochastic`` and ``seed`` (``"all"`` + ``"kron"``).
+        **options: builder options: ``memory_limit_bytes`` (the memory budget of the exact
+            Hessian's chunks, ``"all"`` + ``"full"``; ignored by the other builders),
+            ``stochastic`` and ``seed`` (``"all"`` + ``"kron"``).
 
     Returns:
         :class:`FullBuilder`, :class:`DiagBuilder`, :class:`KronBuilder` or

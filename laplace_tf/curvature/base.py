@@ -23,6 +23,7 @@ from laplace_tf.curvature.blocks import (
     from_sum_form,
     scale_block,
 )
+from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import check_output_op, check_output_values
 from laplace_tf.params import LogitModel
@@ -147,8 +148,8 @@ def fit_curvature(
     def prepared():
         n_outputs = None
         for x, y in batches:
-            if n_outputs is None:  # the first batch: are these logits?
-                outputs = builder.logit_model(x)
+            if n_outputs is None:  # the first batch: a failure is explained if x is the cause
+                outputs = InputCheck(builder.logit_model.model).call(builder.logit_model, x)
                 n_outputs = int(outputs.shape[-1])
                 likelihood.validate_outputs(n_outputs)
                 check_output_values(outputs, likelihood.name, builder.logit_model.stripped)

@@ -10,9 +10,10 @@ The curvature is one :class:`DenseBlock` ``[P, P]`` over the subset's flat weigh
 * ``"hessian"``: the exact Hessian of the summed batch NLL, by nested ``GradientTape``s
   (:func:`laplace_tf.autodiff.hessian`) over chunks of examples.
 
-A dense ``P x P`` matrix grows fast, so :class:`FullBuilder` refuses (before any work) when its
-estimate exceeds ``memory_limit_bytes`` (default: a quarter of the available memory).
-:func:`dense_curvature_bytes` is that estimate's unit, for other dense structures to reuse.
+A dense ``P x P`` matrix grows fast: :class:`~laplace_tf.posterior.PosteriorLaplace` refuses
+(before any work) a fit whose :func:`~laplace_tf.curvature.memory.estimate_memory` exceeds
+``memory_limit_bytes`` (default :func:`default_memory_limit`, a quarter of the available
+memory); here the limit sizes the exact Hessian's chunks.
 
 Example:
     A linear regression model with unit noise has GGN = Hessian = ``sum_n [x_n, 1] [x_n, 1]^T``:
@@ -53,18 +54,7 @@ from laplace_tf.params import LogitModel
 FALLBACK_MEMORY_BYTES = 4 * 2**30
 """The memory limit when the available memory cannot be read."""
 
-_DENSE_COPIES = 5  # fit_curvature's running total; in a step: blocks, their concat, loop sum + update
 _TANGENTS_PER_ACTIVATION = 6  # a Hessian row's pfor tangents per forward number (measured, MLPs)
-
-
-def dense_curvature_bytes(n_params: int, dtype: tf.DType | str) -> int:
-    """Bytes of one dense ``n_params x n_params`` matrix of ``dtype``.
-
-    Example:
-        >>> dense_curvature_bytes(1000, "float32")
-        4000000
-    """
-    return int(n_params) ** 2 * tf.as_dtype(dtype).size
 
 
 def available_memory_bytes() -> int | None:
@@ -92,11 +82,12 @@ class FullBuilder(CurvatureBuilder):
         logit_model: the model and its weight subset.
         likelihood: the likelihood of the data.
         kind: ``"ggn"``, ``"ef"`` or ``"hessian"``.
-        memory_limit_bytes: refuse when the dense matrices would need more than this (default:
-            :func:`default_memory_limit`).
+        memory_limit_bytes: the memory budget that sizes the exact Hessian's chunks (default:
+            :func:`default_memory_limit`). Whether the dense curvature fits at all is checked
+            before, from :func:`~laplace_tf.curvature.memory.estimate_memory`.
 
     Raises:
-        ValueError: the dense curvature does not fit in ``memory_limit_bytes``.
+        ValueError: ``memory_limit_bytes`` is not a positive integer or None.
     """
 
     structure = "full"
@@ -120,16 +111,6 @@ class FullBuilder(CurvatureBuilder):
                 f"{memory_limit_bytes!r}."
             )
         self.memory_limit_bytes = memory_limit_bytes
-        subset = logit_model.subset
-        needed = _DENSE_COPIES * dense_curvature_bytes(subset.n_params, subset.dtype) + CHUNK_BYTES
-        if needed > memory_limit_bytes:
-            raise ValueError(
-                f"hessian_structure='full': a dense curvature over {subset.n_params} weights "
-                f"({subset.dtype.name}) needs about {needed / 2**30:.2f} GiB, more than the limit "
-                f"of {memory_limit_bytes / 2**30:.2f} GiB (memory_limit_bytes). Use "
-                "hessian_structure='kron' or hessian_structure='diag', or "
-                "subset_of_weights='last_layer'; or raise memory_limit_bytes if you have the memory."
-            )
 
     def batch_sums(self, x, y) -> tuple[list[tf.Tensor], tf.Tensor]:
         """The batch's compact sums (one ``[P, P]`` matrix for the exact Hessian)."""

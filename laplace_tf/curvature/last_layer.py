@@ -42,13 +42,11 @@ from laplace_tf.curvature._kron_sums import (
 from laplace_tf.curvature._per_example import activations_per_example, step_examples
 from laplace_tf.curvature.base import STRUCTURES, CurvatureBuilder
 from laplace_tf.curvature.blocks import Block, DenseBlock, DiagBlock, KronBlock
-from laplace_tf.curvature.full import default_memory_limit, dense_curvature_bytes
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import output_layer
-from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
+from laplace_tf.params import LogitModel, leaf_layers
 
 _CLOSED_FORM_LAYERS = (keras.layers.Dense,)
-_DENSE_COPIES = 4  # the einsum's transposed intermediate and result, the running total, the sum
 _ADVICE = (
     "use subset_of_weights='all' (e.g. with hessian_structure='kron'), which takes any model "
     "that returns logits or ends in a softmax/sigmoid layer"
@@ -170,8 +168,9 @@ class LastLayerBuilder(CurvatureBuilder):
 
     * ``"full"``: :class:`DenseBlock` ``sum_n (a~_n a~_n^T) ⊗ M_n``, ``[P, P]`` with
       ``P = (din + 1) K``: ``P^2`` numbers, e.g. 2.6e9 (10 GB in float32) for 512 features
-      and 100 classes, and a batch briefly holds about 4 such matrices. Refused (before any
-      work) when that exceeds ``memory_limit_bytes``; use ``"kron"`` or ``"diag"`` then.
+      and 100 classes, and a fit holds a few such matrices
+      (:func:`~laplace_tf.curvature.memory.estimate_memory`; ``PosteriorLaplace.fit`` refuses
+      what exceeds its ``memory_limit_bytes``).
     * ``"kron"``: :class:`KronBlock` ``A = mean_n a~_n a~_n^T``, ``G = sum_n M_n``, ``n = N``.
     * ``"diag"``: :class:`DiagBlock` ``sum_n a~_n^2 ⊗ diag(M_n)``.
 
@@ -185,13 +184,10 @@ class LastLayerBuilder(CurvatureBuilder):
         likelihood: the likelihood of the data.
         kind: ``"ggn"``, ``"ef"`` or ``"hessian"``.
         structure: ``"full"``, ``"kron"`` or ``"diag"``.
-        memory_limit_bytes: for ``"full"``: refuse when the dense matrices would need more
-            than this (default: a quarter of the available memory, as for
-            :class:`~laplace_tf.curvature.full.FullBuilder`).
 
     Raises:
-        ValueError: for an unknown structure or kind, a ``logit_model`` that is not over one
-            Dense layer, or a ``"full"`` block above the memory limit.
+        ValueError: for an unknown structure or kind, or a ``logit_model`` that is not over
+            one Dense layer.
 
     Example:
         >>> import keras, numpy as np, tensorflow as tf
@@ -214,7 +210,6 @@ class LastLayerBuilder(CurvatureBuilder):
         likelihood: Likelihood,
         kind: str = "ggn",
         structure: str = "kron",
-        memory_limit_bytes: int | None = None,
     ):
         if structure not in STRUCTURES:
             raise ValueError(
@@ -225,8 +220,6 @@ class LastLayerBuilder(CurvatureBuilder):
         super().__init__(logit_model, likelihood, kind)
         self.layer = _subset_layer(logit_model)
         self._has_bias = len(self.layer.trainable_variables) == 2
-        if structure == "full":
-            _check_full_memory(logit_model.subset, memory_limit_bytes)
 
     def batch_sums(self, x, y) -> tuple[list[Block | tf.Tensor], tf.Tensor]:
         """The batch's one block over the last layer's weights (``"full"``: its packed sums,
@@ -367,22 +360,3 @@ def _what_follows(logit_model: LogitModel, layer: keras.layers.Layer) -> str:
     if not after:
         return "code after it in the model's call changes it"
     return "it is followed by " + ", ".join(f"{o.name!r} ({type(o).__name__})" for o in after)
-
-
-def _check_full_memory(subset: WeightSubset, memory_limit_bytes: int | None) -> None:
-    """Refuse a dense ``[P, P]`` last-layer block that would not fit in the memory limit."""
-    limit = default_memory_limit() if memory_limit_bytes is None else memory_limit_bytes
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        raise ValueError(
-            f"memory_limit_bytes: expected a positive integer number of bytes or None; got "
-            f"{memory_limit_bytes!r}."
-        )
-    needed = _DENSE_COPIES * dense_curvature_bytes(subset.n_params, subset.dtype)
-    if needed > limit:
-        raise ValueError(
-            f"hessian_structure='full': a dense last-layer curvature over {subset.n_params} "
-            f"weights ({subset.dtype.name}) needs about {needed / 2**30:.2f} GiB, more than the "
-            f"limit of {limit / 2**30:.2f} GiB (memory_limit_bytes). Use "
-            "hessian_structure='kron' or hessian_structure='diag'; or raise memory_limit_bytes "
-            "if you have the memory."
-        )

@@ -123,10 +123,10 @@ class MemoryEstimate:
         lines = [
             f"hessian_structure={self.structure!r}, subset_of_weights="
             f"{self.subset_of_weights!r}: {self.n_params:,} weights ({self.dtype}), batch size "
-            f"{self.batch_size}: about {_format_bytes(self.total_bytes)}"
+            f"{self.batch_size}: about {format_bytes(self.total_bytes)}"
         ]
         width = max(len(name) for name in self.parts)
-        lines += [f"  {name:<{width}}  {_format_bytes(n):>10}" for name, n in self.parts.items()]
+        lines += [f"  {name:<{width}}  {format_bytes(n):>10}" for name, n in self.parts.items()]
         return "\n".join(lines)
 
 
@@ -197,13 +197,18 @@ def estimate_memory(
     )
 
 
-def check_memory(estimate: MemoryEstimate, limit_bytes: int | None = None) -> None:
+def check_memory(estimate: MemoryEstimate, limit_bytes: int | None = None,
+                 name: str = "limit_bytes") -> None:
     """Refuse (ValueError) when ``estimate`` exceeds ``limit_bytes``.
+
+    The message gives the estimate's total (what ``str(estimate)`` and
+    ``Laplace.memory_estimate()`` show) and the limit.
 
     Args:
         estimate: from :func:`estimate_memory`.
         limit_bytes: the most bytes allowed; default a quarter of the available memory
             (:func:`laplace_tf.curvature.full.default_memory_limit`).
+        name: the limit's name in messages (``"memory_limit_bytes"`` for a Laplace).
 
     Raises:
         ValueError: the estimate is above the limit (the message names the cheaper
@@ -217,22 +222,22 @@ def check_memory(estimate: MemoryEstimate, limit_bytes: int | None = None) -> No
     """
     if limit_bytes is None:
         limit_bytes = default_memory_limit()
-    limit_bytes = _positive_int("limit_bytes", limit_bytes)
+    limit_bytes = _positive_int(name, limit_bytes)
     if estimate.total_bytes <= limit_bytes:
         return
     cheaper = _CHEAPER[estimate.structure, estimate.subset_of_weights]
     advice = [f"use {cheaper}"] if cheaper else []
     if estimate.parts.get("per_batch", 0) > estimate.total_bytes / 2:
         advice.append(f"use a smaller batch_size than {estimate.batch_size}")
-    advice.append("raise limit_bytes if you have the memory")
+    advice.append(f"raise {name} if you have the memory")
     text = "; or ".join(advice)
     largest = max(estimate.parts, key=estimate.parts.get)
     raise ValueError(
         f"hessian_structure={estimate.structure!r} with subset_of_weights="
         f"{estimate.subset_of_weights!r} over {estimate.n_params:,} weights ({estimate.dtype}) "
-        f"needs about {_format_bytes(estimate.total_bytes)} (largest part: {largest}, "
-        f"{_format_bytes(estimate.parts[largest])}), more than the limit of "
-        f"{_format_bytes(limit_bytes)} (limit_bytes). {text[:1].upper()}{text[1:]}."
+        f"needs about {format_bytes(estimate.total_bytes)} (largest part: {largest}, "
+        f"{format_bytes(estimate.parts[largest])}), more than the limit of "
+        f"{format_bytes(limit_bytes)} ({name}). {text[:1].upper()}{text[1:]}."
     )
 
 
@@ -354,8 +359,13 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _format_bytes(n: int) -> str:
-    """``n`` bytes in B, KiB, MiB, GiB or TiB, e.g. ``'1.5 MiB'``."""
+def format_bytes(n: int) -> str:
+    """``n`` bytes in B, KiB, MiB, GiB or TiB, as the memory messages give them.
+
+    Example:
+        >>> format_bytes(1536), format_bytes(3 * 2**30)
+        ('1.5 KiB', '3.0 GiB')
+    """
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024:

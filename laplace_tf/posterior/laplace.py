@@ -44,8 +44,15 @@ from laplace_tf.batches import DEFAULT_BATCH_SIZE, Batches
 from laplace_tf.curvature import make_builder
 from laplace_tf.curvature.base import CURVATURES, Curvature, fit_curvature
 from laplace_tf.curvature.blocks import block_size
+from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.last_layer import find_last_layer
-from laplace_tf.curvature.memory import MemoryEstimate, estimate_memory
+from laplace_tf.curvature.memory import (
+    MemoryEstimate,
+    check_memory,
+    estimate_memory,
+    format_bytes,
+)
+from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
 from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
 from laplace_tf.posterior import io, marglik
@@ -62,7 +69,6 @@ from laplace_tf.posterior.structures import STRUCTURES, dense_covariance, precis
 
 SUBSETS = ("all", "last_layer")
 ON_INDEFINITE = ("raise", "clip")
-DEFAULT_DENSE_LIMIT_BYTES = 2 * 1024**3
 
 
 class NotFittedError(ValueError):
@@ -130,8 +136,10 @@ class PosteriorLaplace:
             construction, so their round-off negatives are always clipped silently.
         batch_size: batch size for array data.
         progress: show progress bars.
-        memory_limit_bytes: the largest dense matrix allowed (full curvature, dense
-            covariance); default 2 GiB.
+        memory_limit_bytes: the most memory a fit may need: ``fit`` refuses (before any
+            work) when :meth:`memory_estimate` exceeds it, and ``posterior_covariance`` a
+            dense matrix above it. Default: a quarter of the available memory
+            (:func:`~laplace_tf.curvature.full.default_memory_limit`).
 
     Raises:
         ValueError, TypeError: for any invalid argument (the message lists the valid values).
@@ -339,6 +347,8 @@ class PosteriorLaplace:
                         batch_size: int | None = None) -> MemoryEstimate:
         """The bytes this (subset, structure) needs to fit and use, before fitting.
 
+        ``fit`` refuses when its total exceeds ``memory_limit_bytes``.
+
         Args:
             n_outputs: the number of model outputs; default: read from the model.
             batch_size: the fit's batch size (default: the constructor's).
@@ -354,9 +364,23 @@ class PosteriorLaplace:
             self.subset_of_weights, self.curvature_kind,
         )
 
+    def _check_memory(self, batch_size: int) -> None:
+        """Refuse a fit whose :meth:`memory_estimate` exceeds ``memory_limit_bytes``.
+
+        A model whose number of outputs cannot be read (a subclassed model) is estimated with
+        its last layer's outputs (the ``P x P`` parts, which dominate a dense structure, do
+        not depend on them).
+        """
+        try:
+            n_outputs = _n_outputs(self.model)
+        except ValueError:
+            n_outputs = int(self.subset.slices[-1].variables[0].shape[-1])
+        check_memory(self.memory_estimate(n_outputs, batch_size), self.memory_limit_bytes,
+                     "memory_limit_bytes")
+
     def fit(self, data, override: bool = True, batch_size: int | None = None,
             progress: bool | None = None,
-            strategy: tf.distribute.Strategy | None = None) -> None:
+            strategy: tf.distribute.Strategy | None = None, steps: int | None = None) -> None:
         """Compute the curvature at the model's current weights (the MAP).
 
         Args:
@@ -369,14 +393,23 @@ class PosteriorLaplace:
             progress: progress bar (default: the constructor's).
             strategy: a ``tf.distribute`` strategy: batches are split across its replicas and
                 the curvature is all-reduced (default: the strategy whose scope is active).
+            steps: use only the first ``steps`` batches (as Keras' ``steps_per_epoch``);
+                required for an infinite dataset (``.repeat()`` without a count).
 
-        Nothing changes if anything fails (bad data, an indefinite precision, ...).
+        Example:
+            ``la.fit(train.repeat(), steps=100)``: the curvature of the first 100 batches.
+
+        Raises:
+            ValueError: :meth:`memory_estimate` exceeds ``memory_limit_bytes`` (before any
+                work), bad data, an indefinite precision, ...; nothing changes then.
         """
         _flag(override, "override")
         batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
         progress = self.progress if progress is None else _flag(progress, "progress")
+        steps = _positive_int(steps, "steps", allow_none=True)
+        self._check_memory(batch_size)
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
-                          description="curvature")
+                          description="curvature", steps=steps, check=InputCheck(self.model))
         curvature = fit_curvature(self._builder(), batches, strategy)
         if not override and self._curvature is not None:
             self.structure.check(curvature)
@@ -511,12 +544,12 @@ class PosteriorLaplace:
     def posterior_covariance(self) -> tf.Tensor:
         """The dense covariance ``[P, P]``; refused above ``memory_limit_bytes``."""
         self._require_fit("posterior_covariance")
-        limit = self.memory_limit_bytes or DEFAULT_DENSE_LIMIT_BYTES
+        limit = self.memory_limit_bytes or default_memory_limit()
         n_bytes = self.n_params**2 * self._dtype.size
         if n_bytes > limit:
             raise ValueError(
                 f"posterior_covariance: a dense {self.n_params} x {self.n_params} matrix needs "
-                f"{n_bytes / 1024**2:.0f} MiB, above the {limit / 1024**2:.0f} MiB limit "
+                f"{format_bytes(n_bytes)}, above the limit of {format_bytes(limit)} "
                 f"(memory_limit_bytes). Use la.covariance_blocks() (structured), la.sample(), "
                 f"or la.posterior.stddev() instead."
             )

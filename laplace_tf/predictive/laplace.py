@@ -35,6 +35,7 @@ import numbers
 import tensorflow as tf
 
 from laplace_tf.batches import iterate_inputs
+from laplace_tf.inputs import MODEL_ERRORS, InputCheck
 from laplace_tf.posterior import PosteriorLaplace
 from laplace_tf.posterior.laplace import stateless_seed
 from laplace_tf.predictive.jacobians import FunctionalVariance, block_kind
@@ -50,9 +51,6 @@ from laplace_tf.predictive.links import (
 DEFAULT_BATCH_SIZE = 256
 SAMPLES_IN_FLIGHT = 4
 """Weight samples the ``nn`` predictive runs concurrently."""
-
-_MODEL_ERRORS = (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError)
-
 
 class Laplace(PosteriorLaplace):
     """Post-hoc Laplace approximation of a Keras model, with predictive uncertainty.
@@ -93,8 +91,8 @@ class Laplace(PosteriorLaplace):
 
         Raises:
             ValueError: before ``fit``; for an unknown ``pred_type``/``link_approx``, a link
-                that does not fit the likelihood, ``n_samples < 1``, or inputs whose shape
-                does not fit the model.
+                that does not fit the likelihood, ``n_samples < 1``, inputs that do not fit
+                the model (:class:`~laplace_tf.inputs.InputCheck`), or an infinite dataset.
         """
         self._require_fit("la(x)")
         _check_choice("pred_type", pred_type, PRED_TYPES)
@@ -247,37 +245,25 @@ class Laplace(PosteriorLaplace):
     def _over_batches(self, x, batch_size: int | None, step) -> list:
         """``step(batch, index)`` for every batch of ``x`` (in the model dtype).
 
-        When the first batch fails, one example is run through the plain model to tell
-        inputs that do not fit the model (a clear ValueError) from other failures.
+        The inputs are checked against the model (:class:`~laplace_tf.inputs.InputCheck`);
+        when the first batch fails, one example is run through the plain model to tell inputs
+        that do not fit the model (a clear ValueError) from other failures.
         """
         size = DEFAULT_BATCH_SIZE if batch_size is None else _check_positive_int(
             "batch_size", batch_size
         )
+        check = InputCheck(self.model)
         outputs = []
-        for index, xb in enumerate(iterate_inputs(x, size, self.subset.dtype)):
+        for index, xb in enumerate(iterate_inputs(x, size, self.subset.dtype, check)):
             try:
                 outputs.append(step(xb, index))
-            except _MODEL_ERRORS:
+            except MODEL_ERRORS as err:
                 if index == 0:
-                    self._check_input_shape(xb)
+                    check.explain(xb, err)
                 raise
         if not outputs:
             raise ValueError("x: got no inputs; give at least one example [N >= 1, ...].")
         return outputs
-
-    def _check_input_shape(self, xb) -> None:
-        """Run one example through the model; re-raise a failure as a clear ValueError."""
-        try:
-            self.logit_model(tf.nest.map_structure(lambda t: t[:1], xb))
-        except _MODEL_ERRORS as err:
-            shapes = tf.nest.map_structure(lambda t: tuple(t.shape), xb)
-            expected = getattr(self.model, "input_shape", None)
-            wanted = "the shape it was built with" if expected is None else f"{expected}"
-            raise ValueError(
-                f"x: inputs of shape {shapes} do not fit the model, which expects inputs of "
-                f"shape {wanted} (None: any size). Give inputs [N, ...] with the model's "
-                f"per-example shape. The model said: {err}"
-            ) from err
 
 
 def _join(outputs: list, axis: int):
