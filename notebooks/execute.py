@@ -36,6 +36,7 @@ def execute(path: Path) -> None:
     metadata = notebook.metadata.copy()
     with tempfile.TemporaryDirectory() as workdir:
         NotebookClient(notebook, kernel_name="python3", timeout=TIMEOUT, record_timing=False,
+                       coalesce_streams=True,  # one stdout output a cell, however it was flushed
                        extra_arguments=["--IPKernelApp.capture_fd_output=False"],
                        resources={"metadata": {"path": workdir}}).execute()
     notebook.metadata = metadata  # drop the kernel's language_info (Python version, ...)
