@@ -7,11 +7,13 @@ Usage, from the repository root::
 
 Each notebook runs top to bottom at full size in a fresh ``python3`` kernel started in a
 temporary folder, with this checkout's ``laplace_tf`` first on the path. A failing cell stops
-the script with its traceback and leaves that notebook unchanged. Nothing volatile is stored
-(no execution timing; the notebook metadata is kept as it was; what TensorFlow's C++ runtime
-writes straight to the process's stderr, with timestamps, goes to this terminal, not into the
-notebook), so a re-run changes the diff only where an output changes. ``tests/test_notebooks.py`` checks the stored outputs and runs
-every notebook again at small sizes.
+the script with its traceback and leaves that notebook unchanged. Nothing volatile is stored:
+no execution timing; the notebook metadata is kept as it was; each cell's stdout (and stderr)
+is one output however it was flushed; what TensorFlow's C++ runtime writes straight to the
+process's stderr, with timestamps, goes to this terminal, not into the notebook. A re-run thus
+changes only outputs that changed (and object addresses in TensorFlow's retracing warnings).
+``tests/test_notebooks.py`` checks the stored outputs and runs every notebook again at small
+sizes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def execute(path: Path) -> None:
     metadata = notebook.metadata.copy()
     with tempfile.TemporaryDirectory() as workdir:
         NotebookClient(notebook, kernel_name="python3", timeout=TIMEOUT, record_timing=False,
-                       coalesce_streams=True,  # one stdout output a cell, however it was flushed
+                       coalesce_streams=True,
                        extra_arguments=["--IPKernelApp.capture_fd_output=False"],
                        resources={"metadata": {"path": workdir}}).execute()
     notebook.metadata = metadata  # drop the kernel's language_info (Python version, ...)
