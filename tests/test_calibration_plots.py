@@ -1,11 +1,14 @@
 """Calibration plots render with Agg, honour ``ax=`` and draw the numbers the metrics give."""
 
 import doctest
+import inspect
 import io
 
 import matplotlib
+import matplotlib.image
 import numpy as np
 import pytest
+from IPython.core.formatters import DisplayFormatter
 from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
@@ -277,6 +280,50 @@ def test_new_figures_stay_out_of_pyplot():
     cal.reliability_diagram(THREE_BIN_PROBS, THREE_BIN_LABELS)
     cal.eigenvalue_spectrum([1.0, 2.0])
     assert plt.get_fignums() == before
+
+
+# Every plotting function drawing a new figure, with a small valid input.
+NEW_FIGURES = {
+    "reliability_diagram": lambda: cal.reliability_diagram(THREE_BIN_PROBS, THREE_BIN_LABELS),
+    "reliability_comparison": lambda: cal.reliability_comparison(
+        {"MAP": THREE_BIN_PROBS}, THREE_BIN_LABELS
+    ),
+    "regression_band_plot": lambda: cal.regression_band_plot(
+        [0.0, 1.0], None, [0.0, 0.0], [1.0, 4.0]
+    ),
+    "regression_calibration_plot": lambda: cal.regression_calibration_plot(
+        [0.0, 1.0], [1.0, 1.0], [0.0, 1.0]
+    ),
+    "ood_histograms": lambda: cal.ood_histograms(THREE_BIN_PROBS, THREE_BIN_PROBS[::-1]),
+    "evidence_plot": lambda: cal.evidence_plot(
+        {"prior_precision": [0.1, 1.0], "log_marginal_likelihood": [-2.0, -1.0]}
+    ),
+    "eigenvalue_spectrum": lambda: cal.eigenvalue_spectrum([3.0, 2.0]),
+}
+
+
+def test_new_figures_cover_every_plotting_function():
+    public = {
+        name
+        for name, obj in inspect.getmembers(plots_module, inspect.isfunction)
+        if not name.startswith("_") and obj.__module__ == plots_module.__name__
+    }
+    assert set(NEW_FIGURES) == public
+
+
+@pytest.mark.parametrize("name", sorted(NEW_FIGURES))
+def test_new_figures_show_as_png_in_jupyter(name):
+    """IPython's display formatter (as in a kernel without the inline backend) gives a PNG.
+
+    For a plain Figure made without pyplot it gives only the text ``<Figure size ...>``.
+    """
+    fig = NEW_FIGURES[name]()
+    data, _ = DisplayFormatter().format(fig)
+    image = matplotlib.image.imread(io.BytesIO(data["image/png"]), format="png")
+    height, width = image.shape[:2]
+    size = fig.get_size_inches() * fig.dpi  # tight bounding box: close to the figure size
+    np.testing.assert_allclose([width, height], size, rtol=0.15)
+    assert image[..., :3].min() < 0.5 < image[..., :3].max()  # dark lines on white
 
 
 def test_ax_must_be_one_axes():

@@ -14,6 +14,7 @@ import re
 import keras
 import numpy as np
 import pytest
+from IPython.core.formatters import DisplayFormatter
 from matplotlib.collections import PathCollection, PolyCollection
 from sklearn.datasets import load_digits
 
@@ -266,6 +267,15 @@ def test_save_plots_writes_one_png_per_figure(digits_report, tmp_path):
     assert list(paths) == list(rep.figures)
     assert all(p.parent == tmp_path / "plots" and p.read_bytes().startswith(PNG_SIGNATURE)
                for p in paths.values())
+
+
+def test_figures_show_as_png_in_jupyter(digits_report):
+    """IPython's display formatter renders each report figure, side-by-side ones included."""
+    rep, _ = digits_report
+    formatter = DisplayFormatter()
+    assert all(formatter.format(fig)[0]["image/png"].startswith(PNG_SIGNATURE)
+               for fig in rep.figures.values())
+    assert "reliability_diagrams" in rep.figures  # made by the report itself, not a plot function
 
 
 def test_figures_draw_the_report_numbers(digits, digits_report):

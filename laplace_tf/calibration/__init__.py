@@ -23,6 +23,7 @@ from laplace_tf.calibration.metrics import (
     ood_scores,
 )
 from laplace_tf.calibration.plots import (
+    InlineFigure,
     eigenvalue_spectrum,
     evidence_plot,
     ood_histograms,
@@ -47,6 +48,7 @@ from laplace_tf.calibration.report import Report, report
 
 __all__ = [
     "CalibrationBins",
+    "InlineFigure",
     "Report",
     "accuracy",
     "auroc",

@@ -1,11 +1,11 @@
 """Calibration plots with matplotlib's object-oriented API.
 
-Every function draws into ``ax`` when given and otherwise creates a new
-:class:`matplotlib.figure.Figure`. New figures are not registered with pyplot, so nothing pops
-up, nothing accumulates in a loop, and any backend (Agg included) works; a notebook shows a
-returned figure, ``fig.savefig(path)`` writes one. To show plots with ``plt.show()``, create the
-axes with ``fig, ax = plt.subplots()`` and pass ``ax=ax``. Every function returns the (root)
-Figure it drew into and never calls ``plt.show``.
+Every function draws into ``ax`` when given and otherwise creates a new :class:`InlineFigure`
+(a :class:`matplotlib.figure.Figure`). New figures are not registered with pyplot, so nothing
+pops up, nothing accumulates in a loop, and any backend (Agg included) works; a notebook shows a
+returned figure as a PNG, ``fig.savefig(path)`` writes one. To show plots with ``plt.show()``,
+create the axes with ``fig, ax = plt.subplots()`` and pass ``ax=ax``. Every function returns the
+(root) Figure it drew into and never calls ``plt.show``.
 
 Data arguments follow :mod:`laplace_tf.calibration.metrics` (classification) and
 :mod:`laplace_tf.calibration.regression` (regression) and are checked the same way.
@@ -13,6 +13,7 @@ Data arguments follow :mod:`laplace_tf.calibration.metrics` (classification) and
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,10 +35,32 @@ _SCHEME_NAMES = {"width": "equal-width", "mass": "equal-mass"}
 _OOD_SCORES = ("confidence", "entropy")
 
 
+class InlineFigure(Figure):
+    """A :class:`matplotlib.figure.Figure` that Jupyter shows as a PNG image, with any backend.
+
+    IPython renders a plain Figure only through a formatter that the inline backend registers
+    when pyplot first creates a figure; a Figure created without pyplot is otherwise shown as
+    its text repr, ``<Figure size 500x500 with 1 Axes>``. ``_repr_png_`` draws it instead
+    (tight bounding box, at the figure's dpi). Build multi-panel figures for the plotting
+    functions' ``ax=`` with it, e.g. ``InlineFigure(figsize=(10, 4)).subplots(1, 2)``.
+
+    Example:
+        >>> fig = InlineFigure(figsize=(2.0, 1.0))
+        >>> ax = fig.add_subplot()
+        >>> fig._repr_png_()[:8]
+        b'\\x89PNG\\r\\n\\x1a\\n'
+    """
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", bbox_inches="tight")
+        return buffer.getvalue()
+
+
 def _figure_and_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     """``(figure, ax)``: a new single-axes Figure, or the root Figure of the given ``ax``."""
     if ax is None:
-        fig = Figure(figsize=figsize, layout="constrained")
+        fig = InlineFigure(figsize=figsize, layout="constrained")
         return fig, fig.add_subplot()
     if not isinstance(ax, Axes):
         raise TypeError(
@@ -102,7 +125,7 @@ def reliability_diagram(
     if hist_ax is not None and ax is None:
         raise ValueError("hist_ax: given without ax; expected both axes, or ax alone, or neither")
     if ax is None and show_histogram:
-        fig = Figure(figsize=(5.0, 5.5), layout="constrained")
+        fig = InlineFigure(figsize=(5.0, 5.5), layout="constrained")
         ax, hist_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     fig, ax = _figure_and_axes(ax, (5.0, 5.0))
     keep = bins.nonempty

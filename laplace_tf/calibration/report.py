@@ -50,6 +50,7 @@ from laplace_tf.calibration.metrics import (
     ood_metrics,
 )
 from laplace_tf.calibration.plots import (
+    InlineFigure,
     eigenvalue_spectrum,
     evidence_plot,
     ood_histograms,
@@ -366,7 +367,7 @@ def _ood(pred_in: Any, pred_out: Any, regression: bool) -> dict[str, float]:
 
 def _side_by_side(draw: Any, rows: int = 1, **subplots: Any) -> Figure:
     """A Figure with MAP and Laplace columns; ``draw(model, axes)`` fills each column."""
-    fig = Figure(figsize=(10.0, 4.5 if rows == 1 else 6.0), layout="constrained")
+    fig = InlineFigure(figsize=(10.0, 4.5 if rows == 1 else 6.0), layout="constrained")
     axes = np.asarray(fig.subplots(rows, 2, squeeze=False, **subplots))
     for column, model in enumerate(MODELS):
         draw(model, axes[0, column] if rows == 1 else axes[:, column])
