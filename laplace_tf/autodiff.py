@@ -30,8 +30,10 @@ wrapping the call in ``tf.function`` is much faster for repeated use.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -198,15 +200,39 @@ def _jacobians(
         ]
 
     try:
-        return run(use_pfor=True)
+        with quiet_pfor_errors():
+            return run(use_pfor=True)
     except (ValueError, NotImplementedError) as err:
         warnings.warn(
-            f"laplace_tf.autodiff: could not vectorise the Jacobian with pfor ({err}); "
-            "falling back to a sequential loop, which is correct but slower.",
+            f"laplace_tf.autodiff: could not vectorise the Jacobian with pfor "
+            f"({first_line(err)}); falling back to a sequential loop, which is correct but "
+            "slower.",
             RuntimeWarning,
             stacklevel=3,
         )
         return run(use_pfor=False)
+
+
+@contextlib.contextmanager
+def quiet_pfor_errors() -> Iterator[None]:
+    """Silence the ``tensorflow`` logger below CRITICAL: a pfor conversion that fails logs
+    whole graph definitions (thousands of lines) at ERROR before raising. The exception
+    itself still propagates, for the caller to handle."""
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    tf_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        tf_logger.setLevel(level)
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an error message, at most ``limit`` characters (TF errors
+    raised while tracing may carry whole graph dumps)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def hessian(

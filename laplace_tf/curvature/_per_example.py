@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from laplace_tf.autodiff import first_line, quiet_pfor_errors
 from laplace_tf.curvature._kron_sums import (
     kron_block,
     kron_sum,
@@ -172,10 +173,13 @@ def outer_matrix(sums: Sequence[tf.Tensor], layout: Layout) -> tf.Tensor:
 
 class Layout(NamedTuple):
     """How a batch's rows are computed: per slice, ``(din (+1 for the bias), dout)`` if the
-    slice is factored, else its number of weights; and the number of logits ``K``."""
+    slice is factored, else its number of weights; the number of logits ``K``; and whether
+    the forward pass runs a graph loop (a recurrent layer's ``while_loop``), see
+    :func:`_vectorised_rows`."""
 
     dims: list[tuple[int, int] | int]
     n_outputs: int
+    graph_loop: bool = False
 
     @property
     def factored(self) -> list[bool]:
@@ -198,9 +202,17 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
         return z
 
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record))
-    n_outputs = int(traced.get_concrete_function(any_batch_size(x)).structured_outputs.shape[-1])
+    concrete = traced.get_concrete_function(any_batch_size(x))
+    n_outputs = int(concrete.structured_outputs.shape[-1])
     dims = [_factor_dims(s) if locations.get(id(s.layer)) == [1] else s.size for s in slices]
-    return Layout(dims, n_outputs)
+    return Layout(dims, n_outputs, _has_graph_loop(concrete.graph))
+
+
+def _has_graph_loop(graph: tf.Graph) -> bool:
+    """Whether ``graph`` (or a function it calls) contains a ``while_loop``."""
+    definition = graph.as_graph_def()
+    nodes = [*definition.node, *(n for f in definition.library.function for n in f.node_def)]
+    return any(node.op in ("While", "StatelessWhile") for node in nodes)
 
 
 def activations_per_example(logit_model: LogitModel, x) -> int:
@@ -292,16 +304,30 @@ def _rows_by_slice(
             parts[id(layer)] = _Outer(input_rows(layer, inputs[id(layer)]), delta)
     others = [s for s, f in zip(slices, factored, strict=True) if not f]
     if others:
-        rows = _vectorised_rows(logit_model, x, cotangents, others)
+        rows = _vectorised_rows(logit_model, x, cotangents, others, layout.graph_loop)
         for s, part in zip(others, tf.split(rows, [s.size for s in others], -1), strict=True):
             parts[id(s.layer)] = part
     return [parts[id(s.layer)] for s in slices], logits
 
 
 def _vectorised_rows(
-    logit_model: LogitModel, x, cotangents: tf.Tensor, slices: Sequence[LayerSlice]
+    logit_model: LogitModel, x, cotangents: tf.Tensor, slices: Sequence[LayerSlice],
+    graph_loop: bool,
 ) -> tf.Tensor:
-    """Rows ``[n, R, p]`` over the weights of ``slices``, by ``vectorized_map`` over examples."""
+    """Rows ``[n, R, p]`` over the weights of ``slices``, by ``vectorized_map`` over examples.
+
+    An example's ``R`` rows are one vectorised ``tape.jacobian`` (pfor inside pfor), except
+    when the forward pass runs a ``while_loop`` (``graph_loop``: LSTM, GRU, SimpleRNN,
+    Bidirectional without ``unroll=True``), where pfor cannot convert the nested pfor of the
+    loop's gradient: the rows are then a graph loop over ``r`` that ``vectorized_map`` still
+    vectorises over examples. This works for any number of time steps, also unknown ones.
+    pfor's loop over a single example then fails at run time (a TensorList shape error), so
+    one more example with zero cotangents (zero rows) is appended, and its rows dropped.
+    (Measured, LSTM(16) -> Dense(10), 256 examples, all/diag fit: 5 time steps 7.8 s, 50 time
+    steps 5.4 s; calling the layers with ``unroll=True`` instead, 2.9 s and 25 s: its graph
+    grows with the time steps. A LayerNormalization MLP without loops: 0.55 s with pfor
+    inside, 0.71 s with the loop.)
+    """
     subset = logit_model.subset
     values = subset.values()
     chosen = {id(v) for s in slices for v in s.variables}
@@ -316,11 +342,23 @@ def _vectorised_rows(
             scores = tf.linalg.matvec(c_n, logit_model(x_n, values)[0], transpose_a=True)
         jacobians = tape.jacobian(
             scores, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO,
-            experimental_use_pfor=True,
+            experimental_use_pfor=not graph_loop,
         )
         return tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
 
-    return tf.vectorized_map(one_example, (x, cotangents))
+    n = tf.shape(cotangents)[0]
+    if graph_loop:  # pad with one example whose rows are zero (see the docstring)
+        x = tf.nest.map_structure(lambda t: tf.concat([t, t[:1]], 0), x)
+        cotangents = tf.concat([cotangents, tf.zeros_like(cotangents[:1])], 0)
+    try:
+        with quiet_pfor_errors():
+            return tf.vectorized_map(one_example, (x, cotangents))[:n]
+    except (ValueError, NotImplementedError) as err:
+        raise ValueError(
+            f"subset_of_weights='all': could not vectorise the per-example gradients of the "
+            f"layers {[s.name for s in slices]} over examples ({first_line(err)}). Use "
+            "subset_of_weights='last_layer', or a subset of weights without these layers."
+        ) from None
 
 
 def _as_rows(part: _Outer | tf.Tensor) -> tf.Tensor:
