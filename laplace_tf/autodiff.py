@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -217,7 +218,12 @@ def _jacobians(
 def quiet_pfor_errors() -> Iterator[None]:
     """Silence the ``tensorflow`` logger below CRITICAL: a pfor conversion that fails logs
     whole graph definitions (thousands of lines) at ERROR before raising. The exception
-    itself still propagates, for the caller to handle."""
+    itself still propagates, for the caller to handle.
+
+    Example:
+        >>> with quiet_pfor_errors():
+        ...     tf.get_logger().error("a graph dump")      # not shown
+    """
     tf_logger = tf.get_logger()
     level = tf_logger.level
     tf_logger.setLevel(logging.CRITICAL)
@@ -228,9 +234,21 @@ def quiet_pfor_errors() -> Iterator[None]:
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
-    """The first non-empty line of an error message, at most ``limit`` characters (TF errors
-    raised while tracing may carry whole graph dumps)."""
+    """The gist of an error message in one line of at most ``limit`` characters: its first
+    non-empty line, or for an error re-raised by autograph (``in user code:``, frames, then
+    ``SomeError: message``) that last message. TF errors raised while tracing may carry whole
+    graph dumps.
+
+    Example:
+        >>> first_line(ValueError("Shape mismatch" + chr(10) + "<graph dump>"))
+        'Shape mismatch'
+        >>> first_line(TypeError(chr(10).join(["in user code:", "File x.py", "TypeError: bad"])))
+        'bad'
+    """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0] == "in user code:":
+        raised = [line for line in lines if re.match(r"\w+(Error|Exception): ", line)]
+        lines = [raised[-1].split(": ", 1)[1]] if raised else lines[1:]
     text = lines[0] if lines else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

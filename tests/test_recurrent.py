@@ -7,6 +7,7 @@ of :mod:`laplace_tf.testing`, and TensorFlow must not flood the log while comput
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import keras
@@ -40,7 +41,12 @@ def _model(name: str, time_steps: int | None = 5, n: int = 4, seed: int = 0):
     return model, np.random.default_rng(seed).normal(size=(n, 5, 3))
 
 
+@functools.cache  # shared by tests that only read the posterior
 def _fitted(name: str, structure: str, time_steps: int | None = 5, n: int = 4) -> tuple[Laplace, np.ndarray, np.ndarray]:
+    return _fit(name, structure, time_steps, n)
+
+
+def _fit(name: str, structure: str, time_steps: int | None = 5, n: int = 4) -> tuple[Laplace, np.ndarray, np.ndarray]:
     model, x = _model(name, time_steps, n)
     y = targets("classification", N_CLASSES, n)
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure,
@@ -52,6 +58,14 @@ def _fitted(name: str, structure: str, time_steps: int | None = 5, n: int = 4) -
 def _brute_force_ggn(la: Laplace, x, y) -> np.ndarray:
     return testing.brute_force_ggn(la.logit_model, la.likelihood, tf.constant(x),
                                    tf.one_hot(y, N_CLASSES, dtype=tf.float64))
+
+
+def _assert_quiet(capfd, caplog) -> None:
+    """Nothing like TF's ERROR graph dumps on stderr or in the log records (under pytest, TF's
+    logger has no handler of its own and its records go to the root logger)."""
+    stderr = capfd.readouterr().err
+    assert "ERROR:tensorflow" not in stderr and len(stderr.splitlines()) < 20
+    assert not [r for r in caplog.records if r.name == "tensorflow" and r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize("name", list(RECURRENT))
@@ -73,7 +87,7 @@ def test_kron_gives_the_recurrent_layer_its_exact_diagonal_and_warns_once(caplog
     """The LSTM cell gets the exact GGN diagonal; the Dense head the Kronecker factors of its
     inputs (the LSTM outputs) and of the output Hessians; one warning names the cell."""
     with caplog.at_level(logging.WARNING, logger="laplace_tf"):
-        la, x, y = _fitted("lstm", "kron")
+        la, x, y = _fit("lstm", "kron")
     cell_block, dense_block = la._curvature.blocks
     assert isinstance(cell_block, DiagBlock) and isinstance(dense_block, KronBlock)
     cell = la.subset.slices[0]
@@ -110,16 +124,13 @@ def test_nn_predictive_runs_the_network_with_the_sampled_weights():
 
 def test_tensorflow_does_not_flood_the_log(capfd, caplog):
     """A failed pfor conversion logs whole graphs (thousands of lines) on stderr."""
-    with caplog.at_level(logging.INFO, logger="tensorflow"):
-        la, x, _ = _fitted("lstm", "diag", n=2)
-        la(x)
-    stderr = capfd.readouterr().err
-    assert "ERROR:tensorflow" not in stderr and len(stderr.splitlines()) < 20
-    assert not [r for r in caplog.records if r.name == "tensorflow" and r.levelno >= logging.ERROR]
+    la, x, _ = _fit("lstm", "diag", n=2)
+    la(x)
+    _assert_quiet(capfd, caplog)
 
 
 @pytest.mark.filterwarnings("ignore:on_indefinite='clip'")
-def test_exact_hessian_falls_back_quietly_to_a_loop(capfd):
+def test_exact_hessian_falls_back_quietly_to_a_loop(capfd, caplog):
     """pfor cannot take second derivatives through the loop: a sequential loop, one warning."""
     model, x = _model("simple_rnn", n=2)
     y = targets("classification", N_CLASSES, 2)
@@ -130,16 +141,61 @@ def test_exact_hessian_falls_back_quietly_to_a_loop(capfd):
     expected = testing.brute_force_hessian(la.logit_model, la.likelihood, tf.constant(x),
                                            tf.one_hot(y, N_CLASSES, dtype=F64))
     np.testing.assert_allclose(la._curvature.blocks[0].matrix, expected, **EXACT)
-    assert len(capfd.readouterr().err.splitlines()) < 20
+    _assert_quiet(capfd, caplog)
 
 
-def test_a_failed_vectorisation_is_one_clear_error(capfd):
-    """Nested pfor through the loop (what ``graph_loop=False`` asks for) fails: the error names
-    the layer and subset_of_weights='last_layer', and the log stays small."""
-    la, x, y = _fitted("lstm", "diag", n=2)
+def _forced_nested_pfor_rows(la: Laplace, x):
+    """The LSTM cell's per-example rows with ``graph_loop=False``: a nested pfor through the
+    loop, which pfor cannot convert."""
     cotangents = output_cotangents(la.likelihood, "ggn", la.logit_model(tf.constant(x)), None)
     rows = tf.function(lambda inputs, c: _vectorised_rows(
         la.logit_model, inputs, c, la.subset.slices[:1], graph_loop=False))
-    with pytest.raises(ValueError, match=r"'lstm_cell.*subset_of_weights='last_layer'"):
-        rows(tf.constant(x), cotangents)
-    assert len(capfd.readouterr().err.splitlines()) < 20
+    return rows(tf.constant(x), cotangents), cotangents
+
+
+def test_a_failed_vectorisation_falls_back_quietly_to_map_fn(capfd, caplog):
+    la, x, _ = _fitted("lstm", "diag")
+    with pytest.warns(RuntimeWarning, match=r"'lstm_cell'.*one example at a time \(tf.map_fn\)"):
+        rows, cotangents = _forced_nested_pfor_rows(la, x)
+    size = la.subset.slices[0].size
+    jacobians = testing.brute_force_jacobians(la.logit_model, tf.constant(x))[..., :size]
+    np.testing.assert_allclose(rows, np.einsum("nkp,nkr->nrp", jacobians, cotangents), **EXACT)
+    _assert_quiet(capfd, caplog)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_when_map_fn_fails_too_the_error_names_last_layer(monkeypatch):
+    la, x, _ = _fitted("lstm", "diag")
+
+    def failing_map_fn(*args, **kwargs):
+        raise NotImplementedError("no gradient")
+
+    monkeypatch.setattr(tf, "map_fn", failing_map_fn)
+    with pytest.raises(ValueError, match=r"'lstm_cell'.*no gradient.*subset_of_weights='last_layer'"):
+        _forced_nested_pfor_rows(la, x)
+
+
+def _embedding_lstm(n: int = 3):
+    """The usual text model: token ids -> Embedding -> LSTM -> Dense, any sequence length."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((None,), dtype="int32"), keras.layers.Embedding(6, 2, dtype=F64),
+        keras.layers.LSTM(2, dtype=F64), keras.layers.Dense(N_CLASSES, dtype=F64),
+    ])
+    return model, np.random.default_rng(0).integers(0, 6, size=(n, 4)).astype(np.int32)
+
+
+@pytest.mark.filterwarnings("ignore:laplace_tf. could not vectorise")
+def test_embedding_before_lstm_equals_brute_force():
+    """vectorized_map cannot take the Embedding's sparse gradient through the loop: the rows
+    come from tf.map_fn instead (with a warning), for the curvature; the GLM Jacobian works."""
+    model, x = _embedding_lstm()
+    y = targets("classification", N_CLASSES, len(x))
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag",
+                 progress=False)
+    la.fit((x, y))
+    np.testing.assert_allclose(la._curvature.blocks[0].diagonal,
+                               np.diag(_brute_force_ggn(la, x, y)), **EXACT)
+    jacobians = testing.brute_force_jacobians(la.logit_model, tf.constant(x))
+    expected = testing.dense_functional_variance(jacobians, la.posterior_covariance.numpy())
+    np.testing.assert_allclose(la.functional_variance(x), expected, **EXACT)

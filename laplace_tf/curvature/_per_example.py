@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -323,6 +324,10 @@ def _vectorised_rows(
     vectorises over examples. This works for any number of time steps, also unknown ones.
     pfor's loop over a single example then fails at run time (a TensorList shape error), so
     one more example with zero cotangents (zero rows) is appended, and its rows dropped.
+    Where ``vectorized_map`` fails even so (an Embedding before an LSTM: the gather's sparse
+    gradient through the loop), the rows come from ``tf.map_fn``, one example at a time in a
+    graph loop, with a warning; TensorFlow's logged graph dumps of the failed conversion are
+    silenced. If that fails too, a ValueError names ``subset_of_weights='last_layer'``.
     (Measured, LSTM(16) -> Dense(10), 256 examples, all/diag fit: 5 time steps 7.8 s, 50 time
     steps 5.4 s; calling the layers with ``unroll=True`` instead, 2.9 s and 25 s: its graph
     grows with the time steps. A LayerNormalization MLP without loops: 0.55 s with pfor
@@ -334,7 +339,7 @@ def _vectorised_rows(
     watched = [t for t, v in zip(values, subset.variables, strict=True) if id(v) in chosen]
     n_rows = int(cotangents.shape[-1])
 
-    def one_example(example):
+    def one_example(example, use_pfor: bool):
         x_n, c_n = example
         x_n = tf.nest.map_structure(lambda t: t[None], x_n)
         with tf.GradientTape() as tape:
@@ -342,22 +347,34 @@ def _vectorised_rows(
             scores = tf.linalg.matvec(c_n, logit_model(x_n, values)[0], transpose_a=True)
         jacobians = tape.jacobian(
             scores, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO,
-            experimental_use_pfor=not graph_loop,
+            experimental_use_pfor=use_pfor,
         )
         return tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
 
     n = tf.shape(cotangents)[0]
-    if graph_loop:  # pad with one example whose rows are zero (see the docstring)
-        x = tf.nest.map_structure(lambda t: tf.concat([t, t[:1]], 0), x)
-        cotangents = tf.concat([cotangents, tf.zeros_like(cotangents[:1])], 0)
+    padded = (x, cotangents)
+    if graph_loop:  # one more example whose rows are zero (see the docstring)
+        padded = tf.nest.map_structure(lambda t: tf.concat([t, t[:1]], 0), padded)
+        padded = (padded[0], tf.concat([cotangents, tf.zeros_like(cotangents[:1])], 0))
+    names = [s.name for s in slices]
     try:
         with quiet_pfor_errors():
-            return tf.vectorized_map(one_example, (x, cotangents))[:n]
-    except (ValueError, NotImplementedError) as err:
+            return tf.vectorized_map(lambda e: one_example(e, not graph_loop), padded)[:n]
+    except (ValueError, NotImplementedError, TypeError) as err:
+        warnings.warn(
+            f"laplace_tf: could not vectorise the per-example gradients of the layers {names} "
+            f"over examples ({first_line(err)}); computing them one example at a time "
+            "(tf.map_fn), which is correct but slower.", RuntimeWarning, stacklevel=2,
+        )
+    signature = tf.TensorSpec([n_rows, sum(s.size for s in slices)], subset.dtype)
+    try:
+        return tf.map_fn(lambda e: one_example(e, False), (x, cotangents),
+                         fn_output_signature=signature)
+    except (ValueError, NotImplementedError, TypeError) as err:
         raise ValueError(
-            f"subset_of_weights='all': could not vectorise the per-example gradients of the "
-            f"layers {[s.name for s in slices]} over examples ({first_line(err)}). Use "
-            "subset_of_weights='last_layer', or a subset of weights without these layers."
+            f"subset_of_weights='all': could not compute the per-example gradients of the "
+            f"layers {names} ({first_line(err)}). Use subset_of_weights='last_layer', or a "
+            "subset of weights without these layers."
         ) from None
 
 
