@@ -199,3 +199,14 @@ def test_embedding_before_lstm_equals_brute_force():
     jacobians = testing.brute_force_jacobians(la.logit_model, tf.constant(x))
     expected = testing.dense_functional_variance(jacobians, la.posterior_covariance.numpy())
     np.testing.assert_allclose(la.functional_variance(x), expected, **EXACT)
+
+
+def test_glm_refuses_clearly_when_the_jacobian_cannot_be_vectorised(monkeypatch):
+    la, x, _ = _fit("simple_rnn", "diag", n=2)
+
+    def failing_jacobian(*args, **kwargs):
+        raise ValueError("pfor could not convert the loop")
+
+    monkeypatch.setattr(tf.GradientTape, "jacobian", failing_jacobian)
+    with pytest.raises(ValueError, match=r"pred_type='glm'.*convert the loop.*pred_type='nn'"):
+        la(x)
