@@ -21,7 +21,8 @@ the ``[P, P]`` matrix), layer by layer:
   is ``sum_n (a_l a_m^T) ⊗ (sum_r delta_lr delta_mr^T)`` (:mod:`~laplace_tf.curvature._kron_sums`),
   one matmul over ``n`` that costs ``N p_l p_m`` instead of the ``N R p_l p_m`` of the rows,
   and a quarter of that for a layer's own (symmetric) block;
-* every other layer gets its rows ``[N, R, p]`` by ``tf.vectorized_map`` over examples.
+* every other layer gets its rows ``[N, R, p]`` by ``tf.vectorized_map`` over examples (for a
+  forward pass with a ``while_loop``, as in recurrent layers, see :func:`_vectorised_rows`).
 
 Examples are processed in chunks whose per-example intermediates fit in :data:`CHUNK_BYTES`
 (:func:`sum_over_chunks`, also used for the exact Hessian in ``full.py``).
