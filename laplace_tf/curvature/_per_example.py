@@ -21,8 +21,9 @@ the ``[P, P]`` matrix), layer by layer:
   is ``sum_n (a_l a_m^T) ⊗ (sum_r delta_lr delta_mr^T)`` (:mod:`~laplace_tf.curvature._kron_sums`),
   one matmul over ``n`` that costs ``N p_l p_m`` instead of the ``N R p_l p_m`` of the rows,
   and a quarter of that for a layer's own (symmetric) block;
-* every other layer gets its rows ``[N, R, p]`` by ``tf.vectorized_map`` over examples (for a
-  forward pass with a ``while_loop``, as in recurrent layers, see :func:`_vectorised_rows`).
+* every other layer gets its rows ``[N, R, p]`` by ``tf.vectorized_map`` over examples (by
+  ``tf.map_fn`` for a forward pass with a ``while_loop``, as in recurrent layers; see
+  :func:`_vectorised_rows`).
 
 Examples are processed in chunks whose per-example intermediates fit in :data:`CHUNK_BYTES`
 (:func:`sum_over_chunks`, also used for the exact Hessian in ``full.py``).
@@ -318,21 +319,17 @@ def _vectorised_rows(
 ) -> tf.Tensor:
     """Rows ``[n, R, p]`` over the weights of ``slices``, by ``vectorized_map`` over examples.
 
-    An example's ``R`` rows are one vectorised ``tape.jacobian`` (pfor inside pfor), except
-    when the forward pass runs a ``while_loop`` (``graph_loop``: LSTM, GRU, SimpleRNN,
-    Bidirectional without ``unroll=True``), where pfor cannot convert the nested pfor of the
-    loop's gradient: the rows are then a graph loop over ``r`` that ``vectorized_map`` still
-    vectorises over examples. This works for any number of time steps, also unknown ones.
-    pfor's loop over a single example then fails at run time (a TensorList shape error), so
-    one more example with zero cotangents (zero rows) is appended, and its rows dropped.
-    Where ``vectorized_map`` fails even so (an Embedding before an LSTM: the gather's sparse
-    gradient through the loop), the rows come from ``tf.map_fn``, one example at a time in a
-    graph loop, with a warning; TensorFlow's logged graph dumps of the failed conversion are
-    silenced. If that fails too, a ValueError names ``subset_of_weights='last_layer'``.
-    (Measured, LSTM(16) -> Dense(10), 256 examples, all/diag fit: 5 time steps 7.8 s, 50 time
-    steps 5.4 s; calling the layers with ``unroll=True`` instead, 2.9 s and 25 s: its graph
-    grows with the time steps. A LayerNormalization MLP without loops: 0.55 s with pfor
-    inside, 0.71 s with the loop.)
+    An example's ``R`` rows are one vectorised ``tape.jacobian`` (pfor inside pfor). When the
+    forward pass runs a ``while_loop`` (``graph_loop``: LSTM, GRU, SimpleRNN, Bidirectional
+    without ``unroll=True``), a nested pfor cannot convert the loop's gradient, so the rows come
+    from ``tf.map_fn``: one example at a time in a graph loop, its rows a graph loop over ``r``.
+    This works for any number of time steps, also unknown ones (``benchmarks/recurrent.py``,
+    LSTM(16) -> Dense(10), 256 examples, all/diag fit: 1.8 s at 5 time steps, 3.3 s at 50;
+    ``vectorized_map`` over examples of the loop over rows, which pfor can convert but not for
+    a single example, took 6.8 s and 8.5 s; calling the layers with ``unroll=True`` for a nested pfor, 2.3 s and 21 s, its
+    graph growing with the time steps). Elsewhere, where ``vectorized_map`` fails, ``map_fn``
+    takes over with a warning; TensorFlow's graph dumps of the failed conversion are silenced.
+    If ``map_fn`` fails too, a ValueError names ``subset_of_weights='last_layer'``.
     """
     subset = logit_model.subset
     values = subset.values()
@@ -352,21 +349,17 @@ def _vectorised_rows(
         )
         return tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
 
-    n = tf.shape(cotangents)[0]
-    padded = (x, cotangents)
-    if graph_loop:  # one more example whose rows are zero (see the docstring)
-        padded = tf.nest.map_structure(lambda t: tf.concat([t, t[:1]], 0), padded)
-        padded = (padded[0], tf.concat([cotangents, tf.zeros_like(cotangents[:1])], 0))
     names = [s.name for s in slices]
-    try:
-        with quiet_pfor_errors():
-            return tf.vectorized_map(lambda e: one_example(e, not graph_loop), padded)[:n]
-    except (ValueError, NotImplementedError, TypeError) as err:
-        warnings.warn(
-            f"laplace_tf: could not vectorise the per-example gradients of the layers {names} "
-            f"over examples ({first_line(err)}); computing them one example at a time "
-            "(tf.map_fn), which is correct but slower.", RuntimeWarning, stacklevel=2,
-        )
+    if not graph_loop:
+        try:
+            with quiet_pfor_errors():
+                return tf.vectorized_map(lambda e: one_example(e, True), (x, cotangents))
+        except (ValueError, NotImplementedError, TypeError) as err:
+            warnings.warn(
+                f"laplace_tf: could not vectorise the per-example gradients of the layers "
+                f"{names} over examples ({first_line(err)}); computing them one example at a "
+                "time (tf.map_fn), which is correct but slower.", RuntimeWarning, stacklevel=2,
+            )
     signature = tf.TensorSpec([n_rows, sum(s.size for s in slices)], subset.dtype)
     try:
         return tf.map_fn(lambda e: one_example(e, False), (x, cotangents),
