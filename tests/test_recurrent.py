@@ -125,7 +125,7 @@ def test_nn_predictive_runs_the_network_with_the_sampled_weights():
 
 def test_tensorflow_does_not_flood_the_log(capfd, caplog):
     """A failed pfor conversion logs whole graphs (thousands of lines) on stderr."""
-    with warnings.catch_warnings():  # and the rows are vectorised: no map_fn fallback
+    with warnings.catch_warnings():  # the loop is seen up front: no failed vectorisation
         warnings.simplefilter("error", RuntimeWarning)
         la, x, _ = _fit("lstm", "diag", n=2)
         la(x)
@@ -188,10 +188,8 @@ def _embedding_lstm(n: int = 3):
     return model, np.random.default_rng(0).integers(0, 6, size=(n, 4)).astype(np.int32)
 
 
-@pytest.mark.filterwarnings("ignore:laplace_tf. could not vectorise")
 def test_embedding_before_lstm_equals_brute_force():
-    """vectorized_map cannot take the Embedding's sparse gradient through the loop: the rows
-    come from tf.map_fn instead (with a warning), for the curvature; the GLM Jacobian works."""
+    """The Embedding's sparse gradient through the loop, where vectorized_map would fail."""
     model, x = _embedding_lstm()
     y = targets("classification", N_CLASSES, len(x))
     la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag",
