@@ -15,7 +15,12 @@ of a vectorised Jacobian) cannot convert its gradient. Two ways to get its per-e
 6.8 s and 8.5 s here, and fails at run time for a batch of one example.)
 
 "fit" is the wall time of one ``fit_curvature`` (a fresh ``tf.function``: tracing included),
-the median of 3 fits.
+the median of 3 fits. Measured on 2 shared cores:
+
+| time steps | map_fn (laplace_tf) | unroll=True |
+|---|---|---|
+| 5 | 1.42 s | 1.81 s |
+| 50 | 5.22 s | 21.86 s |
 """
 
 from __future__ import annotations

@@ -323,13 +323,14 @@ def _vectorised_rows(
     forward pass runs a ``while_loop`` (``graph_loop``: LSTM, GRU, SimpleRNN, Bidirectional
     without ``unroll=True``), a nested pfor cannot convert the loop's gradient, so the rows come
     from ``tf.map_fn``: one example at a time in a graph loop, its rows a graph loop over ``r``.
-    This works for any number of time steps, also unknown ones (``benchmarks/recurrent.py``,
-    LSTM(16) -> Dense(10), 256 examples, all/diag fit: 1.8 s at 5 time steps, 3.3 s at 50;
-    ``vectorized_map`` over examples of the loop over rows, which pfor can convert but not for
-    a single example, took 6.8 s and 8.5 s; calling the layers with ``unroll=True`` for a nested pfor, 2.3 s and 21 s, its
-    graph growing with the time steps). Elsewhere, where ``vectorized_map`` fails, ``map_fn``
-    takes over with a warning; TensorFlow's graph dumps of the failed conversion are silenced.
-    If ``map_fn`` fails too, a ValueError names ``subset_of_weights='last_layer'``.
+    This works for any number of time steps, also unknown ones. Measured
+    (``benchmarks/recurrent.py``: LSTM(16) -> Dense(10), 256 examples, all/diag fit, 5 and 50
+    time steps): ``map_fn`` 1.4 s and 5.2 s; the layers called with ``unroll=True`` for a
+    nested pfor 1.8 s and 22 s (the graph grows with the time steps); ``vectorized_map`` over
+    examples of the loop over rows 6.8 s and 8.5 s (and it fails at run time for one example).
+    Elsewhere, where ``vectorized_map`` fails, ``map_fn`` takes over with a warning
+    (TensorFlow's graph dumps of the failed conversion are silenced); if ``map_fn`` fails
+    too, a ValueError names ``subset_of_weights='last_layer'``.
     """
     subset = logit_model.subset
     values = subset.values()
