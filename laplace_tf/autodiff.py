@@ -30,8 +30,11 @@ wrapping the call in ``tf.function`` is much faster for repeated use.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -198,15 +201,56 @@ def _jacobians(
         ]
 
     try:
-        return run(use_pfor=True)
+        with quiet_pfor_errors():
+            return run(use_pfor=True)
     except (ValueError, NotImplementedError) as err:
         warnings.warn(
-            f"laplace_tf.autodiff: could not vectorise the Jacobian with pfor ({err}); "
-            "falling back to a sequential loop, which is correct but slower.",
+            f"laplace_tf.autodiff: could not vectorise the Jacobian with pfor "
+            f"({first_line(err)}); falling back to a sequential loop, which is correct but "
+            "slower.",
             RuntimeWarning,
             stacklevel=3,
         )
         return run(use_pfor=False)
+
+
+@contextlib.contextmanager
+def quiet_pfor_errors() -> Iterator[None]:
+    """Silence the ``tensorflow`` logger below CRITICAL: a pfor conversion that fails logs
+    whole graph definitions (thousands of lines) at ERROR before raising. The exception
+    itself still propagates, for the caller to handle.
+
+    Example:
+        >>> with quiet_pfor_errors():
+        ...     tf.get_logger().error("a graph dump")      # not shown
+    """
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    tf_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        tf_logger.setLevel(level)
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The gist of an error message in one line of at most ``limit`` characters: its first
+    non-empty line, or for an error re-raised by autograph (``in user code:``, frames, then
+    ``SomeError: message``) that last message. TF errors raised while tracing may carry whole
+    graph dumps.
+
+    Example:
+        >>> first_line(ValueError("Shape mismatch" + chr(10) + "<graph dump>"))
+        'Shape mismatch'
+        >>> first_line(TypeError(chr(10).join(["in user code:", "File x.py", "TypeError: bad"])))
+        'bad'
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0] == "in user code:":
+        raised = [line for line in lines if re.match(r"\w+(Error|Exception): ", line)]
+        lines = [raised[-1].split(": ", 1)[1]] if raised else lines[1:]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def hessian(

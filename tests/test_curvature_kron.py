@@ -215,13 +215,16 @@ def test_fallback_layers_get_the_exact_diagonal(model_name, kind, caplog):
     assert len(messages) == 1 and layer_slice.name in messages[0] and reason in messages[0]
 
 
-def test_fallbacks_are_logged_once_per_builder(caplog):
+def test_fallbacks_are_one_warning_per_builder(caplog):
+    """A builder serves one fit: its fallback layers are named once, at WARNING level."""
     logit_model, likelihood, x, y = _problem(MODELS["with_batchnorm"], "classification", 2, 3)
     builder = KronBuilder(logit_model, likelihood)
-    with caplog.at_level(logging.INFO, logger="laplace_tf"):
+    with caplog.at_level(logging.WARNING, logger="laplace_tf"):
         builder.batch_blocks(x, y)
         builder.batch_blocks(x[:1], y[:1])
-    assert sum("kron" in r.getMessage() for r in caplog.records) == 1
+    records = [r for r in caplog.records if "kron" in r.getMessage()]
+    assert [r.levelno for r in records] == [logging.WARNING]
+    assert logit_model.subset.slices[1].name in records[0].getMessage()
 
 
 @pytest.mark.parametrize("layer, input_shape, reason", [

@@ -21,7 +21,9 @@ the ``[P, P]`` matrix), layer by layer:
   is ``sum_n (a_l a_m^T) ⊗ (sum_r delta_lr delta_mr^T)`` (:mod:`~laplace_tf.curvature._kron_sums`),
   one matmul over ``n`` that costs ``N p_l p_m`` instead of the ``N R p_l p_m`` of the rows,
   and a quarter of that for a layer's own (symmetric) block;
-* every other layer gets its rows ``[N, R, p]`` by ``tf.vectorized_map`` over examples.
+* every other layer gets its rows ``[N, R, p]`` by ``tf.vectorized_map`` over examples (by
+  ``tf.map_fn`` for a forward pass with a ``while_loop``, as in recurrent layers; see
+  :func:`_vectorised_rows`).
 
 Examples are processed in chunks whose per-example intermediates fit in :data:`CHUNK_BYTES`
 (:func:`sum_over_chunks`, also used for the exact Hessian in ``full.py``).
@@ -40,11 +42,13 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import tensorflow as tf
 
+from laplace_tf.autodiff import first_line, quiet_pfor_errors
 from laplace_tf.curvature._kron_sums import (
     kron_block,
     kron_sum,
@@ -172,10 +176,13 @@ def outer_matrix(sums: Sequence[tf.Tensor], layout: Layout) -> tf.Tensor:
 
 class Layout(NamedTuple):
     """How a batch's rows are computed: per slice, ``(din (+1 for the bias), dout)`` if the
-    slice is factored, else its number of weights; and the number of logits ``K``."""
+    slice is factored, else its number of weights; the number of logits ``K``; and whether
+    the forward pass runs a graph loop (a recurrent layer's ``while_loop``), see
+    :func:`_vectorised_rows`."""
 
     dims: list[tuple[int, int] | int]
     n_outputs: int
+    graph_loop: bool = False
 
     @property
     def factored(self) -> list[bool]:
@@ -198,9 +205,17 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
         return z
 
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record))
-    n_outputs = int(traced.get_concrete_function(any_batch_size(x)).structured_outputs.shape[-1])
+    concrete = traced.get_concrete_function(any_batch_size(x))
+    n_outputs = int(concrete.structured_outputs.shape[-1])
     dims = [_factor_dims(s) if locations.get(id(s.layer)) == [1] else s.size for s in slices]
-    return Layout(dims, n_outputs)
+    return Layout(dims, n_outputs, _has_graph_loop(concrete.graph))
+
+
+def _has_graph_loop(graph: tf.Graph) -> bool:
+    """Whether ``graph`` (or a function it calls) contains a ``while_loop``."""
+    definition = graph.as_graph_def()
+    nodes = [*definition.node, *(n for f in definition.library.function for n in f.node_def)]
+    return any(node.op in ("While", "StatelessWhile") for node in nodes)
 
 
 def activations_per_example(logit_model: LogitModel, x) -> int:
@@ -292,23 +307,38 @@ def _rows_by_slice(
             parts[id(layer)] = _Outer(input_rows(layer, inputs[id(layer)]), delta)
     others = [s for s, f in zip(slices, factored, strict=True) if not f]
     if others:
-        rows = _vectorised_rows(logit_model, x, cotangents, others)
+        rows = _vectorised_rows(logit_model, x, cotangents, others, layout.graph_loop)
         for s, part in zip(others, tf.split(rows, [s.size for s in others], -1), strict=True):
             parts[id(s.layer)] = part
     return [parts[id(s.layer)] for s in slices], logits
 
 
 def _vectorised_rows(
-    logit_model: LogitModel, x, cotangents: tf.Tensor, slices: Sequence[LayerSlice]
+    logit_model: LogitModel, x, cotangents: tf.Tensor, slices: Sequence[LayerSlice],
+    graph_loop: bool,
 ) -> tf.Tensor:
-    """Rows ``[n, R, p]`` over the weights of ``slices``, by ``vectorized_map`` over examples."""
+    """Rows ``[n, R, p]`` over the weights of ``slices``, by ``vectorized_map`` over examples.
+
+    An example's ``R`` rows are one vectorised ``tape.jacobian`` (pfor inside pfor). When the
+    forward pass runs a ``while_loop`` (``graph_loop``: LSTM, GRU, SimpleRNN, Bidirectional
+    without ``unroll=True``), a nested pfor cannot convert the loop's gradient, so the rows come
+    from ``tf.map_fn``: one example at a time in a graph loop, its rows a graph loop over ``r``.
+    This works for any number of time steps, also unknown ones. Measured
+    (``benchmarks/recurrent.py``: LSTM(16) -> Dense(10), 256 examples, all/diag fit, 5 and 50
+    time steps): ``map_fn`` 1.4 s and 5.2 s; the layers called with ``unroll=True`` for a
+    nested pfor 1.8 s and 22 s (the graph grows with the time steps); ``vectorized_map`` over
+    examples of the loop over rows 6.8 s and 8.5 s (and it fails at run time for one example).
+    Elsewhere, where ``vectorized_map`` fails, ``map_fn`` takes over with a warning
+    (TensorFlow's graph dumps of the failed conversion are silenced); if ``map_fn`` fails
+    too, a ValueError names ``subset_of_weights='last_layer'``.
+    """
     subset = logit_model.subset
     values = subset.values()
     chosen = {id(v) for s in slices for v in s.variables}
     watched = [t for t, v in zip(values, subset.variables, strict=True) if id(v) in chosen]
     n_rows = int(cotangents.shape[-1])
 
-    def one_example(example):
+    def one_example(example, use_pfor: bool):
         x_n, c_n = example
         x_n = tf.nest.map_structure(lambda t: t[None], x_n)
         with tf.GradientTape() as tape:
@@ -316,11 +346,31 @@ def _vectorised_rows(
             scores = tf.linalg.matvec(c_n, logit_model(x_n, values)[0], transpose_a=True)
         jacobians = tape.jacobian(
             scores, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO,
-            experimental_use_pfor=True,
+            experimental_use_pfor=use_pfor,
         )
         return tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
 
-    return tf.vectorized_map(one_example, (x, cotangents))
+    names = [s.name for s in slices]
+    if not graph_loop:
+        try:
+            with quiet_pfor_errors():
+                return tf.vectorized_map(lambda e: one_example(e, True), (x, cotangents))
+        except (ValueError, NotImplementedError, TypeError) as err:
+            warnings.warn(
+                f"laplace_tf: could not vectorise the per-example gradients of the layers "
+                f"{names} over examples ({first_line(err)}); computing them one example at a "
+                "time (tf.map_fn), which is correct but slower.", RuntimeWarning, stacklevel=2,
+            )
+    signature = tf.TensorSpec([n_rows, sum(s.size for s in slices)], subset.dtype)
+    try:
+        return tf.map_fn(lambda e: one_example(e, False), (x, cotangents),
+                         fn_output_signature=signature)
+    except (ValueError, NotImplementedError, TypeError) as err:
+        raise ValueError(
+            f"subset_of_weights='all': could not compute the per-example gradients of the "
+            f"layers {names} ({first_line(err)}). Use subset_of_weights='last_layer', or a "
+            "subset of weights without these layers."
+        ) from None
 
 
 def _as_rows(part: _Outer | tf.Tensor) -> tf.Tensor:

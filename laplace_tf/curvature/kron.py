@@ -17,7 +17,8 @@ Gradients with respect to the pre-activations come from zero probes added by a h
 :class:`~laplace_tf.params.LogitModel`. Layers without a Kronecker rule, with an unsupported
 configuration, or called more than once in a forward pass get a :class:`DiagBlock` with the
 exact diagonal of the GGN / EF of their weights instead (per-example gradients from
-:func:`laplace_tf.curvature._per_example.summed_rows`; logged once, never an error).
+:func:`laplace_tf.curvature._per_example.summed_rows`; a warning on the ``laplace_tf`` logger
+names them once per fit; never an error).
 
 Example:
     One datum through a linear regression layer: ``A = a a^T`` with ``a = [x, 1]`` and
@@ -192,7 +193,7 @@ class KronBuilder(CurvatureBuilder):
             return
         self._logged = True
         slices = self.logit_model.subset.slices
-        logger.info(
+        logger.warning(
             "laplace_tf: hessian_structure='kron' uses the exact %s diagonal for %d layer(s): %s.",
             self.kind.upper(), len(fallbacks),
             "; ".join(f"{slices[i].name!r} ({reason})" for i, reason in sorted(fallbacks.items())),

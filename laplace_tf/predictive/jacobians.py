@@ -50,6 +50,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.autodiff import first_line, quiet_pfor_errors
 from laplace_tf.curvature.kron_layers import KRON_RULES, fallback_reason, input_rows
 from laplace_tf.params import LayerSlice, LogitModel
 from laplace_tf.posterior.factors import (
@@ -214,7 +215,7 @@ class FunctionalVariance:
             )
             summed = tf.reduce_sum(logits, axis=0)  # examples do not interact: one pass per k
         probes = [probe for c in calls.values() for *_, probe in c if probe is not None]
-        grads = iter(tape.jacobian(summed, probes, experimental_use_pfor=True) if probes else [])
+        grads = iter(_vectorised_jacobian(tape, summed, probes) if probes else [])
         factors = {}
         for part in self._factored:
             a_calls, g_calls = [], []
@@ -231,13 +232,26 @@ class FunctionalVariance:
         jacobians = {}
         if watched:
             flat_shape = tf.concat([tf.shape(logits), [-1]], axis=0)
-            per_weight = dict(zip(watched, tape.jacobian(
-                logits, list(watched.values()), experimental_use_pfor=True), strict=True))
+            per_weight = dict(zip(watched, _vectorised_jacobian(
+                tape, logits, list(watched.values())), strict=True))
             for layer_id, indices in self._generic.items():
                 jacobians[layer_id] = tf.concat(
                     [tf.reshape(per_weight[i], flat_shape) for i in indices], axis=-1
                 )
         return logits, factors, jacobians
+
+
+def _vectorised_jacobian(tape: tf.GradientTape, target: tf.Tensor, sources: list) -> list:
+    """``tape.jacobian`` by pfor (recurrent layers' loops included), or a clear ValueError."""
+    try:
+        with quiet_pfor_errors():
+            return tape.jacobian(target, sources, experimental_use_pfor=True)
+    except (ValueError, NotImplementedError) as err:
+        raise ValueError(
+            f"pred_type='glm': could not vectorise the Jacobian of the logits with respect to "
+            f"the weights ({first_line(err)}). Use pred_type='nn' (weight samples), or "
+            "subset_of_weights='last_layer'."
+        ) from None
 
 
 def _block_parts(slices: Sequence[LayerSlice], offset: int, size: int) -> tuple[_Part, ...]:
