@@ -356,22 +356,35 @@ class PosteriorLaplace:
 
     def fit(self, data, override: bool = True, batch_size: int | None = None,
             progress: bool | None = None,
-            strategy: tf.distribute.Strategy | None = None) -> None:
+            strategy: tf.distribute.Strategy | None = None, sample_weight=None) -> None:
         """Compute the curvature at the model's current weights (the MAP).
 
         Args:
-            data: a ``tf.data.Dataset`` of ``(x, y)`` batches, or a tuple ``(x, y)`` of arrays.
-                Datasets are streamed batch by batch. With a multi-worker strategy, each
-                worker passes its own shard.
+            data: a ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, sample_weight)`` batches, or
+                a tuple ``(x, y)`` or ``(x, y, sample_weight)`` of arrays. Datasets are
+                streamed batch by batch. With a multi-worker strategy, each worker passes its
+                own shard.
             override: ``True`` replaces the curvature; ``False`` adds this data to it (online
                 update; the mean becomes the current weights).
             batch_size: batch size for arrays (default: the constructor's).
             progress: progress bar (default: the constructor's).
             strategy: a ``tf.distribute`` strategy: batches are split across its replicas and
                 the curvature is all-reduced (default: the strategy whose scope is active).
+            sample_weight: for a tuple ``(x, y)`` of arrays: one finite, non-negative weight
+                per example ``[N]``, as in Keras' ``model.fit``. A weight counts as a number of
+                copies of the example (2: given twice, 0: dropped): the NLL, the curvature and
+                the data count of the evidence are weighted sums.
 
         Nothing changes if anything fails (bad data, an indefinite precision, ...).
         """
+        if sample_weight is not None:
+            if not isinstance(data, (tuple, list)) or len(data) != 2:
+                raise ValueError(
+                    "sample_weight: only for data given as a tuple (x, y) of arrays; a dataset "
+                    "yields (x, y, sample_weight) batches instead, a tuple (x, y, w) carries "
+                    "its own."
+                )
+            data = (*data, sample_weight)
         _flag(override, "override")
         batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
         progress = self.progress if progress is None else _flag(progress, "progress")
