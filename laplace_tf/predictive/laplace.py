@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import statistics
 
 import tensorflow as tf
 
@@ -134,6 +135,49 @@ class Laplace(PosteriorLaplace):
         if pred_type == "nn":
             return self._nn(x, "samples", n_samples, seed, batch_size)
         return self._glm(x, "samples", "mc", n_samples, seed, batch_size)
+
+    def predictive_std(self, x, pred_type: str = "glm", n_samples: int = 100,
+                       seed: int | None = None, batch_size: int | None = None) -> tf.Tensor:
+        """Regression: the predictive standard deviation ``[N, K]``, noise included.
+
+        ``sqrt`` of the variance ``la(x, ...)`` returns (same arguments).
+
+        Example:
+            ``mean, var = la(x)`` then ``la.predictive_std(x) == sqrt(var)``.
+        """
+        self._require_regression("predictive_std")
+        _, variance = self(x, pred_type=pred_type, n_samples=n_samples, seed=seed,
+                           batch_size=batch_size)
+        return tf.sqrt(variance)
+
+    def predictive_interval(self, x, level: float = 0.95, batch_size: int | None = None
+                            ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Regression: the central ``level`` interval ``(lower, upper)`` ``[N, K]`` of each
+        output under the Gaussian GLM predictive (noise included), ``mean -+ z std`` with
+        ``z = Phi^-1((1 + level) / 2)``.
+
+        Example:
+            ``level=0.95``: ``mean -+ 1.96 * la.predictive_std(x)``.
+        """
+        self._require_regression("predictive_interval")
+        if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0 < level < 1:
+            raise ValueError(
+                f"level: expected the interval's probability, a number strictly between 0 and "
+                f"1 such as 0.95; got {level!r}."
+            )
+        mean, variance = self(x, batch_size=batch_size)
+        z = statistics.NormalDist().inv_cdf(0.5 + 0.5 * float(level))
+        half_width = z * tf.sqrt(variance)
+        return mean - half_width, mean + half_width
+
+    def _require_regression(self, what: str) -> None:
+        self._require_fit(what)
+        if self.likelihood_name != "regression":
+            raise ValueError(
+                f"{what}: only for likelihood='regression' (a Gaussian predictive); this "
+                f"posterior has likelihood={self.likelihood_name!r}. For class probabilities "
+                "use la(x), and la.functional_variance(x) for the spread of the logits."
+            )
 
     def map_predict(self, x, batch_size: int | None = None):
         """The plain network at the MAP: probabilities, or ``(mean, sigma_noise**2)``."""
