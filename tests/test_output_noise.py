@@ -117,3 +117,17 @@ def test_per_output_sigma_over_all_weights_is_refused():
         la.optimize_prior_precision(tune_sigma_noise=True, progress=False)
     la.optimize_prior_precision(n_steps=5, progress=False)  # default: sigma stays at its fit
     np.testing.assert_array_equal(la.sigma_noise, [1.0, 1.0])
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_scalar_fit_noise_to_per_output_and_back(structure):
+    model, x, y = _problem(n=30)
+    la = _laplace(model, structure, "ggn", 0.9)
+    la.fit((x, y))
+    diagonal = structure == "diag"
+    for sigma in (np.array([0.4, 2.0]), 0.5):
+        expected = brute_evidence(model, x, y, sigma * np.ones(2), "ggn", diagonal)
+        np.testing.assert_allclose(la.log_marginal_likelihood(sigma_noise=sigma), expected,
+                                   rtol=1e-10)
+        la.sigma_noise = sigma
+        np.testing.assert_allclose(la.log_marginal_likelihood(), expected, rtol=1e-10)

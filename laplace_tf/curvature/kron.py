@@ -208,7 +208,7 @@ def _kron_block(a_rows: tf.Tensor, probe_grad: tf.Tensor, w: tf.Tensor) -> KronB
     """In sum form: ``A`` = ``w``-weighted sum of ``a a^T`` over the rows (example-major, the
     same number per example), ``G`` = sum of ``g g^T`` over all gradients (already weighted
     by the cotangents)."""
-    row_weights = tf.repeat(w, tf.shape(a_rows)[0] // tf.shape(w)[0])
+    row_weights = tf.repeat(w, tf.shape(a_rows)[0] // tf.maximum(tf.shape(w)[0], 1))
     n = tf.reduce_sum(row_weights)
     g_rows = tf.reshape(probe_grad, [-1, tf.shape(probe_grad)[-1]])
     A = tf.matmul(a_rows * row_weights[:, None], a_rows, transpose_a=True)

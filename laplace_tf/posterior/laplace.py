@@ -272,9 +272,9 @@ class PosteriorLaplace:
         the stored one) in the precision at ``sigma`` and ``temperature`` (default: current)."""
         c = tf.constant(1.0 / (temperature or self._temperature), self._dtype)
         fit_sigma = self._fit_sigma if fit_sigma is None else fit_sigma
-        if fit_sigma is None or fit_sigma.ndim:
-            return c  # not regression, or a per-output sigma fixed at its fit value
         sigma = self._sigma if sigma is None else sigma
+        if fit_sigma is None or fit_sigma.ndim or sigma.shape.rank:
+            return c  # not regression, or per-output (a rescaled curvature, output_noise)
         power = 4 if self.curvature_kind == "ef" else 2
         return c * (tf.constant(fit_sigma, self._dtype) / sigma) ** power
 
