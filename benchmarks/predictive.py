@@ -5,7 +5,10 @@ Two float32 networks with random weights (the timing does not depend on training
 on 2 000 random examples (fit time not measured), predicting ``N = 5 000`` inputs:
 
 * ``mlp10``:  MLP 784-256-256-10 (270k weights);
-* ``mlp500``: MLP 784-256-256-500 (many classes; its last layer has 128k weights).
+* ``mlp500``: MLP 784-256-256-500 (many classes; its last layer has 128k weights);
+* ``mlp1000``: MLP 784-256-256-1000, probit against ``link_approx="mc"`` (100 samples).
+
+``--classes 1000 --inputs 2000`` runs only the 1 000-class cases on 2 000 inputs.
 
 Every predictive runs over the inputs in batches of 256; the reference is the plain network
 (``LogitModel``, compiled) over the same batches of the same inputs. Ratios are medians of
@@ -82,6 +85,9 @@ def cases(quick: bool) -> list[tuple[str, int, str, str, dict]]:
         ("nn 100", 500, "last_layer", "kron", {"pred_type": "nn", "n_samples": 100, "seed": 0}),
         ("last_layer mc 100", 10, "last_layer", "kron",
          {"link_approx": "mc", "n_samples": 100, "seed": 0}),
+        ("last_layer glm", 1000, "last_layer", "kron", glm),
+        ("last_layer mc 100", 1000, "last_layer", "kron",
+         {"link_approx": "mc", "n_samples": 100, "seed": 0}),
     ]
     return [r for r in rows if r[1] == 10] if quick else rows
 
@@ -90,8 +96,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 classes only, 2 000 inputs")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--classes", type=int, default=None,
+                        help="only the cases with this many classes (10, 500 or 1000)")
+    parser.add_argument("--inputs", type=int, default=None, help="number of inputs N")
     args = parser.parse_args()
-    n_inputs = 2000 if args.quick else 5000
+    n_inputs = args.inputs or (2000 if args.quick else 5000)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n_inputs, 784)).astype(np.float32)
     x_train = rng.normal(size=(2000, 784)).astype(np.float32)
@@ -107,6 +116,8 @@ def main() -> None:
     models: dict[int, keras.Model] = {}
     worst: dict[str, float] = {}
     for label, n_classes, subset, structure, kwargs in cases(args.quick):
+        if args.classes is not None and n_classes != args.classes:
+            continue
         model = models.setdefault(n_classes, mlp(n_classes))
         train = (x_train, rng.integers(0, n_classes, size=len(x_train)))
         la = fitted(model, subset, structure, train)

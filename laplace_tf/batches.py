@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from laplace_tf.inputs import InputCheck
 
@@ -49,12 +49,37 @@ def _check_finite(x, index: int) -> None:
             )
 
 
+def _checked_weights(w, n_rows: int, index: int) -> np.ndarray:
+    """Sample weights of one batch as float64 ``[n_rows]``: finite and non-negative."""
+    w = np.asarray(w)
+    where = "" if index < 0 else f" in batch {index}"
+    if w.dtype.kind not in "biuf":
+        raise TypeError(f"sample_weight: expected numbers; got dtype {w.dtype}{where}.")
+    if w.shape != (n_rows,):
+        raise ValueError(
+            f"sample_weight: expected one weight per example, shape ({n_rows},){where}; got "
+            f"shape {w.shape}. Give a 1-D array as long as x."
+        )
+    w = w.astype(np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(
+            f"sample_weight: expected finite, non-negative weights (a weight is a replication "
+            f"count: 2 counts an example twice, 0 drops it); got {w[~(np.isfinite(w) & (w >= 0))][:3]}"
+            f"{where}."
+        )
+    return w
+
+
 class Batches:
     """Re-iterable ``(x, y)`` batches: ``x`` converted to ``dtype``, ``y`` as numpy.
 
+    Weighted data (``(x, y, w)``) are read with :meth:`weighted`; iterating them as ``(x, y)``
+    raises, so that no caller drops the weights silently.
+
     Args:
-        data: a ``tf.data.Dataset`` of ``(x, y)`` batches, or a tuple ``(x, y)`` of arrays
-            (``x`` may be a dict of arrays for multi-input models).
+        data: a ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, w)`` batches, or a tuple
+            ``(x, y)`` or ``(x, y, w)`` of arrays (``x`` may be a dict of arrays for
+            multi-input models; ``w`` holds non-negative sample weights, one per example).
         batch_size: the batch size for arrays (ignored for datasets, which come batched).
         dtype: the floating dtype of the model.
         progress: show a tqdm progress bar while iterating.
@@ -80,10 +105,11 @@ class Batches:
         _positive_int_or_none(batch_size, "batch_size")
         if isinstance(data, tf.data.Dataset):
             spec = data.element_spec
-            if not isinstance(spec, tuple) or len(spec) != 2:
+            if not isinstance(spec, tuple) or len(spec) not in (2, 3):
                 raise ValueError(
-                    "data: a tf.data.Dataset must yield (x, y) pairs of batches; got elements "
-                    f"{spec}. Use dataset.map(lambda *e: (e[0], e[1])) and .batch(n)."
+                    "data: a tf.data.Dataset must yield (x, y) pairs (or (x, y, sample_weight) "
+                    f"triples) of batches; got elements {spec}. Use "
+                    "dataset.map(lambda *e: (e[0], e[1])) and .batch(n)."
                 )
             if any(part.shape.rank == 0 for part in tf.nest.flatten(spec)):
                 raise ValueError(
@@ -94,6 +120,7 @@ class Batches:
             if check is not None:
                 check.data(spec[0], dataset=True)
             self._dataset, self._arrays = data, None
+            self.is_weighted = len(spec) == 3
             n = int(data.cardinality())
             if n == tf.data.INFINITE_CARDINALITY and self.steps is None:
                 raise ValueError(
@@ -102,8 +129,8 @@ class Batches:
                     "finite with .take(N) or .repeat(count)."
                 )
             self.n_batches = n if n >= 0 else None
-        elif isinstance(data, (tuple, list)) and len(data) == 2:
-            x, y = data
+        elif isinstance(data, (tuple, list)) and len(data) in (2, 3):
+            x, y = data[:2]
             if y is None:
                 raise TypeError(
                     "data: got y=None; fitting needs targets. Give a tuple (x, y) with one "
@@ -116,13 +143,15 @@ class Batches:
                 raise ValueError(
                     f"data: x has {n} rows but y has {len(y)}; give one target per input."
                 )
-            self._dataset, self._arrays = None, (x, np.asarray(y))
+            weights = () if len(data) == 2 else (_checked_weights(data[2], n, -1),)
+            self._dataset, self._arrays = None, (x, np.asarray(y), *weights)
+            self.is_weighted = bool(weights)
             self.batch_size = batch_size or DEFAULT_BATCH_SIZE
             self.n_batches = -(-n // self.batch_size)
         else:
             raise TypeError(
-                "data: expected a tf.data.Dataset of (x, y) batches or a tuple (x, y) of "
-                f"arrays; got {type(data).__name__}."
+                "data: expected a tf.data.Dataset of (x, y) batches or a tuple (x, y) (or "
+                f"(x, y, sample_weight)) of arrays; got {type(data).__name__}."
             )
         if self.n_batches == 0:
             raise ValueError("data: the data set is empty; give at least one example.")
@@ -147,18 +176,29 @@ class Batches:
         if self._dataset is not None:
             yield from self._dataset
             return
-        x, y = self._arrays
+        x, y, *w = self._arrays
         for start in range(0, len(y), self.batch_size):
             stop = start + self.batch_size
             xb = {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
-            yield xb, y[start:stop]
+            yield xb, y[start:stop], *(v[start:stop] for v in w)
 
     def __iter__(self) -> Iterator[tuple]:
+        if self.is_weighted:
+            raise ValueError(
+                f"data: sample weights are not used by {self.description!r}; give (x, y) "
+                "without weights here."
+            )
+        for x, y, _ in self.weighted():
+            yield x, y
+
+    def weighted(self) -> Iterator[tuple]:
+        """``(x, y, w)`` batches, ``w`` float64 ``[N]`` sample weights (ones if none given)."""
         raw = tqdm(self._raw(), total=self.n_batches, desc=self.description,
                    disable=not self.progress, leave=False)
         seen = 0
-        for index, (x, y) in enumerate(raw):
+        for index, (x, y, *w) in enumerate(raw):
             x, y = _as_float(x, self.dtype), np.asarray(y)
+            w = _checked_weights(w[0], len(y), index) if w else np.ones(len(y))
             _check_finite(x, index)
             if self.check is not None:
                 self.check.batch(x, index)
@@ -167,7 +207,7 @@ class Batches:
                     f"y: batch {index} contains NaN or Inf labels; clean the labels first."
                 )
             seen += 1
-            yield x, y
+            yield x, y, w
         if seen == 0:
             raise ValueError("data: the data set is empty; give at least one example.")
         if self.steps is not None and seen < self.steps:

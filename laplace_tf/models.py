@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.outputs import output_activation

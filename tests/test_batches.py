@@ -154,11 +154,11 @@ def test_empty_data(make_data):
         ((np.zeros((4, 3)), np.zeros(4)), {"batch_size": 2.5}, ValueError, "batch_size: expected a positive integer"),
         (({"a": np.zeros((4, 3)), "b": np.zeros((3, 2))}, np.zeros(4)), {}, ValueError, "x: the inputs of a dict must have the same length"),
         ({"x": np.zeros((4, 3))}, {}, TypeError, r"data: expected a tf.data.Dataset of \(x, y\) batches"),
-        ((np.zeros(2), np.zeros(2), np.zeros(2)), {}, TypeError, "data: expected a tf.data.Dataset"),
+        ((np.zeros(2),) * 4, {}, TypeError, "data: expected a tf.data.Dataset"),
         (tf.data.Dataset.from_tensor_slices(np.zeros((4, 3))).batch(2), {}, ValueError, r"must yield \(x, y\) pairs"),
     ],
     ids=["length-mismatch", "no-targets", "zero-batch", "float-batch", "ragged-dict", "dict-data",
-         "triple", "dataset-without-targets"],
+         "quadruple", "dataset-without-targets"],
 )
 def test_bad_data_arguments(data, kwargs, error, match):
     with pytest.raises(error, match=match):

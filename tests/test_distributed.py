@@ -11,6 +11,8 @@ split):
   OS), each fitting its own shard of the data with a different number of batches; one
   all-reduce gives both workers the curvature of all the data.
 
+Cases named "weighted-..." fit ``(x, y, sample_weight)``: the weights are split with the rows.
+
 Every fit is the public ``laplace_tf.Laplace(...).fit(data, strategy=...)`` (or ``fit(data)``
 inside ``strategy.scope()``); its ``la.curvature`` is compared with a fit on one device.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _workers.distributed_fit import CASES, MULTIWORKER_CASES, N_EXAMPLES
+from _workers.distributed_fit import CASES, MULTIWORKER_CASES, N_EXAMPLES, SAMPLE_WEIGHTS
 
 WORKER = Path(__file__).parent / "_workers" / "distributed_fit.py"
 TIMEOUT_SECONDS = 240  # per configuration; a few times the ~40 s they take on two busy cores
@@ -103,9 +105,11 @@ def _fields(arrays: dict[str, np.ndarray], case: str, which: str) -> dict[str, n
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
-def _assert_same_curvature(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+def _assert_same_curvature(got: dict[str, np.ndarray], expected: dict[str, np.ndarray],
+                           case: str) -> None:
     assert sorted(got) == sorted(expected)
-    assert int(got["n_data"]) == N_EXAMPLES
+    n_data = SAMPLE_WEIGHTS.sum() if case.startswith("weighted") else N_EXAMPLES
+    assert float(got["n_data"]) == n_data
     for field, value in expected.items():
         np.testing.assert_allclose(got[field], value, **EXACT, err_msg=field)
 
@@ -115,7 +119,7 @@ def test_mirrored_strategy_equals_one_device(mirrored, case):
     assert int(mirrored["num_replicas_in_sync"]) == 2
     assert mirrored[f"{case}/replica_ids"].tolist() == [0, 1]
     _assert_same_curvature(
-        _fields(mirrored, case, "distributed"), _fields(mirrored, case, "single")
+        _fields(mirrored, case, "distributed"), _fields(mirrored, case, "single"), case
     )
 
 
@@ -125,5 +129,6 @@ def test_multi_worker_strategy_equals_one_device(multiworker, case, worker):
     assert int(multiworker[worker]["num_replicas_in_sync"]) == 2
     assert multiworker[worker][f"{case}/replica_ids"].tolist() == [worker]
     _assert_same_curvature(
-        _fields(multiworker[worker], case, "distributed"), _fields(multiworker[0], case, "single")
+        _fields(multiworker[worker], case, "distributed"), _fields(multiworker[0], case, "single"),
+        case,
     )

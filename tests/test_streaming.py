@@ -56,16 +56,16 @@ class _Watched:
     """Batches as ``fit_curvature`` sees them; notes, per batch, the earlier ones still alive."""
 
     def __init__(self, batches: Batches):
-        self.dtype = batches.dtype
+        self.dtype, self.is_weighted = batches.dtype, batches.is_weighted
         self.alive: list[int] = []
         self._batches = batches
 
-    def __iter__(self):
+    def weighted(self):
         earlier = []
-        for x, y in self._batches:
+        for x, y, w in self._batches.weighted():
             self.alive.append(sum(ref() is not None for ref in earlier))
             earlier.append(weakref.ref(x))
-            yield x, y
+            yield x, y, w
 
 
 def _builder(subset_of_weights: str, structure: str, on_batch=None):

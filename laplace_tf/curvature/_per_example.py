@@ -56,7 +56,7 @@ from laplace_tf.curvature._kron_sums import (
     symmetric_kron_sum,
     symmetric_sum_numbers,
 )
-from laplace_tf.curvature.base import any_batch_size
+from laplace_tf.curvature.base import any_batch_size, weights_or_ones
 from laplace_tf.curvature.kron_layers import fallback_reason, input_rows
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LayerSlice, LogitModel
@@ -78,22 +78,30 @@ class _Outer(NamedTuple):
     deltas: tf.Tensor  # [R, n, dout]
 
 
-def output_cotangents(likelihood: Likelihood, kind: str, logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+def output_cotangents(likelihood: Likelihood, kind: str, logits: tf.Tensor, y: tf.Tensor,
+                      w: tf.Tensor | None = None) -> tf.Tensor:
     """The cotangents ``c [N, K, R]`` whose rows ``J_n^T c_n`` make curvature ``kind``.
 
     ``"ggn"``: the square root ``L`` of the output Hessian (``R = K``); ``"ef"``: the gradient
-    of each example's NLL with respect to its logits (``R = 1``).
+    of each example's NLL with respect to its logits (``R = 1``). Each example's are multiplied
+    by ``sqrt(w_n)`` (sample weights ``w [N]``, default ones), so its rows' outer products by
+    ``w_n``.
     """
     if kind == "ggn":
-        return tf.stop_gradient(likelihood.output_hessian_sqrt(logits))
-    with tf.GradientTape() as tape:
-        tape.watch(logits)
-        nll = likelihood.nll(logits, y)
-    return tf.stop_gradient(tape.gradient(nll, logits))[:, :, None]
+        cotangents = likelihood.output_hessian_sqrt(logits)
+    else:
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            nll = likelihood.nll(logits, y)
+        cotangents = tape.gradient(nll, logits)[:, :, None]
+    if w is not None:
+        cotangents = cotangents * tf.sqrt(tf.cast(w, logits.dtype))[:, None, None]
+    return tf.stop_gradient(cotangents)
 
 
 def summed_rows(
-    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor
+    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
+    w: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """``sum_{n,r} v_nr**2`` ``[P]``: the diagonal of the GGN (``kind="ggn"``) or EF (``"ef"``).
 
@@ -103,24 +111,28 @@ def summed_rows(
         kind: ``"ggn"`` or ``"ef"``.
         x: a batch of inputs (tensor or dict of tensors) ``[N, ...]``.
         y: targets prepared by the likelihood ``[N, ...]``.
+        w: sample weights ``[N]`` (default ones): row ``v_nr`` counts ``w_n`` times.
 
     Returns:
         The sum, and the batch's logits ``[N, K]``.
     """
     layout = slice_layout(logit_model, x)
 
-    def chunk_sum(x_chunk, y_chunk):
-        parts, logits = _rows_by_slice(logit_model, likelihood, kind, x_chunk, y_chunk, layout)
+    def chunk_sum(xw_chunk, y_chunk):  # x and w are sliced alike
+        x_chunk, w_chunk = xw_chunk
+        parts, logits = _rows_by_slice(logit_model, likelihood, kind, x_chunk, y_chunk, layout,
+                                       w_chunk)
         return tf.concat([_squared_sum(p) for p in parts], 0), logits
 
     itemsize = logit_model.subset.dtype.size
     per_example = _COPIES * itemsize * _example_width(layout.dims, _n_rows(layout, kind), outer=False)
-    return sum_over_chunks(chunk_sum, x, y, max(1, CHUNK_BYTES // per_example))
+    return sum_over_chunks(chunk_sum, (x, weights_or_ones(w, y)), y,
+                           max(1, CHUNK_BYTES // per_example))
 
 
 def summed_outer_products(
     logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
-    layout: Layout,
+    layout: Layout, w: tf.Tensor | None = None,
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
     """``sum_{n,r} v_nr v_nr^T`` as compact sums, one per pair of slices ``l <= m``.
 
@@ -131,13 +143,16 @@ def summed_outer_products(
         The sums, and the batch's logits ``[N, K]``.
     """
 
-    def chunk_sum(x_chunk, y_chunk):
-        parts, logits = _rows_by_slice(logit_model, likelihood, kind, x_chunk, y_chunk, layout)
+    def chunk_sum(xw_chunk, y_chunk):  # x and w are sliced alike
+        x_chunk, w_chunk = xw_chunk
+        parts, logits = _rows_by_slice(logit_model, likelihood, kind, x_chunk, y_chunk, layout,
+                                       w_chunk)
         return _outer_sums(parts), logits
 
     itemsize = logit_model.subset.dtype.size
     per_example = _COPIES * itemsize * _example_width(layout.dims, _n_rows(layout, kind), outer=True)
-    return sum_over_chunks(chunk_sum, x, y, max(1, CHUNK_BYTES // per_example))
+    return sum_over_chunks(chunk_sum, (x, weights_or_ones(w, y)), y,
+                           max(1, CHUNK_BYTES // per_example))
 
 
 def outer_step_examples(logit_model: LogitModel, kind: str, x) -> int:
@@ -281,7 +296,8 @@ def sum_over_chunks(fn, x, y: tf.Tensor, chunk: int):
 
 
 def _rows_by_slice(
-    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor, layout: Layout
+    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor, layout: Layout,
+    w: tf.Tensor,
 ) -> tuple[list[_Outer | tf.Tensor], tf.Tensor]:
     """Each slice's rows (an :class:`_Outer` if factored, else ``[n, R, p]``), and the logits."""
     slices, factored = logit_model.subset.slices, layout.factored
@@ -296,7 +312,7 @@ def _rows_by_slice(
             return z + probe
 
         logits = logit_model(x, layers=layers, hook=hook)
-        cotangents = output_cotangents(likelihood, kind, logits, y)
+        cotangents = output_cotangents(likelihood, kind, logits, y, w)
         scores = tf.einsum("nk,nkr->r", logits, cotangents)
     n_rows = int(cotangents.shape[-1])
     parts: dict[int, _Outer | tf.Tensor] = {}

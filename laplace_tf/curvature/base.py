@@ -40,14 +40,16 @@ class Curvature:
         structure: ``"full"``, ``"kron"`` or ``"diag"``.
         blocks: blocks in parameter order, covering the whole weight subset.
         nll: summed negative log-likelihood over the data (scalar, model dtype).
-        n_data: number of examples.
+        n_data: number of examples (with sample weights: their sum, a float).
         residual_ss: regression only: sum over data of squared residuals per output ``[K]``.
+
+    Sample weights count as replications: every sum over data is weighted by them.
     """
 
     structure: str
     blocks: list[Block]
     nll: tf.Tensor
-    n_data: int
+    n_data: int | float
     residual_ss: tf.Tensor | None = None
 
     def __add__(self, other: Curvature) -> Curvature:
@@ -86,14 +88,17 @@ class CurvatureBuilder:
         self.likelihood = likelihood
         self.kind = kind
 
-    def batch_blocks(self, x, y) -> tuple[list[Block], tf.Tensor]:
+    def batch_blocks(self, x, y, w=None) -> tuple[list[Block], tf.Tensor]:
         """Curvature blocks of one batch, and the batch's logits ``[N, K]``."""
-        sums, logits = self.batch_sums(x, y)
+        sums, logits = self.batch_sums(x, y, w)
         return self.finish(sums), logits
 
-    def batch_sums(self, x, y) -> tuple[list, tf.Tensor]:
+    def batch_sums(self, x, y, w=None) -> tuple[list, tf.Tensor]:
         """One batch's sums over examples, which add up over batches entry by entry (blocks,
-        Kronecker blocks in sum form, or compact sums), and its logits ``[N, K]``."""
+        Kronecker blocks in sum form, or compact sums), and its logits ``[N, K]``.
+
+        ``w [N]``: sample weights (replication counts), each example's terms are multiplied by
+        its weight; ``None`` for ones (:func:`weights_or_ones`)."""
         raise NotImplementedError
 
     def examples_per_step(self, x) -> int:
@@ -109,12 +114,20 @@ class CurvatureBuilder:
         return [from_sum_form(b) for b in sums]
 
 
+def weights_or_ones(w, like: tf.Tensor) -> tf.Tensor:
+    """Sample weights ``w [N]`` in the dtype of ``like [N, ...]``, or ones for ``w=None``."""
+    if w is None:
+        return tf.ones(tf.shape(like)[:1], like.dtype)
+    return tf.cast(w, like.dtype)
+
+
 class _Sums(NamedTuple):
     """What :func:`fit_curvature` adds up over batches, entry by entry (blocks in sum form)."""
 
     blocks: list
     nll: tf.Tensor
     residual_ss: tf.Tensor
+    n_data: tf.Tensor
 
 
 def fit_curvature(
@@ -140,39 +153,49 @@ def fit_curvature(
     regression = likelihood.name == "regression"
 
     @tf.function(reduce_retracing=True)
-    def step(x, y):
-        sums, logits = builder.batch_sums(x, y)
-        residual_ss = tf.reduce_sum(tf.square(y - logits), axis=0) if regression else tf.zeros([1], logits.dtype)
-        return _Sums(list(sums), likelihood.nll(logits, y), residual_ss)
+    def step(x, y, w):
+        sums, logits = builder.batch_sums(x, y, w)
+        w = tf.cast(w, logits.dtype)
+        residual_ss = (tf.reduce_sum(w[:, None] * tf.square(y - logits), axis=0) if regression
+                       else tf.zeros([1], logits.dtype))
+        nll = tf.reduce_sum(w * likelihood.nll_per_example(logits, y))
+        return _Sums(list(sums), nll, residual_ss, tf.reduce_sum(tf.cast(w, tf.float64)))
 
     def prepared():
         n_outputs = None
-        for x, y in batches:
+        for x, y, w in batches.weighted():
             if n_outputs is None:  # the first batch: a failure is explained if x is the cause
                 outputs = InputCheck(builder.logit_model.model).call(builder.logit_model, x)
                 n_outputs = int(outputs.shape[-1])
                 likelihood.validate_outputs(n_outputs)
                 check_output_values(outputs, likelihood.name, builder.logit_model.stripped)
-            yield x, likelihood.prepare_targets(y, n_outputs, batches.dtype)
+            yield x, likelihood.prepare_targets(y, n_outputs, batches.dtype), tf.constant(w)
 
-    total, n_data, run = None, 0, step
-    for x, targets in _joined(prepared(), builder.examples_per_step):
+    total, run = None, step
+    for x, targets, w in _joined(prepared(), builder.examples_per_step):
         if total is None and strategy is None:  # one trace for all batch sizes (a short last),
-            run = step.get_concrete_function(*any_batch_size([x, targets]))  # called directly
-        parts = [run(x, targets)] if strategy is None else _replica_steps(strategy, step, x, targets)
+            run = step.get_concrete_function(*any_batch_size([x, targets, w]))  # called directly
+        parts = ([run(x, targets, w)] if strategy is None
+                 else _replica_steps(strategy, step, x, targets, w))
         if total is None:  # the step is traced: what op computes the model output?
             check_output_op(builder.logit_model.output_op, likelihood.name,
                             builder.logit_model.stripped)
         for part in parts:
             total = _add_in_place(total, part)
-        n_data += int(targets.shape[0])
     if total is None:
         raise ValueError("data: the data set is empty; give at least one example.")
     total = tf.nest.map_structure(tf.convert_to_tensor, total)
     if strategy is not None and strategy.num_replicas_in_sync > _n_local_replicas(strategy):
-        total, n_data = _all_reduce(strategy, total, n_data)
+        total = _all_reduce(strategy, total)
+    n_data = float(total.n_data)
+    if n_data <= 0:
+        raise ValueError(
+            "sample_weight: all sample weights are 0, so there are no data; give at least one "
+            "positive weight."
+        )
     blocks = builder.finish(total.blocks)
-    return Curvature(builder.structure, blocks, total.nll, n_data,
+    return Curvature(builder.structure, blocks, total.nll,
+                     n_data if batches.is_weighted else int(round(n_data)),
                      total.residual_ss if regression else None)
 
 
@@ -180,14 +203,14 @@ def _joined(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple]:
     """``(x, targets)`` batches, consecutive ones joined into steps of at most
     ``examples_per_step(x)`` examples (read from the first batch); a larger batch stays alone."""
     pending, held, limit = [], 0, None
-    for x, targets in batches:
+    for batch in batches:
         if limit is None:
-            limit = examples_per_step(x)
-        rows = int(targets.shape[0])
+            limit = examples_per_step(batch[0])
+        rows = int(batch[1].shape[0])
         if pending and held + rows > limit:
             yield _join(pending)
             pending, held = [], 0
-        pending.append((x, targets))
+        pending.append(batch)
         held += rows
         if held >= limit:
             yield _join(pending)
@@ -226,7 +249,7 @@ def _n_local_replicas(strategy) -> int:
     return len(strategy.extended.worker_devices)
 
 
-def _replica_steps(strategy, step, x, y) -> list:
+def _replica_steps(strategy, step, *batch) -> list:
     """Run ``step`` on each local replica's share of one batch; the local results.
 
     A batch with fewer examples than local replicas runs on one device instead: an empty
@@ -234,29 +257,27 @@ def _replica_steps(strategy, step, x, y) -> list:
     (the exact Hessian's vectorised Jacobian fails on it).
     """
     n_replicas = _n_local_replicas(strategy)
-    if int(tf.shape(y)[0]) < n_replicas:
-        return [step(x, y)]
+    if int(tf.shape(batch[1])[0]) < n_replicas:
+        return [step(*batch)]
 
     def values(context):
         index = context.replica_id_in_sync_group % n_replicas
-        return tf.nest.map_structure(lambda t: _shard(t, index, n_replicas), (x, y))
+        return tf.nest.map_structure(lambda t: _shard(t, index, n_replicas), batch)
 
     shards = strategy.experimental_distribute_values_from_function(values)
-    per_replica = strategy.run(lambda xy: step(*xy), args=(shards,))
+    per_replica = strategy.run(lambda parts: step(*parts), args=(shards,))
     return list(strategy.experimental_local_results(per_replica))
 
 
-def _all_reduce(strategy, total: _Sums, n_data: int) -> tuple[_Sums, int]:
-    """Sum a worker's sums and its number of examples over all workers (one collective call)."""
-    sums = (total, tf.constant(n_data, total.nll.dtype))
+def _all_reduce(strategy, total: _Sums) -> _Sums:
+    """Sum a worker's sums over all workers (one collective call)."""
 
     def first_replica_only(context):
         keep = context.replica_id_in_sync_group % _n_local_replicas(strategy) == 0
-        return tf.nest.map_structure(lambda t: t if keep else tf.zeros_like(t), sums)
+        return tf.nest.map_structure(lambda t: t if keep else tf.zeros_like(t), total)
 
     values = strategy.experimental_distribute_values_from_function(first_replica_only)
     reduced = strategy.run(
         lambda v: tf.distribute.get_replica_context().all_reduce("sum", v), args=(values,)
     )
-    total, n = strategy.experimental_local_results(reduced)[0]
-    return total, int(round(float(n)))
+    return strategy.experimental_local_results(reduced)[0]

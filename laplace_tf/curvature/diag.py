@@ -36,6 +36,6 @@ class DiagBuilder(CurvatureBuilder):
     structure = "diag"
     kinds = ("ggn", "ef")
 
-    def batch_sums(self, x, y) -> tuple[list[DiagBlock], tf.Tensor]:
-        diagonal, logits = summed_rows(self.logit_model, self.likelihood, self.kind, x, y)
+    def batch_sums(self, x, y, w=None) -> tuple[list[DiagBlock], tf.Tensor]:
+        diagonal, logits = summed_rows(self.logit_model, self.likelihood, self.kind, x, y, w)
         return [DiagBlock(diagonal)], logits

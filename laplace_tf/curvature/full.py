@@ -46,7 +46,7 @@ from laplace_tf.curvature._per_example import (
     sum_over_chunks,
     summed_outer_products,
 )
-from laplace_tf.curvature.base import CurvatureBuilder
+from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
 from laplace_tf.curvature.blocks import DenseBlock
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel
@@ -112,14 +112,14 @@ class FullBuilder(CurvatureBuilder):
             )
         self.memory_limit_bytes = memory_limit_bytes
 
-    def batch_sums(self, x, y) -> tuple[list[tf.Tensor], tf.Tensor]:
+    def batch_sums(self, x, y, w=None) -> tuple[list[tf.Tensor], tf.Tensor]:
         """The batch's compact sums (one ``[P, P]`` matrix for the exact Hessian)."""
         if self.kind == "hessian":
-            matrix, logits = self._exact_hessian(x, y)
+            matrix, logits = self._exact_hessian(x, y, w)
             return [matrix], logits
         self._layout = slice_layout(self.logit_model, x)
         return summed_outer_products(self.logit_model, self.likelihood, self.kind, x, y,
-                                     self._layout)
+                                     self._layout, w)
 
     def examples_per_step(self, x) -> int:
         """GGN / EF: every step adds ``P x P``-sized sums, so batches are joined into steps as
@@ -129,8 +129,9 @@ class FullBuilder(CurvatureBuilder):
     def finish(self, sums: list[tf.Tensor]) -> list[DenseBlock]:
         return [DenseBlock(sums[0] if self.kind == "hessian" else outer_matrix(sums, self._layout))]
 
-    def _exact_hessian(self, x, y) -> tuple[tf.Tensor, tf.Tensor]:
-        """The Hessian of the batch's NLL, by nested tapes over chunks of examples.
+    def _exact_hessian(self, x, y, w=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """The Hessian of the batch's (sample-weighted) NLL, by nested tapes over chunks of
+        examples.
 
         Its ``P`` rows are vectorised by pfor, each carrying tangents of the chunk's
         intermediate tensors, so a chunk needs about ``P`` times its activations; chunks are
@@ -138,15 +139,17 @@ class FullBuilder(CurvatureBuilder):
         """
         model, likelihood, subset = self.logit_model, self.likelihood, self.logit_model.subset
 
-        def chunk_hessian(x_chunk, y_chunk):
-            matrix = hessian(
-                lambda weights: likelihood.nll(model(x_chunk, weights), y_chunk), subset.values(),
-                flat=True,
-            )
-            return matrix, model(x_chunk)
+        def chunk_hessian(xw_chunk, y_chunk):  # x and w are sliced alike
+            x_chunk, w_chunk = xw_chunk
+
+            def nll(weights):
+                logits = model(x_chunk, weights)
+                return tf.reduce_sum(w_chunk * likelihood.nll_per_example(logits, y_chunk))
+
+            return hessian(nll, subset.values(), flat=True), model(x_chunk)
 
         per_example = _TANGENTS_PER_ACTIVATION * subset.dtype.size * subset.n_params * (
             activations_per_example(model, x)
         )
         budget = max(CHUNK_BYTES, self.memory_limit_bytes // 4)
-        return sum_over_chunks(chunk_hessian, x, y, max(1, budget // per_example))
+        return sum_over_chunks(chunk_hessian, (x, weights_or_ones(w, y)), y, max(1, budget // per_example))

@@ -45,7 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.curvature._per_example import output_cotangents, summed_rows
-from laplace_tf.curvature.base import CurvatureBuilder
+from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
 from laplace_tf.curvature.blocks import Block, DiagBlock, KronBlock
 from laplace_tf.curvature.kron_layers import fallback_reason, input_rows
 from laplace_tf.likelihoods import Likelihood
@@ -132,8 +132,11 @@ class KronBuilder(CurvatureBuilder):
         self._diagonal_models: dict[tuple[int, ...], LogitModel] = {}
         self._logged = False
 
-    def batch_sums(self, x, y) -> tuple[list[Block], tf.Tensor]:
-        """One block per ``subset.slices`` entry (Kronecker blocks in sum form), and the logits."""
+    def batch_sums(self, x, y, w=None) -> tuple[list[Block], tf.Tensor]:
+        """One block per ``subset.slices`` entry (Kronecker blocks in sum form), and the logits.
+
+        Sample weights ``w [N]`` weight each example's rows: ``A`` becomes the ``w``-weighted
+        mean of its rows (``n = sum w * locations``), ``G`` the ``w``-weighted sum."""
         slices = self.logit_model.subset.slices
         hooked = [s.layer for i, s in enumerate(slices) if i not in self._fallbacks]
         calls = {id(layer): [] for layer in hooked}
@@ -146,7 +149,8 @@ class KronBuilder(CurvatureBuilder):
                 return z + probe
 
             logits = self.logit_model(x, layers=hooked, hook=hook)
-            scores = tf.einsum("nk,nkr->r", logits, self._cotangents(logits, y))
+            w = weights_or_ones(w, logits)
+            scores = tf.einsum("nk,nkr->r", logits, self._cotangents(logits, y, w))
 
         fallbacks = dict(self._fallbacks)
         for i, s in enumerate(slices):
@@ -158,33 +162,34 @@ class KronBuilder(CurvatureBuilder):
         probes = [calls[id(slices[i].layer)][0][1] for i in kron]
         gradients = tape.jacobian(scores, probes, experimental_use_pfor=True) if kron else []
         blocks: dict[int, Block] = {
-            i: _kron_block(input_rows(slices[i].layer, calls[id(slices[i].layer)][0][0]), grad)
+            i: _kron_block(input_rows(slices[i].layer, calls[id(slices[i].layer)][0][0]), grad, w)
             for i, grad in zip(kron, gradients, strict=True)
         }
         if fallbacks:
-            blocks.update(zip(sorted(fallbacks), self._diagonal_blocks(sorted(fallbacks), x, y),
-                              strict=True))
+            blocks.update(zip(sorted(fallbacks),
+                              self._diagonal_blocks(sorted(fallbacks), x, y, w), strict=True))
         return [blocks[i] for i in range(len(slices))], logits
 
-    def _cotangents(self, logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """``c [N, K, R]``: the pre-activation gradients of ``logits . c_r`` are the ``g``.
+    def _cotangents(self, logits: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+        """``c [N, K, R]``: the pre-activation gradients of ``logits . c_r`` are the ``g``
+        (each example's times ``sqrt(w_n)``).
 
         Monte Carlo: the NLL gradient at targets sampled from the predictive (``R = 1``).
         """
         if not self.stochastic:
-            return output_cotangents(self.likelihood, self.kind, logits, y)
+            return output_cotangents(self.likelihood, self.kind, logits, y, w)
         seed = tf.stack([tf.constant(self.seed, tf.int64), self._draws.assign_add(1) - 1])
         sampled = _SAMPLERS[self.likelihood.name](self.likelihood, tf.stop_gradient(logits), seed)
-        return output_cotangents(self.likelihood, "ef", logits, tf.stop_gradient(sampled))
+        return output_cotangents(self.likelihood, "ef", logits, tf.stop_gradient(sampled), w)
 
-    def _diagonal_blocks(self, indices: list[int], x, y) -> list[DiagBlock]:
+    def _diagonal_blocks(self, indices: list[int], x, y, w) -> list[DiagBlock]:
         """Exact GGN / EF diagonals of the layers ``subset.slices[indices]``."""
         key = tuple(indices)
         if key not in self._diagonal_models:
             model = self.logit_model.model
             layers = [self.logit_model.subset.slices[i].layer for i in indices]
             self._diagonal_models[key] = self.logit_model.with_subset(WeightSubset(model, layers))
-        diagonal, _ = summed_rows(self._diagonal_models[key], self.likelihood, self.kind, x, y)
+        diagonal, _ = summed_rows(self._diagonal_models[key], self.likelihood, self.kind, x, y, w)
         sizes = [self.logit_model.subset.slices[i].size for i in indices]
         return [DiagBlock(part) for part in tf.split(diagonal, sizes)]
 
@@ -200,11 +205,13 @@ class KronBuilder(CurvatureBuilder):
         )
 
 
-def _kron_block(a_rows: tf.Tensor, probe_grad: tf.Tensor) -> KronBlock:
-    """In sum form: ``A`` = sum of ``a a^T`` over the rows, ``G`` = sum of ``g g^T`` over all
-    gradients."""
-    n = tf.cast(tf.shape(a_rows)[0], a_rows.dtype)
+def _kron_block(a_rows: tf.Tensor, probe_grad: tf.Tensor, w: tf.Tensor) -> KronBlock:
+    """In sum form: ``A`` = ``w``-weighted sum of ``a a^T`` over the rows (example-major, the
+    same number per example), ``G`` = sum of ``g g^T`` over all gradients (already weighted
+    by the cotangents)."""
+    row_weights = tf.repeat(w, tf.shape(a_rows)[0] // tf.maximum(tf.shape(w)[0], 1))
+    n = tf.reduce_sum(row_weights)
     g_rows = tf.reshape(probe_grad, [-1, tf.shape(probe_grad)[-1]])
-    A = tf.matmul(a_rows, a_rows, transpose_a=True)
+    A = tf.matmul(a_rows * row_weights[:, None], a_rows, transpose_a=True)
     G = tf.matmul(g_rows, g_rows, transpose_a=True)
     return KronBlock(A, G, n)

@@ -40,7 +40,7 @@ from laplace_tf.curvature._kron_sums import (
     symmetric_sum_numbers,
 )
 from laplace_tf.curvature._per_example import activations_per_example, step_examples
-from laplace_tf.curvature.base import STRUCTURES, CurvatureBuilder
+from laplace_tf.curvature.base import STRUCTURES, CurvatureBuilder, weights_or_ones
 from laplace_tf.curvature.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import output_layer
@@ -221,17 +221,23 @@ class LastLayerBuilder(CurvatureBuilder):
         self.layer = _subset_layer(logit_model)
         self._has_bias = len(self.layer.trainable_variables) == 2
 
-    def batch_sums(self, x, y) -> tuple[list[Block | tf.Tensor], tf.Tensor]:
+    def batch_sums(self, x, y, w=None) -> tuple[list[Block | tf.Tensor], tf.Tensor]:
         """The batch's one block over the last layer's weights (``"full"``: its packed sums,
-        see :mod:`~laplace_tf.curvature._kron_sums`), and its logits ``[N, K]``."""
+        see :mod:`~laplace_tf.curvature._kron_sums`), and its logits ``[N, K]``.
+
+        Sample weights ``w [N]`` multiply each ``M_n`` (and weight ``A``'s mean)."""
         features, logits = last_layer_features(self.logit_model, x)
         if self._has_bias:
             features = tf.concat([features, tf.ones_like(features[:, :1])], axis=1)
+        w = weights_or_ones(w, logits)
         if self.kind == "ef":
             residuals = _logit_gradients(self.likelihood, logits, y)
             outputs = _OutputMatrices(tf.zeros_like(residuals), residuals[:, :, None], 1.0)
         else:
             outputs = _OutputMatrices(*self.likelihood.output_hessian_diag_lowrank(logits), -1.0)
+        outputs = outputs.weighted(w)
+        if self.structure == "kron":
+            return [_kron_block(features, outputs, w)], logits
         return [_BLOCKS[self.structure](features, outputs)], logits
 
     def examples_per_step(self, x) -> int:
@@ -265,6 +271,11 @@ class _OutputMatrices(NamedTuple):
     factors: tf.Tensor
     sign: float
 
+    def weighted(self, w: tf.Tensor) -> _OutputMatrices:
+        """``w_n M_n`` for sample weights ``w [N]``."""
+        return _OutputMatrices(self.diagonal * w[:, None],
+                               self.factors * tf.sqrt(w)[:, None, None], self.sign)
+
     def dense(self) -> tf.Tensor:
         """``M_n`` for every example, ``[N, K, K]``."""
         low_rank = tf.matmul(self.factors, self.factors, transpose_b=True)
@@ -291,10 +302,10 @@ def _full_sums(a: tf.Tensor, outputs: _OutputMatrices) -> tf.Tensor:
     return symmetric_kron_sum(a, outputs.dense())
 
 
-def _kron_block(a: tf.Tensor, outputs: _OutputMatrices) -> KronBlock:
-    """In sum form (``A = sum_n a~_n a~_n^T``)."""
-    n = tf.cast(tf.shape(a)[0], a.dtype)
-    return KronBlock(tf.matmul(a, a, transpose_a=True), outputs.total(), n)
+def _kron_block(a: tf.Tensor, outputs: _OutputMatrices, w: tf.Tensor) -> KronBlock:
+    """In sum form (``A = sum_n w_n a~_n a~_n^T``, ``n = sum_n w_n``; ``outputs`` weighted)."""
+    return KronBlock(tf.matmul(a * w[:, None], a, transpose_a=True), outputs.total(),
+                     tf.reduce_sum(w))
 
 
 def _diag_block(a: tf.Tensor, outputs: _OutputMatrices) -> DiagBlock:
@@ -302,7 +313,7 @@ def _diag_block(a: tf.Tensor, outputs: _OutputMatrices) -> DiagBlock:
     return DiagBlock(tf.reshape(diagonal, [-1]))
 
 
-_BLOCKS = {"full": _full_sums, "kron": _kron_block, "diag": _diag_block}
+_BLOCKS = {"full": _full_sums, "diag": _diag_block}  # "kron" also weights A
 
 
 def _logit_gradients(likelihood: Likelihood, logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:

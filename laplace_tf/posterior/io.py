@@ -158,7 +158,7 @@ def _curvature(metadata: dict, arrays: dict, dtype: tf.DType) -> Curvature:
     residual_ss = arrays.get("curvature_residual_ss")
     return Curvature(
         metadata["hessian_structure"], blocks, tf.constant(arrays["curvature_nll"], dtype),
-        int(metadata["n_data"]),
+        metadata["n_data"],  # an int, or the float sum of sample weights
         None if residual_ss is None else tf.constant(residual_ss, dtype),
     )
 

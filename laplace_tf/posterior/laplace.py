@@ -10,7 +10,10 @@ model is ``N(theta_MAP, P^-1)`` with precision (DESIGN.md)::
 ``s`` rescales a regression curvature fitted with noise ``sigma_fit`` to the current
 ``sigma_noise``: ``s = (sigma_fit / sigma)^2`` for the GGN and the exact Hessian,
 ``(sigma_fit / sigma)^4`` for the empirical Fisher. Changing the prior, the temperature or a
-scalar ``sigma_noise`` therefore never recomputes curvature.
+scalar ``sigma_noise`` therefore never recomputes curvature. A per-output ``sigma_noise``
+(``[K]``) can change only for ``subset_of_weights="last_layer"``, where output ``k``'s rows
+and columns of ``H`` scale by ``s_k`` (:mod:`laplace_tf.posterior.output_noise`); the stored
+curvature is rescaled then.
 
 One class serves every (subset, structure) pair: ``subset_of_weights`` picks the weights
 (``"all"`` or ``"last_layer"``), ``hessian_structure`` picks a
@@ -55,7 +58,7 @@ from laplace_tf.curvature.memory import (
 from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
 from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
-from laplace_tf.posterior import io, marglik
+from laplace_tf.posterior import io, marglik, output_noise
 from laplace_tf.posterior.factors import Covariance, factorize
 from laplace_tf.posterior.prior import (
     as_float_tensor,
@@ -242,16 +245,28 @@ class PosteriorLaplace:
             )
         check_positive(sigma, "sigma_noise", "Give positive noise standard deviations.")
         fit = self._fit_sigma
-        if fit is not None and (fit.ndim or sigma.shape.rank) and not (
-            fit.shape == tuple(sigma.shape) and np.array_equal(fit, np.asarray(sigma))
-        ):
+        if self._per_output_change(sigma) and self.subset_of_weights != "last_layer":
             raise ValueError(
                 f"sigma_noise: the curvature was fitted with sigma_noise={fit.tolist()}; only a "
                 f"scalar sigma_noise can change without refitting (got "
-                f"{np.asarray(sigma).tolist()}): a per-output sigma_noise is fixed at its fit "
-                "value. Build a new Laplace with the new sigma_noise and fit it."
+                f"{np.asarray(sigma).tolist()}): over subset_of_weights="
+                f"{self.subset_of_weights!r} the curvature is sum_k J_k^T J_k / sigma_k^2, which "
+                "no rescaling turns into another per-output sigma. Build a new Laplace with the "
+                "new sigma_noise and fit it, or use subset_of_weights='last_layer'."
+            )
+        if fit is not None and sigma.shape.rank and fit.ndim and fit.shape != tuple(sigma.shape):
+            raise ValueError(
+                f"sigma_noise: expected {fit.shape[0]} values, one per output; got "
+                f"{sigma.shape[0]}."
             )
         return sigma
+
+    def _per_output_change(self, sigma: tf.Tensor) -> bool:
+        """Whether ``sigma`` differs from the fit's noise in a way no scalar factor covers."""
+        fit = self._fit_sigma
+        return fit is not None and bool(fit.ndim or sigma.shape.rank) and not (
+            fit.shape == tuple(sigma.shape) and np.array_equal(fit, np.asarray(sigma))
+        )
 
     def _require_fit(self, what: str) -> None:
         if self._curvature is None:
@@ -265,9 +280,9 @@ class PosteriorLaplace:
         the stored one) in the precision at ``sigma`` and ``temperature`` (default: current)."""
         c = tf.constant(1.0 / (temperature or self._temperature), self._dtype)
         fit_sigma = self._fit_sigma if fit_sigma is None else fit_sigma
-        if fit_sigma is None or fit_sigma.ndim:
-            return c  # not regression, or a per-output sigma fixed at its fit value
         sigma = self._sigma if sigma is None else sigma
+        if fit_sigma is None or fit_sigma.ndim or sigma.shape.rank:
+            return c  # not regression, or per-output (a rescaled curvature, output_noise)
         power = 4 if self.curvature_kind == "ef" else 2
         return c * (tf.constant(fit_sigma, self._dtype) / sigma) ** power
 
@@ -380,13 +395,15 @@ class PosteriorLaplace:
 
     def fit(self, data, override: bool = True, batch_size: int | None = None,
             progress: bool | None = None,
-            strategy: tf.distribute.Strategy | None = None, steps: int | None = None) -> None:
+            strategy: tf.distribute.Strategy | None = None, steps: int | None = None,
+            sample_weight=None) -> None:
         """Compute the curvature at the model's current weights (the MAP).
 
         Args:
-            data: a ``tf.data.Dataset`` of ``(x, y)`` batches, or a tuple ``(x, y)`` of arrays.
-                Datasets are streamed batch by batch. With a multi-worker strategy, each
-                worker passes its own shard.
+            data: a ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, sample_weight)`` batches, or
+                a tuple ``(x, y)`` or ``(x, y, sample_weight)`` of arrays. Datasets are
+                streamed batch by batch. With a multi-worker strategy, each worker passes its
+                own shard.
             override: ``True`` replaces the curvature; ``False`` adds this data to it (online
                 update; the mean becomes the current weights).
             batch_size: batch size for arrays (default: the constructor's).
@@ -395,6 +412,10 @@ class PosteriorLaplace:
                 the curvature is all-reduced (default: the strategy whose scope is active).
             steps: use only the first ``steps`` batches (as Keras' ``steps_per_epoch``);
                 required for an infinite dataset (``.repeat()`` without a count).
+            sample_weight: for a tuple ``(x, y)`` of arrays: one finite, non-negative weight
+                per example ``[N]``, as in Keras' ``model.fit``. A weight counts as a number of
+                copies of the example (2: given twice, 0: dropped): the NLL, the curvature and
+                the data count of the evidence are weighted sums.
 
         Example:
             ``la.fit(train.repeat(), steps=100)``: the curvature of the first 100 batches.
@@ -403,6 +424,14 @@ class PosteriorLaplace:
             ValueError: :meth:`memory_estimate` exceeds ``memory_limit_bytes`` (before any
                 work), bad data, an indefinite precision, ...; nothing changes then.
         """
+        if sample_weight is not None:
+            if not isinstance(data, (tuple, list)) or len(data) != 2:
+                raise ValueError(
+                    "sample_weight: only for data given as a tuple (x, y) of arrays; a dataset "
+                    "yields (x, y, sample_weight) batches instead, a tuple (x, y, w) carries "
+                    "its own."
+                )
+            data = (*data, sample_weight)
         _flag(override, "override")
         batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
         progress = self.progress if progress is None else _flag(progress, "progress")
@@ -442,11 +471,18 @@ class PosteriorLaplace:
         sigma = self._sigma if sigma is None else self._checked_sigma(sigma)
         temperature = self._temperature if temperature is None else \
             _positive_number(temperature, "temperature")
-        if self._curvature is not None:
-            self._check_positive_definite(
-                self._factors, self._multiplier(sigma, temperature), self._block_priors(prior)
-            )
         changed = dict(prior=prior, sigma=sigma)
+        if self._curvature is not None:
+            factors, fit_sigma = self._factors, self._fit_sigma
+            if self._per_output_change(sigma):  # last layer: the curvature at the new sigma
+                scales = output_noise.output_scales(fit_sigma, sigma, self.curvature_kind)
+                curvature = output_noise.rescaled(self._curvature, scales * tf.ones_like(sigma))
+                factors = self._factorize(curvature)
+                fit_sigma = np.asarray(sigma, np.float64) * np.ones(np.shape(fit_sigma))
+                changed.update(curvature=curvature, factors=factors, fit_sigma=fit_sigma)
+            self._check_positive_definite(
+                factors, self._multiplier(sigma, temperature, fit_sigma), self._block_priors(prior)
+            )
         if temperature != self._temperature:
             changed["temperature"] = temperature
         self._set(**changed)
@@ -584,6 +620,18 @@ class PosteriorLaplace:
             [tf.reduce_sum(part) for part in tf.split(squares, sizes)]
         ))
         scatter, log_det_prior = prior_terms(prior, sizes, squares, layer_squares)
+        fit = self._fit_sigma
+        if self.subset_of_weights == "last_layer" and fit is not None and (
+            fit.ndim or sigma.shape.rank
+        ):  # a per-output noise: the rescaled blocks' log-determinants, in TensorFlow
+            scales = output_noise.output_scales(fit, sigma, self.curvature_kind)
+            scales = scales * tf.ones_like(self._curvature.residual_ss)
+            log_det = tf.add_n([
+                output_noise.log_det_precision(b, scales, 1.0 / self._temperature, p)
+                for b, p in zip(self._curvature.blocks, self._block_priors(prior), strict=True)
+            ])
+            return (-self._data_nll(sigma) / self._temperature - 0.5 * scatter
+                    + 0.5 * log_det_prior - 0.5 * log_det)
         return marglik.laplace_evidence(
             log_likelihood=-self._data_nll(sigma) / self._temperature,
             factors=self._factors,

@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 import tensorflow as tf
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from laplace_tf.batches import Batches
 from laplace_tf.posterior.prior import PRIOR_STRUCTURES, reshape_prior
@@ -283,8 +283,10 @@ def optimize_prior_precision(
         n_steps, lr: Adam steps and step size on ``log lambda`` (``"marglik"``).
         val_data, grid, pred_type, link_approx: for ``"gridsearch"``; ``grid`` defaults to
             ``np.logspace(-4, 4, 100)``.
-        tune_sigma_noise: tune a scalar regression ``sigma_noise`` jointly (``"marglik"``);
-            default True for regression with a scalar ``sigma_noise``.
+        tune_sigma_noise: tune the regression ``sigma_noise`` jointly (``"marglik"``): a
+            scalar, or one per output (``sigma_noise`` of shape ``[K]``, last-layer posteriors
+            only; set ``la.sigma_noise = [s] * K`` first to tune one per output). Default True
+            for regression where it can be tuned.
         progress: show a progress bar.
 
     Returns:
@@ -307,15 +309,20 @@ def optimize_prior_precision(
         )
     regression = la.likelihood_name == "regression"
     asked_for_sigma = tune_sigma_noise is True
+    tunable = regression and (la.sigma_noise.shape.rank == 0 or la.subset_of_weights == "last_layer")
     if tune_sigma_noise is None:
-        tune_sigma_noise = regression and la.sigma_noise.shape.rank == 0
+        tune_sigma_noise = tunable
     elif not isinstance(tune_sigma_noise, bool):
         raise TypeError(f"tune_sigma_noise: expected True, False or None; got {tune_sigma_noise!r}.")
-    elif tune_sigma_noise and not (regression and la.sigma_noise.shape.rank == 0):
+    elif tune_sigma_noise and not tunable:
         raise ValueError(
             "tune_sigma_noise: only a scalar sigma_noise of a 'regression' likelihood can be "
-            f"tuned; this posterior has likelihood={la.likelihood_name!r} and sigma_noise of "
-            f"shape {la.sigma_noise.shape.as_list()}. Pass tune_sigma_noise=False."
+            "tuned, or one per output with subset_of_weights='last_layer' (over all weights the "
+            "curvature's dependence on it is not a rescaling); this posterior has likelihood="
+            f"{la.likelihood_name!r}, subset_of_weights={la.subset_of_weights!r} and "
+            f"sigma_noise of shape {la.sigma_noise.shape.as_list()}. Pass "
+            "tune_sigma_noise=False, a scalar sigma_noise, or refit with the new per-output "
+            "noise."
         )
     if method == "gridsearch":
         if asked_for_sigma:

@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import functools
 import numbers
+import statistics
 
 import tensorflow as tf
 
 from laplace_tf.batches import iterate_inputs
+from laplace_tf.curvature.kron_layers import input_rows
 from laplace_tf.inputs import MODEL_ERRORS, InputCheck
 from laplace_tf.posterior import PosteriorLaplace
+from laplace_tf.posterior.factors import DenseCovariance, DiagCovariance
 from laplace_tf.posterior.laplace import stateless_seed
 from laplace_tf.predictive.jacobians import FunctionalVariance, block_kind
 from laplace_tf.predictive.links import (
@@ -81,8 +84,10 @@ class Laplace(PosteriorLaplace):
                 by ``"glm"`` only.
             n_samples: samples for ``link_approx="mc"`` and for ``pred_type="nn"``.
             seed: an integer seed for the random parts; None draws one. The same seed (and,
-                for ``"mc"``, which draws per batch, the same ``batch_size``) gives the same
-                numbers; ``"nn"`` draws one set of weights for all inputs.
+                for ``"mc"`` over all weights, which draws per batch, the same
+                ``batch_size``) gives the same numbers; ``"nn"``, and ``"mc"`` of a
+                last-layer posterior (sampled in weight space), draw one set of weights for
+                all inputs.
             batch_size: inputs per batch (default 256); memory grows linearly with it.
 
         Returns:
@@ -133,6 +138,49 @@ class Laplace(PosteriorLaplace):
             return self._nn(x, "samples", n_samples, seed, batch_size)
         return self._glm(x, "samples", "mc", n_samples, seed, batch_size)
 
+    def predictive_std(self, x, pred_type: str = "glm", n_samples: int = 100,
+                       seed: int | None = None, batch_size: int | None = None) -> tf.Tensor:
+        """Regression: the predictive standard deviation ``[N, K]``, noise included.
+
+        ``sqrt`` of the variance ``la(x, ...)`` returns (same arguments).
+
+        Example:
+            ``mean, var = la(x)`` then ``la.predictive_std(x) == sqrt(var)``.
+        """
+        self._require_regression("predictive_std")
+        _, variance = self(x, pred_type=pred_type, n_samples=n_samples, seed=seed,
+                           batch_size=batch_size)
+        return tf.sqrt(variance)
+
+    def predictive_interval(self, x, level: float = 0.95, batch_size: int | None = None
+                            ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Regression: the central ``level`` interval ``(lower, upper)`` ``[N, K]`` of each
+        output under the Gaussian GLM predictive (noise included), ``mean -+ z std`` with
+        ``z = Phi^-1((1 + level) / 2)``.
+
+        Example:
+            ``level=0.95``: ``mean -+ 1.96 * la.predictive_std(x)``.
+        """
+        self._require_regression("predictive_interval")
+        if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0 < level < 1:
+            raise ValueError(
+                f"level: expected the interval's probability, a number strictly between 0 and "
+                f"1 such as 0.95; got {level!r}."
+            )
+        mean, variance = self(x, batch_size=batch_size)
+        z = statistics.NormalDist().inv_cdf(0.5 + 0.5 * float(level))
+        half_width = z * tf.sqrt(variance)
+        return mean - half_width, mean + half_width
+
+    def _require_regression(self, what: str) -> None:
+        self._require_fit(what)
+        if self.likelihood_name != "regression":
+            raise ValueError(
+                f"{what}: only for likelihood='regression' (a Gaussian predictive); this "
+                f"posterior has likelihood={self.likelihood_name!r}. For class probabilities "
+                "use la(x), and la.functional_variance(x) for the spread of the logits."
+            )
+
     def map_predict(self, x, batch_size: int | None = None):
         """The plain network at the MAP: probabilities, or ``(mean, sigma_noise**2)``."""
         self._require_fit("map_predict")
@@ -147,6 +195,9 @@ class Laplace(PosteriorLaplace):
 
     def _glm(self, x, mode: str, link: str, n_samples: int, seed, batch_size):
         """Run the compiled GLM step over the batches of ``x`` and join the results."""
+        if self.subset_of_weights == "last_layer" and (mode == "samples" or (
+                mode == "predict" and link == "mc")):
+            return self._last_layer_samples(x, mode, n_samples, seed, batch_size)
         seed = stateless_seed(seed)
         diagonal = mode == "predict" and not needs_full_covariance(link)
         blocks = self.covariance_blocks()
@@ -160,6 +211,54 @@ class Laplace(PosteriorLaplace):
             xb, self.mean, blocks, noise, tf.random.experimental.stateless_fold_in(seed, index)
         ))
         return _join(outputs, axis=1 if mode == "samples" else 0)
+
+    def _last_layer_samples(self, x, mode: str, n_samples: int, seed, batch_size):
+        """GLM logit samples of a last-layer posterior, drawn in weight space.
+
+        The logits are linear in the last layer's weights ``W [din (+1), K]``: ``f = a^T W``
+        with ``a`` the layer's input rows (bias 1 appended), so ``f_s = f(theta*) + a^T dW_s``
+        with ``dW_s = W_s - W*`` from weight samples ``W_s`` of the posterior has exactly the
+        law ``N(f(theta*), J Sigma J^T)`` for every input. Drawing ``dW_s`` once for all inputs
+        costs ``N din K`` a sample (and the posterior's own sampling, shared by all inputs),
+        where Cholesky factors of ``[N, K, K]`` cost ``N K^3``: 400x faster at 1 000 classes.
+        The samples of different inputs share their weights (joint draws of the network).
+        """
+        deltas = self._last_layer_deltas(n_samples, stateless_seed(seed))
+        step = self._compiled(("last_layer_samples", mode), functools.partial(
+            self._last_layer_samples_step, mode=mode))
+        outputs = self._over_batches(x, batch_size, lambda xb, _: step(xb, self.mean, deltas))
+        return _join(outputs, axis=1 if mode == "samples" else 0)
+
+    def _last_layer_deltas(self, n_samples: int, seed: tf.Tensor) -> tf.Tensor:
+        """``dW_s ~ N(0, Sigma)`` ``[S, din (+1), K]`` (the row-major weight matrix).
+
+        Kronecker: ``Qa (Z / sqrt(E)) Qg^T`` with ``Z`` standard normal, a root of ``Sigma``
+        that costs ``din K (din + K)`` a sample; diagonal: ``Z * sqrt(variance)``; dense:
+        the posterior's own samples.
+        """
+        (block,) = self.covariance_blocks()
+        n_outputs = int(self.subset.slices[0].variables[0].shape[-1])
+        shape = [n_samples, self.n_params // n_outputs, n_outputs]
+        if isinstance(block, DenseCovariance):
+            return tf.reshape(self.posterior.sample(n_samples, seed=seed) - self.mean, shape)
+        z = tf.random.stateless_normal(shape, seed, dtype=self._dtype)
+        if isinstance(block, DiagCovariance):
+            return z * tf.sqrt(tf.reshape(block.variance, shape[1:]))
+        scaled = z / tf.sqrt(block.precision_eigenvalues)
+        return tf.matmul(tf.matmul(block.Qa, scaled), block.Qg, transpose_b=True)
+
+    def _last_layer_samples_step(self, x, mean, deltas, *, mode):
+        layer = self.subset.slices[0].layer
+        rows = []
+
+        def record(hooked, inputs, z):
+            rows.append(input_rows(hooked, inputs))
+            return z
+
+        logits = self.logit_model(x, self.subset.unflatten(mean), layers=[layer], hook=record)
+        samples = logits + tf.einsum("nd,sdk->snk", tf.cast(rows[0], logits.dtype), deltas)
+        outputs = self.likelihood.inverse_link(samples)
+        return outputs if mode == "samples" else tf.reduce_mean(outputs, axis=0)
 
     def _nn(self, x, mode: str, n_samples: int, seed, batch_size):
         """Run the compiled sampling step over the batches of ``x`` and join the results."""

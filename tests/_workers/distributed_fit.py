@@ -53,9 +53,15 @@ CASES = {
     "last_layer-kron": ("tanh_mlp", "classification", "last_layer", "kron", "ggn", "argument"),
     "last_layer-full": ("subclassed", "regression", "last_layer", "full", "ef", "scope"),
     "last_layer-diag": ("relu_mlp", "binary", "last_layer", "diag", "ggn", "argument"),
+    "weighted-all-kron-batchnorm": ("with_batchnorm", "regression", "all", "kron", "ggn",
+                                    "argument"),
+    "weighted-all-full-ggn": ("tanh_mlp", "classification", "all", "full", "ggn", "scope"),
+    "weighted-last_layer-kron": ("tanh_mlp", "binary", "last_layer", "kron", "ef", "argument"),
 }
 MULTIWORKER_CASES = ("all-full-ggn", "all-kron-cnn", "all-diag-cnn", "last_layer-kron",
-                     "last_layer-full")
+                     "last_layer-full", "weighted-all-kron-batchnorm", "weighted-last_layer-kron")
+SAMPLE_WEIGHTS = np.array([2.0, 0.0, 1.0, 3.0, 0.5, 1.0, 1.5])
+"""Sample weights of the cases whose names start with "weighted": ``fit((x, y, w))``."""
 N_OUTPUTS = {"classification": 3, "binary": 1, "regression": 2}
 SIGMA_NOISE = 0.7
 
@@ -77,14 +83,14 @@ def curvature_arrays(curvature) -> dict[str, np.ndarray]:
 
 
 def _recording_replicas(likelihood, replica_ids: set[int]) -> None:
-    """Make ``likelihood.nll`` note the ids of the replicas it is traced in.
+    """Make ``likelihood.nll_per_example`` note the ids of the replicas it is traced in.
 
     The fit's compiled step calls it; ``strategy.run`` traces the step in every replica.
     Called outside a replica context (one device), it notes nothing.
     """
     import tensorflow as tf
 
-    nll = likelihood.nll
+    nll = likelihood.nll_per_example
 
     def recorded(logits, y):
         context = tf.distribute.get_replica_context()
@@ -92,7 +98,7 @@ def _recording_replicas(likelihood, replica_ids: set[int]) -> None:
             replica_ids.add(int(tf.get_static_value(context.replica_id_in_sync_group)))
         return nll(logits, y)
 
-    likelihood.nll = recorded
+    likelihood.nll_per_example = recorded
 
 
 def _fit(case: str, rows: slice, strategy, replica_ids: set[int] | None = None):
@@ -116,7 +122,7 @@ def _fit(case: str, rows: slice, strategy, replica_ids: set[int] | None = None):
     )
     if replica_ids is not None:
         _recording_replicas(la.likelihood, replica_ids)
-    data = (x[rows], y[rows])
+    data = (x[rows], y[rows], *([SAMPLE_WEIGHTS[rows]] if case.startswith("weighted") else []))
     if strategy is None:
         la.fit(data)
     elif via == "scope":
