@@ -148,11 +148,11 @@ def test_exact_hessian_falls_back_quietly_to_a_loop(capfd, caplog):
 
 
 def _forced_nested_pfor_rows(la: Laplace, x):
-    """The LSTM cell's per-example rows with ``graph_loop=False``: a nested pfor through the
+    """The LSTM cell's per-example rows with ``one_at_a_time=False``: a nested pfor through the
     loop, which pfor cannot convert."""
     cotangents = output_cotangents(la.likelihood, "ggn", la.logit_model(tf.constant(x)), None)
     rows = tf.function(lambda inputs, c: _vectorised_rows(
-        la.logit_model, inputs, c, la.subset.slices[:1], graph_loop=False))
+        la.logit_model, inputs, c, la.subset.slices[:1], one_at_a_time=False))
     return rows(tf.constant(x), cotangents), cotangents
 
 

@@ -192,12 +192,12 @@ def outer_matrix(sums: Sequence[tf.Tensor], layout: Layout) -> tf.Tensor:
 class Layout(NamedTuple):
     """How a batch's rows are computed: per slice, ``(din (+1 for the bias), dout)`` if the
     slice is factored, else its number of weights; the number of logits ``K``; and whether
-    the forward pass runs a graph loop (a recurrent layer's ``while_loop``), see
-    :func:`_vectorised_rows`."""
+    per-example rows must be computed one example at a time (:func:`_one_at_a_time`, see
+    :func:`_vectorised_rows`)."""
 
     dims: list[tuple[int, int] | int]
     n_outputs: int
-    graph_loop: bool = False
+    one_at_a_time: bool = False
 
     @property
     def factored(self) -> list[bool]:
@@ -223,14 +223,34 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     concrete = traced.get_concrete_function(any_batch_size(x))
     n_outputs = int(concrete.structured_outputs.shape[-1])
     dims = [_factor_dims(s) if locations.get(id(s.layer)) == [1] else s.size for s in slices]
-    return Layout(dims, n_outputs, _has_graph_loop(concrete.graph))
+    return Layout(dims, n_outputs, _one_at_a_time(concrete.graph))
 
 
-def _has_graph_loop(graph: tf.Graph) -> bool:
-    """Whether ``graph`` (or a function it calls) contains a ``while_loop``."""
+_BATCHED_PRODUCTS = ("Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
+
+
+def _one_at_a_time(graph: tf.Graph) -> bool:
+    """Whether a forward pass ``graph`` (traced with an open batch dimension) must have its
+    per-example rows computed one example at a time instead of by ``vectorized_map``:
+
+    * it runs a ``while_loop`` (in itself or a function it calls: recurrent layers without
+      ``unroll=True``), whose gradient a nested pfor cannot convert; or
+    * it multiplies two activations in a batched product (``Einsum``/``BatchMatMul`` whose two
+      operands both have the batch dimension: attention scores ``q k^T`` and ``softmax(.) v``
+      in ``MultiHeadAttention``). Vectorised per-example gradients through such a product
+      crash the process inside TensorFlow's oneDNN CPU kernels (a segmentation fault, seen
+      with TensorFlow 2.21 on ``MultiHeadAttention``; the same model with
+      ``TF_ENABLE_ONEDNN_OPTS=0``, or one example at a time, runs correctly).
+    """
     definition = graph.as_graph_def()
     nodes = [*definition.node, *(n for f in definition.library.function for n in f.node_def)]
-    return any(node.op in ("While", "StatelessWhile") for node in nodes)
+    if any(node.op in ("While", "StatelessWhile") for node in nodes):
+        return True
+    return any(
+        op.type in _BATCHED_PRODUCTS and len(op.inputs) == 2
+        and all(t.shape.rank and t.shape[0] is None for t in op.inputs)
+        for op in graph.get_operations()
+    )
 
 
 def activations_per_example(logit_model: LogitModel, x) -> int:
@@ -323,7 +343,7 @@ def _rows_by_slice(
             parts[id(layer)] = _Outer(input_rows(layer, inputs[id(layer)]), delta)
     others = [s for s, f in zip(slices, factored, strict=True) if not f]
     if others:
-        rows = _vectorised_rows(logit_model, x, cotangents, others, layout.graph_loop)
+        rows = _vectorised_rows(logit_model, x, cotangents, others, layout.one_at_a_time)
         for s, part in zip(others, tf.split(rows, [s.size for s in others], -1), strict=True):
             parts[id(s.layer)] = part
     return [parts[id(s.layer)] for s in slices], logits
@@ -331,14 +351,16 @@ def _rows_by_slice(
 
 def _vectorised_rows(
     logit_model: LogitModel, x, cotangents: tf.Tensor, slices: Sequence[LayerSlice],
-    graph_loop: bool,
+    one_at_a_time: bool,
 ) -> tf.Tensor:
     """Rows ``[n, R, p]`` over the weights of ``slices``, by ``vectorized_map`` over examples.
 
-    An example's ``R`` rows are one vectorised ``tape.jacobian`` (pfor inside pfor). When the
-    forward pass runs a ``while_loop`` (``graph_loop``: LSTM, GRU, SimpleRNN, Bidirectional
-    without ``unroll=True``), a nested pfor cannot convert the loop's gradient, so the rows come
-    from ``tf.map_fn``: one example at a time in a graph loop, its rows a graph loop over ``r``.
+    An example's ``R`` rows are one vectorised ``tape.jacobian`` (pfor inside pfor). When
+    that cannot work (``one_at_a_time``, :func:`_one_at_a_time`: a ``while_loop`` in LSTM, GRU,
+    SimpleRNN, Bidirectional without ``unroll=True``, whose gradient a nested pfor cannot
+    convert; or a product of two activations, as in attention, where it crashes TensorFlow's
+    CPU kernels), the rows come from ``tf.map_fn``: one example at a time in a graph loop, its
+    rows a graph loop over ``r``.
     This works for any number of time steps, also unknown ones. Measured
     (``benchmarks/recurrent.py``: LSTM(16) -> Dense(10), 256 examples, all/diag fit, 5 and 50
     time steps): ``map_fn`` 1.4 s and 5.2 s; the layers called with ``unroll=True`` for a
@@ -367,7 +389,7 @@ def _vectorised_rows(
         return tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
 
     names = [s.name for s in slices]
-    if not graph_loop:
+    if not one_at_a_time:
         try:
             with quiet_pfor_errors():
                 return tf.vectorized_map(lambda e: one_example(e, True), (x, cotangents))
