@@ -6,7 +6,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from scipy import stats
+import tensorflow as tf
+from scipy import optimize, stats
 
 import laplace_tf as ltf
 from laplace_tf import testing
@@ -32,6 +33,31 @@ def _problem(n: int = 200, seed: int = 0):
     model.layers[1].kernel.assign(weights[:-1])
     model.layers[1].bias.assign(weights[-1])
     return model, x, y
+
+
+def _at_map(model, x, y, prior: float = 1e-3):
+    """Train all weights to the MAP (noise TRUE_SIGMA, a weak prior): the exact Hessian of the
+    data term is nearly positive semi-definite there."""
+    logit_model = LogitModel(model)
+    subset = logit_model.subset
+
+    @tf.function
+    def loss_and_gradient(flat):
+        with tf.GradientTape() as tape:
+            tape.watch(flat)
+            residuals = (y - logit_model(x, subset.unflatten(flat))) / TRUE_SIGMA
+            value = 0.5 * tf.reduce_sum(residuals**2) + 0.5 * prior * tf.reduce_sum(flat**2)
+        return value, tape.gradient(value, flat)
+
+    def loss(flat):
+        value, gradient = loss_and_gradient(tf.constant(flat))
+        return float(value), gradient.numpy()
+
+    flat = optimize.minimize(loss, subset.flat_values().numpy(), jac=True, method="L-BFGS-B",
+                             options={"maxiter": 5000, "gtol": 1e-9}).x
+    for variable, value in zip(subset.variables, subset.unflatten(tf.constant(flat)), strict=True):
+        variable.assign(value)
+    return model
 
 
 def _laplace(model, structure: str, kind: str, sigma):
@@ -106,17 +132,93 @@ def test_marglik_tunes_one_sigma_per_output(structure):
                                brute_evidence(model, x, y, sigma, "ggn", False, prior), rtol=1e-9)
 
 
-def test_per_output_sigma_over_all_weights_is_refused():
-    model, x, y = _problem(n=20)
-    la = ltf.Laplace(model, "regression", subset_of_weights="all", hessian_structure="kron",
-                     sigma_noise=[1.0, 1.0], progress=False)
+def _all_weights(model, structure: str, kind: str, sigma, prior: float = PRIOR):
+    return ltf.Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure,
+                       curvature=kind, prior_precision=prior, sigma_noise=sigma, progress=False)
+
+
+def brute_evidence_all(model, x, y, sigma, prior: float = PRIOR) -> float:
+    """The evidence of a full GGN posterior over all weights, from explicit Jacobians."""
+    logit_model = LogitModel(model)
+    likelihood = get_likelihood("regression", sigma)
+    targets = likelihood.prepare_targets(y, 2, "float64")
+    curvature = testing.brute_force_ggn(logit_model, likelihood, x, targets)
+    theta = logit_model.subset.flat_values().numpy()
+    log_lik = stats.norm.logpdf(y, model(x).numpy(), sigma).sum()
+    return (log_lik - 0.5 * prior * theta @ theta + 0.5 * theta.size * np.log(prior)
+            - 0.5 * np.linalg.slogdet(curvature + prior * np.eye(theta.size))[1])
+
+
+@pytest.mark.parametrize(("structure", "kind"), [("full", "ggn"), ("kron", "ggn"),
+                                                 ("diag", "ggn"), ("full", "hessian")])
+def test_per_output_sigma_over_all_weights_matches_a_fresh_fit(structure, kind):
+    model, x, y = _problem(n=30)
+    la = _all_weights(model, structure, kind, [0.7, 1.3], prior=2.0)
     la.fit((x, y))
-    with pytest.raises(ValueError, match="only a scalar sigma_noise can change without refitting"):
+    sigma = np.array([0.4, 2.0])
+    fresh = _all_weights(model, structure, kind, sigma, prior=2.0)
+    fresh.fit((x, y))  # the reference: fitted directly at the new noise
+    expected = float(fresh.log_marginal_likelihood())
+    np.testing.assert_allclose(la.log_marginal_likelihood(sigma_noise=sigma), expected, rtol=1e-10)
+    la.sigma_noise = sigma  # the curvature is rebuilt from the per-output curvatures
+    np.testing.assert_allclose(la.log_marginal_likelihood(), expected, rtol=1e-10)
+    np.testing.assert_allclose(blocks_to_dense(la.curvature.blocks),
+                               blocks_to_dense(fresh.curvature.blocks), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(la.posterior_precision.to_dense(),
+                               fresh.posterior_precision.to_dense(), rtol=1e-9, atol=1e-10)
+    if (structure, kind) == ("full", "ggn"):
+        np.testing.assert_allclose(expected, brute_evidence_all(model, x, y, sigma, 2.0),
+                                   rtol=1e-10)
+
+
+def test_per_output_sigma_over_all_weights_online_update_adds_the_pieces():
+    model, x, y = _problem(n=30)
+    la = _all_weights(model, "kron", "ggn", [0.7, 1.3])
+    la.fit((x[:12], y[:12]))
+    la.fit((x[12:], y[12:]), override=False)
+    la.sigma_noise = [0.4, 2.0]
+    fresh = _all_weights(model, "kron", "ggn", [0.4, 2.0])
+    fresh.fit((x, y))
+    np.testing.assert_allclose(la.log_marginal_likelihood(), fresh.log_marginal_likelihood(),
+                               rtol=1e-10)
+
+
+@pytest.mark.parametrize(("structure", "kind"), [("full", "ggn"), ("kron", "ggn"),
+                                                 ("diag", "ggn"), ("full", "hessian")])
+def test_marglik_tunes_one_sigma_per_output_over_all_weights(structure, kind):
+    model, x, y = _problem(n=100)
+    # the exact Hessian is positive definite near the MAP's noise only: start closer there
+    start = [1.0, 1.0] if kind == "ggn" else [0.13, 0.6]
+    la = _all_weights(_at_map(model, x, y), structure, kind, start)
+    la.fit((x, y))
+    la.optimize_prior_precision(n_steps=400, lr=0.05, progress=False)
+    sigma = la.sigma_noise.numpy()
+    np.testing.assert_allclose(sigma, TRUE_SIGMA, rtol=0.15)  # the known noise of the data
+    prior = float(la.prior_precision)
+    for k in range(2):  # a maximum of the evidence on a grid around it, per output
+        grid = sigma[k] * np.linspace(0.9, 1.1, 21)
+        values = []
+        for value in grid:
+            trial = sigma.copy()
+            trial[k] = value
+            values.append(float(la.log_marginal_likelihood(prior, trial)))
+        assert abs(grid[int(np.argmax(values))] / sigma[k] - 1) <= 0.011
+
+
+def test_per_output_sigma_over_all_weights_is_refused_for_the_ef_and_a_scalar_fit():
+    model, x, y = _problem(n=20)
+    la = _all_weights(model, "kron", "ef", [1.0, 1.0])
+    la.fit((x, y))
+    with pytest.raises(ValueError, match="empirical Fisher .*cross terms"):
         la.sigma_noise = [0.5, 1.0]
-    with pytest.raises(ValueError, match="or one per output with subset_of_weights='last_layer'"):
+    with pytest.raises(ValueError, match="empirical Fisher is not a sum of per-output"):
         la.optimize_prior_precision(tune_sigma_noise=True, progress=False)
     la.optimize_prior_precision(n_steps=5, progress=False)  # default: sigma stays at its fit
     np.testing.assert_array_equal(la.sigma_noise, [1.0, 1.0])
+    scalar = _all_weights(model, "kron", "ggn", 1.0)
+    scalar.fit((x, y))
+    with pytest.raises(ValueError, match="stored only by a non-stochastic fit with a per-output sigma_noise"):
+        scalar.sigma_noise = [0.5, 1.0]
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag"])
@@ -131,3 +233,17 @@ def test_scalar_fit_noise_to_per_output_and_back(structure):
                                    rtol=1e-10)
         la.sigma_noise = sigma
         np.testing.assert_allclose(la.log_marginal_likelihood(), expected, rtol=1e-10)
+
+
+def test_a_loaded_all_weights_posterior_has_no_per_output_curvatures(tmp_path):
+    model, x, y = _problem(n=20)
+    la = _all_weights(model, "diag", "ggn", [0.7, 1.3])
+    la.fit((x, y))
+    la.save(tmp_path / "la.npz")
+    loaded = ltf.Laplace.load(tmp_path / "la.npz", model)
+    np.testing.assert_allclose(loaded.log_marginal_likelihood(), la.log_marginal_likelihood(),
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="not by a scalar fit or a loaded file"):
+        loaded.sigma_noise = [0.5, 1.0]
+    with pytest.raises(ValueError, match="override=False.*refit with override=True"):
+        loaded.fit((x, y), override=False)

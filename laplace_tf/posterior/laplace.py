@@ -11,9 +11,10 @@ model is ``N(theta_MAP, P^-1)`` with precision (DESIGN.md)::
 ``sigma_noise``: ``s = (sigma_fit / sigma)^2`` for the GGN and the exact Hessian,
 ``(sigma_fit / sigma)^4`` for the empirical Fisher. Changing the prior, the temperature or a
 scalar ``sigma_noise`` therefore never recomputes curvature. A per-output ``sigma_noise``
-(``[K]``) can change only for ``subset_of_weights="last_layer"``, where output ``k``'s rows
-and columns of ``H`` scale by ``s_k`` (:mod:`laplace_tf.posterior.output_noise`); the stored
-curvature is rescaled then.
+(``[K]``) changes by rescaling output ``k``'s rows and columns of ``H`` by ``s_k`` for
+``subset_of_weights="last_layer"``; over all weights (GGN or exact Hessian), a fit with a
+``[K]`` sigma_noise also stores the unit-noise curvature ``H_k`` of each output, and
+``H(sigma) = sum_k H_k / sigma_k^2`` (:mod:`laplace_tf.posterior.output_noise`).
 
 One class serves every (subset, structure) pair: ``subset_of_weights`` picks the weights
 (``"all"`` or ``"last_layer"``), ``hessian_structure`` picks a
@@ -212,6 +213,7 @@ class PosteriorLaplace:
         self._prior_mean = prior_mean_tensor(prior_mean, self.n_params, self._dtype)
         self._curvature: Curvature | None = None
         self._fit_sigma: np.ndarray | None = None
+        self._pieces: list[Curvature] | None = None  # per-output unit-noise curvatures
         self._sigma = self._checked_sigma(sigma_noise)
         self.likelihood = get_likelihood(likelihood, np.asarray(self._sigma))
         self._factors = None
@@ -245,14 +247,21 @@ class PosteriorLaplace:
             )
         check_positive(sigma, "sigma_noise", "Give positive noise standard deviations.")
         fit = self._fit_sigma
-        if self._per_output_change(sigma) and self.subset_of_weights != "last_layer":
+        if self._per_output_change(sigma) and self.subset_of_weights != "last_layer" \
+                and self._pieces is None:
+            why = ("the empirical Fisher sum_n g_n g_n^T mixes the outputs' residuals "
+                   "(cross terms k != l), so it cannot be rebuilt for another per-output sigma"
+                   if self.curvature_kind == "ef" else
+                   "the per-output curvatures H_k (H = sum_k H_k / sigma_k^2) are stored only by "
+                   "a non-stochastic fit with a per-output sigma_noise (not by a scalar fit or a "
+                   "loaded file)")
             raise ValueError(
                 f"sigma_noise: the curvature was fitted with sigma_noise={fit.tolist()}; only a "
                 f"scalar sigma_noise can change without refitting (got "
                 f"{np.asarray(sigma).tolist()}): over subset_of_weights="
-                f"{self.subset_of_weights!r} the curvature is sum_k J_k^T J_k / sigma_k^2, which "
-                "no rescaling turns into another per-output sigma. Build a new Laplace with the "
-                "new sigma_noise and fit it, or use subset_of_weights='last_layer'."
+                f"{self.subset_of_weights!r}, {why}. Build a new Laplace with the new "
+                "sigma_noise and fit it, fit with curvature='ggn' and sigma_noise=[s] * K to "
+                "change it per output later, or use subset_of_weights='last_layer'."
             )
         if fit is not None and sigma.shape.rank and fit.ndim and fit.shape != tuple(sigma.shape):
             raise ValueError(
@@ -349,13 +358,13 @@ class PosteriorLaplace:
         return self._cache[key]
 
     # ------------------------------------------------------------------ fitting
-    def _builder(self):
+    def _builder(self, likelihood=None):
         options = {"memory_limit_bytes": self.memory_limit_bytes}
         if self.stochastic:
             options.update(stochastic=True, seed=self.seed)
         return make_builder(
-            self.subset_of_weights, self.hessian_structure, self.logit_model, self.likelihood,
-            curvature=self.curvature_kind, **options,
+            self.subset_of_weights, self.hessian_structure, self.logit_model,
+            likelihood or self.likelihood, curvature=self.curvature_kind, **options,
         )
 
     def memory_estimate(self, n_outputs: int | None = None,
@@ -440,11 +449,45 @@ class PosteriorLaplace:
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
                           description="curvature", steps=steps, check=InputCheck(self.model))
         curvature = fit_curvature(self._builder(), batches, strategy)
+        pieces = self._fit_pieces(curvature, lambda: Batches(
+            data, batch_size, dtype=self._dtype, progress=progress, description="curvature",
+            steps=steps), strategy)
         if not override and self._curvature is not None:
             self.structure.check(curvature)
+            if (pieces is None) != (self._pieces is None):
+                raise ValueError(
+                    "override: an online update (override=False) must keep the kind of "
+                    "sigma_noise the posterior was fitted with (per-output over all weights: "
+                    "with its per-output curvatures); refit with override=True instead."
+                )
+            if pieces is not None:
+                pieces = [old + new for old, new in zip(self._pieces, pieces, strict=True)]
             curvature = self._curvature.scaled(self._multiplier() * self._temperature) + curvature
         fit_sigma = np.asarray(self._sigma, np.float64) if self.likelihood_name == "regression" else None
         self._install(curvature, self.subset.flat_values(), fit_sigma, self.subset.fingerprint())
+        self._pieces = pieces
+
+    def _fit_pieces(self, curvature: Curvature, batches, strategy) -> list[Curvature] | None:
+        """The unit-noise curvature ``H_k`` of each output (``H(sigma) = sum_k H_k / sigma_k^2``)
+        when a ``[K]`` sigma_noise over all weights may change later (GGN, exact Hessian);
+        else None. Output ``k``'s is ``sigma_k^2 (H(sigma') - H(sigma))`` with ``sigma'`` =
+        ``sigma`` but ``sigma'_k = sigma_k / sqrt(2)``: one more fit per output."""
+        sigma = self._sigma
+        if self.subset_of_weights != "all" or self.likelihood_name != "regression" or \
+                sigma.shape.rank == 0 or self.curvature_kind == "ef" or self.stochastic:
+            return None
+        pieces = []
+        for k, sigma_k in enumerate(np.asarray(sigma, np.float64)):
+            shifted = np.asarray(sigma, np.float64).copy()
+            shifted[k] /= math.sqrt(2.0)
+            builder = self._builder(get_likelihood(self.likelihood_name, shifted))
+            higher = fit_curvature(builder, batches(), strategy)
+            weights = tf.constant([sigma_k**2, -(sigma_k**2)], self._dtype)
+            pieces.append(Curvature(curvature.structure, [
+                output_noise.combined_block([h, b], weights)
+                for h, b in zip(higher.blocks, curvature.blocks, strict=True)
+            ], curvature.nll, curvature.n_data, curvature.residual_ss))
+        return pieces
 
     def _install(self, curvature: Curvature, mean: tf.Tensor, fit_sigma: np.ndarray | None,
                  fingerprint: str) -> None:
@@ -474,9 +517,12 @@ class PosteriorLaplace:
         changed = dict(prior=prior, sigma=sigma)
         if self._curvature is not None:
             factors, fit_sigma = self._factors, self._fit_sigma
-            if self._per_output_change(sigma):  # last layer: the curvature at the new sigma
-                scales = output_noise.output_scales(fit_sigma, sigma, self.curvature_kind)
-                curvature = output_noise.rescaled(self._curvature, scales * tf.ones_like(sigma))
+            if self._per_output_change(sigma):  # the curvature at the new sigma
+                if self._pieces is not None:
+                    curvature = output_noise.from_pieces(self._pieces, sigma, self._curvature)
+                else:
+                    scales = output_noise.output_scales(fit_sigma, sigma, self.curvature_kind)
+                    curvature = output_noise.rescaled(self._curvature, scales * tf.ones_like(sigma))
                 factors = self._factorize(curvature)
                 fit_sigma = np.asarray(sigma, np.float64) * np.ones(np.shape(fit_sigma))
                 changed.update(curvature=curvature, factors=factors, fit_sigma=fit_sigma)
@@ -621,14 +667,18 @@ class PosteriorLaplace:
         ))
         scatter, log_det_prior = prior_terms(prior, sizes, squares, layer_squares)
         fit = self._fit_sigma
-        if self.subset_of_weights == "last_layer" and fit is not None and (
-            fit.ndim or sigma.shape.rank
-        ):  # a per-output noise: the rescaled blocks' log-determinants, in TensorFlow
-            scales = output_noise.output_scales(fit, sigma, self.curvature_kind)
-            scales = scales * tf.ones_like(self._curvature.residual_ss)
+        if fit is not None and (fit.ndim or sigma.shape.rank) and (
+            self.subset_of_weights == "last_layer" or self._pieces is not None
+        ):  # a per-output noise: the blocks at sigma and their log-determinants, in TensorFlow
+            if self._pieces is not None:
+                blocks = output_noise.from_pieces(self._pieces, sigma, self._curvature).blocks
+            else:
+                scales = output_noise.output_scales(fit, sigma, self.curvature_kind)
+                blocks = output_noise.rescaled(
+                    self._curvature, scales * tf.ones_like(self._curvature.residual_ss)).blocks
             log_det = tf.add_n([
-                output_noise.log_det_precision(b, scales, 1.0 / self._temperature, p)
-                for b, p in zip(self._curvature.blocks, self._block_priors(prior), strict=True)
+                output_noise.log_det_precision(b, 1.0 / self._temperature, p)
+                for b, p in zip(blocks, self._block_priors(prior), strict=True)
             ])
             return (-self._data_nll(sigma) / self._temperature - 0.5 * scatter
                     + 0.5 * log_det_prior - 0.5 * log_det)

@@ -284,9 +284,10 @@ def optimize_prior_precision(
         val_data, grid, pred_type, link_approx: for ``"gridsearch"``; ``grid`` defaults to
             ``np.logspace(-4, 4, 100)``.
         tune_sigma_noise: tune the regression ``sigma_noise`` jointly (``"marglik"``): a
-            scalar, or one per output (``sigma_noise`` of shape ``[K]``, last-layer posteriors
-            only; set ``la.sigma_noise = [s] * K`` first to tune one per output). Default True
-            for regression where it can be tuned.
+            scalar, or one per output (``sigma_noise`` of shape ``[K]``: last-layer posteriors,
+            or posteriors over all weights fitted with a ``[K]`` sigma_noise and the GGN or
+            exact Hessian, which store each output's curvature). Default True for regression
+            where it can be tuned.
         progress: show a progress bar.
 
     Returns:
@@ -309,7 +310,8 @@ def optimize_prior_precision(
         )
     regression = la.likelihood_name == "regression"
     asked_for_sigma = tune_sigma_noise is True
-    tunable = regression and (la.sigma_noise.shape.rank == 0 or la.subset_of_weights == "last_layer")
+    tunable = regression and (la.sigma_noise.shape.rank == 0 or la.subset_of_weights == "last_layer"
+                              or la._pieces is not None)
     if tune_sigma_noise is None:
         tune_sigma_noise = tunable
     elif not isinstance(tune_sigma_noise, bool):
@@ -317,8 +319,12 @@ def optimize_prior_precision(
     elif tune_sigma_noise and not tunable:
         raise ValueError(
             "tune_sigma_noise: only a scalar sigma_noise of a 'regression' likelihood can be "
-            "tuned, or one per output with subset_of_weights='last_layer' (over all weights the "
-            "curvature's dependence on it is not a rescaling); this posterior has likelihood="
+            "tuned, or one per output with subset_of_weights='last_layer' or over all weights "
+            "after a fit with a per-output sigma_noise and curvature 'ggn'/'hessian' (the "
+            "empirical Fisher is not a sum of per-output curvatures); this posterior has "
+            f"likelihood={la.likelihood_name!r}, curvature={la.curvature_kind!r}, "
+            "fitted with per-output curvatures: "
+            f"{la._pieces is not None}, likelihood="
             f"{la.likelihood_name!r}, subset_of_weights={la.subset_of_weights!r} and "
             f"sigma_noise of shape {la.sigma_noise.shape.as_list()}. Pass "
             "tune_sigma_noise=False, a scalar sigma_noise, or refit with the new per-output "

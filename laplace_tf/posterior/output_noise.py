@@ -1,4 +1,4 @@
-"""A per-output regression noise for last-layer posteriors: the curvature at a new ``sigma``.
+"""A per-output regression noise ``sigma [K]``: the curvature at a new ``sigma``.
 
 With a Gaussian likelihood the output Hessian is ``Lambda = diag(1 / sigma_k^2)``. Over the
 last layer's weights (``J_n = a~_n^T ⊗ I_K``, outputs fastest in the flat order) the GGN (= the
@@ -9,9 +9,11 @@ columns by ``sqrt(s_k)``, ``s_k = (sigma_fit_k / sigma_k)^p`` (``p = 2``, EF: ``
     H(sigma) = S^1/2 H(sigma_fit) S^1/2,    S = I ⊗ diag(s)
 
 exactly, for every structure (Kronecker: ``G -> diag(s)^1/2 G diag(s)^1/2``; diagonal:
-``d -> s ⊙ d``). Over all weights ``J_n`` mixes the outputs, the curvature is
-``sum_k (1/sigma_k^2) J_k^T J_k`` and no such rescaling exists: a per-output ``sigma`` there
-needs a new fit.
+``d -> s ⊙ d``). Over all weights ``J_n`` mixes the outputs and no such rescaling exists, but
+the GGN (and the exact Hessian) is still a sum over outputs, ``H(sigma) = sum_k H_k / sigma_k^2``
+with ``H_k`` output ``k``'s curvature at unit noise: given the ``H_k``, :func:`from_pieces`
+rebuilds it (Kronecker blocks share ``A``; only ``G`` combines). The EF
+``sum_n J_n^T r_n r_n^T J_n`` has cross terms ``k != l`` and is no such sum.
 
 Example:
     >>> import tensorflow as tf
@@ -59,11 +61,30 @@ def rescaled(curvature: Curvature, scales: tf.Tensor) -> Curvature:
                      curvature.residual_ss)
 
 
-def log_det_precision(block: Block, scales: tf.Tensor, c, prior) -> tf.Tensor:
-    """``log det(c S^1/2 H S^1/2 + diag(prior))`` of one block, differentiable in ``scales``
-    (a Kronecker block takes a scalar prior; its ``A`` eigenvalues are recomputed, so cache
-    nothing here and keep it to small last layers)."""
-    block = rescaled_block(block, scales)
+def combined_block(blocks: list[Block], weights) -> Block:
+    """``sum_i weights_i blocks_i`` of blocks fitted on the same data (Kronecker: the shared
+    ``A``, ``G = sum_i weights_i G_i``); differentiable in ``weights``."""
+    first = blocks[0]
+    parts = [(b.G if isinstance(first, KronBlock) else b[0]) for b in blocks]
+    total = tf.add_n([w * tf.cast(part, first[0].dtype) for w, part in
+                      zip(tf.unstack(tf.cast(weights, first[0].dtype)), parts, strict=True)])
+    return KronBlock(first.A, total, first.n) if isinstance(first, KronBlock) else \
+        type(first)(total)
+
+
+def from_pieces(pieces: list[Curvature], sigma: tf.Tensor, like: Curvature) -> Curvature:
+    """``H(sigma) = sum_k H_k / sigma_k^2`` from the unit-noise per-output curvatures ``H_k``
+    (the data terms are ``like``'s)."""
+    weights = 1.0 / tf.square(sigma * tf.ones([len(pieces)], sigma.dtype))
+    blocks = [combined_block(list(parts), weights)
+              for parts in zip(*(p.blocks for p in pieces), strict=True)]
+    return Curvature(like.structure, blocks, like.nll, like.n_data, like.residual_ss)
+
+
+def log_det_precision(block: Block, c, prior) -> tf.Tensor:
+    """``log det(c block + diag(prior))``, differentiable in the block (a Kronecker block takes
+    a scalar prior; its ``A`` eigenvalues are recomputed, so cache nothing here and keep it to
+    small models)."""
     if isinstance(block, KronBlock):
         a = tf.linalg.eigvalsh(0.5 * (block.A + tf.transpose(block.A)))
         g = tf.linalg.eigvalsh(0.5 * (block.G + tf.transpose(block.G)))
