@@ -163,8 +163,9 @@ def reference_curvature(case: Case, model, x, y, sigma=1.0) -> np.ndarray:
     for s in f.subset.slices:
         block = slice(s.offset, s.offset + s.size)
         layer = s.layer
-        a, calls = _layer_input_rows(f, layer, x)
-        if calls != 1 or not isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+        kron_rule = isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))
+        a, calls = _layer_input_rows(f, layer, x) if kron_rule else (None, 0)
+        if calls != 1:
             out[block, block] = np.diag(np.diag(ggn[block, block]))
             continue
         jz = testing.brute_force_preactivation_jacobians(f, layer, x)  # [N, K, *z]
@@ -202,13 +203,17 @@ def reference_log_evidence(case: Case, model, x, y, precision, prior=1.0, temper
             - 0.5 * np.linalg.slogdet(precision)[1])
 
 
-def reference_glm(case: Case, model, x, precision, sigma=1.0):
-    """The GLM predictive from explicit Jacobians and ``inv(precision)``: the probit-link
-    probabilities, or ``(mean, variance + sigma^2)`` for regression."""
+def reference_functional_variance(case: Case, model, x, precision) -> tuple[np.ndarray, np.ndarray]:
+    """``(f(x) [N, K], J inv(precision) J^T [N, K, K])`` from explicit Jacobians, with numpy."""
     f = logit_model(case, model)
     jac = testing.brute_force_jacobians(f, x)
-    var = testing.dense_functional_variance(jac, np.linalg.inv(precision))
-    mu = np.asarray(f(x))
+    return np.asarray(f(x)), testing.dense_functional_variance(jac, np.linalg.inv(precision))
+
+
+def reference_glm(case: Case, model, x, precision, sigma=1.0):
+    """The GLM predictive from :func:`reference_functional_variance`: the probit-link
+    probabilities, or ``(mean, variance + sigma^2)`` for regression."""
+    mu, var = reference_functional_variance(case, model, x, precision)
     diag = np.diagonal(var, axis1=1, axis2=2)
     if case.likelihood == "regression":
         return mu, diag + np.square(sigma)

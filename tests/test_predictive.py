@@ -1,13 +1,16 @@
 """GLM and sampling predictives against brute-force references, in float64.
 
 The judge is ``J Sigma J^T`` with ``J`` from one gradient per example and output
-(``testing.brute_force_jacobians``) and ``Sigma`` the dense posterior covariance.
+(``testing.brute_force_jacobians``) and ``Sigma`` the numpy inverse of the brute-force
+precision of the structure (``cases.reference_precision``: dense GGN, its diagonal, or
+Kronecker factors read layer by layer, plus the prior), never the posterior under test.
 """
 
 from __future__ import annotations
 
 import math
 
+import cases
 import keras
 import numpy as np
 import pytest
@@ -45,17 +48,20 @@ BUILDERS = {**MODELS, "sequence_dense": _sequence_dense, "shared_dense": _shared
 
 def fitted(name="tanh_mlp", likelihood="classification", subset="all", structure="kron",
            prior=1.0, sigma=1.0, n=6, dtype_model=None):
-    """A Laplace fitted on random targets for a tiny model, and the model's inputs."""
+    """A Laplace fitted on random targets for a tiny model, the model's inputs, and a function
+    giving the brute-force ``J Sigma J^T [N, K, K]`` of that posterior."""
     model, x = (dtype_model or BUILDERS[name](N_OUTPUTS[likelihood], n=n))
+    y = targets(likelihood, N_OUTPUTS[likelihood], len(x))
     la = Laplace(model, likelihood, subset_of_weights=subset, hessian_structure=structure,
                  prior_precision=prior, sigma_noise=sigma, progress=False)
-    la.fit((x, targets(likelihood, N_OUTPUTS[likelihood], len(x))))
-    return la, x
+    la.fit((x, y))
 
+    def brute_force_variance() -> np.ndarray:
+        case = cases.Case(name, likelihood, subset, structure)
+        precision = cases.reference_precision(case, model, x, y, prior, sigma=sigma)
+        return cases.reference_functional_variance(case, model, x, precision)[1]
 
-def brute_force_variance(la, x) -> np.ndarray:
-    jacobians = testing.brute_force_jacobians(la.logit_model, tf.constant(x))
-    return testing.dense_functional_variance(jacobians, la.posterior_covariance.numpy())
+    return la, x, brute_force_variance
 
 
 def assert_close(actual, expected, rtol=EXACT):
@@ -86,13 +92,13 @@ FV_CASES = [
 
 @pytest.mark.parametrize("name, likelihood, subset, structure", FV_CASES)
 def test_functional_variance_equals_explicit_jacobians(name, likelihood, subset, structure):
-    la, x = fitted(name, likelihood, subset, structure)
-    assert_close(la.functional_variance(x, batch_size=4), brute_force_variance(la, x))
+    la, x, brute_force_variance = fitted(name, likelihood, subset, structure)
+    assert_close(la.functional_variance(x, batch_size=4), brute_force_variance())
 
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
 def test_last_layer_closed_form_equals_generic_path(structure):
-    la, x = fitted("relu_mlp", "classification", "last_layer", structure)
+    la, x, _ = fitted("relu_mlp", "classification", "last_layer", structure)
     closed = la.functional_variance(x)
     assert la._functional_cache[1].logits_layer, "the closed form was not used"
     blocks = la.covariance_blocks()
@@ -109,10 +115,11 @@ def test_last_layer_closed_form_equals_generic_path(structure):
 ])
 def test_probit_is_the_formula_on_the_variance_diagonal(likelihood, subset, structure):
     """The probit path computes only diag(J Sigma J^T) (for the last layer by contracting the
-    blocks over the outputs once per call); it must agree with the full path."""
-    la, x = fitted("tanh_mlp", likelihood, subset, structure)
+    blocks over the outputs once per call); it must be the probit formula on the diagonal of
+    the brute-force J Sigma J^T."""
+    la, x, brute_force_variance = fitted("tanh_mlp", likelihood, subset, structure)
     mu = la.logit_model(tf.constant(x))
-    var = np.diagonal(la.functional_variance(x), axis1=1, axis2=2)
+    var = np.diagonal(brute_force_variance(), axis1=1, axis2=2)
     scaled = mu / np.sqrt(1 + math.pi / 8 * var)
     expected = tf.sigmoid(scaled) if likelihood == "binary" else tf.nn.softmax(scaled)
     assert_close(la(x, link_approx="probit"), expected)
@@ -122,9 +129,10 @@ def test_probit_is_the_formula_on_the_variance_diagonal(likelihood, subset, stru
     ("all", "kron", 0.7), ("last_layer", "full", [0.5, 2.0]), ("all", "diag", 1.3),
 ])
 def test_regression_variance_is_functional_variance_plus_noise(subset, structure, sigma):
-    la, x = fitted("relu_mlp", "regression", subset, structure, sigma=sigma)
+    la, x, brute_force_variance = fitted("relu_mlp", "regression", subset, structure,
+                                         sigma=sigma)
     mean, var = la(x)
-    functional = np.diagonal(brute_force_variance(la, x), axis1=1, axis2=2)
+    functional = np.diagonal(brute_force_variance(), axis1=1, axis2=2)
     assert_close(mean, la.logit_model(tf.constant(x)))
     assert_close(var, functional + np.square(sigma))
     map_mean, map_var = la.map_predict(x)
@@ -141,7 +149,7 @@ def test_huge_prior_precision_gives_the_map_prediction(likelihood, subset, struc
 
     Weight deviations are ~1e-6, so outputs move by ~1e-6 times the Jacobian (O(1) here).
     """
-    la, x = fitted("tanh_mlp", likelihood, subset, structure, prior=1e12)
+    la, x, _ = fitted("tanh_mlp", likelihood, subset, structure, prior=1e12)
     expected = la.map_predict(x)
     if likelihood == "regression":
         for pred_type in ("glm", "nn"):
@@ -161,7 +169,7 @@ def test_huge_prior_precision_gives_the_map_prediction(likelihood, subset, struc
 ])
 def test_nn_predictive_averages_the_network_over_posterior_samples(likelihood, n_samples):
     """Chunked, vectorised sampling == one plain model call per weight sample."""
-    la, x = fitted("relu_mlp", likelihood, "all", "kron", prior=3.0)
+    la, x, _ = fitted("relu_mlp", likelihood, "all", "kron", prior=3.0)
     thetas = la.sample(n_samples, seed=5)
     outputs = np.stack([
         la.likelihood.inverse_link(la.logit_model(tf.constant(x), la.subset.unflatten(t)))
@@ -179,11 +187,11 @@ def test_nn_predictive_averages_the_network_over_posterior_samples(likelihood, n
 
 def test_glm_predictive_samples_have_the_glm_moments():
     """Regression GLM samples: mean f(x), covariance J Sigma J^T, within 5 standard errors."""
-    la, x = fitted("tanh_mlp", "regression", "all", "full", prior=0.5)
+    la, x, brute_force_variance = fitted("tanh_mlp", "regression", "all", "full", prior=0.5)
     n = 40_000
     samples = la.predictive_samples(x, n_samples=n, seed=3).numpy()
     mu = la.logit_model(tf.constant(x)).numpy()
-    testing.assert_gaussian_moments(samples, mu, brute_force_variance(la, x), k=5)
+    testing.assert_gaussian_moments(samples, mu, brute_force_variance(), k=5)
 
 
 def test_float32_matches_float64():
@@ -195,8 +203,8 @@ def test_float32_matches_float64():
         keras.layers.Flatten(), keras.layers.Dense(3),
     ])
     model32.set_weights([w.astype(np.float32) for w in model64.get_weights()])
-    la64, _ = fitted(dtype_model=(model64, x))
-    la32, _ = fitted(dtype_model=(model32, x.astype(np.float32)))
+    la64, _, _ = fitted(dtype_model=(model64, x))
+    la32, _, _ = fitted(dtype_model=(model32, x.astype(np.float32)))
     probs32 = la32(x.astype(np.float32))
     assert probs32.dtype == tf.float32
     np.testing.assert_allclose(probs32, la64(x), atol=1e-4)
