@@ -12,10 +12,13 @@ and output), Kronecker factors from layer inputs and pre-activation Jacobians re
 time, and every inverse, log-determinant and predictive from numpy on dense float64 matrices.
 
 Example:
-    >>> case = Case("mlp", "regression", "all", "full")
-    >>> model, x, y = case.build(n=5)
-    >>> reference_precision(case, model, x, y, prior=2.0).shape
-    (38, 38)
+    >>> full = Case("tanh_mlp", "regression", "all", "full")
+    >>> model, x, y = full.build(n=5)
+    >>> dense = reference_precision(full, model, x, y, prior=2.0)
+    >>> diag = reference_precision(Case("tanh_mlp", "regression", "all", "diag"), model, x, y,
+    ...                            prior=2.0)
+    >>> dense.shape, bool(np.allclose(np.diag(dense), np.diag(diag)))
+    ((26, 26), True)
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from models import F64, small_cnn, subclassed, tanh_mlp
+from models import F64
+from models import MODELS as _BASE_MODELS
 
 from laplace_tf import testing
 
@@ -44,7 +48,31 @@ def two_input(n_outputs: int, seed: int = 0, n: int = 6):
     return model, {"a": rng.normal(size=(n, 3)), "b": rng.normal(size=(n, 2))}
 
 
-MODELS = {"mlp": tanh_mlp, "cnn": small_cnn, "two_input": two_input, "subclassed": subclassed}
+def sequence_dense(n_outputs: int, seed: int = 0, n: int = 5):
+    """A Dense layer applied at 4 positions of a sequence: several locations per example."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((4, 3), dtype=F64), keras.layers.Dense(2, "tanh", dtype=F64),
+        keras.layers.Flatten(dtype=F64), keras.layers.Dense(n_outputs, dtype=F64),
+    ])
+    return model, np.random.default_rng(seed).normal(size=(n, 4, 3))
+
+
+def shared_dense(n_outputs: int, seed: int = 0, n: int = 5):
+    """One Dense layer called twice in a forward pass."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((3,), dtype=F64)
+    shared = keras.layers.Dense(3, "tanh", dtype=F64)
+    outputs = keras.layers.Dense(n_outputs, dtype=F64)(shared(shared(inputs)))
+    return keras.Model(inputs, outputs), np.random.default_rng(seed).normal(size=(n, 3))
+
+
+MODELS = {**_BASE_MODELS, "two_input": two_input, "sequence_dense": sequence_dense,
+          "shared_dense": shared_dense}
+"""``build(n_outputs, seed, n) -> (model, x)``: the builders of ``models.py`` and these."""
+CORE_MODELS = ("tanh_mlp", "small_cnn", "two_input", "subclassed")
+"""The default model axis of :func:`select`: an MLP, a CNN, a two-input Functional model and
+a subclassed model."""
 N_OUTPUTS = {"classification": 3, "binary": 1, "regression": 2}
 LIKELIHOODS = tuple(N_OUTPUTS)
 SUBSETS = ("all", "last_layer")
@@ -82,13 +110,18 @@ class Case:
         return model, x, y
 
 
-def select(models=tuple(MODELS), likelihoods=LIKELIHOODS, subsets=SUBSETS,
+def select(models=CORE_MODELS, likelihoods=LIKELIHOODS, subsets=SUBSETS,
            structures=STRUCTURES, seed: int = 0) -> list:
-    """The cases of the product of the given axes, as ``pytest.param``\\ s with readable ids."""
+    """The product of the given axes as ``pytest.param`` entries with readable ids."""
     return [
         pytest.param(Case(*axes, seed=seed), id=Case(*axes).id)
         for axes in itertools.product(models, likelihoods, subsets, structures)
     ]
+
+
+def table(*rows: tuple) -> list:
+    """Hand-picked cases ``(model, likelihood, subset, structure)`` as ``pytest.param`` entries."""
+    return [pytest.param(Case(*row), id=Case(*row).id) for row in rows]
 
 
 def rows(x, index):

@@ -34,9 +34,9 @@ def _reference_val_nll(case, model, x, y, prior) -> float:
 
 
 @pytest.mark.parametrize("case", [
-    *cases.select(models=("mlp",), likelihoods=("binary",), subsets=("all",),
+    *cases.select(models=("tanh_mlp",), likelihoods=("binary",), subsets=("all",),
                   structures=("full",)),
-    *cases.select(models=("mlp",), likelihoods=("binary",), subsets=("last_layer",),
+    *cases.select(models=("tanh_mlp",), likelihoods=("binary",), subsets=("last_layer",),
                   structures=("kron",)),
 ], indirect=True)
 def test_binary_gridsearch_picks_the_argmin_of_the_validation_nll(case):

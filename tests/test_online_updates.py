@@ -21,8 +21,8 @@ T_FIRST, T_FINAL = 1.5, 2.0
 SIGMA_FIRST, SIGMA_FINAL = 1.0, 0.6
 
 CASES = [
-    *cases.select(models=("mlp",), likelihoods=("classification", "regression")),
-    *cases.select(models=("cnn",), likelihoods=("regression",), subsets=("all",),
+    *cases.select(models=("tanh_mlp",), likelihoods=("classification", "regression")),
+    *cases.select(models=("small_cnn",), likelihoods=("regression",), subsets=("all",),
                   structures=("kron",)),
     *cases.select(models=("two_input",), likelihoods=("binary",), subsets=("all",),
                   structures=("kron", "diag")),

@@ -25,7 +25,7 @@ def _fitted(likelihood: str, structure: str, n_outputs: int):
                      hessian_structure=structure, prior_precision=0.5,
                      sigma_noise=sigma, progress=False)
     la.fit((x, y))
-    case = cases.Case("mlp", likelihood, "last_layer", structure)
+    case = cases.Case("tanh_mlp", likelihood, "last_layer", structure)
     precision = cases.reference_precision(case, model, x, y, 0.5, sigma=sigma)
     return la, x, cases.reference_functional_variance(case, model, x, precision)
 

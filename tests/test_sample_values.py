@@ -41,9 +41,9 @@ def _run_with(case, model, theta, x) -> np.ndarray:
 
 @pytest.mark.parametrize("sigma", [0.6, [0.5, 2.0]])
 @pytest.mark.parametrize("case", [
-    *cases.select(models=("mlp",), likelihoods=("regression",), subsets=("all",),
+    *cases.select(models=("tanh_mlp",), likelihoods=("regression",), subsets=("all",),
                   structures=("kron", "diag")),
-    *cases.select(models=("mlp",), likelihoods=("regression",), subsets=("last_layer",),
+    *cases.select(models=("tanh_mlp",), likelihoods=("regression",), subsets=("last_layer",),
                   structures=("full",)),
 ], indirect=True)
 def test_nn_regression_predictive_is_the_sampled_networks_plus_noise(case, sigma):
@@ -68,8 +68,8 @@ def _float32_twin(model):
 
 
 @pytest.mark.parametrize("case", [
-    *cases.select(models=("mlp",), likelihoods=("classification",), subsets=("all",)),
-    *cases.select(models=("mlp",), likelihoods=("regression",), subsets=("last_layer",),
+    *cases.select(models=("tanh_mlp",), likelihoods=("classification",), subsets=("all",)),
+    *cases.select(models=("tanh_mlp",), likelihoods=("regression",), subsets=("last_layer",),
                   structures=("kron",)),
 ], indirect=True)
 def test_float32_samples_have_the_brute_force_moments(case):
