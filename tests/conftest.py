@@ -15,3 +15,10 @@ def _seed():
     np.random.seed(0)  # noqa: NPY002 (code under test may use the global generator)
     tf.random.set_seed(0)
     yield
+
+
+@pytest.fixture
+def case(request):
+    """A :class:`cases.Case` from ``@pytest.mark.parametrize("case", cases.select(...),
+    indirect=True)``; build its model and data with ``case.build(n)``."""
+    return request.param

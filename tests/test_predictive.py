@@ -1,13 +1,16 @@
 """GLM and sampling predictives against brute-force references, in float64.
 
 The judge is ``J Sigma J^T`` with ``J`` from one gradient per example and output
-(``testing.brute_force_jacobians``) and ``Sigma`` the dense posterior covariance.
+(``testing.brute_force_jacobians``) and ``Sigma`` the numpy inverse of the brute-force
+precision of the structure (``cases.reference_precision``: dense GGN, its diagonal, or
+Kronecker factors read layer by layer, plus the prior), never the posterior under test.
 """
 
 from __future__ import annotations
 
 import math
 
+import cases
 import keras
 import numpy as np
 import pytest
@@ -16,46 +19,29 @@ import tensorflow as tf
 from laplace_tf import testing
 from laplace_tf.predictive import Laplace
 from laplace_tf.predictive.jacobians import FunctionalVariance, block_kind
-from tests.models import F64, MODELS, N_OUTPUTS, targets
 
 EXACT = 1e-10  # relative, for identities that hold up to float64 round-off
 
 
-def _sequence_dense(n_outputs: int, seed: int = 0, n: int = 5):
-    """A Dense layer applied at 4 positions of a sequence: several locations per example."""
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input((4, 3), dtype=F64), keras.layers.Dense(2, "tanh", dtype=F64),
-        keras.layers.Flatten(dtype=F64), keras.layers.Dense(n_outputs, dtype=F64),
-    ])
-    return model, np.random.default_rng(seed).normal(size=(n, 4, 3))
+def fit(case, model, x, y, prior=1.0, sigma=1.0) -> Laplace:
+    la = Laplace(model, case.likelihood, subset_of_weights=case.subset,
+                 hessian_structure=case.structure, prior_precision=prior, sigma_noise=sigma,
+                 progress=False)
+    la.fit((x, y))
+    return la
 
 
-def _shared_dense(n_outputs: int, seed: int = 0, n: int = 5):
-    """One Dense layer called twice in a forward pass."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((3,), dtype=F64)
-    shared = keras.layers.Dense(3, "tanh", dtype=F64)
-    outputs = keras.layers.Dense(n_outputs, dtype=F64)(shared(shared(inputs)))
-    return keras.Model(inputs, outputs), np.random.default_rng(seed).normal(size=(n, 3))
+def fitted(case, prior=1.0, sigma=1.0, n=6):
+    """A Laplace fitted on the case's model and random targets, the inputs, and a function
+    giving the brute-force ``J Sigma J^T [N, K, K]`` of that posterior."""
+    model, x, y = case.build(n)
+    la = fit(case, model, x, y, prior, sigma)
 
+    def brute_force_variance() -> np.ndarray:
+        precision = cases.reference_precision(case, model, x, y, prior, sigma=sigma)
+        return cases.reference_functional_variance(case, model, x, precision)[1]
 
-BUILDERS = {**MODELS, "sequence_dense": _sequence_dense, "shared_dense": _shared_dense}
-
-
-def fitted(name="tanh_mlp", likelihood="classification", subset="all", structure="kron",
-           prior=1.0, sigma=1.0, n=6, dtype_model=None):
-    """A Laplace fitted on random targets for a tiny model, and the model's inputs."""
-    model, x = (dtype_model or BUILDERS[name](N_OUTPUTS[likelihood], n=n))
-    la = Laplace(model, likelihood, subset_of_weights=subset, hessian_structure=structure,
-                 prior_precision=prior, sigma_noise=sigma, progress=False)
-    la.fit((x, targets(likelihood, N_OUTPUTS[likelihood], len(x))))
-    return la, x
-
-
-def brute_force_variance(la, x) -> np.ndarray:
-    jacobians = testing.brute_force_jacobians(la.logit_model, tf.constant(x))
-    return testing.dense_functional_variance(jacobians, la.posterior_covariance.numpy())
+    return la, x, brute_force_variance
 
 
 def assert_close(actual, expected, rtol=EXACT):
@@ -64,14 +50,15 @@ def assert_close(actual, expected, rtol=EXACT):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
 
 
-# (model, likelihood, subset, structure): every (subset, structure) pair, and every Jacobian
-# path: Dense, Conv2D (many locations), Dense on sequences, a layer called twice, layers
-# without a Kronecker rule (BatchNorm), functional and subclassed models, the closed form.
-FV_CASES = [
+# every (subset, structure) pair, and every Jacobian path: Dense, Conv2D (many locations),
+# Dense on sequences, a layer called twice, layers without a Kronecker rule (BatchNorm),
+# functional, two-input and subclassed models, the closed form.
+FV_CASES = cases.table(
     ("tanh_mlp", "classification", "all", "full"),
     ("small_cnn", "classification", "all", "kron"),
     ("with_batchnorm", "regression", "all", "kron"),
     ("two_branch_functional", "binary", "all", "kron"),
+    ("two_input", "regression", "all", "kron"),
     ("sequence_dense", "classification", "all", "kron"),
     ("shared_dense", "regression", "all", "kron"),
     ("small_cnn", "classification", "all", "diag"),
@@ -81,18 +68,20 @@ FV_CASES = [
     ("small_cnn", "regression", "last_layer", "kron"),
     ("two_branch_functional", "classification", "last_layer", "kron"),
     ("tanh_mlp", "binary", "last_layer", "diag"),
-]
+)
 
 
-@pytest.mark.parametrize("name, likelihood, subset, structure", FV_CASES)
-def test_functional_variance_equals_explicit_jacobians(name, likelihood, subset, structure):
-    la, x = fitted(name, likelihood, subset, structure)
-    assert_close(la.functional_variance(x, batch_size=4), brute_force_variance(la, x))
+@pytest.mark.parametrize("case", FV_CASES, indirect=True)
+def test_functional_variance_equals_explicit_jacobians(case):
+    la, x, brute_force_variance = fitted(case)
+    assert_close(la.functional_variance(x, batch_size=4), brute_force_variance())
 
 
-@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
-def test_last_layer_closed_form_equals_generic_path(structure):
-    la, x = fitted("relu_mlp", "classification", "last_layer", structure)
+@pytest.mark.parametrize("case", cases.select(
+    models=("relu_mlp",), likelihoods=("classification",), subsets=("last_layer",),
+), indirect=True)
+def test_last_layer_closed_form_equals_generic_path(case):
+    la, x, _ = fitted(case)
     closed = la.functional_variance(x)
     assert la._functional_cache[1].logits_layer, "the closed form was not used"
     blocks = la.covariance_blocks()
@@ -102,19 +91,22 @@ def test_last_layer_closed_form_equals_generic_path(structure):
     assert_close(closed, expected)
 
 
-@pytest.mark.parametrize("likelihood, subset, structure", [
-    ("classification", "all", "kron"), ("classification", "last_layer", "kron"),
-    ("classification", "last_layer", "full"), ("classification", "all", "diag"),
-    ("binary", "last_layer", "full"),
-])
-def test_probit_is_the_formula_on_the_variance_diagonal(likelihood, subset, structure):
+@pytest.mark.parametrize("case", cases.table(
+    ("tanh_mlp", "classification", "all", "kron"),
+    ("tanh_mlp", "classification", "last_layer", "kron"),
+    ("tanh_mlp", "classification", "last_layer", "full"),
+    ("tanh_mlp", "classification", "all", "diag"),
+    ("tanh_mlp", "binary", "last_layer", "full"),
+), indirect=True)
+def test_probit_is_the_formula_on_the_variance_diagonal(case):
     """The probit path computes only diag(J Sigma J^T) (for the last layer by contracting the
-    blocks over the outputs once per call); it must agree with the full path."""
-    la, x = fitted("tanh_mlp", likelihood, subset, structure)
+    blocks over the outputs once per call); it must be the probit formula on the diagonal of
+    the brute-force J Sigma J^T."""
+    la, x, brute_force_variance = fitted(case)
     mu = la.logit_model(tf.constant(x))
-    var = np.diagonal(la.functional_variance(x), axis1=1, axis2=2)
+    var = np.diagonal(brute_force_variance(), axis1=1, axis2=2)
     scaled = mu / np.sqrt(1 + math.pi / 8 * var)
-    expected = tf.sigmoid(scaled) if likelihood == "binary" else tf.nn.softmax(scaled)
+    expected = tf.sigmoid(scaled) if case.likelihood == "binary" else tf.nn.softmax(scaled)
     assert_close(la(x, link_approx="probit"), expected)
 
 
@@ -122,9 +114,10 @@ def test_probit_is_the_formula_on_the_variance_diagonal(likelihood, subset, stru
     ("all", "kron", 0.7), ("last_layer", "full", [0.5, 2.0]), ("all", "diag", 1.3),
 ])
 def test_regression_variance_is_functional_variance_plus_noise(subset, structure, sigma):
-    la, x = fitted("relu_mlp", "regression", subset, structure, sigma=sigma)
+    case = cases.Case("relu_mlp", "regression", subset, structure)
+    la, x, brute_force_variance = fitted(case, sigma=sigma)
     mean, var = la(x)
-    functional = np.diagonal(brute_force_variance(la, x), axis1=1, axis2=2)
+    functional = np.diagonal(brute_force_variance(), axis1=1, axis2=2)
     assert_close(mean, la.logit_model(tf.constant(x)))
     assert_close(var, functional + np.square(sigma))
     map_mean, map_var = la.map_predict(x)
@@ -132,18 +125,18 @@ def test_regression_variance_is_functional_variance_plus_noise(subset, structure
     assert_close(map_var, np.broadcast_to(np.square(sigma), var.shape))
 
 
-@pytest.mark.parametrize("likelihood, subset, structure", [
-    ("classification", "all", "kron"), ("binary", "last_layer", "full"),
-    ("regression", "all", "diag"),
-])
-def test_huge_prior_precision_gives_the_map_prediction(likelihood, subset, structure):
+@pytest.mark.parametrize("case", cases.table(
+    ("tanh_mlp", "classification", "all", "kron"), ("tanh_mlp", "binary", "last_layer", "full"),
+    ("tanh_mlp", "regression", "all", "diag"),
+), indirect=True)
+def test_huge_prior_precision_gives_the_map_prediction(case):
     """With lambda = 1e12 the posterior is a point mass: every predictive is the MAP's.
 
     Weight deviations are ~1e-6, so outputs move by ~1e-6 times the Jacobian (O(1) here).
     """
-    la, x = fitted("tanh_mlp", likelihood, subset, structure, prior=1e12)
+    la, x, _ = fitted(case, prior=1e12)
     expected = la.map_predict(x)
-    if likelihood == "regression":
+    if case.likelihood == "regression":
         for pred_type in ("glm", "nn"):
             mean, var = la(x, pred_type=pred_type, n_samples=20, seed=0)
             np.testing.assert_allclose(mean, expected[0], atol=1e-5)
@@ -161,7 +154,7 @@ def test_huge_prior_precision_gives_the_map_prediction(likelihood, subset, struc
 ])
 def test_nn_predictive_averages_the_network_over_posterior_samples(likelihood, n_samples):
     """Chunked, vectorised sampling == one plain model call per weight sample."""
-    la, x = fitted("relu_mlp", likelihood, "all", "kron", prior=3.0)
+    la, x, _ = fitted(cases.Case("relu_mlp", likelihood, "all", "kron"), prior=3.0)
     thetas = la.sample(n_samples, seed=5)
     outputs = np.stack([
         la.likelihood.inverse_link(la.logit_model(tf.constant(x), la.subset.unflatten(t)))
@@ -179,24 +172,26 @@ def test_nn_predictive_averages_the_network_over_posterior_samples(likelihood, n
 
 def test_glm_predictive_samples_have_the_glm_moments():
     """Regression GLM samples: mean f(x), covariance J Sigma J^T, within 5 standard errors."""
-    la, x = fitted("tanh_mlp", "regression", "all", "full", prior=0.5)
+    la, x, brute_force_variance = fitted(cases.Case("tanh_mlp", "regression", "all", "full"),
+                                         prior=0.5)
     n = 40_000
     samples = la.predictive_samples(x, n_samples=n, seed=3).numpy()
     mu = la.logit_model(tf.constant(x)).numpy()
-    testing.assert_gaussian_moments(samples, mu, brute_force_variance(la, x), k=5)
+    testing.assert_gaussian_moments(samples, mu, brute_force_variance(), k=5)
 
 
 def test_float32_matches_float64():
     """The same network in float32: predictions agree with float64 to float32 accuracy."""
-    model64, x = MODELS["small_cnn"](3)
+    case = cases.Case("small_cnn", "classification", "all", "kron")
+    model64, x, y = case.build(n=4)
     keras.utils.set_random_seed(0)
     model32 = keras.Sequential([
         keras.Input((5, 5, 2)), keras.layers.Conv2D(3, 3, activation="tanh"),
         keras.layers.Flatten(), keras.layers.Dense(3),
     ])
     model32.set_weights([w.astype(np.float32) for w in model64.get_weights()])
-    la64, _ = fitted(dtype_model=(model64, x))
-    la32, _ = fitted(dtype_model=(model32, x.astype(np.float32)))
+    la64 = fit(case, model64, x, y)
+    la32 = fit(case, model32, x.astype(np.float32), y)
     probs32 = la32(x.astype(np.float32))
     assert probs32.dtype == tf.float32
     np.testing.assert_allclose(probs32, la64(x), atol=1e-4)
