@@ -20,9 +20,9 @@ from models import F64, MODELS, deep_linear, targets
 
 from laplace_tf import testing
 from laplace_tf.batches import Batches
+from laplace_tf.blocks import DiagBlock, KronBlock, blocks_to_dense
 from laplace_tf.curvature import kron, kron_layers
 from laplace_tf.curvature.base import fit_curvature
-from laplace_tf.curvature.blocks import DiagBlock, KronBlock, blocks_to_dense, to_dense
 from laplace_tf.curvature.kron import KronBuilder
 from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.params import LayerSlice
@@ -125,7 +125,7 @@ def test_kron_equals_exact_block_for_one_datum(model_name, likelihood_name, n_ou
         assert isinstance(block, KronBlock), layer_slice.name
         assert float(block.n) == several.get(index, 1)
         if index not in several:
-            np.testing.assert_allclose(to_dense(block), _slice(exact, layer_slice), **EXACT)
+            np.testing.assert_allclose(block.to_dense(), _slice(exact, layer_slice), **EXACT)
 
 
 @pytest.mark.parametrize("n", [1, 5])

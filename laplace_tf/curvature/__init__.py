@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 
+from laplace_tf.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature.base import (
     CURVATURES,
     STRUCTURES,
@@ -29,7 +30,6 @@ from laplace_tf.curvature.base import (
     CurvatureBuilder,
     fit_curvature,
 )
-from laplace_tf.curvature.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature.diag import DiagBuilder
 from laplace_tf.curvature.full import FullBuilder
 from laplace_tf.curvature.kron import KronBuilder
