@@ -33,14 +33,15 @@ from laplace_tf.curvature.base import (
 from laplace_tf.curvature.diag import DiagBuilder
 from laplace_tf.curvature.full import FullBuilder
 from laplace_tf.curvature.kron import KronBuilder
+from laplace_tf.curvature.kron_layers import KronRule, register_kron_rule
 from laplace_tf.curvature.last_layer import LastLayerBuilder
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel
 
 __all__ = [
     "CURVATURES", "STRUCTURES", "SUBSETS", "Block", "Curvature", "CurvatureBuilder", "DenseBlock",
-    "DiagBlock", "DiagBuilder", "FullBuilder", "KronBlock", "KronBuilder", "LastLayerBuilder",
-    "fit_curvature", "make_builder",
+    "DiagBlock", "DiagBuilder", "FullBuilder", "KronBlock", "KronBuilder", "KronRule",
+    "LastLayerBuilder", "fit_curvature", "make_builder", "register_kron_rule",
 ]
 
 SUBSETS = ("all", "last_layer")

@@ -332,7 +332,7 @@ def _check_closed_form(layer: keras.layers.Layer) -> None:
             f"curvature has a closed form only for "
             f"{', '.join(c.__name__ for c in _CLOSED_FORM_LAYERS)} layers. Name a Dense layer with last_layer_name=, or {_ADVICE}."
         )
-    kernel = getattr(layer, "_kernel", None)
+    kernel = getattr(layer, "kernel", None)
     trainable = [id(v) for v in layer.trainable_variables]
     if trainable not in ([id(kernel)], [id(kernel), id(layer.bias)]):
         raise ValueError(
