@@ -85,6 +85,11 @@ class Block(Protocol):
     def factorize(self, clip: bool = False) -> Factor:
         """The posterior :class:`Factor` (negative eigenvalues clipped at 0 if ``clip``)."""
 
+    @staticmethod
+    def memory(*sizes: int) -> dict[str, int]:
+        """Numbers (not bytes) a block of these sizes keeps (``"curvature"``) and its factor
+        and covariance allocate, by part (:mod:`laplace_tf.curvature.memory`)."""
+
 
 class Factor:
     """A curvature block factored once for the posterior ``c H + diag(prior)``.

@@ -84,6 +84,15 @@ class DenseBlock(NamedTuple):
         check_finite(self)
         return DenseFactor(self, clip)
 
+    @staticmethod
+    def memory(size: int) -> dict[str, int]:
+        """Numbers a block of ``size`` weights keeps (``curvature``) and its factor and
+        covariance allocate: the symmetrised copy, eigenvectors and eigenvalues, the Cholesky
+        factor of the precision, the identity it is solved from and the covariance."""
+        square = size * size
+        return {"curvature": square, "eigendecomposition": 2 * square + size,
+                "cholesky": square, "covariance": 2 * square}
+
 
 class DenseCovariance(NamedTuple):
     """``Sigma = matrix [p, p]``."""

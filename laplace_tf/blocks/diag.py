@@ -81,6 +81,12 @@ class DiagBlock(NamedTuple):
         check_finite(self)
         return DiagFactor(self, clip)
 
+    @staticmethod
+    def memory(size: int) -> dict[str, int]:
+        """Numbers a block of ``size`` weights keeps (``curvature``) and its posterior
+        allocates (precision and variances)."""
+        return {"curvature": size, "posterior": 2 * size}
+
 
 class DiagCovariance(NamedTuple):
     """``Sigma = diag(variance [p])``."""

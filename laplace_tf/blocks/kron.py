@@ -104,6 +104,14 @@ class KronBlock(NamedTuple):
         check_finite(self)
         return KronFactor(self, clip)
 
+    @staticmethod
+    def memory(din: int, dout: int) -> dict[str, int]:
+        """Numbers a block ``[din, din] ⊗ [dout, dout]`` keeps (``curvature``: the factors) and
+        its factor allocates: eigenvectors and eigenvalues of ``A`` and ``G``, eigenvalues of
+        the precision."""
+        factors = din * din + dout * dout
+        return {"curvature": factors, "eigendecomposition": factors + din + dout + din * dout}
+
 
 class KronCovariance(NamedTuple):
     """``Sigma = (Qa ⊗ Qg) diag(1 / vec(precision_eigenvalues)) (Qa ⊗ Qg)^T``.
