@@ -72,7 +72,8 @@ class FunctionalVariance:
     Args:
         logit_model: the posterior's :class:`LogitModel` (its ``subset`` is the flat vector).
         block_slices: ``(offset, size)`` of every covariance block in the flat vector.
-        kinds: the covariance type of every block (``type(block)``).
+        kinds: the covariance type of every block (``type(block)``); a type whose
+            ``needs_one_factored_layer`` must cover one layer with a Kronecker rule.
         logits_layer: the subset is one Dense/Conv layer whose pre-activation IS the logits
             (a last-layer posterior): use the closed forms in its features.
 
@@ -99,8 +100,8 @@ class FunctionalVariance:
             if kind.needs_one_factored_layer and (len(parts) != 1 or not parts[0].factored):
                 names = [(p.slice.name, type(p.slice.layer).__name__) for p in parts]
                 raise ValueError(
-                    f"covariance: a Kronecker block covers {names}; the GLM predictive "
-                    f"supports Kronecker blocks of one layer of type "
+                    f"covariance: a {kind.__name__} block covers {names}; the GLM predictive "
+                    f"supports such blocks over one layer of type "
                     f"{sorted(t.__name__ for t in KRON_RULES)}. Use hessian_structure='diag'."
                 )
         parts = [p for parts in self.plan for p in parts]
