@@ -21,6 +21,7 @@ _PUBLIC = {
     "jacobian": "laplace_tf.autodiff",
     "WeightSubset": "laplace_tf.params",
     "get_likelihood": "laplace_tf.likelihoods",
+    "register_kron_rule": "laplace_tf.curvature",
 }
 _SUBMODULES = ("calibration", "data", "models", "testing")
 

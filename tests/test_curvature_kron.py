@@ -18,11 +18,12 @@ import pytest
 import tensorflow as tf
 from models import F64, MODELS, deep_linear, targets
 
+import laplace_tf as ltf
 from laplace_tf import testing
 from laplace_tf.batches import Batches
+from laplace_tf.blocks import DiagBlock, KronBlock, blocks_to_dense
 from laplace_tf.curvature import kron, kron_layers
 from laplace_tf.curvature.base import fit_curvature
-from laplace_tf.curvature.blocks import DiagBlock, KronBlock, blocks_to_dense, to_dense
 from laplace_tf.curvature.kron import KronBuilder
 from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.params import LayerSlice
@@ -125,7 +126,45 @@ def test_kron_equals_exact_block_for_one_datum(model_name, likelihood_name, n_ou
         assert isinstance(block, KronBlock), layer_slice.name
         assert float(block.n) == several.get(index, 1)
         if index not in several:
-            np.testing.assert_allclose(to_dense(block), _slice(exact, layer_slice), **EXACT)
+            np.testing.assert_allclose(block.to_dense(), _slice(exact, layer_slice), **EXACT)
+
+
+class DoubledDense(L.Dense):
+    """A Dense layer of twice its inputs: a subclass with its own ``call``, no rule of its own."""
+
+    def call(self, inputs):
+        return super().call(2.0 * inputs)
+
+
+class DoubledRule(kron_layers.KronRule):
+    def rows(self, layer, inputs):
+        return tf.reshape(2.0 * inputs, [-1, layer.kernel.shape[0]])
+
+
+@pytest.mark.parametrize("likelihood_name, n_outputs", [("regression", 1), ("classification", 3)])
+def test_registered_rule_gives_the_exact_kron_block_of_a_custom_layer(likelihood_name, n_outputs):
+    build = _first_layer_net((3,), lambda: DoubledDense(4, dtype=F64))
+    logit_model, likelihood, x, y = _problem(build, likelihood_name, 1, n_outputs, sigma_noise=0.7)
+    blocks, _ = KronBuilder(logit_model, likelihood).batch_blocks(x, y)
+    assert isinstance(blocks[0], DiagBlock)  # no rule for the subclass: the diagonal fallback
+    ltf.register_kron_rule(DoubledDense, DoubledRule())
+    try:
+        blocks, _ = KronBuilder(logit_model, likelihood).batch_blocks(x, y)
+    finally:
+        del kron_layers.KRON_RULES[DoubledDense]
+    assert isinstance(blocks[0], KronBlock)
+    exact = testing.brute_force_ggn(logit_model, likelihood, x, y)
+    np.testing.assert_allclose(blocks[0].to_dense(), _slice(exact, logit_model.subset.slices[0]),
+                               **EXACT)
+
+
+@pytest.mark.parametrize("layer_type, rule, words", [
+    (int, DoubledRule(), "layer_type: expected a subclass of keras.layers.Layer"),
+    (DoubledDense, object(), "rule: expected an instance of laplace_tf.curvature.KronRule"),
+])
+def test_register_kron_rule_refuses_bad_arguments(layer_type, rule, words):
+    with pytest.raises(TypeError, match=words):
+        ltf.register_kron_rule(layer_type, rule)
 
 
 @pytest.mark.parametrize("n", [1, 5])

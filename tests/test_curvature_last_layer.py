@@ -22,7 +22,6 @@ from laplace_tf import testing
 from laplace_tf.batches import Batches
 from laplace_tf.curvature import last_layer
 from laplace_tf.curvature.base import fit_curvature
-from laplace_tf.curvature.blocks import to_dense
 from laplace_tf.curvature.last_layer import (
     LastLayerBuilder,
     find_last_layer,
@@ -112,7 +111,7 @@ def test_full_and_diag_equal_the_brute_force_block(model_name, likelihood_name, 
     if structure == "diag":
         expected = np.diag(np.diag(expected))
     block = _block(_case(model_name, likelihood_name), kind, structure)
-    np.testing.assert_allclose(to_dense(block).numpy(), expected, **EXACT)
+    np.testing.assert_allclose(block.to_dense().numpy(), expected, **EXACT)
 
 
 @pytest.mark.parametrize("kind", ["ggn", "ef"])
@@ -123,7 +122,7 @@ def test_kron_on_one_datum_equals_brute_force(model_name, likelihood_name, kind)
     case = _case(model_name, likelihood_name)
     x, y = case.x[:1], case.y[:1]
     expected = BRUTE_FORCE[kind](case.logit_model, case.likelihood, x, y)
-    np.testing.assert_allclose(to_dense(_block(case, kind, "kron", x, y)).numpy(), expected, **EXACT)
+    np.testing.assert_allclose(_block(case, kind, "kron", x, y).to_dense().numpy(), expected, **EXACT)
 
 
 @pytest.mark.parametrize("kind", ["ggn", "ef"])
@@ -242,7 +241,7 @@ def test_probability_head_gives_the_curvature_of_its_linear_twin(head, structure
         builder = LastLayerBuilder(testing.subset_of(m, [find_last_layer(m)]), likelihood,
                                    "ggn", structure)
         (block,), logits = builder.batch_blocks(x, y)
-        results.append((to_dense(block).numpy(), logits.numpy()))
+        results.append((block.to_dense().numpy(), logits.numpy()))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(results[0][1], twin(x).numpy(), rtol=1e-12, atol=1e-14)
 
@@ -286,10 +285,10 @@ def test_two_batches_equal_one(structure, kind):
     )
     assert (whole.n_data, halves.n_data) == (6, 6)
     np.testing.assert_allclose(
-        to_dense(halves.blocks[0]).numpy(), to_dense(whole.blocks[0]).numpy(), **EXACT
+        halves.blocks[0].to_dense().numpy(), whole.blocks[0].to_dense().numpy(), **EXACT
     )
     np.testing.assert_allclose(
-        to_dense(whole.blocks[0]).numpy(), to_dense(_block(case, kind, structure)).numpy(),
+        whole.blocks[0].to_dense().numpy(), _block(case, kind, structure).to_dense().numpy(),
         **EXACT,
     )
 

@@ -11,7 +11,7 @@ from scipy import optimize, stats
 
 import laplace_tf as ltf
 from laplace_tf import testing
-from laplace_tf.curvature.blocks import blocks_to_dense
+from laplace_tf.blocks import blocks_to_dense
 from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.params import LogitModel, WeightSubset
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 from models import N_OUTPUTS, tanh_mlp, targets
 
 from laplace_tf import testing
-from laplace_tf.curvature.blocks import blocks_to_dense
+from laplace_tf.blocks import blocks_to_dense
 from laplace_tf.posterior import PosteriorLaplace
 from laplace_tf.predictive import Laplace
 

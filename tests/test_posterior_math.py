@@ -16,9 +16,15 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from models import tanh_mlp
 
+from laplace_tf.blocks import (
+    DenseBlock,
+    DiagBlock,
+    KronBlock,
+    LinearOperatorKroneckerEigen,
+    blocks_to_dense,
+)
 from laplace_tf.curvature.base import Curvature
-from laplace_tf.curvature.blocks import DenseBlock, DiagBlock, KronBlock, blocks_to_dense
-from laplace_tf.posterior import LinearOperatorKroneckerEigen, PosteriorLaplace, dense_covariance
+from laplace_tf.posterior import PosteriorLaplace
 from laplace_tf.testing import finite_difference_gradient
 
 tfd = tfp.distributions
@@ -160,7 +166,7 @@ def test_precision_covariance_and_log_prob_match_dense(structure, subset, layout
     np.testing.assert_allclose(la.posterior_covariance, covariance, rtol=1e-9, atol=1e-12)
     for (offset, size), block in zip(la.block_slices(), la.covariance_blocks(), strict=True):
         part = covariance[offset:offset + size, offset:offset + size]
-        np.testing.assert_allclose(dense_covariance(block), part, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(block.to_dense(), part, rtol=1e-9, atol=1e-12)
     assert type(la.posterior) is DISTRIBUTIONS[structure]
     rng = np.random.default_rng(3)
     theta = la.mean.numpy() + rng.normal(size=(4, la.n_params)) * 0.3

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from laplace_tf import testing
 from laplace_tf.predictive import Laplace
-from laplace_tf.predictive.jacobians import FunctionalVariance, block_kind
+from laplace_tf.predictive.jacobians import FunctionalVariance
 
 EXACT = 1e-10  # relative, for identities that hold up to float64 round-off
 
@@ -86,7 +86,7 @@ def test_last_layer_closed_form_equals_generic_path(case):
     assert la._functional_cache[1].logits_layer, "the closed form was not used"
     blocks = la.covariance_blocks()
     generic = FunctionalVariance(la.logit_model, la.block_slices(),
-                                 [block_kind(b) for b in blocks], logits_layer=False)
+                                 [type(b) for b in blocks], logits_layer=False)
     _, expected = generic(tf.constant(x), la.mean, blocks, diagonal=False)
     assert_close(closed, expected)
 

@@ -17,8 +17,8 @@ import pytest
 import tensorflow as tf
 
 from laplace_tf import testing
+from laplace_tf.blocks import DiagBlock, KronBlock
 from laplace_tf.curvature._per_example import _vectorised_rows, output_cotangents
-from laplace_tf.curvature.blocks import DiagBlock, KronBlock
 from laplace_tf.predictive import Laplace
 from tests.models import F64, targets
 

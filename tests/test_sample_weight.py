@@ -10,7 +10,7 @@ import tensorflow as tf
 from models import MODELS, N_OUTPUTS, targets
 
 import laplace_tf as ltf
-from laplace_tf.curvature.blocks import KronBlock, to_dense
+from laplace_tf.blocks import KronBlock
 
 WEIGHTS = np.array([2, 0, 1, 3, 1, 0, 1])
 EXACT = {"rtol": 1e-9, "atol": 1e-11}
@@ -43,7 +43,7 @@ def assert_same_fit(weighted, replicated) -> None:
         if isinstance(block_a, KronBlock):  # the factors themselves, not only their product
             for part_a, part_b in zip(block_a, block_b, strict=True):
                 np.testing.assert_allclose(part_a, part_b, **EXACT)
-        np.testing.assert_allclose(to_dense(block_a), to_dense(block_b), **EXACT)
+        np.testing.assert_allclose(block_a.to_dense(), block_b.to_dense(), **EXACT)
     np.testing.assert_allclose(a.nll, b.nll, **EXACT)
     assert a.n_data == pytest.approx(b.n_data, rel=1e-12)
     if b.residual_ss is not None:

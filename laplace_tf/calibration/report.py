@@ -421,29 +421,20 @@ def _band_figure(
 
 
 def _curvature_spectra(la: Any) -> dict[str, np.ndarray]:
-    """Eigenvalues of each curvature block (``{}`` when too expensive); Kronecker blocks
-    ``A ⊗ G`` from the factors' eigenvalues ``a_i g_j``."""
-    # Imported here: the curvature module needs TensorFlow, which a fitted `la` has loaded.
-    from laplace_tf.curvature.blocks import DenseBlock, KronBlock, block_size
-
+    """Eigenvalues of each curvature block (``{}`` when too expensive), from each block's
+    ``spectrum`` (Kronecker blocks ``A ⊗ G``: the factors' eigenvalues ``a_i g_j``)."""
     blocks = la.curvature.blocks
-    if sum(map(block_size, blocks)) > SPECTRUM_MAX_VALUES or any(
-        isinstance(b, DenseBlock) and block_size(b) > SPECTRUM_DENSE_LIMIT for b in blocks
-    ):
+    if sum(b.size for b in blocks) > SPECTRUM_MAX_VALUES:
+        return {}
+    all_values = [b.spectrum(SPECTRUM_DENSE_LIMIT) for b in blocks]
+    if any(values is None for values in all_values):
         return {}
     if len(blocks) == 1:
         names = [f"{la.curvature_kind} ({la.hessian_structure})"]
     else:
         names = [s.name for s in la.subset.slices]
     spectra = {}
-    for name, block in zip(names, blocks, strict=True):
-        if isinstance(block, DenseBlock):
-            values = np.linalg.eigvalsh(np.asarray(block.matrix, np.float64))
-        elif isinstance(block, KronBlock):
-            a, g = (np.linalg.eigvalsh(np.asarray(f, np.float64)) for f in (block.A, block.G))
-            values = np.outer(a, g).ravel()
-        else:
-            values = np.asarray(block.diagonal, np.float64)
+    for name, values in zip(names, all_values, strict=True):
         if np.any(values > 0):  # the plot is on a log scale
             spectra[name] = values
     return spectra

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 
+from laplace_tf.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature.base import (
     CURVATURES,
     STRUCTURES,
@@ -29,18 +30,18 @@ from laplace_tf.curvature.base import (
     CurvatureBuilder,
     fit_curvature,
 )
-from laplace_tf.curvature.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature.diag import DiagBuilder
 from laplace_tf.curvature.full import FullBuilder
 from laplace_tf.curvature.kron import KronBuilder
+from laplace_tf.curvature.kron_layers import KronRule, register_kron_rule
 from laplace_tf.curvature.last_layer import LastLayerBuilder
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel
 
 __all__ = [
     "CURVATURES", "STRUCTURES", "SUBSETS", "Block", "Curvature", "CurvatureBuilder", "DenseBlock",
-    "DiagBlock", "DiagBuilder", "FullBuilder", "KronBlock", "KronBuilder", "LastLayerBuilder",
-    "fit_curvature", "make_builder",
+    "DiagBlock", "DiagBuilder", "FullBuilder", "KronBlock", "KronBuilder", "KronRule",
+    "LastLayerBuilder", "fit_curvature", "make_builder", "register_kron_rule",
 ]
 
 SUBSETS = ("all", "last_layer")

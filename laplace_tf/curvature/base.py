@@ -17,12 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.batches import Batches
-from laplace_tf.curvature.blocks import (
-    Block,
-    add_blocks,
-    from_sum_form,
-    scale_block,
-)
+from laplace_tf.blocks import Block
 from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import check_output_op, check_output_values
@@ -55,7 +50,7 @@ class Curvature:
     def __add__(self, other: Curvature) -> Curvature:
         return Curvature(
             self.structure,
-            [add_blocks(a, b) for a, b in zip(self.blocks, other.blocks, strict=True)],
+            [a.add(b) for a, b in zip(self.blocks, other.blocks, strict=True)],
             self.nll + other.nll,
             self.n_data + other.n_data,
             None if self.residual_ss is None else self.residual_ss + other.residual_ss,
@@ -63,7 +58,7 @@ class Curvature:
 
     def scaled(self, factor) -> Curvature:
         """Blocks multiplied by ``factor`` (the data terms are unchanged)."""
-        blocks = [scale_block(b, factor) for b in self.blocks]
+        blocks = [b.scaled(factor) for b in self.blocks]
         return Curvature(self.structure, blocks, self.nll, self.n_data, self.residual_ss)
 
 
@@ -111,7 +106,7 @@ class CurvatureBuilder:
     def finish(self, sums: list) -> list[Block]:
         """The blocks of :meth:`batch_sums` added up over batches (by default, the sums with
         Kronecker ``A`` turned from a sum into a mean)."""
-        return [from_sum_form(b) for b in sums]
+        return [b.from_sum_form() for b in sums]
 
 
 def weights_or_ones(w, like: tf.Tensor) -> tf.Tensor:

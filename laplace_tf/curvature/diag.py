@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from laplace_tf.blocks import DiagBlock
 from laplace_tf.curvature._per_example import summed_rows
 from laplace_tf.curvature.base import CurvatureBuilder
-from laplace_tf.curvature.blocks import DiagBlock
 
 
 class DiagBuilder(CurvatureBuilder):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from laplace_tf.autodiff import hessian
+from laplace_tf.blocks import DenseBlock
 from laplace_tf.curvature._per_example import (
     CHUNK_BYTES,
     activations_per_example,
@@ -47,7 +48,6 @@ from laplace_tf.curvature._per_example import (
     summed_outer_products,
 )
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
-from laplace_tf.curvature.blocks import DenseBlock
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel
 

@@ -44,9 +44,9 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.blocks import Block, DiagBlock, KronBlock
 from laplace_tf.curvature._per_example import output_cotangents, summed_rows
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
-from laplace_tf.curvature.blocks import Block, DiagBlock, KronBlock
 from laplace_tf.curvature.kron_layers import fallback_reason, input_rows
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel, WeightSubset

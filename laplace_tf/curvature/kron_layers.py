@@ -7,8 +7,8 @@ weight gradient ``dW = sum_t a_t g_t^T`` for any scalar, with ``g_t`` the gradie
 to ``z_t``. K-FAC keeps ``A = mean_t a_t a_t^T`` and ``G = sum_t g_t g_t^T``. A rule gives the
 rows ``a_t`` from the inputs the layer was called with; the rows ``g_t`` are the pre-activation
 gradients reshaped to ``[-1, dout]`` whatever the layer type. Supporting a new layer type is
-one entry in :data:`KRON_RULES` (looked up by exact type, so that a subclass with its own
-``call`` never gets a rule that does not fit it).
+one :func:`register_kron_rule` call (rules are looked up by exact type, so that a subclass with
+its own ``call`` never gets a rule that does not fit it).
 
 Example:
     The rows of a causal Conv1D reproduce its pre-activation output through the flattened
@@ -37,7 +37,7 @@ class KronRule:
     """How one layer type's inputs become the rows ``a_t`` of its Kronecker factor ``A``.
 
     Subclasses implement :meth:`rows` and, when some configurations of the layer type do not
-    factor, :meth:`unsupported`. The layer must own a ``_kernel`` variable ``[..., dout]``
+    factor, :meth:`unsupported`. The layer must have a ``kernel`` variable ``[..., dout]``
     and a ``bias`` (``None`` without bias), as Keras Dense and convolution layers do.
     """
 
@@ -98,8 +98,51 @@ KRON_RULES: dict[type, KronRule] = {
 }
 
 
+def register_kron_rule(layer_type: type, rule: KronRule) -> None:
+    """Give layers of exactly ``layer_type`` (not its subclasses) the Kronecker rule ``rule``
+    (replacing any rule it had), for ``hessian_structure="kron"`` and the GLM predictive.
+
+    Args:
+        layer_type: a subclass of ``keras.layers.Layer`` with a ``kernel [..., dout]`` and a
+            ``bias`` (``None`` without bias), whose pre-activation at every location is
+            ``rows @ [kernel reshaped to [din, dout]; bias]``.
+        rule: a :class:`KronRule` whose :meth:`KronRule.rows` gives those rows.
+
+    Raises:
+        TypeError: ``layer_type`` is not a Keras layer class, or ``rule`` not a KronRule.
+
+    Example:
+        A Dense layer that doubles its inputs; its rows are the doubled inputs:
+
+        >>> import keras, tensorflow as tf
+        >>> class Doubled(keras.layers.Dense):
+        ...     def call(self, inputs):
+        ...         return super().call(2.0 * inputs)
+        >>> class DoubledRule(KronRule):
+        ...     def rows(self, layer, inputs):
+        ...         return tf.reshape(2.0 * inputs, [-1, layer.kernel.shape[0]])
+        >>> register_kron_rule(Doubled, DoubledRule())
+        >>> layer = Doubled(2)
+        >>> x = tf.random.normal((4, 3))
+        >>> z = layer(x)
+        >>> W = tf.concat([layer.kernel, layer.bias[None]], axis=0)
+        >>> bool(tf.reduce_max(tf.abs(input_rows(layer, x) @ W - z)) < 1e-5)
+        True
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, keras.layers.Layer)):
+        raise TypeError(
+            f"layer_type: expected a subclass of keras.layers.Layer; got {layer_type!r}."
+        )
+    if not isinstance(rule, KronRule):
+        raise TypeError(
+            f"rule: expected an instance of laplace_tf.curvature.KronRule (a subclass "
+            f"implementing rows(layer, inputs)); got {type(rule).__name__}."
+        )
+    KRON_RULES[layer_type] = rule
+
+
 def _n_inputs(layer: keras.layers.Layer) -> int:
-    return int(np.prod(layer._kernel.shape[:-1]))
+    return int(np.prod(layer.kernel.shape[:-1]))
 
 
 def fallback_reason(layer_slice: LayerSlice) -> str | None:
@@ -117,7 +160,7 @@ def fallback_reason(layer_slice: LayerSlice) -> str | None:
     if reason is not None:
         return reason
     bias = getattr(layer, "bias", None)
-    expected = (getattr(layer, "_kernel", None),) + (() if bias is None else (bias,))
+    expected = (getattr(layer, "kernel", None),) + (() if bias is None else (bias,))
     if len(expected) != len(layer_slice.variables) or any(
         a is not b for a, b in zip(expected, layer_slice.variables, strict=True)
     ):

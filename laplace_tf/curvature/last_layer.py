@@ -34,6 +34,7 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from laplace_tf.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature._kron_sums import (
     symmetric_kron_block,
     symmetric_kron_sum,
@@ -41,7 +42,6 @@ from laplace_tf.curvature._kron_sums import (
 )
 from laplace_tf.curvature._per_example import activations_per_example, step_examples
 from laplace_tf.curvature.base import STRUCTURES, CurvatureBuilder, weights_or_ones
-from laplace_tf.curvature.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import output_layer
 from laplace_tf.params import LogitModel, leaf_layers
@@ -332,7 +332,7 @@ def _check_closed_form(layer: keras.layers.Layer) -> None:
             f"curvature has a closed form only for "
             f"{', '.join(c.__name__ for c in _CLOSED_FORM_LAYERS)} layers. Name a Dense layer with last_layer_name=, or {_ADVICE}."
         )
-    kernel = getattr(layer, "_kernel", None)
+    kernel = getattr(layer, "kernel", None)
     trainable = [id(v) for v in layer.trainable_variables]
     if trainable not in ([id(kernel)], [id(kernel), id(layer.bias)]):
         raise ValueError(

@@ -24,7 +24,7 @@ kron       per layer with a Kronecker rule, with ``D`` inputs (+1 for the bias),
            ``eigendecomposition`` D² + O² + D + O + D O (eigenvectors and eigenvalues
            of the factors, eigenvalues of the precision). A layer of ``p`` weights
            without a rule (a diagonal block): p, 2 p, B R p (its per-example
-           Jacobian), 2 p
+           Jacobian), and ``posterior`` 2 p (as diag)
 diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
            ``posterior`` 2 P (precision and variances)
 =========  ========================================================================
@@ -35,7 +35,9 @@ one location per example is factored (its inputs and pre-activation gradients, n
 rows), every other layer has rows of its size; the intermediates exist twice, in chunks of at
 most ``CHUNK_BYTES`` (256 MiB) and at least one example. Over the last layer (one Dense layer:
 ``D = din + 1``, ``K = dout``, ``P = D K``), ``per_batch`` is B (D + K²): the features and
-the output-space Hessians, nothing per weight; kron has the two factors D² and K². Full
+the output-space Hessians, nothing per weight; kron has the two factors D² and K². Each
+block type's own parts (``curvature`` and those of its factor and covariance) come from its
+``memory`` (:mod:`laplace_tf.blocks`). Full
 (over all weights or the last layer) joins batches into steps of up to ``STEP_EXAMPLES``
 (2048) examples within a chunk, so its ``per_batch`` counts such a step.
 
@@ -66,6 +68,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.blocks import DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature import SUBSETS
 from laplace_tf.curvature._per_example import (
     _COPIES,
@@ -242,15 +245,9 @@ def check_memory(estimate: MemoryEstimate, limit_bytes: int | None = None,
 
 
 def _full(p: int, fit_copies: int, per_batch: int) -> dict[str, int]:
-    square = p * p
-    return {
-        "curvature": square,
-        "fit_workspace": fit_copies * square,
-        "per_batch": per_batch,
-        "eigendecomposition": 2 * square + p,
-        "cholesky": square,
-        "covariance": 2 * square,
-    }
+    block = DenseBlock.memory(p)
+    return {"curvature": block["curvature"], "fit_workspace": fit_copies * p * p,
+            "per_batch": per_batch, **block}
 
 
 def _kron(slices, rows: int, batch_size: int) -> dict[str, int]:
@@ -260,22 +257,22 @@ def _kron(slices, rows: int, batch_size: int) -> dict[str, int]:
             d, o = _factor_sizes(layer_slice)
             layer = _kron_layer(d, o, batch_size * _locations(layer_slice) * (d + rows * o))
         else:
-            size = layer_slice.size
-            layer = {"curvature": size, "fit_workspace": 2 * size,
-                     "per_batch": batch_size * rows * size, "eigendecomposition": 2 * size}
+            layer = _diag(layer_slice.size, batch_size * rows * layer_slice.size)
         for name, n in layer.items():
-            counts[name] += n
+            counts[name] = counts.get(name, 0) + n
     return counts
 
 
 def _kron_layer(d: int, o: int, per_batch: int) -> dict[str, int]:
-    factors = d * d + o * o
-    return {"curvature": factors, "fit_workspace": 2 * factors, "per_batch": per_batch,
-            "eigendecomposition": factors + d + o + d * o}
+    block = KronBlock.memory(d, o)
+    return {"curvature": block["curvature"], "fit_workspace": 2 * block["curvature"],
+            "per_batch": per_batch, **block}
 
 
 def _diag(p: int, per_batch: int) -> dict[str, int]:
-    return {"curvature": p, "fit_workspace": 2 * p, "per_batch": per_batch, "posterior": 2 * p}
+    block = DiagBlock.memory(p)
+    return {"curvature": block["curvature"], "fit_workspace": 2 * p, "per_batch": per_batch,
+            **block}
 
 
 def _last_layer(

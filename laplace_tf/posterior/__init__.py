@@ -2,17 +2,11 @@
 
 ``PosteriorLaplace`` composes a weight subset (``"all"`` or ``"last_layer"``) with a posterior
 structure (``"full"``, ``"kron"``, ``"diag"``); ``laplace_tf.Laplace`` adds the predictive.
-Covariance blocks for the predictive are :class:`DenseCovariance`, :class:`KronCovariance`
-and :class:`DiagCovariance`.
+The curvature blocks, their factors and covariance blocks are :mod:`laplace_tf.blocks`.
 """
 
-from laplace_tf.posterior.factors import DenseCovariance, DiagCovariance, KronCovariance
-from laplace_tf.posterior.kron import LinearOperatorKroneckerEigen
 from laplace_tf.posterior.laplace import NotFittedError, PosteriorLaplace
 from laplace_tf.posterior.prior import PRIOR_STRUCTURES
-from laplace_tf.posterior.structures import STRUCTURES, dense_covariance
+from laplace_tf.posterior.structures import STRUCTURES
 
-__all__ = [
-    "PRIOR_STRUCTURES", "STRUCTURES", "DenseCovariance", "DiagCovariance", "KronCovariance",
-    "LinearOperatorKroneckerEigen", "NotFittedError", "PosteriorLaplace", "dense_covariance",
-]
+__all__ = ["PRIOR_STRUCTURES", "STRUCTURES", "NotFittedError", "PosteriorLaplace"]

@@ -25,14 +25,13 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.blocks import BLOCK_TYPES as _BLOCKS  # a block's arrays are its fields
 from laplace_tf.curvature.base import Curvature
-from laplace_tf.curvature.blocks import DenseBlock, DiagBlock, KronBlock
 
 logger = logging.getLogger("laplace_tf")
 
 FORMAT = "laplace_tf.posterior"
 FORMAT_VERSION = 1
-_BLOCKS = {cls.__name__: cls for cls in (DenseBlock, KronBlock, DiagBlock)}
 _TRACE = "trace_"
 
 

@@ -19,7 +19,7 @@ scalar ``sigma_noise`` therefore never recomputes curvature. A per-output ``sigm
 One class serves every (subset, structure) pair: ``subset_of_weights`` picks the weights
 (``"all"`` or ``"last_layer"``), ``hessian_structure`` picks a
 :class:`~laplace_tf.posterior.structures.Structure`, and the curvature blocks are factored
-block by block (:mod:`laplace_tf.posterior.factors`). ``laplace_tf.Laplace`` (the predictive)
+block by block (:mod:`laplace_tf.blocks`). ``laplace_tf.Laplace`` (the predictive)
 subclasses it.
 
 Example:
@@ -45,9 +45,9 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.batches import DEFAULT_BATCH_SIZE, Batches
+from laplace_tf.blocks import Covariance
 from laplace_tf.curvature import make_builder
 from laplace_tf.curvature.base import CURVATURES, Curvature, fit_curvature
-from laplace_tf.curvature.blocks import block_size
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.last_layer import find_last_layer
 from laplace_tf.curvature.memory import (
@@ -60,7 +60,6 @@ from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
 from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
 from laplace_tf.posterior import io, marglik, output_noise
-from laplace_tf.posterior.factors import Covariance, factorize
 from laplace_tf.posterior.prior import (
     as_float_tensor,
     check_positive,
@@ -69,7 +68,7 @@ from laplace_tf.posterior.prior import (
     prior_precision_tensor,
     prior_terms,
 )
-from laplace_tf.posterior.structures import STRUCTURES, dense_covariance, precision_operator
+from laplace_tf.posterior.structures import STRUCTURES, precision_operator
 
 SUBSETS = ("all", "last_layer")
 ON_INDEFINITE = ("raise", "clip")
@@ -323,7 +322,7 @@ class PosteriorLaplace:
         # eigenvalues are round-off (float32 Kronecker factors) and are always clipped
         psd_by_construction = self.curvature_kind != "hessian"
         clip = psd_by_construction or self.on_indefinite == "clip"
-        factors = [factorize(block, clip) for block in curvature.blocks]
+        factors = [block.factorize(clip) for block in curvature.blocks]
         negative = sum(f.n_negative for f in factors)
         if negative and not psd_by_construction and clip:
             total = sum(f.n_eigenvalues for f in factors)
@@ -495,8 +494,8 @@ class PosteriorLaplace:
         self.structure.check(curvature)
         ranges, offset = [], 0
         for block in curvature.blocks:
-            ranges.append((offset, block_size(block)))
-            offset += block_size(block)
+            ranges.append((offset, block.size))
+            offset += block.size
         if offset != self.n_params:
             raise ValueError(
                 f"curvature: the blocks cover {offset} weights but the subset has "
@@ -596,9 +595,10 @@ class PosteriorLaplace:
     def covariance_blocks(self) -> list[Covariance]:
         """The covariance, block by block (aligned with :meth:`block_slices`).
 
-        Each entry is a :class:`~laplace_tf.posterior.factors.DenseCovariance`,
-        :class:`~laplace_tf.posterior.factors.KronCovariance` or
-        :class:`~laplace_tf.posterior.factors.DiagCovariance`.
+        Each entry is the covariance of its block type (:mod:`laplace_tf.blocks`), e.g. a
+        :class:`~laplace_tf.blocks.dense.DenseCovariance`,
+        :class:`~laplace_tf.blocks.kron.KronCovariance` or
+        :class:`~laplace_tf.blocks.diag.DiagCovariance`.
         """
         self._require_fit("covariance_blocks")
         c, priors = self._multiplier(), self._block_priors(self._prior)
@@ -635,7 +635,7 @@ class PosteriorLaplace:
                 f"(memory_limit_bytes). Use la.covariance_blocks() (structured), la.sample(), "
                 f"or la.posterior.stddev() instead."
             )
-        blocks = [tf.linalg.LinearOperatorFullMatrix(dense_covariance(b))
+        blocks = [tf.linalg.LinearOperatorFullMatrix(b.to_dense())
                   for b in self.covariance_blocks()]
         return blocks[0].to_dense() if len(blocks) == 1 else \
             tf.linalg.LinearOperatorBlockDiag(blocks).to_dense()
@@ -677,7 +677,7 @@ class PosteriorLaplace:
                 blocks = output_noise.rescaled(
                     self._curvature, scales * tf.ones_like(self._curvature.residual_ss)).blocks
             log_det = tf.add_n([
-                output_noise.log_det_precision(b, 1.0 / self._temperature, p)
+                b.log_det_precision(1.0 / self._temperature, p)
                 for b, p in zip(blocks, self._block_priors(prior), strict=True)
             ])
             return (-self._data_nll(sigma) / self._temperature - 0.5 * scatter

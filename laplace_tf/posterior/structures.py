@@ -7,17 +7,18 @@ posterior ``N(mean, (c H + diag(lambda))^-1)``:
 * full -> ``tfd.MultivariateNormalTriL``, ``scale_tril`` the Cholesky factor of the covariance
   obtained by Cholesky solves with the precision (never a naive inverse);
 * kron -> ``tfd.MultivariateNormalLinearOperator`` whose scale is block-diagonal over layers,
-  each block :class:`~laplace_tf.posterior.kron.LinearOperatorKroneckerEigen` (or diagonal for
+  each block :class:`~laplace_tf.blocks.kron_operator.LinearOperatorKroneckerEigen` (or diagonal for
   layers without a Kronecker rule): no dense ``P x P`` matrix;
 * diag -> ``tfd.MultivariateNormalDiag``.
 
-The precision operator is block-diagonal over curvature blocks in every case.
+The precision operator is block-diagonal over curvature blocks in every case. The block
+types and their algebra are :mod:`laplace_tf.blocks`; a structure only names the block types
+it accepts (:attr:`Structure.blocks`).
 
 Example:
     >>> import tensorflow as tf
-    >>> from laplace_tf.curvature.blocks import DiagBlock
-    >>> from laplace_tf.posterior.factors import factorize
-    >>> factors = [factorize(DiagBlock(tf.constant([3.0, 8.0], tf.float64)))]
+    >>> from laplace_tf.blocks import DiagBlock
+    >>> factors = [DiagBlock(tf.constant([3.0, 8.0], tf.float64)).factorize()]
     >>> one = tf.constant(1.0, tf.float64)
     >>> dist = STRUCTURES["diag"].distribution(tf.zeros(2, tf.float64), factors, one, [one])
     >>> dist.stddev().numpy().tolist()          # 1 / sqrt(h + 1)
@@ -31,16 +32,8 @@ from collections.abc import Sequence
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from laplace_tf.blocks import DenseBlock, DiagBlock, DiagFactor, Factor, KronBlock
 from laplace_tf.curvature.base import Curvature
-from laplace_tf.curvature.blocks import DenseBlock, DiagBlock, KronBlock
-from laplace_tf.posterior.factors import (
-    Covariance,
-    DenseCovariance,
-    DiagFactor,
-    Factor,
-    KronCovariance,
-)
-from laplace_tf.posterior.kron import LinearOperatorKroneckerEigen
 from laplace_tf.posterior.prior import PRIOR_STRUCTURES
 
 tfd = tfp.distributions
@@ -60,17 +53,6 @@ def precision_operator(factors: Sequence[Factor], c, priors) -> tf.linalg.Linear
     return block_diagonal([f.precision(c, p) for f, p in zip(factors, priors, strict=True)], **_PD)
 
 
-def dense_covariance(covariance: Covariance) -> tf.Tensor:
-    """One covariance block as a dense ``[p, p]`` matrix (small cases only)."""
-    if isinstance(covariance, DenseCovariance):
-        return covariance.matrix
-    if isinstance(covariance, KronCovariance):
-        return LinearOperatorKroneckerEigen(
-            covariance.Qa, covariance.Qg, 1 / covariance.precision_eigenvalues
-        ).to_dense()
-    return tf.linalg.diag(covariance.variance)
-
-
 class Structure:
     """A posterior structure: accepted blocks, prior shapes, and the distribution it builds."""
 
@@ -80,7 +62,7 @@ class Structure:
 
     def check(self, curvature: Curvature) -> None:
         """Raise unless every block of ``curvature`` fits this structure."""
-        bad = [type(b).__name__ for b in curvature.blocks if not isinstance(b, self.blocks)]
+        bad = [type(b).__name__ for b in curvature.blocks if type(b) not in self.blocks]
         if bad:
             raise ValueError(
                 f"curvature: hessian_structure={self.name!r} takes "

@@ -40,7 +40,7 @@ from laplace_tf.curvature.kron_layers import input_rows
 from laplace_tf.inputs import MODEL_ERRORS, InputCheck
 from laplace_tf.posterior import PosteriorLaplace
 from laplace_tf.posterior.laplace import stateless_seed
-from laplace_tf.predictive.jacobians import FunctionalVariance, block_kind
+from laplace_tf.predictive.jacobians import FunctionalVariance
 from laplace_tf.predictive.links import (
     PRED_TYPES,
     bridge,
@@ -264,7 +264,7 @@ class Laplace(PosteriorLaplace):
         A last-layer posterior uses the closed forms in the features: its layer's
         pre-activation is the model output (checked by ``last_layer_features`` at fit time).
         """
-        layout = (tuple(map(tuple, self.block_slices())), tuple(block_kind(b) for b in blocks))
+        layout = (tuple(map(tuple, self.block_slices())), tuple(map(type, blocks)))
         cached = getattr(self, "_functional_cache", None)
         if cached is None or cached[0] != layout:
             fv = FunctionalVariance(self.logit_model, layout[0], layout[1],

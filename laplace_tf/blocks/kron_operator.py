@@ -8,7 +8,7 @@ the covariance (``E -> E^(-1/2)``) are all ``O(din^2 + dout^2 + din dout)`` numb
 product with a vector costs ``O(din dout (din + dout))``; the dense ``P x P`` matrix
 (``P = din dout``) is never formed except by an explicit ``to_dense()``.
 
-With ``vec`` the row-major ravel (DESIGN.md), ``(Qa ⊗ Qg) vec(X) = vec(Qa X Qg^T)`` for
+With ``vec`` the row-major ravel, ``(Qa ⊗ Qg) vec(X) = vec(Qa X Qg^T)`` for
 ``X [din, dout]``, which is how products are computed.
 
 Example:
