@@ -243,3 +243,20 @@ def test_a_loaded_all_weights_posterior_has_no_per_output_curvatures(tmp_path):
         loaded.sigma_noise = [0.5, 1.0]
     with pytest.raises(ValueError, match="override=False.*refit with override=True"):
         loaded.fit((x, y), override=False)
+
+
+def test_a_restored_state_keeps_the_per_output_curvatures():
+    model, x, y = _problem(n=30)
+    la = _all_weights(model, "kron", "ggn", [0.7, 1.3])
+    la.fit((x, y))
+    copy = ltf.Laplace(model, **la.settings())
+    assert not copy.stores_output_curvatures
+    copy.restore(la.state())
+    assert copy.stores_output_curvatures
+    copy.sigma_noise = [0.4, 2.0]  # rebuilt from the restored H_k
+    fresh = _all_weights(model, "kron", "ggn", [0.4, 2.0])
+    fresh.fit((x, y))
+    np.testing.assert_allclose(copy.log_marginal_likelihood(), fresh.log_marginal_likelihood(),
+                               rtol=1e-10)
+    np.testing.assert_allclose(copy.posterior_precision.to_dense(),
+                               fresh.posterior_precision.to_dense(), rtol=1e-9, atol=1e-10)

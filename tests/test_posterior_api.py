@@ -3,6 +3,7 @@ save -> load gives the identical posterior and refuses a different model or a br
 
 from __future__ import annotations
 
+import inspect
 import json
 import zipfile
 
@@ -14,6 +15,7 @@ from models import tanh_mlp, targets
 from test_posterior_math import make
 
 from laplace_tf.posterior import NotFittedError, PosteriorLaplace
+from laplace_tf.posterior.state import Setting
 from laplace_tf.predictive import Laplace
 
 # (keyword arguments, error type, message pattern) for the constructor
@@ -250,6 +252,47 @@ def test_load_of_a_missing_file():
     model, _ = tanh_mlp(2)
     with pytest.raises(FileNotFoundError):
         PosteriorLaplace.load("/nonexistent/posterior.npz", model)
+
+
+def test_settings_name_every_constructor_argument_and_rebuild_it():
+    names = list(inspect.signature(PosteriorLaplace.__init__).parameters)[2:]  # after model
+    assert [s.name for s in PosteriorLaplace.SETTINGS] == names
+    model, _ = tanh_mlp(2)
+    options = dict(likelihood="regression", subset_of_weights="last_layer",
+                   hessian_structure="diag", curvature="ef", prior_precision=np.arange(1.0, 11.0),
+                   prior_mean=0.25, sigma_noise=[0.5, 2.0], temperature=0.5,
+                   last_layer_name=model.layers[-1].name, stochastic=False, seed=7,
+                   on_indefinite="clip", batch_size=3, progress=False, memory_limit_bytes=10**8)
+    assert set(options) == set(names)
+    settings = PosteriorLaplace(model, **options).settings()
+    assert set(settings) == set(names)
+    copy = PosteriorLaplace(model, **settings).settings()
+    for name, value in options.items():
+        np.testing.assert_array_equal(settings[name], value, err_msg=name)
+        np.testing.assert_array_equal(copy[name], value, err_msg=name)
+
+
+class _WithOffset(PosteriorLaplace):
+    """A posterior with one more constructor argument: one more line in SETTINGS."""
+
+    SETTINGS = (*PosteriorLaplace.SETTINGS, Setting("offset", "offset", "metadata", 0.0))
+
+    def __init__(self, model, likelihood, offset=0.0, **options):
+        super().__init__(model, likelihood, **options)
+        self.offset = offset
+
+
+def test_a_new_constructor_argument_is_saved_from_its_setting_alone(tmp_path):
+    la = make("diag", "all")
+    shifted = _WithOffset(la.model, "regression", offset=2.5, subset_of_weights="all",
+                          hessian_structure="diag", sigma_noise=0.7, progress=False)
+    shifted.restore(la.state())
+    shifted.save(tmp_path / "shifted.npz")
+    loaded = _WithOffset.load(tmp_path / "shifted.npz", la.model)
+    assert type(loaded) is _WithOffset and loaded.offset == 2.5
+    np.testing.assert_array_equal(loaded.posterior_covariance, la.posterior_covariance)
+    la.save(tmp_path / "plain.npz")  # written without the new setting: its when_absent
+    assert _WithOffset.load(tmp_path / "plain.npz", la.model).offset == 0.0
 
 
 def test_save_writes_atomically_and_overwrites(tmp_path):

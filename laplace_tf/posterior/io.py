@@ -3,8 +3,8 @@
 The file is written with ``numpy.savez`` (no pickle) and read with
 ``numpy.load(allow_pickle=False)``. It holds the MAP weights, the curvature blocks (so the
 posterior is rebuilt exactly, for any prior), the prior, ``sigma_noise``, the tuning trace and
-a JSON string with the format version, the choices made (likelihood, subset, structure,
-curvature kind, ...), the weight subset's signature (layer names, variable paths, shapes) and
+a JSON string with the format version, the choices made (the constructor arguments, as
+``PosteriorLaplace.SETTINGS`` describes them), the weight subset's signature (layer names, variable paths, shapes) and
 a SHA-256 of the MAP weights. Loading checks that the model has the same signature and the
 same weights, and refuses otherwise. Layer names and variable paths are recorded but may
 differ (Keras numbers layers per process, e.g. ``dense`` vs ``dense_3``): the layer count,
@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from laplace_tf.blocks import BLOCK_TYPES as _BLOCKS  # a block's arrays are its fields
 from laplace_tf.curvature.base import Curvature
+from laplace_tf.posterior.state import REQUIRED, PosteriorState
 
 logger = logging.getLogger("laplace_tf")
 
@@ -37,38 +38,25 @@ _TRACE = "trace_"
 
 def save(la, path) -> None:
     """Write fitted ``la`` to ``path`` (exactly this name; written atomically)."""
-    curvature = la.curvature
-    arrays = {
-        "mean": la.mean.numpy(),
-        "prior_precision": la.prior_precision.numpy(),
-        "prior_mean": la.prior_mean.numpy(),
-        "sigma_noise": la.sigma_noise.numpy(),
-        "curvature_nll": np.asarray(curvature.nll),
-    }
-    if la._fit_sigma is not None:
-        arrays["fit_sigma"] = la._fit_sigma
+    state, settings = la.state(), la.settings()
+    curvature = state.curvature
+    arrays = {"mean": state.mean.numpy(), "curvature_nll": np.asarray(curvature.nll)}
+    arrays.update({s.name: np.asarray(settings[s.name]) for s in la.SETTINGS if s.saved == "array"})
+    if state.fit_sigma is not None:
+        arrays["fit_sigma"] = state.fit_sigma
     if curvature.residual_ss is not None:
         arrays["curvature_residual_ss"] = np.asarray(curvature.residual_ss)
     for i, block in enumerate(curvature.blocks):
         for field, value in block._asdict().items():
             arrays[f"block_{i}_{field}"] = np.asarray(value)
-    for key, value in (la.tuning_trace or {}).items():
+    for key, value in (state.tuning_trace or {}).items():
         arrays[_TRACE + key] = np.asarray(value)
     small = la.prior_precision.shape.rank == 0 or la.prior_precision.shape[0] < la.n_params
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "likelihood": la.likelihood_name,
-        "subset_of_weights": la.subset_of_weights,
-        "last_layer_name": la.last_layer_name,
-        "hessian_structure": la.hessian_structure,
-        "curvature": la.curvature_kind,
-        "on_indefinite": la.on_indefinite,
-        "stochastic": la.stochastic,
-        "seed": la.seed,
-        "batch_size": la.batch_size,
-        "memory_limit_bytes": la.memory_limit_bytes,
-        "temperature": la.temperature,
+        **{s.name: settings[s.name] for s in la.SETTINGS if s.saved == "metadata"},
+        # readable copies (load reads the arrays)
         "prior_precision": la.prior_precision.numpy().tolist() if small else "per weight",
         "sigma_noise": la.sigma_noise.numpy().tolist(),
         "n_data": curvature.n_data,
@@ -76,7 +64,7 @@ def save(la, path) -> None:
         "dtype": la.subset.dtype.name,
         "blocks": [type(b).__name__ for b in curvature.blocks],
         "signature": la.subset.signature(),
-        "fingerprint": la._fingerprint,
+        "fingerprint": state.fingerprint,
     }
     arrays["metadata"] = np.array(json.dumps(metadata))
     path = os.fspath(path)
@@ -86,8 +74,9 @@ def save(la, path) -> None:
     os.replace(partial, path)
 
 
-def _read(path) -> tuple[dict, dict]:
-    """The metadata and arrays of a saved posterior; ValueError for anything unreadable."""
+def _read(path, settings: tuple) -> tuple[dict, dict]:
+    """The metadata and arrays of a saved posterior (with ``settings``, a class's
+    ``SETTINGS``); ValueError for anything unreadable."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -95,7 +84,7 @@ def _read(path) -> tuple[dict, dict]:
         if not isinstance(metadata, dict):
             raise ValueError("the metadata is not a JSON object")
         if metadata.get("format") == FORMAT:
-            _check_complete(metadata, arrays)
+            _check_complete(metadata, arrays, settings)
     except FileNotFoundError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as error:
@@ -112,20 +101,20 @@ def _read(path) -> tuple[dict, dict]:
     return metadata, arrays
 
 
-_METADATA_KEYS = (
-    "likelihood", "subset_of_weights", "last_layer_name", "hessian_structure", "curvature",
-    "on_indefinite", "stochastic", "seed", "batch_size", "memory_limit_bytes", "temperature",
-    "n_data", "blocks", "signature", "fingerprint",
-)
-_ARRAY_KEYS = ("mean", "prior_precision", "prior_mean", "sigma_noise", "curvature_nll")
+_METADATA_KEYS = ("n_data", "blocks", "signature", "fingerprint")  # besides the settings
+_ARRAY_KEYS = ("mean", "curvature_nll")
 
 
-def _check_complete(metadata: dict, arrays: dict) -> None:
+def _required(settings: tuple, saved: str) -> list[str]:
+    return [s.name for s in settings if s.saved == saved and s.when_absent is REQUIRED]
+
+
+def _check_complete(metadata: dict, arrays: dict, settings: tuple) -> None:
     """Raise KeyError naming the first missing metadata entry or array."""
-    for key in _METADATA_KEYS:
+    for key in _required(settings, "metadata") + list(_METADATA_KEYS):
         if key not in metadata:
             raise KeyError(f"metadata entry {key!r} is missing")
-    names = list(_ARRAY_KEYS)
+    names = list(_ARRAY_KEYS) + _required(settings, "array")
     for i, name in enumerate(metadata["blocks"]):
         if name not in _BLOCKS:
             raise KeyError(f"unknown block type {name!r}")
@@ -170,23 +159,11 @@ def load(cls, path, model):
         ValueError: for a truncated, corrupt or foreign file, or a model whose layers,
             shapes or weights differ from the saved ones.
     """
-    metadata, arrays = _read(path)
-    sigma = arrays["sigma_noise"]
+    metadata, arrays = _read(path, cls.SETTINGS)
+    stored = {"metadata": metadata, "array": arrays, None: {}}
+    settings = {s.name: stored[s.saved].get(s.name, s.when_absent) for s in cls.SETTINGS}
     try:
-        la = cls(
-            model, metadata["likelihood"],
-            subset_of_weights=metadata["subset_of_weights"],
-            hessian_structure=metadata["hessian_structure"],
-            curvature=metadata["curvature"],
-            prior_precision=arrays["prior_precision"],
-            prior_mean=arrays["prior_mean"],
-            sigma_noise=float(sigma) if sigma.ndim == 0 else sigma,
-            temperature=metadata["temperature"],
-            last_layer_name=metadata["last_layer_name"],
-            stochastic=metadata["stochastic"], seed=metadata["seed"],
-            on_indefinite=metadata["on_indefinite"], batch_size=metadata["batch_size"],
-            progress=False, memory_limit_bytes=metadata["memory_limit_bytes"],
-        )
+        la = cls(model, **settings)
     except (ValueError, TypeError, KeyError) as error:
         raise ValueError(
             f"model: it does not fit the posterior saved in {os.fspath(path)!r}: {error}"
@@ -210,11 +187,10 @@ def load(cls, path, model):
         )
     dtype = la.subset.dtype
     fit_sigma = arrays.get("fit_sigma")
-    la._install(
+    trace = {k[len(_TRACE):]: v for k, v in arrays.items() if k.startswith(_TRACE)}
+    la.restore(PosteriorState(
         _curvature(metadata, arrays, dtype), tf.constant(arrays["mean"], dtype),
         None if fit_sigma is None else np.asarray(fit_sigma, np.float64),
-        metadata["fingerprint"],
-    )
-    trace = {k[len(_TRACE):]: v for k, v in arrays.items() if k.startswith(_TRACE)}
-    la.tuning_trace = trace or None
+        metadata["fingerprint"], trace or None,
+    ))
     return la

@@ -68,10 +68,31 @@ from laplace_tf.posterior.prior import (
     prior_precision_tensor,
     prior_terms,
 )
+from laplace_tf.posterior.state import PosteriorState, Setting
 from laplace_tf.posterior.structures import STRUCTURES, precision_operator
 
 SUBSETS = ("all", "last_layer")
 ON_INDEFINITE = ("raise", "clip")
+SETTINGS = (
+    Setting("likelihood", "likelihood_name", "metadata"),
+    Setting("subset_of_weights", "subset_of_weights", "metadata"),
+    Setting("hessian_structure", "hessian_structure", "metadata"),
+    Setting("curvature", "curvature_kind", "metadata"),
+    Setting("prior_precision", "prior_precision", "array"),
+    Setting("prior_mean", "prior_mean", "array"),
+    Setting("sigma_noise", "sigma_noise", "array"),
+    Setting("temperature", "temperature", "metadata"),
+    Setting("last_layer_name", "last_layer_name", "metadata"),
+    Setting("stochastic", "stochastic", "metadata"),
+    Setting("seed", "seed", "metadata"),
+    Setting("on_indefinite", "on_indefinite", "metadata"),
+    Setting("batch_size", "batch_size", "metadata"),
+    Setting("progress", "progress", None, when_absent=False),
+    Setting("memory_limit_bytes", "memory_limit_bytes", "metadata"),
+)
+"""The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
+rebuilds ``cls(model, **settings)`` from them. A new constructor argument adds one line here
+(with ``when_absent=<its default>``, so files written before it still load)."""
 
 
 class NotFittedError(ValueError):
@@ -146,7 +167,14 @@ class PosteriorLaplace:
 
     Raises:
         ValueError, TypeError: for any invalid argument (the message lists the valid values).
+
+    For laplace_tf's own modules (evidence and tuning in ``marglik.py``, files in ``io.py``),
+    which use these instead of private attributes: :data:`SETTINGS` with :meth:`settings`,
+    :meth:`state` and :meth:`restore`, :meth:`update`, :meth:`log_evidence`, :meth:`tuner`
+    and :attr:`stores_output_curvatures`.
     """
+
+    SETTINGS = SETTINGS
 
     def __init__(
         self,
@@ -507,8 +535,9 @@ class PosteriorLaplace:
         self._set(curvature=curvature, factors=factors, block_ranges=ranges, mean=mean,
                   fit_sigma=fit_sigma, fingerprint=fingerprint)
 
-    def _update(self, prior=None, sigma=None, temperature=None) -> None:
-        """Check and commit a new prior precision, sigma_noise and/or temperature at once."""
+    def update(self, prior=None, sigma=None, temperature=None) -> None:
+        """Check a new prior precision, sigma_noise and/or temperature together, then commit
+        them at once (or raise and change nothing). The property setters set one each."""
         prior = self._prior if prior is None else self._checked_prior(prior)
         sigma = self._sigma if sigma is None else self._checked_sigma(sigma)
         temperature = self._temperature if temperature is None else \
@@ -532,6 +561,38 @@ class PosteriorLaplace:
             changed["temperature"] = temperature
         self._set(**changed)
         self.likelihood = get_likelihood(self.likelihood_name, np.asarray(sigma))
+
+    # ------------------------------------------------------------------ settings and state
+    def settings(self) -> dict:
+        """The constructor arguments after ``model`` (:data:`SETTINGS`) with their current
+        values: ``type(la)(la.model, **la.settings())`` is an unfitted copy of ``la``."""
+        return {s.name: getattr(self, s.attribute) for s in self.SETTINGS}
+
+    def state(self) -> PosteriorState:
+        """What the fit computed (:class:`PosteriorState`); :meth:`restore` takes it back."""
+        self._require_fit("state")
+        return PosteriorState(self._curvature, self._mean, self._fit_sigma, self._fingerprint,
+                              self.tuning_trace, self._pieces)
+
+    def restore(self, state: PosteriorState) -> None:
+        """Factor, check and commit a :class:`PosteriorState` (e.g. read from a file) as if
+        fitted; raises (changing nothing) for a curvature that does not fit this posterior."""
+        self._install(state.curvature, state.mean, state.fit_sigma, state.fingerprint)
+        self._pieces = state.output_curvatures
+        self.tuning_trace = state.tuning_trace
+
+    def tuner(self, key, build):
+        """``build()`` once per ``key``: a compiled tuning loop that takes the prior precision
+        and sigma_noise as inputs; dropped whenever anything else it captures changes."""
+        if key not in self._tuners:
+            self._tuners[key] = build()
+        return self._tuners[key]
+
+    @property
+    def stores_output_curvatures(self) -> bool:
+        """Whether the fit stored each output's unit-noise curvature ``H_k``, so that a
+        per-output sigma_noise over all weights can change (and be tuned) without a refit."""
+        return self._pieces is not None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -557,7 +618,7 @@ class PosteriorLaplace:
 
     @prior_precision.setter
     def prior_precision(self, value) -> None:
-        self._update(prior=value)
+        self.update(prior=value)
 
     @property
     def prior_mean(self) -> tf.Tensor:
@@ -575,7 +636,7 @@ class PosteriorLaplace:
 
     @sigma_noise.setter
     def sigma_noise(self, value) -> None:
-        self._update(sigma=value)
+        self.update(sigma=value)
 
     @property
     def temperature(self) -> float:
@@ -584,7 +645,7 @@ class PosteriorLaplace:
 
     @temperature.setter
     def temperature(self, value) -> None:
-        self._update(temperature=value)
+        self.update(temperature=value)
 
     # ------------------------------------------------------------------ the posterior
     def block_slices(self) -> list[tuple[int, int]]:
@@ -658,8 +719,9 @@ class PosteriorLaplace:
             tf.cast(curvature.residual_ss, self._dtype), curvature.n_data, sigma
         )
 
-    def _log_evidence(self, prior: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
-        """The evidence at ``prior`` and ``sigma`` (pure TensorFlow, no checks)."""
+    def log_evidence(self, prior: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
+        """The evidence at ``prior`` and ``sigma`` (pure TensorFlow, no checks; for compiled
+        loops such as ``marglik``'s: :meth:`log_marginal_likelihood` checks its arguments)."""
         sizes = [size for _, size in self._layer_ranges]
         squares = self._cached("squares", lambda: tf.square(self._mean - self._prior_mean))
         layer_squares = self._cached("layer_squares", lambda: tf.stack(
@@ -715,7 +777,7 @@ class PosteriorLaplace:
         if tf.executing_eagerly():
             self._check_positive_definite(self._factors, self._multiplier(sigma),
                                           self._block_priors(prior))
-        return self._log_evidence(prior, sigma)
+        return self.log_evidence(prior, sigma)
 
     def optimize_prior_precision(
         self,

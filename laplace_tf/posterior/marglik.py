@@ -156,23 +156,21 @@ class _AdamAscent:
 
 def _evidence_ascent(la, prior_structure: str, tune_sigma: bool) -> tuple[_AdamAscent, tf.Variable]:
     """Adam on ``log lambda`` (and ``log sigma``) of ``la``'s evidence, and the sigma input."""
-    prior_shape = {"scalar": [], "layerwise": [len(la._layer_ranges)], "diag": [la.n_params]}
-    log_prior = tf.Variable(tf.zeros(prior_shape[prior_structure], la._dtype))
+    prior_shape = {"scalar": [], "layerwise": [len(la.subset.slices)], "diag": [la.n_params]}
+    log_prior = tf.Variable(tf.zeros(prior_shape[prior_structure], la.subset.dtype))
     log_sigma = tf.Variable(tf.zeros_like(la.sigma_noise))  # an input even when not tuned
 
     def objective():
-        return la._log_evidence(tf.exp(log_prior), tf.exp(log_sigma))
+        return la.log_evidence(tf.exp(log_prior), tf.exp(log_sigma))
 
     return _AdamAscent(objective, [log_prior, log_sigma] if tune_sigma else [log_prior]), log_sigma
 
 
 def _tune_marglik(la, prior_structure: str, n_steps: int, lr: float, tune_sigma: bool,
                   progress: bool) -> dict:
-    key = (prior_structure, tune_sigma)
-    if key not in la._tuners:  # dropped by la whenever the curvature state changes
-        la._tuners[key] = _evidence_ascent(la, prior_structure, tune_sigma)
-    ascent, log_sigma = la._tuners[key]
-    sizes = [size for _, size in la._layer_ranges]
+    ascent, log_sigma = la.tuner((prior_structure, tune_sigma),
+                                 lambda: _evidence_ascent(la, prior_structure, tune_sigma))
+    sizes = [s.size for s in la.subset.slices]
     ascent.variables[0].assign(tf.math.log(reshape_prior(la.prior_precision, sizes, prior_structure)))
     log_sigma.assign(tf.math.log(la.sigma_noise))
     values, points = ascent(n_steps, lr, progress)
@@ -182,8 +180,8 @@ def _tune_marglik(la, prior_structure: str, n_steps: int, lr: float, tune_sigma:
     }
     if tune_sigma:
         trace["sigma_noise"] = np.exp(np.array([p[1] for p in points]))
-    la._update(prior=trace["prior_precision"][-1],
-               sigma=trace["sigma_noise"][-1] if tune_sigma else None)
+    la.update(prior=trace["prior_precision"][-1],
+              sigma=trace["sigma_noise"][-1] if tune_sigma else None)
     la.tuning_trace = trace
     return _result(la)
 
@@ -225,7 +223,7 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
             f"grid: expected a non-empty 1-D array of positive prior precisions, e.g. "
             f"np.logspace(-4, 4, 100); got {grid!r}."
         )
-    batches = Batches(val_data, la.batch_size, dtype=la._dtype, description="validation")
+    batches = Batches(val_data, la.batch_size, dtype=la.subset.dtype, description="validation")
     kwargs = {"pred_type": pred_type}
     if la.likelihood_name != "regression":
         kwargs["link_approx"] = link_approx
@@ -311,7 +309,7 @@ def optimize_prior_precision(
     regression = la.likelihood_name == "regression"
     asked_for_sigma = tune_sigma_noise is True
     tunable = regression and (la.sigma_noise.shape.rank == 0 or la.subset_of_weights == "last_layer"
-                              or la._pieces is not None)
+                              or la.stores_output_curvatures)
     if tune_sigma_noise is None:
         tune_sigma_noise = tunable
     elif not isinstance(tune_sigma_noise, bool):
@@ -324,7 +322,7 @@ def optimize_prior_precision(
             "empirical Fisher is not a sum of per-output curvatures); this posterior has "
             f"likelihood={la.likelihood_name!r}, curvature={la.curvature_kind!r}, "
             "fitted with per-output curvatures: "
-            f"{la._pieces is not None}, likelihood="
+            f"{la.stores_output_curvatures}, likelihood="
             f"{la.likelihood_name!r}, subset_of_weights={la.subset_of_weights!r} and "
             f"sigma_noise of shape {la.sigma_noise.shape.as_list()}. Pass "
             "tune_sigma_noise=False, a scalar sigma_noise, or refit with the new per-output "

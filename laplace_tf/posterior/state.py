@@ -1,0 +1,64 @@
+"""The two halves of a posterior that a file keeps: its settings and its fitted state.
+
+A :class:`~laplace_tf.posterior.laplace.PosteriorLaplace` is its constructor arguments (the
+settings, described one per line by ``PosteriorLaplace.SETTINGS``, a tuple of :class:`Setting`)
+plus what ``fit`` computed (a :class:`PosteriorState`). ``io.save`` writes both;
+``io.load`` rebuilds ``cls(model, **settings)`` and hands it the state (``la.restore``).
+
+Example:
+    >>> setting = Setting("temperature", "temperature", "metadata")
+    >>> setting.when_absent        # a file without it is corrupt
+    REQUIRED
+    >>> Setting("progress", "progress", None, when_absent=False).saved is None   # not saved
+    True
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from laplace_tf.curvature.base import Curvature
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+"""``Setting.when_absent`` of a setting every saved file holds."""
+
+
+class Setting(NamedTuple):
+    """One constructor argument of a posterior, and how a file keeps it.
+
+    ``attribute`` is the instance attribute whose value, passed back as ``name``, rebuilds the
+    same setting; ``saved`` is ``"metadata"`` (a JSON value), ``"array"`` (a numeric array of
+    the ``.npz``) or ``None`` (not saved); ``when_absent`` is what ``io.load`` passes when the
+    file has no entry (:data:`REQUIRED`: the file is refused as corrupt).
+    """
+
+    name: str
+    attribute: str
+    saved: str | None
+    when_absent: object = REQUIRED
+
+
+class PosteriorState(NamedTuple):
+    """What a fit computed, beyond the settings (``la.state()``, ``la.restore(state)``).
+
+    ``curvature`` was fitted at noise ``fit_sigma`` (None unless regression) on the weights
+    ``mean`` whose SHA-256 is ``fingerprint``; ``tuning_trace`` is the last prior tuning's path
+    (or None); ``output_curvatures`` are the unit-noise curvatures ``H_k`` of each output of a
+    per-output fit over all weights (else None; files do not keep them).
+    """
+
+    curvature: Curvature
+    mean: tf.Tensor
+    fit_sigma: np.ndarray | None
+    fingerprint: str
+    tuning_trace: dict | None = None
+    output_curvatures: list[Curvature] | None = None
