@@ -1,7 +1,7 @@
 """Keras weights as one flat vector, and calling a model with given weights.
 
 The flat vector is ``model.trainable_variables`` restricted to a subset of layers, in that
-order, each variable raveled row-major (see DESIGN.md). A Dense layer ``(in, out)`` with a
+order, each variable raveled row-major (see docs/conventions.md). A Dense layer ``(in, out)`` with a
 bias therefore occupies the row-major ravel of the ``(in + 1, out)`` matrix whose last row is
 the bias.
 

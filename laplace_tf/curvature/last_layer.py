@@ -4,7 +4,7 @@ When only the last layer's weights are uncertain and the model output is that la
 pre-activation ``f_n = W~^T a~_n`` (``a~_n = [phi_n, 1]``: the layer's inputs ``phi_n`` with the
 constant 1 appended when the layer has a trainable bias, ``W~`` the ``(din + 1, K)`` matrix
 whose last row is the bias), the Jacobian of the logits with respect to the flat weights
-(row-major ravel of ``W~``, DESIGN.md) is ``J_n = a~_n^T ⊗ I_K``. Every curvature then comes
+(row-major ravel of ``W~``, docs/conventions.md) is ``J_n = a~_n^T ⊗ I_K``. Every curvature then comes
 from the features and a per-example output-space matrix ``M_n [K, K]``:
 
 * GGN: ``M_n = Lambda_n`` (the likelihood's Hessian with respect to the logits);

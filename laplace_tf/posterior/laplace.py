@@ -1,7 +1,7 @@
 """``PosteriorLaplace``: a weight subset composed with a posterior structure.
 
 The Laplace posterior over the flat weight vector ``theta`` of a subset of a trained Keras
-model is ``N(theta_MAP, P^-1)`` with precision (DESIGN.md)::
+model is ``N(theta_MAP, P^-1)`` with precision (docs/conventions.md)::
 
     P = s * H / T + diag(lambda)
 
