@@ -13,7 +13,13 @@ and Laplace side by side with :func:`laplace_tf.calibration.report`. :func:`writ
 reports on new data from a saved posterior.
 
 Example:
-    ``laplace_tf.run.run_config(laplace_tf.config.load_config("configs/all_diag.yaml"))``
+    ``laplace_tf.run.run_config(laplace_tf.config.load_config("configs/all_diag.yaml"))``;
+    a model file that is not there is named before any work:
+
+    >>> load_model("no/such.keras")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: model.path: no such file 'no/such.keras'
 """
 
 from __future__ import annotations

@@ -9,6 +9,14 @@ Wrong types (``None``, strings, objects) raise ``TypeError``; wrong shapes or va
 ``ValueError``. Arrays come back as float64 numpy arrays (labels as int64). Inputs may be numpy
 arrays, lists or eager TensorFlow tensors (converted with ``np.asarray``); TensorFlow is never
 imported here.
+
+Example:
+    >>> class_probs([[0.2, 0.8]])
+    array([[0.2, 0.8]])
+    >>> class_probs([[0.2, 0.5]])
+    Traceback (most recent call last):
+    ...
+    ValueError: probs: row 0 sums to 0.7; expected rows of probabilities summing to 1 ...
 """
 
 from __future__ import annotations

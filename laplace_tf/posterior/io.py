@@ -11,8 +11,22 @@ differ (Keras numbers layers per process, e.g. ``dense`` vs ``dense_3``): the la
 the variable shapes and the SHA-256 of the weights must match.
 
 Example:
-    ``la.save("posterior.npz")`` then ``la2 = Laplace.load("posterior.npz", model)``:
-    ``la2.posterior`` equals ``la.posterior`` to the last bit.
+    >>> import os, tempfile, keras, numpy as np, laplace_tf as ltf
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    >>> x, y = np.random.default_rng(0).normal(size=(20, 2)), np.arange(20) % 3
+    >>> la = ltf.Laplace(model, "classification", prior_precision=2.0, progress=False)
+    >>> la.fit((x, y))
+    >>> path = os.path.join(tempfile.mkdtemp(), "posterior.npz")
+    >>> la.save(path)
+    >>> la2 = ltf.load(path, model)           # the same posterior, to the last bit
+    >>> bool(np.array_equal(la2.posterior.stddev(), la.posterior.stddev()))
+    True
+    >>> model.layers[0].bias.assign([1.0, 0.0, 0.0])  # other weights: refused
+    <...>
+    >>> ltf.load(path, model)
+    Traceback (most recent call last):
+    ...
+    ValueError: model: its weights differ from the MAP weights ...
 """
 
 from __future__ import annotations
