@@ -8,6 +8,7 @@ EF from per-example gradients of that NLL, the exact Hessian by double backprop.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
@@ -18,7 +19,12 @@ import tensorflow as tf
 import laplace_tf as ltf
 from laplace_tf.calibration import report
 from laplace_tf.likelihoods import get_likelihood
-from laplace_tf.testing import brute_force_hessian, brute_force_jacobians, subset_of
+from laplace_tf.testing import (
+    assert_gaussian_moments,
+    brute_force_hessian,
+    brute_force_jacobians,
+    subset_of,
+)
 
 K = 2
 N = 5
@@ -68,18 +74,22 @@ def _fisher(out: np.ndarray) -> np.ndarray:
     return 0.5 * (_output_hessian(out, out[:K] + sigma) + _output_hessian(out, out[:K] - sigma))
 
 
-def _references(model, x, y, layers=None) -> dict[str, np.ndarray]:
-    """Dense GGN, EF and exact Hessian over the weights of ``layers`` (all when None)."""
-    logit_model = subset_of(model, layers)
-    J = brute_force_jacobians(logit_model, tf.constant(x))  # [N, 2K, P]
+@functools.cache
+def _references(n: int = N, last_layer: bool = False) -> dict[str, np.ndarray]:
+    """Dense GGN, EF and exact Hessian of ``_model()`` on ``_data(n)``, over the last layer's
+    weights or all weights, and the Jacobians ``[n, 2K, P]``."""
+    model = _model()
+    x, y = _data(n)
+    logit_model = subset_of(model, [model.layers[-1]] if last_layer else None)
+    J = brute_force_jacobians(logit_model, tf.constant(x))
     out = model(x).numpy()
-    ggn = sum(J[n].T @ _fisher(out[n]) @ J[n] for n in range(len(x)))
+    ggn = sum(J[i].T @ _fisher(out[i]) @ J[i] for i in range(n))
     grads = []
-    for n in range(len(x)):
-        f = tf.Variable(out[n : n + 1])
+    for i in range(n):
+        f = tf.Variable(out[i : i + 1])
         with tf.GradientTape() as tape:
-            loss = _nll(f, y[n : n + 1])
-        grads.append(J[n].T @ tape.gradient(loss, f).numpy()[0])
+            loss = _nll(f, y[i : i + 1])
+        grads.append(J[i].T @ tape.gradient(loss, f).numpy()[0])
     ef = sum(np.outer(g, g) for g in grads)
     hessian = brute_force_hessian(logit_model, _HandWritten(), tf.constant(x), tf.constant(y))
     return {"ggn": ggn, "ef": ef, "hessian": hessian, "jacobians": J}
@@ -158,7 +168,7 @@ def test_full_curvature_over_all_weights_equals_the_brute_force_one(kind):
     model = _model()
     x, y = _data()
     la = _fitted(model, x, y, subset_of_weights="all", hessian_structure="full", curvature=kind)
-    np.testing.assert_allclose(_curvature(la), _references(model, x, y)[kind], **TOL)
+    np.testing.assert_allclose(_curvature(la), _references()[kind], **TOL)
 
 
 @pytest.mark.parametrize("kind", ["ggn", "ef"])
@@ -166,7 +176,7 @@ def test_diag_over_all_weights_is_the_diagonal_of_the_brute_force_one(kind):
     model = _model()
     x, y = _data()
     la = _fitted(model, x, y, subset_of_weights="all", hessian_structure="diag", curvature=kind)
-    np.testing.assert_allclose(_curvature(la), np.diag(np.diag(_references(model, x, y)[kind])),
+    np.testing.assert_allclose(_curvature(la), np.diag(np.diag(_references()[kind])),
                                **TOL)
 
 
@@ -176,7 +186,7 @@ def test_kron_on_one_example_equals_the_brute_force_layer_blocks(kind):
     x, y = _data(n=1)
     la = _fitted(model, x, y, subset_of_weights="all", hessian_structure="kron", curvature=kind)
     sizes = [s.size for s in la.subset.slices]
-    expected = _kron_reference(_references(model, x, y)[kind], sizes)
+    expected = _kron_reference(_references(n=1)[kind], sizes)
     np.testing.assert_allclose(_curvature(la), expected, **TOL)
 
 
@@ -187,7 +197,7 @@ def test_last_layer_curvature_equals_the_brute_force_one(structure, n, kind):
     x, y = _data(n=n)
     la = _fitted(model, x, y, subset_of_weights="last_layer", hessian_structure=structure,
                  curvature=kind)
-    expected = _references(model, x, y, [model.layers[-1]])[kind]
+    expected = _references(n, last_layer=True)[kind]
     if structure == "diag":
         expected = np.diag(np.diag(expected))
     np.testing.assert_allclose(_curvature(la), expected, **TOL)
@@ -218,9 +228,10 @@ def test_the_monte_carlo_kron_approaches_the_exact_one():
 # ---------------------------------------------------------------------- predictive
 
 
-def _glm_reference(model, x, y, layers=None):
-    """``(mean, variance, J Sigma J^T)`` of the GLM predictive from the brute-force GGN."""
-    refs = _references(model, x, y, layers)
+def _glm_reference(model, x, last_layer=False):
+    """``(mean, variance, J Sigma J^T)`` of the GLM predictive at the training inputs ``x``
+    from the brute-force GGN."""
+    refs = _references(len(x), last_layer)
     J = refs["jacobians"]
     sigma = np.linalg.inv(refs["ggn"] + PRIOR * np.eye(J.shape[-1]))
     fv = np.einsum("nkp,pq,nlq->nkl", J, sigma, J)
@@ -234,12 +245,13 @@ def test_glm_predictive_adds_the_predicted_noise_to_the_functional_variance(subs
     model = _model()
     x, y = _data()
     la = _fitted(model, x, y, subset_of_weights=subset, hessian_structure=structure)
-    layers = None if subset == "all" else [model.layers[-1]]
-    mean, variance, fv = _glm_reference(model, x, y, layers)
+    mean, variance, fv = _glm_reference(model, x, last_layer=subset == "last_layer")
     got_mean, got_variance = la(x)
     np.testing.assert_allclose(got_mean, mean, **TOL)
     np.testing.assert_allclose(got_variance, variance, **TOL)
     np.testing.assert_allclose(la.functional_variance(x), fv, **TOL)
+    samples = la.predictive_samples(x, n_samples=4000, seed=5)  # of the mean outputs
+    assert_gaussian_moments(samples, mean, fv[:, :K, :K])
     np.testing.assert_allclose(la.predictive_std(x), np.sqrt(variance), **TOL)
     lower, upper = la.predictive_interval(x, level=0.9)
     np.testing.assert_allclose(upper - mean, 1.6448536269514722 * np.sqrt(variance), rtol=1e-8)
@@ -301,7 +313,7 @@ def test_the_evidence_equals_the_brute_force_laplace_evidence_and_marglik_tunes_
     model = _model()
     x, y = _data()
     la = _fitted(model, x, y, subset_of_weights="all", hessian_structure="full")
-    ggn = _references(model, x, y)["ggn"]
+    ggn = _references()["ggn"]
     theta = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
     data_nll = float(_nll(model(x), y))
 
@@ -338,7 +350,6 @@ def test_the_report_scores_the_gaussian_predictive_with_the_predicted_noise():
     x, y = _data()
     x_test, y_test = _data(n=6, seed=3)
     la = _fitted(model, x, y, subset_of_weights="all", hessian_structure="full")
-    mean, variance, _ = _glm_reference(model, x, y)
     rep = report(la, test=(x_test, y_test))
     out = model(x_test).numpy()
     mean, variance = (np.asarray(t) for t in la(x_test))

@@ -294,8 +294,11 @@ class PosteriorLaplace:
         sigma = self._sigma if sigma is None else sigma
         if fit_sigma is None or fit_sigma.ndim or sigma.shape.rank:
             return c  # not regression, or per-output (a rescaled curvature, output_noise)
-        power = self.likelihood.curvature_power(self.curvature_kind)
-        return c * (tf.constant(fit_sigma, self._dtype) / sigma) ** power
+        return c * (tf.constant(fit_sigma, self._dtype) / sigma) ** self._noise_power()
+
+    def _noise_power(self) -> int:
+        """``p``: the curvature fitted at noise ``s0`` is ``(s0 / s)^p`` times that at ``s``."""
+        return self.likelihood.curvature_power(self.curvature_kind)
 
     def _block_priors(self, prior: tf.Tensor) -> list[tf.Tensor]:
         return per_block(prior, self._layer_ranges, self._block_ranges)
@@ -523,7 +526,7 @@ class PosteriorLaplace:
                 if self._pieces is not None:
                     curvature = output_noise.from_pieces(self._pieces, sigma, self._curvature)
                 else:
-                    scales = output_noise.output_scales(fit_sigma, sigma, self.curvature_kind)
+                    scales = output_noise.output_scales(fit_sigma, sigma, self._noise_power())
                     curvature = output_noise.rescaled(self._curvature, scales * tf.ones_like(sigma))
                 factors = self._factorize(curvature)
                 fit_sigma = np.asarray(sigma, np.float64) * np.ones(np.shape(fit_sigma))
@@ -677,7 +680,7 @@ class PosteriorLaplace:
             if self._pieces is not None:
                 blocks = output_noise.from_pieces(self._pieces, sigma, self._curvature).blocks
             else:
-                scales = output_noise.output_scales(fit, sigma, self.curvature_kind)
+                scales = output_noise.output_scales(fit, sigma, self._noise_power())
                 blocks = output_noise.rescaled(
                     self._curvature, scales * tf.ones_like(self._curvature.residual_ss)).blocks
             log_det = tf.add_n([

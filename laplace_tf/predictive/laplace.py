@@ -177,8 +177,9 @@ class Laplace(PosteriorLaplace):
         self._require_fit(what)
         if not self.likelihood.gaussian_predictive:
             raise ValueError(
-                f"{what}: only for a Gaussian predictive (likelihood='regression' or "
-                f"'heteroscedastic'); this posterior has likelihood={self.likelihood_name!r}. For class probabilities "
+                f"{what}: only for likelihood='regression' or 'heteroscedastic' (a Gaussian "
+                f"predictive); this posterior has likelihood={self.likelihood_name!r}. For class "
+                "probabilities "
                 "use la(x), and la.functional_variance(x) for the spread of the logits."
             )
 
