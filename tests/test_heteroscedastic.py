@@ -363,3 +363,14 @@ def test_the_report_scores_the_gaussian_predictive_with_the_predicted_noise():
     assert rep.metrics["config"]["likelihood"] == "heteroscedastic"
     assert rep.metrics["config"]["sigma_noise"] is None
     assert "regression_calibration" in rep.figures
+
+
+def test_the_command_line_takes_it_for_data_from_files_and_sizes_the_model_by_2k():
+    from laplace_tf import config as cfg
+
+    files = {"data": {"train": "a.npz"}, "laplace": {"likelihood": "heteroscedastic"}}
+    assert cfg.likelihood_of(cfg.from_dict(files)) == "heteroscedastic"
+    with pytest.raises(ValueError, match="data.ood: out-of-distribution detection"):
+        cfg.from_dict({**files, "data": {"train": "a.npz", "ood": "x.npz"}})
+    lik = get_likelihood("heteroscedastic")
+    assert (lik.n_outputs(np.zeros(5)), lik.n_outputs(np.zeros((5, 3)))) == (2, 6)
