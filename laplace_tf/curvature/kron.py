@@ -70,7 +70,8 @@ class KronBuilder(CurvatureBuilder):
 
     Raises:
         ValueError: for a ``kind`` other than "ggn"/"ef" (the exact Hessian has no Kronecker
-            factorisation), or ``stochastic`` with ``kind="ef"``.
+            factorisation), or ``stochastic`` with ``kind="ef"`` or a likelihood without
+            a sampler.
         TypeError: for a ``stochastic`` that is not a bool or a ``seed`` that is not an int.
     """
 
@@ -94,6 +95,11 @@ class KronBuilder(CurvatureBuilder):
             raise ValueError(
                 f"stochastic: the Monte-Carlo estimate samples the GGN's output Hessian and has "
                 f"no meaning for curvature={kind!r}; use curvature='ggn' or stochastic=False."
+            )
+        if stochastic and type(likelihood).sample is Likelihood.sample:
+            raise ValueError(
+                f"stochastic: the likelihood {likelihood.name!r} has no sampler for the "
+                "Monte-Carlo targets (Likelihood.sample); implement it or use stochastic=False."
             )
         self.stochastic = stochastic
         self.seed = int(np.random.default_rng().integers(2**31 - 1)) if seed is None else int(seed)
