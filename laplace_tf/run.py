@@ -319,9 +319,10 @@ def summary_table(results: Mapping[str, RunResult]) -> str:
     rows = [("run", "metric", "MAP", "Laplace")]
     for name, result in results.items():
         metrics = result.report.metrics
-        kind = "regression" if result.la.likelihood.gaussian_predictive else "classification"
+        gaussian = result.la.likelihood.gaussian_predictive
+        kind = "regression" if gaussian else "classification"
         pairs = [(label, metrics["test"], key) for key, label in TABLE_METRICS[kind]]
-        if metrics.get("ood") and kind == "classification":
+        if metrics.get("ood") and not gaussian:
             pairs.append((OOD_METRIC[1], metrics["ood"], OOD_METRIC[0]))
         rows += [(name, label, _format(table["map"].get(key)), _format(table["laplace"].get(key)))
                  for label, table, key in pairs]
