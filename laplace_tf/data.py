@@ -41,6 +41,8 @@ import numpy as np
 from sklearn import datasets as _sklearn
 from sklearn.model_selection import train_test_split
 
+from laplace_tf.likelihoods import get_likelihood
+
 VAL_FRACTION = 0.2
 TEST_FRACTION = 0.2
 SINE_CLUSTERS = ((-2.5, -1.5), (-0.5, 0.5), (1.5, 2.5))
@@ -80,9 +82,8 @@ class DataSet:
     @property
     def n_outputs(self) -> int:
         """Network outputs: classes for classification, 1 for binary, target width otherwise."""
-        if self.likelihood == "classification":
-            return int(max(s.y.max() for s in (self.train, self.val, self.test))) + 1
-        return 1 if self.likelihood == "binary" else int(self.train.y.shape[1])
+        y = np.concatenate([s.y.reshape(len(s.y), -1) for s in (self.train, self.val, self.test)])
+        return get_likelihood(self.likelihood).n_outputs(y)
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, stratify: bool) -> tuple[Split, Split, Split]:
@@ -110,7 +111,7 @@ def _standardised(parts: tuple[Split, Split, Split], x: bool, y: bool) -> tuple[
 
 def _cast(name: str, parts: tuple[Split, ...], dtype: str) -> DataSet:
     likelihood = LIKELIHOOD_OF[name]
-    label_dtype = np.float64 if likelihood == "regression" else np.int64
+    label_dtype = np.float64 if get_likelihood(likelihood).gaussian_predictive else np.int64
     train, val, test = (Split(s.x.astype(dtype), s.y.astype(label_dtype)) for s in parts)
     return DataSet(name, likelihood, train, val, test)
 

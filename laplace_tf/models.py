@@ -102,7 +102,8 @@ def train_map(
 
     Args:
         model: a Keras model that outputs logits (no softmax / sigmoid on the last layer).
-        likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
+        likelihood: a name of :data:`~laplace_tf.likelihoods.LIKELIHOODS` (``"classification"``,
+            ``"binary"``, ``"regression"``, ``"heteroscedastic"``).
         x: inputs ``[N, ...]``.
         y: class labels ``[N]``, 0/1 labels, or regression targets ``[N]`` / ``[N, K]``.
         epochs: passes over the data.

@@ -49,6 +49,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.likelihoods import Likelihood, as_likelihood
+
 # Layers that return their input unchanged when called with training=False.
 _PASS_THROUGH = (
     keras.layers.Dropout,  # and SpatialDropout1D/2D/3D
@@ -124,21 +126,23 @@ def final_op_type(tensor) -> str | None:
     return None if op is None else op.type
 
 
-def check_output_op(op_type: str | None, likelihood: str, stripped: ProbabilityOutput | None):
-    """Refuse (or, for regression, warn about) an output made by a ``Softmax``/``Sigmoid`` op.
+def check_output_op(op_type: str | None, likelihood: Likelihood | str,
+                    stripped: ProbabilityOutput | None):
+    """Refuse (or, for a likelihood that takes the output as it is, such as regression, warn
+    about) an output made by a ``Softmax``/``Sigmoid`` op.
 
     Args:
         op_type: the type of the TensorFlow op that computes the model output
             (:func:`final_op_type`, recorded by :class:`~laplace_tf.params.LogitModel`).
-        likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
+        likelihood: the :class:`~laplace_tf.likelihoods.Likelihood` of the outputs, or its name.
         stripped: the final softmax/sigmoid already removed from the model output, if any.
 
     Raises:
-        ValueError: for ``"classification"`` and ``"binary"``; the message says how to expose
-            the logits.
+        ValueError: for a likelihood that applies its own softmax/sigmoid (``output_activation``:
+            classification, binary); the message says how to expose the logits.
 
     Warns:
-        UserWarning: for ``"regression"`` (the output is used as the mean as it is).
+        UserWarning: for a likelihood without one (the output is used as it is).
 
     Example:
         >>> check_output_op("BiasAdd", "classification", None)      # a Dense layer's logits
@@ -150,11 +154,12 @@ def check_output_op(op_type: str | None, likelihood: str, stripped: ProbabilityO
     activation = _GRAPH_OPS.get(op_type)
     if activation is None:
         return
-    if likelihood == "regression":
+    likelihood = as_likelihood(likelihood)
+    if likelihood.output_activation is None:
         warnings.warn(
-            f"model: its output is computed by a {op_type} op; with likelihood='regression' "
-            "it is used as the mean as it is (no logits). For class labels use "
-            "likelihood='classification' (softmax) or 'binary' (sigmoid).",
+            f"model: its output is computed by a {op_type} op; with "
+            f"likelihood={likelihood.name!r} it is used as the mean as it is (no logits). For "
+            "class labels use likelihood='classification' (softmax) or 'binary' (sigmoid).",
             UserWarning, stacklevel=3,
         )
         return
@@ -165,13 +170,15 @@ def check_output_op(op_type: str | None, likelihood: str, stripped: ProbabilityO
     )
 
 
-def check_output_values(outputs, likelihood: str, stripped: ProbabilityOutput | None) -> None:
-    """Refuse ``"classification"`` outputs that are probabilities: every entry in ``[0, 1]``
-    and every row summing to 1 (within 1e-3). Other likelihoods are not checked by value.
+def check_output_values(outputs, likelihood: Likelihood | str,
+                        stripped: ProbabilityOutput | None) -> None:
+    """Refuse outputs that are probabilities for a softmax likelihood (classification): every
+    entry in ``[0, 1]`` and every row summing to 1 (within 1e-3). Other likelihoods are not
+    checked by value.
 
     Args:
         outputs: the model outputs on a batch ``[N, K]`` (after removing ``stripped``).
-        likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
+        likelihood: the :class:`~laplace_tf.likelihoods.Likelihood` of the outputs, or its name.
         stripped: the final softmax/sigmoid already removed from the model output, if any.
 
     Example:
@@ -181,7 +188,7 @@ def check_output_values(outputs, likelihood: str, stripped: ProbabilityOutput | 
         ...
         ValueError: model: its outputs on the first batch are probabilities, ...
     """
-    if likelihood != "classification":
+    if as_likelihood(likelihood).output_activation != "softmax":
         return
     values = np.asarray(outputs, np.float64)
     if (

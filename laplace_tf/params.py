@@ -29,6 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.likelihoods import Likelihood, as_likelihood
 from laplace_tf.outputs import ProbabilityOutput, final_op_type, probability_output
 
 logger = logging.getLogger("laplace_tf")
@@ -254,8 +255,8 @@ class LogitModel:
     A model whose output is a softmax/sigmoid (:func:`~laplace_tf.outputs.probability_output`:
     a final layer with that activation, a ``Softmax`` layer, ``keras.ops.softmax``, ... possibly
     followed by ``Dropout``) is called without it (logged once), so that curvature and
-    predictives work on logits. With ``likelihood="regression"`` the output is the mean and is
-    used as it is (:func:`~laplace_tf.outputs.check_output_op` warns about a softmax/sigmoid
+    predictives work on logits. With a likelihood that has no output activation
+    (``"regression"``, ``"heteroscedastic"``) the output is used as it is (:func:`~laplace_tf.outputs.check_output_op` warns about a softmax/sigmoid
     there when fitting). Every layer computes in its variables' dtype, so a mixed-precision
     model (float16 computation, float32 variables) is computed in float32; the model itself
     is left as it was.
@@ -263,8 +264,8 @@ class LogitModel:
     Args:
         model: a built Keras model.
         subset: the weights that calls may replace (default: all).
-        likelihood: what the outputs are for (``"classification"``, ``"binary"``,
-            ``"regression"``); None strips any final softmax/sigmoid and checks nothing.
+        likelihood: what the outputs are for, a :class:`~laplace_tf.likelihoods.Likelihood`
+            or its name; None strips any final softmax/sigmoid and checks nothing.
 
     Raises:
         ValueError: a final sigmoid with ``likelihood="classification"`` or a final softmax
@@ -281,13 +282,17 @@ class LogitModel:
 
     def __init__(
         self, model: keras.Model, subset: WeightSubset | None = None,
-        likelihood: str | None = None,
+        likelihood: str | Likelihood | None = None,
     ):
         self.model = model
         self.subset = subset if subset is not None else WeightSubset(model)
+        if likelihood is not None:
+            likelihood = as_likelihood(likelihood)
         self.likelihood = likelihood
-        # for regression the output is the mean, whatever it is (fit warns about a softmax)
-        found = None if likelihood == "regression" else probability_output(model)
+        # a likelihood without an output activation (regression) takes the output as it is,
+        # whatever it is (fit warns about a softmax)
+        keep = likelihood is not None and likelihood.output_activation is None
+        found = None if keep else probability_output(model)
         if found is not None:
             _check_link(found, likelihood)
             logger.info(
@@ -335,14 +340,15 @@ class LogitModel:
         return outputs
 
 
-def _check_link(found: ProbabilityOutput, likelihood: str | None) -> None:
-    """Refuse a final sigmoid for ``"classification"`` and a final softmax for ``"binary"``."""
-    expected = {"classification": "softmax", "binary": "sigmoid"}.get(likelihood)
+def _check_link(found: ProbabilityOutput, likelihood: Likelihood | None) -> None:
+    """Refuse a final sigmoid for ``"classification"`` and a final softmax for ``"binary"``:
+    a final activation other than the likelihood's ``output_activation``."""
+    expected = None if likelihood is None else likelihood.output_activation
     if expected is None or found.activation == expected:
         return
     raise ValueError(
         f"model: its output is the {found.activation} of {found.operation.name!r}, but "
-        f"likelihood={likelihood!r} applies {expected} to logits, which would give other "
+        f"likelihood={likelihood.name!r} applies {expected} to logits, which would give other "
         f"probabilities than the model's. Use likelihood="
         f"{'binary' if expected == 'softmax' else 'classification'!r} for a {found.activation} "
         f"output, or end the model with {expected} (or with no activation)."

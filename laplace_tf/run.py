@@ -40,6 +40,7 @@ from laplace_tf import calibration
 from laplace_tf import config as _config
 from laplace_tf import data as _data
 from laplace_tf.calibration import Report
+from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.models import mlp, train_map
 
 Log = Callable[[str], None]
@@ -149,13 +150,8 @@ def map_network(config: _config.RunConfig, run_data: RunData, progress: bool, lo
 
 
 def _n_outputs(run_data: RunData) -> int:
-    y = run_data.train.y
-    if run_data.likelihood == "classification":
-        labels = np.concatenate([s.y.reshape(-1) for s in (run_data.train, run_data.test)])
-        return int(labels.max()) + 1
-    if run_data.likelihood == "binary":
-        return 1
-    return 1 if y.ndim == 1 else int(y.shape[1])
+    y = np.concatenate([s.y.reshape(len(s.y), -1) for s in (run_data.train, run_data.test)])
+    return get_likelihood(run_data.likelihood).n_outputs(y)
 
 
 def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData,
@@ -182,7 +178,7 @@ def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData
 def _band_grid(likelihood: str, split: _data.Split) -> np.ndarray | None:
     """1-D regression: a grid one unit beyond the inputs of ``split``, for the band plot."""
     x, y = split.x, split.y
-    if likelihood != "regression" or x.ndim != 2 or x.shape[1] != 1:
+    if not get_likelihood(likelihood).gaussian_predictive or x.ndim != 2 or x.shape[1] != 1:
         return None
     if y.ndim == 2 and y.shape[1] != 1:
         return None
@@ -329,9 +325,10 @@ def summary_table(results: Mapping[str, RunResult]) -> str:
     rows = [("run", "metric", "MAP", "Laplace")]
     for name, result in results.items():
         metrics = result.report.metrics
-        kind = "regression" if result.la.likelihood.name == "regression" else "classification"
+        gaussian = result.la.likelihood.gaussian_predictive
+        kind = "regression" if gaussian else "classification"
         pairs = [(label, metrics["test"], key) for key, label in TABLE_METRICS[kind]]
-        if metrics.get("ood") and kind == "classification":
+        if metrics.get("ood") and not gaussian:
             pairs.append((OOD_METRIC[1], metrics["ood"], OOD_METRIC[0]))
         rows += [(name, label, _format(table["map"].get(key)), _format(table["laplace"].get(key)))
                  for label, table, key in pairs]

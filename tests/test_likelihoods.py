@@ -178,3 +178,15 @@ def test_probability_outputs_give_the_linear_twins_logits(head, n_outputs, link)
 
 def test_docstring_examples():
     assert doctest.testmod(likelihoods, raise_on_error=True).attempted > 0
+
+
+def test_the_monte_carlo_kron_refuses_a_likelihood_without_a_sampler():
+    from laplace_tf.curvature.kron import KronBuilder
+
+    class Unsampled(likelihoods.Regression):
+        name = "unsampled"
+        sample = likelihoods.Likelihood.sample
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match="stochastic: the likelihood 'unsampled' has no sampler"):
+        KronBuilder(LogitModel(model), Unsampled(), stochastic=True)

@@ -208,7 +208,7 @@ def report(
         True
     """
     _check_fitted(la)
-    regression = la.likelihood.name == "regression"
+    regression = la.likelihood.gaussian_predictive
     n_bins = _v.n_bins(n_bins)
     if title is not None and not isinstance(title, str):
         raise TypeError(f"title: expected a string or None; got {type(title).__name__}")
@@ -460,7 +460,7 @@ def _config(
         "hessian_structure": la.hessian_structure,
         "curvature": la.curvature_kind,
         "prior_precision": prior,
-        "sigma_noise": np.asarray(la.sigma_noise, np.float64) if regression else None,
+        "sigma_noise": np.asarray(la.sigma_noise, np.float64) if la.likelihood.has_noise else None,
         "temperature": la.temperature,
         "n_params": la.n_params,
         "n_data": la.curvature.n_data,

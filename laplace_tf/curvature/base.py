@@ -36,7 +36,9 @@ class Curvature:
         blocks: blocks in parameter order, covering the whole weight subset.
         nll: summed negative log-likelihood over the data (scalar, model dtype).
         n_data: number of examples (with sample weights: their sum, a float).
-        residual_ss: regression only: sum over data of squared residuals per output ``[K]``.
+        residual_ss: the likelihood's data statistics
+            (:meth:`~laplace_tf.likelihoods.Likelihood.data_statistics`; regression: the sum
+            over data of squared residuals per output ``[K]``), None if it has no noise.
 
     Sample weights count as replications: every sum over data is weighted by them.
     """
@@ -145,14 +147,14 @@ def fit_curvature(
     likelihood = builder.likelihood
     if strategy is None and tf.distribute.has_strategy():
         strategy = tf.distribute.get_strategy()
-    regression = likelihood.name == "regression"
 
     @tf.function(reduce_retracing=True)
     def step(x, y, w):
         sums, logits = builder.batch_sums(x, y, w)
         w = tf.cast(w, logits.dtype)
-        residual_ss = (tf.reduce_sum(w[:, None] * tf.square(y - logits), axis=0) if regression
-                       else tf.zeros([1], logits.dtype))
+        residual_ss = likelihood.data_statistics(logits, y, w)
+        if residual_ss is None:
+            residual_ss = tf.zeros([1], logits.dtype)
         nll = tf.reduce_sum(w * likelihood.nll_per_example(logits, y))
         return _Sums(list(sums), nll, residual_ss, tf.reduce_sum(tf.cast(w, tf.float64)))
 
@@ -163,7 +165,7 @@ def fit_curvature(
                 outputs = InputCheck(builder.logit_model.model).call(builder.logit_model, x)
                 n_outputs = int(outputs.shape[-1])
                 likelihood.validate_outputs(n_outputs)
-                check_output_values(outputs, likelihood.name, builder.logit_model.stripped)
+                check_output_values(outputs, likelihood, builder.logit_model.stripped)
             yield x, likelihood.prepare_targets(y, n_outputs, batches.dtype), tf.constant(w)
 
     total, run = None, step
@@ -173,7 +175,7 @@ def fit_curvature(
         parts = ([run(x, targets, w)] if strategy is None
                  else _replica_steps(strategy, step, x, targets, w))
         if total is None:  # the step is traced: what op computes the model output?
-            check_output_op(builder.logit_model.output_op, likelihood.name,
+            check_output_op(builder.logit_model.output_op, likelihood,
                             builder.logit_model.stripped)
         for part in parts:
             total = _add_in_place(total, part)
@@ -191,7 +193,7 @@ def fit_curvature(
     blocks = builder.finish(total.blocks)
     return Curvature(builder.structure, blocks, total.nll,
                      n_data if batches.is_weighted else int(round(n_data)),
-                     total.residual_ss if regression else None)
+                     total.residual_ss if likelihood.has_noise else None)
 
 
 def _joined(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple]:

@@ -54,28 +54,6 @@ from laplace_tf.params import LogitModel, WeightSubset
 logger = logging.getLogger("laplace_tf")
 
 
-def _sample_classification(likelihood, logits, seed):
-    labels = tf.random.stateless_categorical(logits, 1, seed)[:, 0]
-    return tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
-
-
-def _sample_binary(likelihood, logits, seed):
-    uniform = tf.random.stateless_uniform(tf.shape(logits), seed, dtype=logits.dtype)
-    return tf.cast(uniform < tf.sigmoid(logits), logits.dtype)
-
-
-def _sample_regression(likelihood, logits, seed):
-    sigma = tf.constant(likelihood.sigma_noise, logits.dtype)
-    return logits + sigma * tf.random.stateless_normal(tf.shape(logits), seed, dtype=logits.dtype)
-
-
-_SAMPLERS = {  # likelihood name -> targets drawn from the predictive, in prepare_targets form
-    "classification": _sample_classification,
-    "binary": _sample_binary,
-    "regression": _sample_regression,
-}
-
-
 class KronBuilder(CurvatureBuilder):
     """One batch -> one Kronecker (or exact diagonal) block per layer of the weight subset.
 
@@ -92,7 +70,8 @@ class KronBuilder(CurvatureBuilder):
 
     Raises:
         ValueError: for a ``kind`` other than "ggn"/"ef" (the exact Hessian has no Kronecker
-            factorisation), or ``stochastic`` with ``kind="ef"`` or an unknown likelihood.
+            factorisation), or ``stochastic`` with ``kind="ef"`` or a likelihood without
+            a sampler.
         TypeError: for a ``stochastic`` that is not a bool or a ``seed`` that is not an int.
     """
 
@@ -117,10 +96,10 @@ class KronBuilder(CurvatureBuilder):
                 f"stochastic: the Monte-Carlo estimate samples the GGN's output Hessian and has "
                 f"no meaning for curvature={kind!r}; use curvature='ggn' or stochastic=False."
             )
-        if stochastic and likelihood.name not in _SAMPLERS:
+        if stochastic and type(likelihood).sample is Likelihood.sample:
             raise ValueError(
-                f"stochastic: no sampler for the likelihood {likelihood.name!r}; expected one of "
-                f"{tuple(_SAMPLERS)}, or use stochastic=False."
+                f"stochastic: the likelihood {likelihood.name!r} has no sampler for the "
+                "Monte-Carlo targets (Likelihood.sample); implement it or use stochastic=False."
             )
         self.stochastic = stochastic
         self.seed = int(np.random.default_rng().integers(2**31 - 1)) if seed is None else int(seed)
@@ -179,7 +158,7 @@ class KronBuilder(CurvatureBuilder):
         if not self.stochastic:
             return output_cotangents(self.likelihood, self.kind, logits, y, w)
         seed = tf.stack([tf.constant(self.seed, tf.int64), self._draws.assign_add(1) - 1])
-        sampled = _SAMPLERS[self.likelihood.name](self.likelihood, tf.stop_gradient(logits), seed)
+        sampled = self.likelihood.sample(tf.stop_gradient(logits), seed)
         return output_cotangents(self.likelihood, "ef", logits, tf.stop_gradient(sampled), w)
 
     def _diagonal_blocks(self, indices: list[int], x, y, w) -> list[DiagBlock]:

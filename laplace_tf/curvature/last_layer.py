@@ -186,8 +186,9 @@ class LastLayerBuilder(CurvatureBuilder):
         structure: ``"full"``, ``"kron"`` or ``"diag"``.
 
     Raises:
-        ValueError: for an unknown structure or kind, or a ``logit_model`` that is not over
-            one Dense layer.
+        ValueError: for an unknown structure or kind, ``"hessian"`` for a likelihood whose
+            output Hessian depends on the targets (heteroscedastic), or a ``logit_model``
+            that is not over one Dense layer.
 
     Example:
         >>> import keras, numpy as np, tensorflow as tf
@@ -218,6 +219,13 @@ class LastLayerBuilder(CurvatureBuilder):
             )
         self.structure = structure
         super().__init__(logit_model, likelihood, kind)
+        if kind == "hessian" and not likelihood.constant_output_hessian:
+            raise ValueError(
+                f"curvature: the last-layer 'hessian' is computed as the GGN, which is exact only "
+                f"when the output Hessian of the NLL does not depend on the targets; for "
+                f"likelihood={likelihood.name!r} it does. Use curvature='ggn' or 'ef', or "
+                "subset_of_weights='all' with hessian_structure='full' for the exact Hessian."
+            )
         self.layer = _subset_layer(logit_model)
         self._has_bias = len(self.layer.trainable_variables) == 2
 

@@ -141,7 +141,8 @@ class PosteriorLaplace:
 
     Args:
         model: a trained, built Keras model (its current weights are the MAP).
-        likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
+        likelihood: ``"classification"``, ``"binary"``, ``"regression"`` or
+            ``"heteroscedastic"`` (outputs ``[mean (K), log-variance (K)]``).
         subset_of_weights: ``"last_layer"`` or ``"all"``.
         hessian_structure: ``"kron"``, ``"full"`` or ``"diag"``.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (exact; with ``subset_of_weights="all"``
@@ -196,6 +197,7 @@ class PosteriorLaplace:
         memory_limit_bytes: int | None = None,
     ):
         self.likelihood_name = _choice(likelihood, "likelihood", LIKELIHOODS)
+        self.likelihood = get_likelihood(likelihood)  # with sigma_noise below
         self.subset_of_weights = _choice(subset_of_weights, "subset_of_weights", SUBSETS)
         self.hessian_structure = _choice(hessian_structure, "hessian_structure", tuple(STRUCTURES))
         self.curvature_kind = _choice(curvature, "curvature", CURVATURES)
@@ -232,7 +234,7 @@ class PosteriorLaplace:
             layer = find_last_layer(model, last_layer_name)
             self.subset = WeightSubset(model, [layer])
             self.last_layer_name = layer.name
-        self.logit_model = LogitModel(model, self.subset, likelihood)
+        self.logit_model = LogitModel(model, self.subset, self.likelihood)
         self._dtype = self.subset.dtype
         self._layer_ranges = [(s.offset, s.size) for s in self.subset.slices]
         self._temperature = _positive_number(temperature, "temperature")
@@ -259,7 +261,7 @@ class PosteriorLaplace:
 
     def _checked_sigma(self, value) -> tf.Tensor:
         """``sigma_noise`` as a tensor; refuses what would need a new curvature fit."""
-        if self.likelihood_name != "regression":
+        if not self.likelihood.has_noise:
             if isinstance(value, bool) or np.ndim(value) != 0 or float(value) != 1.0:
                 raise ValueError(
                     f"sigma_noise: only used with likelihood='regression'; it must stay 1 for "
@@ -319,8 +321,11 @@ class PosteriorLaplace:
         sigma = self._sigma if sigma is None else sigma
         if fit_sigma is None or fit_sigma.ndim or sigma.shape.rank:
             return c  # not regression, or per-output (a rescaled curvature, output_noise)
-        power = 4 if self.curvature_kind == "ef" else 2
-        return c * (tf.constant(fit_sigma, self._dtype) / sigma) ** power
+        return c * (tf.constant(fit_sigma, self._dtype) / sigma) ** self._noise_power()
+
+    def _noise_power(self) -> int:
+        """``p``: the curvature fitted at noise ``s0`` is ``(s0 / s)^p`` times that at ``s``."""
+        return self.likelihood.curvature_power(self.curvature_kind)
 
     def _block_priors(self, prior: tf.Tensor) -> list[tf.Tensor]:
         return per_block(prior, self._layer_ranges, self._block_ranges)
@@ -490,7 +495,7 @@ class PosteriorLaplace:
             if pieces is not None:
                 pieces = [old + new for old, new in zip(self._pieces, pieces, strict=True)]
             curvature = self._curvature.scaled(self._multiplier() * self._temperature) + curvature
-        fit_sigma = np.asarray(self._sigma, np.float64) if self.likelihood_name == "regression" else None
+        fit_sigma = np.asarray(self._sigma, np.float64) if self.likelihood.has_noise else None
         self._install(curvature, self.subset.flat_values(), fit_sigma, self.subset.fingerprint())
         self._pieces = pieces
 
@@ -500,7 +505,7 @@ class PosteriorLaplace:
         else None. Output ``k``'s is ``sigma_k^2 (H(sigma') - H(sigma))`` with ``sigma'`` =
         ``sigma`` but ``sigma'_k = sigma_k / sqrt(2)``: one more fit per output."""
         sigma = self._sigma
-        if self.subset_of_weights != "all" or self.likelihood_name != "regression" or \
+        if self.subset_of_weights != "all" or not self.likelihood.has_noise or \
                 sigma.shape.rank == 0 or self.curvature_kind == "ef" or self.stochastic:
             return None
         pieces = []
@@ -549,7 +554,7 @@ class PosteriorLaplace:
                 if self._pieces is not None:
                     curvature = output_noise.from_pieces(self._pieces, sigma, self._curvature)
                 else:
-                    scales = output_noise.output_scales(fit_sigma, sigma, self.curvature_kind)
+                    scales = output_noise.output_scales(fit_sigma, sigma, self._noise_power())
                     curvature = output_noise.rescaled(self._curvature, scales * tf.ones_like(sigma))
                 factors = self._factorize(curvature)
                 fit_sigma = np.asarray(sigma, np.float64) * np.ones(np.shape(fit_sigma))
@@ -711,12 +716,14 @@ class PosteriorLaplace:
 
     # ------------------------------------------------------------------ evidence and tuning
     def _data_nll(self, sigma: tf.Tensor) -> tf.Tensor:
-        """Summed NLL at the MAP; for regression recomputed for ``sigma`` from the residuals."""
+        """Summed NLL at the MAP; for regression recomputed for ``sigma`` from the residuals
+        (:meth:`~laplace_tf.likelihoods.Likelihood.data_nll`)."""
         curvature = self._curvature
-        if self.likelihood_name != "regression":
-            return tf.cast(curvature.nll, self._dtype)
-        return marglik.gaussian_nll(
-            tf.cast(curvature.residual_ss, self._dtype), curvature.n_data, sigma
+        statistics = curvature.residual_ss
+        return self.likelihood.data_nll(
+            tf.cast(curvature.nll, self._dtype),
+            None if statistics is None else tf.cast(statistics, self._dtype),
+            curvature.n_data, sigma,
         )
 
     def log_evidence(self, prior: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
@@ -735,7 +742,7 @@ class PosteriorLaplace:
             if self._pieces is not None:
                 blocks = output_noise.from_pieces(self._pieces, sigma, self._curvature).blocks
             else:
-                scales = output_noise.output_scales(fit, sigma, self.curvature_kind)
+                scales = output_noise.output_scales(fit, sigma, self._noise_power())
                 blocks = output_noise.rescaled(
                     self._curvature, scales * tf.ones_like(self._curvature.residual_ss)).blocks
             log_det = tf.add_n([

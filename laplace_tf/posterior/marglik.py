@@ -10,7 +10,8 @@ terms of prior and posterior cancel)::
 
 with the posterior precision's log-determinant taken block by block from the factors
 (Kronecker: ``sum log(c a_i g_j + lambda)`` from the factor eigenvalues). For regression the
-data term is recomputed for any ``sigma`` from the summed squared residuals, so the evidence
+data term is recomputed for any ``sigma`` from the summed squared residuals (the likelihood's
+``data_nll``), so the evidence
 is a differentiable function of ``lambda`` and ``sigma`` that never needs new curvature.
 
 Tuning (:func:`optimize_prior_precision`):
@@ -20,12 +21,6 @@ Tuning (:func:`optimize_prior_precision`):
   curvature is unchanged);
 * ``"gridsearch"``: the validation negative log-likelihood of the predictive (``la(x, ...)``,
   which :class:`laplace_tf.Laplace` provides) over a grid of scalar precisions.
-
-Example:
-    >>> import tensorflow as tf
-    >>> rss = tf.constant([2.0], tf.float64)                 # one output, 2 data points
-    >>> float(gaussian_nll(rss, 2, tf.constant(1.0, tf.float64)))   # 1/2 * 2 + log(2 pi)
-    2.8378770664093453
 """
 
 from __future__ import annotations
@@ -42,15 +37,6 @@ from laplace_tf.posterior.prior import PRIOR_STRUCTURES, reshape_prior
 METHODS = ("marglik", "gridsearch")
 DEFAULT_GRID = np.logspace(-4, 4, 100)
 _ADAM = dict(beta1=0.9, beta2=0.999, eps=1e-8)
-
-
-def gaussian_nll(residual_ss: tf.Tensor, n_data: int, sigma: tf.Tensor) -> tf.Tensor:
-    """Summed Gaussian NLL from per-output residual sums of squares ``[K]`` and ``sigma``."""
-    sigma = sigma * tf.ones_like(residual_ss)
-    n = tf.cast(n_data, residual_ss.dtype)
-    k = tf.cast(tf.size(residual_ss), residual_ss.dtype)
-    return (0.5 * tf.reduce_sum(residual_ss / sigma**2) + n * tf.reduce_sum(tf.math.log(sigma))
-            + 0.5 * n * k * math.log(2 * math.pi))
 
 
 def laplace_evidence(log_likelihood, factors, c, block_priors, scatter, log_det_prior) -> tf.Tensor:
@@ -189,19 +175,8 @@ def _tune_marglik(la, prior_structure: str, n_steps: int, lr: float, tune_sigma:
 def _validation_nll(la, batches: Batches, kwargs: dict) -> float:
     """Mean negative log-likelihood of the predictive ``la(x, **kwargs)`` on ``batches``."""
     total, count = 0.0, 0
-    tiny = np.finfo(np.float64).tiny
     for x, y in batches:
-        out = la(x, **kwargs)
-        if la.likelihood_name == "regression":
-            mean, var = (np.asarray(o, np.float64) for o in out)
-            t = np.asarray(la.likelihood.prepare_targets(y, mean.shape[-1], tf.float64))
-            total += float(np.sum(0.5 * np.log(2 * np.pi * var) + 0.5 * (t - mean) ** 2 / var))
-        else:
-            probs = np.asarray(out, np.float64)
-            t = np.asarray(la.likelihood.prepare_targets(y, probs.shape[-1], tf.float64))
-            if la.likelihood_name == "binary":
-                probs, t = np.concatenate([1 - probs, probs], -1), np.concatenate([1 - t, t], -1)
-            total += float(-np.sum(t * np.log(np.maximum(probs, tiny))))
+        total += la.likelihood.validation_nll(la(x, **kwargs), y)
         count += len(y)
     return total / count
 
@@ -225,7 +200,7 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
         )
     batches = Batches(val_data, la.batch_size, dtype=la.subset.dtype, description="validation")
     kwargs = {"pred_type": pred_type}
-    if la.likelihood_name != "regression":
+    if not la.likelihood.gaussian_predictive:
         kwargs["link_approx"] = link_approx
     original = la.prior_precision
     nll, evidence = [], []
@@ -259,7 +234,7 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
 
 def _result(la) -> dict:
     result = {"prior_precision": la.prior_precision}
-    if la.likelihood_name == "regression":
+    if la.likelihood.has_noise:
         result["sigma_noise"] = la.sigma_noise
     return result
 
@@ -306,10 +281,10 @@ def optimize_prior_precision(
             f"prior_structure: expected one of {allowed} for hessian_structure="
             f"{la.hessian_structure!r} (all: {PRIOR_STRUCTURES}); got {prior_structure!r}."
         )
-    regression = la.likelihood_name == "regression"
     asked_for_sigma = tune_sigma_noise is True
-    tunable = regression and (la.sigma_noise.shape.rank == 0 or la.subset_of_weights == "last_layer"
-                              or la.stores_output_curvatures)
+    tunable = la.likelihood.has_noise and (
+        la.sigma_noise.shape.rank == 0 or la.subset_of_weights == "last_layer"
+        or la.stores_output_curvatures)
     if tune_sigma_noise is None:
         tune_sigma_noise = tunable
     elif not isinstance(tune_sigma_noise, bool):
@@ -322,8 +297,7 @@ def optimize_prior_precision(
             "empirical Fisher is not a sum of per-output curvatures); this posterior has "
             f"likelihood={la.likelihood_name!r}, curvature={la.curvature_kind!r}, "
             "fitted with per-output curvatures: "
-            f"{la.stores_output_curvatures}, likelihood="
-            f"{la.likelihood_name!r}, subset_of_weights={la.subset_of_weights!r} and "
+            f"{la.stores_output_curvatures}, subset_of_weights={la.subset_of_weights!r} and "
             f"sigma_noise of shape {la.sigma_noise.shape.as_list()}. Pass "
             "tune_sigma_noise=False, a scalar sigma_noise, or refit with the new per-output "
             "noise."

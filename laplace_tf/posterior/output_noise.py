@@ -34,9 +34,9 @@ from laplace_tf.blocks import Block
 from laplace_tf.curvature.base import Curvature
 
 
-def output_scales(fit_sigma, sigma, kind: str) -> tf.Tensor:
-    """``s_k = (sigma_fit_k / sigma_k)^p`` ``[K]``, ``p = 4`` for the EF, else 2."""
-    power = 4 if kind == "ef" else 2
+def output_scales(fit_sigma, sigma, power: int) -> tf.Tensor:
+    """``s_k = (sigma_fit_k / sigma_k)^p`` ``[K]`` (``p`` from the likelihood's
+    ``curvature_power``: 4 for the EF, else 2)."""
     ratio = tf.cast(fit_sigma, sigma.dtype) / sigma
     return ratio**power
 

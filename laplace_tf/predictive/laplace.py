@@ -6,10 +6,11 @@ Two predictives, named as in laplace-torch:
   input, logits ``f ~ N(f(x; theta*), J Sigma J^T)``. The covariance is computed block by
   block from the posterior's covariance blocks (:mod:`laplace_tf.predictive.jacobians`), then
   a link approximation turns it into probabilities (:mod:`laplace_tf.predictive.links`);
-  regression is Gaussian in closed form.
+  regression is Gaussian in closed form (the likelihood's ``glm_predictive``).
 * ``pred_type="nn"`` (sampling): ``n_samples`` weight vectors drawn from the posterior, the
   network run with each of them (statelessly, a few samples at a time), the
-  probabilities averaged; for regression the mean and variance of the sampled outputs.
+  probabilities averaged; for regression the mean and variance of the sampled outputs
+  (the likelihood's ``sampled_predictive``).
 
 Inputs of any length are processed in batches of ``batch_size`` by compiled per-batch
 functions (traced once per batch shape). Random numbers are stateless: the same ``seed``
@@ -44,10 +45,8 @@ from laplace_tf.predictive.jacobians import FunctionalVariance
 from laplace_tf.predictive.links import (
     PRED_TYPES,
     bridge,
-    check_link,
     gaussian_samples,
     needs_full_covariance,
-    probit,
 )
 
 DEFAULT_BATCH_SIZE = 256
@@ -91,7 +90,10 @@ class Laplace(PosteriorLaplace):
 
         Returns:
             classification: probabilities ``[N, C]``; binary: ``[N, 1]``; regression:
-            ``(mean [N, K], variance [N, K])``, the variance including ``sigma_noise**2``.
+            ``(mean [N, K], variance [N, K])``, the variance including ``sigma_noise**2``;
+            heteroscedastic (outputs ``[mean (K), log-variance (K)]``): the same, with the
+            predicted ``exp(log-variance)`` at the MAP (``"glm"``) or its mean over the weight
+            samples (``"nn"``) as the noise.
 
         Raises:
             ValueError: before ``fit``; for an unknown ``pred_type``/``link_approx``, a link
@@ -100,7 +102,7 @@ class Laplace(PosteriorLaplace):
         """
         self._require_fit("la(x)")
         _check_choice("pred_type", pred_type, PRED_TYPES)
-        check_link(link_approx, self.likelihood_name)
+        self.likelihood.check_link(link_approx)
         n_samples = _check_positive_int("n_samples", n_samples)
         if pred_type == "nn":
             return self._nn(x, "predict", n_samples, seed, batch_size)
@@ -173,22 +175,22 @@ class Laplace(PosteriorLaplace):
 
     def _require_regression(self, what: str) -> None:
         self._require_fit(what)
-        if self.likelihood_name != "regression":
+        if not self.likelihood.gaussian_predictive:
             raise ValueError(
-                f"{what}: only for likelihood='regression' (a Gaussian predictive); this "
-                f"posterior has likelihood={self.likelihood_name!r}. For class probabilities "
+                f"{what}: only for likelihood='regression' or 'heteroscedastic' (a Gaussian "
+                f"predictive); this posterior has likelihood={self.likelihood_name!r}. For class "
+                "probabilities "
                 "use la(x), and la.functional_variance(x) for the spread of the logits."
             )
 
     def map_predict(self, x, batch_size: int | None = None):
-        """The plain network at the MAP: probabilities, or ``(mean, sigma_noise**2)``."""
+        """The plain network at the MAP: probabilities, or ``(mean, noise variance)``
+        (``sigma_noise**2``, or the predicted ``exp(log-variance)`` for heteroscedastic)."""
         self._require_fit("map_predict")
         step = self._compiled(("map",), self._map_step)
-        outputs = self._over_batches(x, batch_size, lambda xb, _: step(xb, self.mean))
-        if self.likelihood_name != "regression":
-            return tf.concat(outputs, axis=0)
-        mean = tf.concat(outputs, axis=0)
-        return mean, tf.broadcast_to(self._noise_variance(mean.dtype), tf.shape(mean))
+        noise = self._noise_variance(self.subset.dtype)
+        return _join(self._over_batches(x, batch_size, lambda xb, _: step(xb, self.mean, noise)),
+                     axis=0)
 
     # ------------------------------------------------------------------ internals
 
@@ -292,20 +294,16 @@ class Laplace(PosteriorLaplace):
         if mode == "samples" or link == "mc":
             outputs = likelihood.inverse_link(gaussian_samples(logits, variance, n_samples, seed))
             return outputs if mode == "samples" else tf.reduce_mean(outputs, axis=0)
-        if likelihood.name == "regression":
-            return logits, variance + noise
         if link == "bridge":
             return bridge(logits, variance)
-        return probit(logits, variance, likelihood.name)
+        return likelihood.glm_predictive(logits, variance, noise)
 
     def _nn_step(self, x, thetas, noise, *, mode):
         """One batch of the sampling predictive: ``[S, N, K]`` outputs, or their moments."""
-        outputs = self.likelihood.inverse_link(self._sampled_logits(x, thetas))
+        logits = self._sampled_logits(x, thetas)
         if mode == "samples":
-            return outputs
-        if self.likelihood_name == "regression":
-            return tf.reduce_mean(outputs, axis=0), tf.math.reduce_variance(outputs, axis=0) + noise
-        return tf.reduce_mean(outputs, axis=0)
+            return self.likelihood.inverse_link(logits)
+        return self.likelihood.sampled_predictive(logits, noise)
 
     def _sampled_logits(self, x, thetas):
         """Logits ``[S, N, K]`` for weight samples ``[S, P]``, ``SAMPLES_IN_FLIGHT`` at a time.
@@ -322,14 +320,13 @@ class Laplace(PosteriorLaplace):
         return tf.map_fn(run, thetas, fn_output_signature=thetas.dtype,
                          parallel_iterations=SAMPLES_IN_FLIGHT)
 
-    def _map_step(self, x, mean):
-        return self.likelihood.inverse_link(self.logit_model(x, self.subset.unflatten(mean)))
+    def _map_step(self, x, mean, noise):
+        return self.likelihood.map_predictive(self.logit_model(x, self.subset.unflatten(mean)),
+                                              noise)
 
     def _noise_variance(self, dtype) -> tf.Tensor:
         """``sigma_noise**2`` (scalar or ``[K]``) for regression, else 0."""
-        if self.likelihood_name != "regression":
-            return tf.zeros([], dtype)
-        return tf.square(tf.cast(self.sigma_noise, dtype))
+        return self.likelihood.noise_variance(dtype)
 
     def _over_batches(self, x, batch_size: int | None, step) -> list:
         """``step(batch, index)`` for every batch of ``x`` (in the model dtype).

@@ -26,39 +26,22 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
-LINKS = ("probit", "mc", "bridge")
+from laplace_tf.likelihoods import Likelihood, as_likelihood
+
 PRED_TYPES = ("glm", "nn")
 
-_LINKS_OF = {
-    "classification": ("probit", "mc", "bridge"),
-    "binary": ("probit", "mc"),
-    "regression": ("probit",),
-}
 
-
-def check_link(link_approx: str, likelihood: str) -> None:
-    """Raise a ValueError if ``link_approx`` is unknown or does not fit ``likelihood``.
+def check_link(link_approx: str, likelihood: str | Likelihood) -> None:
+    """Raise a ValueError if ``link_approx`` is unknown or does not fit ``likelihood`` (a
+    name or a :class:`~laplace_tf.likelihoods.Likelihood`, whose ``links`` it may take).
 
     Regression accepts only the default ``"probit"``, which it ignores: its predictive is
     Gaussian in closed form and needs no link approximation.
     """
-    if link_approx not in LINKS:
-        raise ValueError(f"link_approx: expected one of {LINKS}; got {link_approx!r}.")
-    allowed = _LINKS_OF[likelihood]
-    if link_approx not in allowed:
-        if likelihood == "regression":
-            hint = ("the regression predictive is Gaussian in closed form; leave link_approx "
-                    "at its default 'probit' (it is not used)")
-        else:
-            hint = f"use one of {allowed}"
-        raise ValueError(
-            f"link_approx: {link_approx!r} does not fit likelihood={likelihood!r}; {hint}."
-        )
+    as_likelihood(likelihood).check_link(link_approx)
 
 
 def needs_full_covariance(link_approx: str) -> bool:
@@ -66,10 +49,10 @@ def needs_full_covariance(link_approx: str) -> bool:
     return link_approx in ("mc", "bridge")
 
 
-def probit(mu: tf.Tensor, variance: tf.Tensor, likelihood: str) -> tf.Tensor:
-    """The probit approximation from the mean ``[N, K]`` and the diagonal variance ``[N, K]``."""
-    scaled = mu / tf.sqrt(1.0 + (math.pi / 8.0) * variance)
-    return tf.sigmoid(scaled) if likelihood == "binary" else tf.nn.softmax(scaled, axis=-1)
+def probit(mu: tf.Tensor, variance: tf.Tensor, likelihood: str | Likelihood) -> tf.Tensor:
+    """The probit approximation from the mean ``[N, K]`` and the diagonal variance ``[N, K]``
+    (:meth:`~laplace_tf.likelihoods.Likelihood.probit`: the likelihood's inverse link)."""
+    return as_likelihood(likelihood).probit(mu, variance)
 
 
 def bridge(mu: tf.Tensor, covariance: tf.Tensor) -> tf.Tensor:
