@@ -337,7 +337,8 @@ class LogitModel:
 
 def _check_link(found: ProbabilityOutput, likelihood: str | None) -> None:
     """Refuse a final sigmoid for ``"classification"`` and a final softmax for ``"binary"``."""
-    expected = {"classification": "softmax", "binary": "sigmoid"}.get(likelihood)
+    links = {"classification": "softmax", "binary": "sigmoid"}
+    expected = None if likelihood is None else links.get(likelihood)
     if expected is None or found.activation == expected:
         return
     raise ValueError(

@@ -98,6 +98,7 @@ def load_run_data(config: _config.RunConfig) -> RunData:
         ds = _data.load(settings.dataset, config.seed, config.model.dtype)
         return RunData(likelihood, ds.train, ds.val, ds.test, ood)
     column = settings.target_column
+    assert settings.train is not None  # validate(): exactly one of data.dataset and data.train
     train = _data.load_arrays(settings.train, column, "data.train")
     val = None if settings.val is None else _data.load_arrays(settings.val, column, "data.val")
     if settings.test is not None:
@@ -130,24 +131,26 @@ def map_network(config: _config.RunConfig, run_data: RunData, progress: bool, lo
     if settings.path is not None:
         log(f"loading the MAP network {settings.path}")
         return load_model(settings.path)
-    n_outputs = _n_outputs(run_data)
+    train = run_data.train
+    assert train is not None  # load_run_data always loads training data
+    n_outputs = _n_outputs(run_data.likelihood, train, run_data.test)
     log(f"training an MLP {list(settings.hidden)} ({settings.activation}) for "
-        f"{settings.epochs} epochs on {len(run_data.train)} examples")
-    model = mlp(run_data.train.x.shape[1:], n_outputs, settings.hidden, settings.activation,
+        f"{settings.epochs} epochs on {len(train)} examples")
+    model = mlp(train.x.shape[1:], n_outputs, settings.hidden, settings.activation,
                 settings.dtype, config.seed)
-    train_map(model, run_data.likelihood, run_data.train.x, run_data.train.y,
+    train_map(model, run_data.likelihood, train.x, train.y,
               epochs=settings.epochs, batch_size=settings.batch_size, seed=config.seed,
               verbose=progress, prior_precision=config.laplace.prior_precision,
               sigma_noise=config.laplace.sigma_noise, learning_rate=settings.learning_rate)
     return model
 
 
-def _n_outputs(run_data: RunData) -> int:
-    y = run_data.train.y
-    if run_data.likelihood == "classification":
-        labels = np.concatenate([s.y.reshape(-1) for s in (run_data.train, run_data.test)])
+def _n_outputs(likelihood: str, train: _data.Split, test: _data.Split) -> int:
+    y = train.y
+    if likelihood == "classification":
+        labels = np.concatenate([s.y.reshape(-1) for s in (train, test)])
         return int(labels.max()) + 1
-    if run_data.likelihood == "binary":
+    if likelihood == "binary":
         return 1
     return 1 if y.ndim == 1 else int(y.shape[1])
 
@@ -162,7 +165,9 @@ def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData
         hessian_structure=lap.hessian_structure, curvature=lap.curvature,
         prior_precision=lap.prior_precision, sigma_noise=lap.sigma_noise,
         temperature=lap.temperature, batch_size=config.model.batch_size, progress=progress)
-    la.fit((run_data.train.x, run_data.train.y))
+    train = run_data.train
+    assert train is not None  # load_run_data always loads training data
+    la.fit((train.x, train.y))
     if lap.optimize_prior != "none":
         val = run_data.val
         log(f"tuning the prior precision ({lap.optimize_prior}, {lap.prior_structure})")

@@ -47,7 +47,7 @@ from laplace_tf.curvature._per_example import (
     summed_outer_products,
 )
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
-from laplace_tf.curvature.blocks import DenseBlock
+from laplace_tf.curvature.blocks import Block, DenseBlock
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel
 
@@ -126,7 +126,7 @@ class FullBuilder(CurvatureBuilder):
         large as the per-example memory budget allows; the exact Hessian keeps its batches."""
         return 0 if self.kind == "hessian" else outer_step_examples(self.logit_model, self.kind, x)
 
-    def finish(self, sums: list[tf.Tensor]) -> list[DenseBlock]:
+    def finish(self, sums: list[tf.Tensor]) -> list[Block]:
         return [DenseBlock(sums[0] if self.kind == "hessian" else outer_matrix(sums, self._layout))]
 
     def _exact_hessian(self, x, y, w=None) -> tuple[tf.Tensor, tf.Tensor]:
