@@ -35,16 +35,16 @@ import logging
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import tensorflow as tf
 
 __all__ = ["hessian", "hvp", "jacobian"]
 
-TensorLike = tf.Tensor | tf.Variable | np.ndarray | float
-Inputs = TensorLike | Sequence[TensorLike]
-Blocks = tf.Tensor | list[tf.Tensor] | list[list[tf.Tensor]]
+TensorLike: TypeAlias = tf.Tensor | tf.Variable | np.ndarray | float
+Inputs: TypeAlias = TensorLike | Sequence[TensorLike]
+Blocks: TypeAlias = tf.Tensor | list[tf.Tensor] | list[list[tf.Tensor]]
 
 _UNCONNECTED = ("zero", "raise")
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -59,8 +59,8 @@ class _Args:
     """
 
     def __init__(self, x: Inputs, name: str, dtype: tf.DType | None = None):
+        items = list(x) if isinstance(x, list | tuple) else [x]
         self.is_list = isinstance(x, list | tuple)
-        items = list(x) if self.is_list else [x]
         if not items:
             raise ValueError(
                 f"`{name}` is an empty list; pass a Tensor or Variable, or a non-empty list of them."

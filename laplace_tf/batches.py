@@ -103,6 +103,9 @@ class Batches:
         self.description = description
         self.steps = _positive_int_or_none(steps, "steps")
         _positive_int_or_none(batch_size, "batch_size")
+        # exactly one of the two is set: a dataset, or the arrays (x, y) or (x, y, w)
+        self._dataset: tf.data.Dataset | None
+        self._arrays: tuple | None
         if isinstance(data, tf.data.Dataset):
             spec = data.element_spec
             if not isinstance(spec, tuple) or len(spec) not in (2, 3):
@@ -176,6 +179,7 @@ class Batches:
         if self._dataset is not None:
             yield from self._dataset
             return
+        assert self._arrays is not None
         x, y, *w = self._arrays
         for start in range(0, len(y), self.batch_size):
             stop = start + self.batch_size

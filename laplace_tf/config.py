@@ -157,12 +157,12 @@ def _specs(cls: type, prefix: str = "") -> list[FieldSpec]:
     specs = []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             specs += _specs(hint, f"{prefix}{f.name}.")
             continue
         args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
         kind = next((a for a in args if a is not type(None)), hint)
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         specs.append(FieldSpec(prefix + f.name, typing.get_origin(kind) or kind,
                                type(None) in args, default, f.metadata))
     return specs
@@ -219,10 +219,10 @@ def _parse(spec: FieldSpec, value: Any, where: str) -> Any:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
             raise ValueError(f"{label}: expected a list of integers like [64, 64]; got {value!r}")
-        parsed = [_parse_number(v, int, label) for v in items if v != ""]
-        if any(v < 1 for v in parsed):
+        widths = [_parse_number(v, int, label) for v in items if v != ""]
+        if any(v < 1 for v in widths):
             raise ValueError(f"{label}: widths must be positive; got {value!r}")
-        return parsed
+        return widths
     if spec.kind in (int, float):
         parsed = _parse_number(value, spec.kind, label)
         if spec.metadata.get("positive") and not parsed > 0:
@@ -346,7 +346,12 @@ def validate(config: RunConfig, where: str = "config") -> None:
 
 def likelihood_of(config: RunConfig) -> str:
     """The run's likelihood: the config's, or the built-in data set's."""
-    return config.laplace.likelihood or LIKELIHOOD_OF[config.data.dataset]
+    if config.laplace.likelihood:
+        return config.laplace.likelihood
+    if config.data.dataset is None:
+        raise ValueError("config: laplace.likelihood: required with data from files; give one "
+                         f"of {', '.join(LIKELIHOODS)}")
+    return LIKELIHOOD_OF[config.data.dataset]
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:

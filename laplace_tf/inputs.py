@@ -55,7 +55,7 @@ class InputCheck:
         """Check inputs before batching: ``x`` (arrays, a dict or a list of them), or a
         dataset's ``element_spec`` for x (``dataset=True``; its shapes include the batch)."""
         if isinstance(self.expected, dict):
-            self._check_names(x)
+            self._check_names(x, sorted(self.expected))
         if dataset:
             self._check_shapes(x, dataset=True)
 
@@ -108,8 +108,7 @@ class InputCheck:
                 f"per-example shape (a dataset: call .batch(n) on it). The model said: {failure}"
             ) from err
 
-    def _check_names(self, x) -> None:
-        names = sorted(self.expected)
+    def _check_names(self, x, names: list[str]) -> None:
         if isinstance(x, (list, tuple)):
             raise ValueError(
                 f"x: the model takes a dict of named inputs {names}; got a {type(x).__name__} "

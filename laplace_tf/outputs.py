@@ -151,7 +151,7 @@ def check_output_op(op_type: str | None, likelihood: Likelihood | str,
         ...
         ValueError: model: its output is computed by a TensorFlow Sigmoid op (e.g. ...
     """
-    activation = _GRAPH_OPS.get(op_type)
+    activation = None if op_type is None else _GRAPH_OPS.get(op_type)
     if activation is None:
         return
     likelihood = as_likelihood(likelihood)

@@ -105,6 +105,7 @@ def load_run_data(config: _config.RunConfig) -> RunData:
         ds = _data.load(settings.dataset, config.seed, config.model.dtype)
         return RunData(likelihood, ds.train, ds.val, ds.test, ood)
     column = settings.target_column
+    assert settings.train is not None  # validate(): exactly one of data.dataset and data.train
     train = _data.load_arrays(settings.train, column, "data.train")
     val = None if settings.val is None else _data.load_arrays(settings.val, column, "data.val")
     if settings.test is not None:
@@ -137,21 +138,23 @@ def map_network(config: _config.RunConfig, run_data: RunData, progress: bool, lo
     if settings.path is not None:
         log(f"loading the MAP network {settings.path}")
         return load_model(settings.path)
-    n_outputs = _n_outputs(run_data)
+    train = run_data.train
+    assert train is not None  # load_run_data always loads training data
+    n_outputs = _n_outputs(run_data.likelihood, train, run_data.test)
     log(f"training an MLP {list(settings.hidden)} ({settings.activation}) for "
-        f"{settings.epochs} epochs on {len(run_data.train)} examples")
-    model = mlp(run_data.train.x.shape[1:], n_outputs, settings.hidden, settings.activation,
+        f"{settings.epochs} epochs on {len(train)} examples")
+    model = mlp(train.x.shape[1:], n_outputs, settings.hidden, settings.activation,
                 settings.dtype, config.seed)
-    train_map(model, run_data.likelihood, run_data.train.x, run_data.train.y,
+    train_map(model, run_data.likelihood, train.x, train.y,
               epochs=settings.epochs, batch_size=settings.batch_size, seed=config.seed,
               verbose=progress, prior_precision=config.laplace.prior_precision,
               sigma_noise=config.laplace.sigma_noise, learning_rate=settings.learning_rate)
     return model
 
 
-def _n_outputs(run_data: RunData) -> int:
-    y = np.concatenate([s.y.reshape(len(s.y), -1) for s in (run_data.train, run_data.test)])
-    return get_likelihood(run_data.likelihood).n_outputs(y)
+def _n_outputs(likelihood: str, train: _data.Split, test: _data.Split) -> int:
+    y = np.concatenate([s.y.reshape(len(s.y), -1) for s in (train, test)])
+    return get_likelihood(likelihood).n_outputs(y)
 
 
 def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData,
@@ -164,7 +167,9 @@ def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData
         hessian_structure=lap.hessian_structure, curvature=lap.curvature,
         prior_precision=lap.prior_precision, sigma_noise=lap.sigma_noise,
         temperature=lap.temperature, batch_size=config.model.batch_size, progress=progress)
-    la.fit((run_data.train.x, run_data.train.y))
+    train = run_data.train
+    assert train is not None  # load_run_data always loads training data
+    la.fit((train.x, train.y))
     if lap.optimize_prior != "none":
         val = run_data.val
         log(f"tuning the prior precision ({lap.optimize_prior}, {lap.prior_structure})")

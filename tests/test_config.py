@@ -45,6 +45,11 @@ def test_missing_keys_take_the_dataclass_defaults():
     assert cfg.likelihood_of(config) == "classification"
 
 
+def test_likelihood_of_an_unvalidated_config_without_data_set_or_likelihood_is_a_clear_error():
+    with pytest.raises(ValueError, match="laplace.likelihood: required"):
+        cfg.likelihood_of(cfg.RunConfig())
+
+
 UNKNOWN_KEYS = [
     (_with("laplace", hessian_structur="kron"), (
         "unknown key 'laplace.hessian_structur'", "did you mean 'laplace.hessian_structure'",

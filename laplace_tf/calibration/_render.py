@@ -264,7 +264,11 @@ def _better(metric: str, values: dict[str, Any]) -> str | None:
 def _goal_text(goal: str | float | None) -> str:
     if goal is None:
         return ""
-    return {"max": "higher", "min": "lower"}.get(goal, f"closer to {goal}")
+    if goal == "max":
+        return "higher"
+    if goal == "min":
+        return "lower"
+    return f"closer to {goal}"
 
 
 def _comparison_table(title: str, by_model: dict[str, dict[str, Any]]) -> _Table:

@@ -189,25 +189,34 @@ def _like(x: Any, name: str, ref: np.ndarray, ref_name: str) -> np.ndarray:
     return arr
 
 
-def regression(
-    mean: Any, y: Any | None, var: Any | None = None
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Checked ``(mean, y, var)`` of one shape ``[N]`` or ``[N, D]``; ``var > 0`` if given.
-
-    ``y`` or ``var`` may be None (not needed by the caller) and then come back as None.
+def regression(mean: Any, y: Any, var: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked ``(mean, y, var)`` of one shape ``[N]`` or ``[N, D]``, ``var > 0``.
 
     ``y`` and ``var`` may differ from ``mean`` by a trailing axis of size 1 (``[N]`` vs
     ``[N, 1]``); they are reshaped to ``mean``'s shape. Any other mismatch raises instead of
     broadcasting ``[N]`` against ``[N, 1]`` into ``[N, N]``.
     """
+    m = means(mean)
+    return m, targets(y, m), variances_like(var, m)
+
+
+def means(mean: Any) -> np.ndarray:
+    """Checked predictive means, a non-empty array of shape ``[N]`` or ``[N, D]``."""
     m = float_array(mean, "mean")
     if m.ndim not in (1, 2) or m.size == 0:
         raise ValueError(
             f"mean: expected a non-empty array of shape [N] or [N, D]; got shape {m.shape}"
         )
-    t = None if y is None else _like(y, "y", m, "mean")
-    if var is None:
-        return m, t, None
+    return m
+
+
+def targets(y: Any, m: np.ndarray) -> np.ndarray:
+    """Checked regression targets ``y`` in the shape of the checked means ``m``."""
+    return _like(y, "y", m, "mean")
+
+
+def variances_like(var: Any, m: np.ndarray) -> np.ndarray:
+    """Checked predictive variances ``> 0`` in the shape of the checked means ``m``."""
     v = _like(var, "var", m, "mean")
     bad = v <= 0
     if bad.any():
@@ -217,7 +226,7 @@ def regression(
             f"var: entry {_fmt_index(index)} is {v[index]:.6g}; expected predictive variances "
             f"> 0{hint}"
         )
-    return m, t, v
+    return v
 
 
 def variances(var: Any, name: str = "var") -> np.ndarray:

@@ -125,8 +125,8 @@ def reliability_diagram(
     if hist_ax is not None and ax is None:
         raise ValueError("hist_ax: given without ax; expected both axes, or ax alone, or neither")
     if ax is None and show_histogram:
-        fig = InlineFigure(figsize=(5.0, 5.5), layout="constrained")
-        ax, hist_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        two_rows = InlineFigure(figsize=(5.0, 5.5), layout="constrained")
+        ax, hist_ax = two_rows.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     fig, ax = _figure_and_axes(ax, (5.0, 5.0))
     keep = bins.nonempty
     left, width = bins.edges[:-1][keep], np.diff(bins.edges)[keep]
@@ -303,7 +303,9 @@ def regression_band_plot(
         >>> float(fig.axes[0].collections[0].get_paths()[0].vertices[:, 1].max())
         4.0
     """
-    m, t, v = _v.regression(mean, y, var)
+    m = _v.means(mean)
+    t = None if y is None else _v.targets(y, m)
+    v = _v.variances_like(var, m)
     m, v = _one_output(m, "mean"), _one_output(v, "var")
     xs = _inputs_1d(x, "x", m.size, "mean")
     if (x_train is None) != (y_train is None):
@@ -433,12 +435,14 @@ def ood_histograms(
         value = _auroc(-s_in, -s_out)
         xlabel = "predictive entropy (nats)"
     fig, ax = _figure_and_axes(ax, (5.0, 4.0))
+    # matplotlib's stubs type bins as Sequence[float]; Axes.hist takes any array of edges
     ax.hist(
-        s_in, edges, density=True, alpha=0.5, color="C0", label=f"in-distribution (N={s_in.size})"
+        s_in, edges, density=True, alpha=0.5, color="C0",  # type: ignore[arg-type]
+        label=f"in-distribution (N={s_in.size})",
     )
     ax.hist(
         s_out,
-        edges,
+        edges,  # type: ignore[arg-type]
         density=True,
         alpha=0.5,
         color="C3",

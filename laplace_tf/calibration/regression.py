@@ -58,7 +58,8 @@ def rmse(mean: Any, y: Any) -> float:
         >>> bool(np.isclose(rmse([0.0, 0.0], [3.0, 4.0]), np.sqrt((9 + 16) / 2)))
         True
     """
-    m, t, _ = _v.regression(mean, y)
+    m = _v.means(mean)
+    t = _v.targets(y, m)
     return _rmse(m, t)
 
 
@@ -73,7 +74,8 @@ def mae(mean: Any, y: Any) -> float:
         >>> mae([0.0, 0.0], [3.0, -4.0])
         3.5
     """
-    m, t, _ = _v.regression(mean, y)
+    m = _v.means(mean)
+    t = _v.targets(y, m)
     return _mae(m, t)
 
 

@@ -236,7 +236,7 @@ def report(
     metrics = {
         "test": _evaluate(test_preds, y_test, regression, n_bins),
         "val": None if val is None else _evaluate(predict(val[0]), val[1], regression, n_bins),
-        "ood": None if ood is None else {
+        "ood": None if ood_preds is None else {
             model: _ood(test_preds[model], ood_preds[model], regression) for model in MODELS
         },
         "ece": None if regression else {
@@ -288,7 +288,7 @@ def _check_fitted(la: Any) -> None:
 def _n_rows(x: Any, name: str) -> int:
     """Number of examples of an array, tensor or dict of them (its first entry)."""
     first = next(iter(x.values()), None) if isinstance(x, Mapping) else x
-    shape = tuple(np.shape(first))
+    shape = () if first is None else tuple(np.shape(first))
     if not shape:
         raise ValueError(
             f"{name}: expected an array with one row per example; got "
@@ -347,7 +347,7 @@ def _evaluate(
 ) -> dict[str, dict[str, float]]:
     """Metrics of each predictive on targets ``y``."""
     if regression:
-        return {model: regression_metrics(*p, y) for model, p in preds.items()}
+        return {model: regression_metrics(mean, var, y) for model, (mean, var) in preds.items()}
     return {model: classification_metrics(p, y, n_bins) for model, p in preds.items()}
 
 
@@ -381,11 +381,6 @@ def _classification_figures(
         reliability_diagram(preds[model], y, n_bins, ax=axes[0], hist_ax=axes[1],
                             label=MODELS[model])
 
-    def ood_scores(model: str, axes: np.ndarray) -> None:
-        for ax, score in zip(axes, ("confidence", "entropy"), strict=True):
-            ood_histograms(preds[model], ood_preds[model], score, ax=ax)
-            ax.set_title(f"{MODELS[model]}: {ax.get_title()}")
-
     figures = {
         "reliability_comparison": reliability_comparison(
             {MODELS[model]: p for model, p in preds.items()}, y, n_bins
@@ -393,6 +388,11 @@ def _classification_figures(
         "reliability_diagrams": _side_by_side(reliability, rows=2, height_ratios=[3, 1]),
     }
     if ood_preds is not None:
+        def ood_scores(model: str, axes: np.ndarray) -> None:
+            for ax, score in zip(axes, ("confidence", "entropy"), strict=True):
+                ood_histograms(preds[model], ood_preds[model], score, ax=ax)
+                ax.set_title(f"{MODELS[model]}: {ax.get_title()}")
+
         figures["ood_histograms"] = _side_by_side(ood_scores, rows=2)
     return figures
 
@@ -451,15 +451,16 @@ def _config(
     glm_link = not regression and options["pred_type"] == "glm"
     sampled = options["pred_type"] == "nn" or (glm_link and options["link_approx"] == "mc")
     prior = np.asarray(la.prior_precision, np.float64)
+    summary: np.ndarray | dict[str, Any] = prior
     if prior.size > 1 and prior.size == la.n_params:  # one per weight: summarise
-        prior = {"per_weight": prior.size, "min": prior.min(), "mean": prior.mean(),
+        summary = {"per_weight": prior.size, "min": prior.min(), "mean": prior.mean(),
                  "max": prior.max()}
     config = {
         "likelihood": la.likelihood.name,
         "subset_of_weights": la.subset_of_weights,
         "hessian_structure": la.hessian_structure,
         "curvature": la.curvature_kind,
-        "prior_precision": prior,
+        "prior_precision": summary,
         "sigma_noise": np.asarray(la.sigma_noise, np.float64) if la.likelihood.has_noise else None,
         "temperature": la.temperature,
         "n_params": la.n_params,

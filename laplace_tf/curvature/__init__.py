@@ -46,7 +46,7 @@ __all__ = [
 
 SUBSETS = ("all", "last_layer")
 
-_ALL_WEIGHTS = {"full": FullBuilder, "diag": DiagBuilder, "kron": KronBuilder}
+_ALL_WEIGHTS: dict[str, type[CurvatureBuilder]] = {"full": FullBuilder, "diag": DiagBuilder, "kron": KronBuilder}
 _POSITIONAL = ("self", "logit_model", "likelihood", "kind", "structure")
 _DENSE_ONLY = "memory_limit_bytes"  # sizes the exact Hessian's chunks; other builders ignore it
 
@@ -88,6 +88,7 @@ def make_builder(
         raise ValueError(
             f"hessian_structure: expected one of {STRUCTURES}; got {hessian_structure!r}."
         )
+    cls: type[CurvatureBuilder]
     if subset_of_weights == "last_layer":
         cls, fixed = LastLayerBuilder, {"structure": hessian_structure}
     else:

@@ -199,7 +199,8 @@ def fit_curvature(
 def _joined(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple]:
     """``(x, targets)`` batches, consecutive ones joined into steps of at most
     ``examples_per_step(x)`` examples (read from the first batch); a larger batch stays alone."""
-    pending, held, limit = [], 0, None
+    pending: list[tuple] = []
+    held, limit = 0, None
     for batch in batches:
         if limit is None:
             limit = examples_per_step(batch[0])

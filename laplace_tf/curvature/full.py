@@ -37,7 +37,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from laplace_tf.autodiff import hessian
-from laplace_tf.blocks import DenseBlock
+from laplace_tf.blocks import Block, DenseBlock
 from laplace_tf.curvature._per_example import (
     CHUNK_BYTES,
     activations_per_example,
@@ -126,7 +126,7 @@ class FullBuilder(CurvatureBuilder):
         large as the per-example memory budget allows; the exact Hessian keeps its batches."""
         return 0 if self.kind == "hessian" else outer_step_examples(self.logit_model, self.kind, x)
 
-    def finish(self, sums: list[tf.Tensor]) -> list[DenseBlock]:
+    def finish(self, sums: list[tf.Tensor]) -> list[Block]:
         return [DenseBlock(sums[0] if self.kind == "hessian" else outer_matrix(sums, self._layout))]
 
     def _exact_hessian(self, x, y, w=None) -> tuple[tf.Tensor, tf.Tensor]:
