@@ -6,14 +6,12 @@ written out by hand, so the same tables drive ``hessian``, ``hvp`` and ``tf.func
 
 from __future__ import annotations
 
-import doctest
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from laplace_tf import autodiff
 from laplace_tf.autodiff import hessian, hvp, jacobian
 from laplace_tf.testing import finite_difference_hessian
 
@@ -403,8 +401,3 @@ def test_bad_input_raises_a_clear_error(name):
         call()
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
-
-
-def test_docstring_examples():
-    result = doctest.testmod(autodiff)
-    assert result.attempted >= 3 and result.failed == 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-
 import keras
 import numpy as np
 import pytest
@@ -179,10 +177,6 @@ def test_unbuilt_model_is_refused():
         WeightSubset(model)
     with pytest.raises(ValueError, match="model: the model is not built"):
         LogitModel(model)
-
-
-def test_docstring_examples():
-    assert doctest.testmod(batches, raise_on_error=True).attempted > 0
 
 
 def _dataset(x, y, batch=2):

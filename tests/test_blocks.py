@@ -6,13 +6,10 @@ outputs fastest); each method is checked against the same computation on the den
 
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from laplace_tf import blocks
 from laplace_tf.blocks import BLOCK_TYPES, DenseBlock, DiagBlock, KronBlock, LayerJacobian
 
 DIN, K = 2, 3
@@ -153,10 +150,3 @@ def test_covariance_contracts_a_logits_layer_in_closed_form(name):
     assert prepared.for_logits_diagonal((DIN, K)) is prepared
     np.testing.assert_allclose(prepared.contract([layer], True),
                                np.diagonal(expected, axis1=1, axis2=2), **TIGHT)
-
-
-@pytest.mark.parametrize("module", [blocks.base, blocks.dense, blocks.kron, blocks.diag,
-                                    blocks.jacobian, blocks.kron_operator])
-def test_docstring_examples(module):
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0

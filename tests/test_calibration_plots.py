@@ -1,6 +1,5 @@
 """Calibration plots render with Agg, honour ``ax=`` and draw the numbers the metrics give."""
 
-import doctest
 import inspect
 import io
 
@@ -330,11 +329,6 @@ def test_ax_must_be_one_axes():
     _, axes = plt.subplots(1, 2)
     with pytest.raises(TypeError, match="ax: expected one matplotlib Axes"):
         cal.reliability_diagram(THREE_BIN_PROBS, THREE_BIN_LABELS, ax=axes)
-
-
-def test_docstring_examples():
-    result = doctest.testmod(plots_module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_hist_ax_needs_ax():

@@ -4,7 +4,6 @@ Markdown and PNG writers; bad input."""
 
 import base64
 import dataclasses
-import doctest
 import html.parser
 import importlib
 import json
@@ -426,11 +425,6 @@ def test_rendering_marks_by_goal_escapes_text_and_writes_nan_as_null(tmp_path):
     md = rep.to_markdown(tmp_path / "r.md").read_text(encoding="utf-8")
     assert md.startswith("# a \\| <title>\n") and "| model \\| name | <b>x</b> |" in md
     assert "## Plots" not in md and not (tmp_path / "plots").exists()  # no figures, no folder
-
-
-def test_doctests():
-    result = doctest.testmod(report_module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 0
 
 
 # ---------------------------------------------------------------------- bad input

@@ -8,7 +8,6 @@ path (convolutions, BatchNorm, weight-shared or sequence Dense layers) are both 
 
 from __future__ import annotations
 
-import doctest
 import functools
 
 import keras
@@ -18,7 +17,7 @@ import tensorflow as tf
 from models import F64, MODELS, N_OUTPUTS, targets
 from scipy import special, stats
 
-from laplace_tf import curvature, testing
+from laplace_tf import testing
 from laplace_tf.batches import Batches
 from laplace_tf.curvature import (
     DiagBuilder,
@@ -27,7 +26,6 @@ from laplace_tf.curvature import (
     LastLayerBuilder,
     _per_example,
     base,
-    diag,
     fit_curvature,
     full,
     make_builder,
@@ -256,11 +254,6 @@ def test_make_builder_rejects_bad_names(args, options, error, match):
     subset, structure, *kind = args
     with pytest.raises(error, match=match):
         make_builder(subset, structure, logit_model, likelihood, *kind, **options)
-
-
-@pytest.mark.parametrize("module", [curvature, full, diag, _per_example], ids=lambda m: m.__name__)
-def test_docstring_examples(module):
-    assert doctest.testmod(module, raise_on_error=True).attempted > 0
 
 
 def test_full_ggn_of_wide_layers_equals_brute_force():

@@ -9,7 +9,6 @@ against per-example pre-activation Jacobians.
 
 from __future__ import annotations
 
-import doctest
 import logging
 
 import keras
@@ -22,7 +21,7 @@ import laplace_tf as ltf
 from laplace_tf import testing
 from laplace_tf.batches import Batches
 from laplace_tf.blocks import DiagBlock, KronBlock, blocks_to_dense
-from laplace_tf.curvature import kron, kron_layers
+from laplace_tf.curvature import kron_layers
 from laplace_tf.curvature.base import fit_curvature
 from laplace_tf.curvature.kron import KronBuilder
 from laplace_tf.likelihoods import get_likelihood
@@ -354,9 +353,3 @@ def test_bad_arguments_raise(kwargs, error, words):
     logit_model, likelihood, _, _ = _problem(MODELS["tanh_mlp"], "classification", 2, 3)
     with pytest.raises(error, match=words):
         KronBuilder(logit_model, likelihood, **kwargs)
-
-
-@pytest.mark.parametrize("module", [kron, kron_layers])
-def test_docstring_examples(module):
-    result = doctest.testmod(module)
-    assert result.attempted >= 5 and result.failed == 0

@@ -8,7 +8,6 @@ from a Keras sub-model and per-example logit Hessians by autodiff.
 
 from __future__ import annotations
 
-import doctest
 import functools
 from types import SimpleNamespace
 
@@ -20,7 +19,6 @@ from models import F64, MODELS, targets
 
 from laplace_tf import testing
 from laplace_tf.batches import Batches
-from laplace_tf.curvature import last_layer
 from laplace_tf.curvature.base import fit_curvature
 from laplace_tf.curvature.last_layer import (
     LastLayerBuilder,
@@ -405,9 +403,3 @@ def test_regression_full_block_is_the_kronecker_product():
     (block,), _ = builder.batch_blocks(x, tf.zeros((4, 3), tf.float64))
     a = _with_one(model.layers[0](x).numpy())
     np.testing.assert_allclose(block.matrix.numpy(), np.kron(a.T @ a, np.diag(sigma**-2)), **EXACT)
-
-
-def test_docstring_examples():
-    result = doctest.testmod(last_layer)
-    assert result.attempted >= 8 and result.failed == 0
-

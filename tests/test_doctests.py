@@ -22,11 +22,21 @@ MODULES = sorted(
 FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
 
 
+def _is_package(name: str) -> bool:
+    return hasattr(importlib.import_module(name), "__path__")
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_module_examples_pass(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=FLAGS, verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples of {name} failed"
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if not _is_package(m)])
+def test_every_module_has_a_worked_example(name):
+    examples = doctest.DocTestFinder().find(importlib.import_module(name))
+    assert any(test.examples for test in examples), f"{name} has no docstring example"
 
 
 def test_the_walk_finds_the_package():

@@ -7,15 +7,12 @@ Embedding's vocabulary, a list given to a model of named inputs.
 
 from __future__ import annotations
 
-import doctest
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from models import MODELS, targets
 
-from laplace_tf import inputs
 from laplace_tf.predictive import Laplace
 
 
@@ -149,11 +146,6 @@ def test_a_list_for_a_model_of_named_inputs_is_refused():
         la([x["b"], x["a"]])
     with pytest.raises(ValueError, match=r"^x\['a'\]: inputs of shape \(6, 4\) do not fit"):
         la({"b": x["b"], "a": np.zeros((6, 4))})
-
-
-def test_docstring_examples():
-    result = doctest.testmod(inputs)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_what_keras_takes_is_taken():

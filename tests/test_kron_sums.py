@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from laplace_tf.curvature import _kron_sums
 from laplace_tf.curvature._kron_sums import (
     kron_block,
     kron_sum,
@@ -62,7 +59,3 @@ def test_symmetric_sums_of_two_batches_add_up():
 def test_inputs_are_packed_only_when_outputs_are_many():
     assert packs_inputs(51, 50) and packs_inputs(4, 20)
     assert not packs_inputs(257, 10) and not packs_inputs(785, 5) and not packs_inputs(2, 2)
-
-
-def test_docstring_examples():
-    assert doctest.testmod(_kron_sums).failed == 0

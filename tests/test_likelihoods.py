@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-
 import keras
 import numpy as np
 import pytest
@@ -174,10 +172,6 @@ def test_probability_outputs_give_the_linear_twins_logits(head, n_outputs, link)
     logits = LogitModel(probabilistic)(x).numpy()
     np.testing.assert_allclose(logits, linear(x).numpy(), **EXACT)
     np.testing.assert_allclose(link(logits), probabilistic(x).numpy(), rtol=1e-12)
-
-
-def test_docstring_examples():
-    assert doctest.testmod(likelihoods, raise_on_error=True).attempted > 0
 
 
 def test_the_monte_carlo_kron_refuses_a_likelihood_without_a_sampler():

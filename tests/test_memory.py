@@ -11,7 +11,6 @@ Layer sizes of the tiny models (tests/models.py), float64 (8 bytes a number):
 
 from __future__ import annotations
 
-import doctest
 import json
 import subprocess
 import sys
@@ -36,10 +35,6 @@ BATCH = 16
 def _subset(model_name: str = "tanh_mlp", last_layer: bool = False) -> WeightSubset:
     model, _ = MODELS[model_name](K)
     return WeightSubset(model, [model.layers[-1]] if last_layer else None)
-
-
-def test_doctests():
-    assert doctest.testmod(memory).failed == 0
 
 
 @pytest.mark.parametrize(

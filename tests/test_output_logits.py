@@ -10,7 +10,6 @@ as the same weights in a float32 model.
 
 from __future__ import annotations
 
-import doctest
 import warnings
 
 import keras
@@ -19,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 import laplace_tf as ltf
-from laplace_tf import outputs, params
+from laplace_tf import params
 from laplace_tf.outputs import check_output_op, check_output_values, probability_output
 from tests.models import targets
 
@@ -254,12 +253,6 @@ def test_structures_that_are_not_a_final_softmax_are_not_removed():
     }
     for name, model in cases.items():
         assert probability_output(model) is None, name
-
-
-def test_docstring_examples():
-    for module in (outputs, params):
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-        assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
 # --- item 2: mixed precision ---------------------------------------------------------------

@@ -5,6 +5,26 @@ A structure module (``full``, ``kron``, ``diag``, ``last_layer``) provides a
 examples (curvature blocks, or compact sums it lays out as blocks once, at the end).
 :func:`fit_curvature` runs it as one compiled ``tf.function`` for all batch shapes, adds the
 sums up in place, and returns a :class:`Curvature`.
+
+Example:
+    >>> import keras, numpy as np
+    >>> from laplace_tf.curvature.diag import DiagBuilder
+    >>> from laplace_tf.likelihoods import get_likelihood
+    >>> from laplace_tf.batches import Batches
+    >>> from laplace_tf.params import LogitModel
+    >>> model = keras.Sequential([keras.Input((2,), dtype="float64"),
+    ...                           keras.layers.Dense(1, dtype="float64")])
+    >>> x = np.random.default_rng(0).normal(size=(6, 2))
+    >>> builder = DiagBuilder(LogitModel(model), get_likelihood("regression"), "ggn")
+    >>> data = Batches((x, x.sum(1)), 4, dtype="float64", progress=False)
+    >>> curvature = fit_curvature(builder, data)   # two batches, summed
+    >>> curvature.n_data
+    6
+    >>> X = np.c_[x, np.ones(6)]                    # a linear model: diag(X^T X) exactly
+    >>> bool(np.allclose(curvature.blocks[0].diagonal, (X**2).sum(0)))
+    True
+    >>> (curvature + curvature).n_data              # the curvature of the data twice
+    12
 """
 
 from __future__ import annotations

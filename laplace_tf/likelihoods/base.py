@@ -5,6 +5,11 @@ A likelihood owns all the math that depends on it: the NLL and its output-space 
 link and the predictive built from a Gaussian over the model outputs, its noise parameter
 and how a fitted curvature rescales when it changes, and the data statistics the evidence
 needs. Code outside ``laplace_tf.likelihoods`` asks these methods and never compares names.
+
+Example:
+    >>> from laplace_tf.likelihoods import get_likelihood
+    >>> [(lik.name, lik.links, lik.has_noise) for lik in map(get_likelihood, ("binary", "regression"))]
+    [('binary', ('probit', 'mc'), False), ('regression', ('probit',), True)]
 """
 
 from __future__ import annotations

@@ -1,4 +1,14 @@
-"""Class labels: softmax cross-entropy (``"classification"``) and one sigmoid (``"binary"``)."""
+"""Class labels: softmax cross-entropy (``"classification"``) and one sigmoid (``"binary"``).
+
+Example:
+    >>> import tensorflow as tf
+    >>> logits = tf.constant([[0.0, 0.0]], tf.float64)
+    >>> Classification().output_hessian(logits).numpy()   # diag(p) - p p^T, p = [.5, .5]
+    array([[[ 0.25, -0.25],
+            [-0.25,  0.25]]])
+    >>> Binary().output_hessian(tf.constant([[0.0]], tf.float64)).numpy()   # p (1 - p)
+    array([[[0.25]]])
+"""
 
 from __future__ import annotations
 

@@ -21,6 +21,19 @@ Tuning (:func:`optimize_prior_precision`):
   curvature is unchanged);
 * ``"gridsearch"``: the validation negative log-likelihood of the predictive (``la(x, ...)``,
   which :class:`laplace_tf.Laplace` provides) over a grid of scalar precisions.
+
+Example:
+    >>> import keras, numpy as np, laplace_tf as ltf
+    >>> model = keras.Sequential([keras.Input((2,), dtype="float64"),
+    ...                           keras.layers.Dense(1, dtype="float64")])
+    >>> x = np.random.default_rng(0).normal(size=(30, 2))
+    >>> la = ltf.Laplace(model, "regression", "all", "full", progress=False)
+    >>> la.fit((x, x @ [1.0, -1.0]))
+    >>> tuned = la.optimize_prior_precision(tune_sigma_noise=False, n_steps=300)
+    >>> grid = [float(la.log_marginal_likelihood(tuned["prior_precision"] * f))
+    ...         for f in (0.9, 1.0, 1.1)]       # the tuned prior maximises the evidence
+    >>> grid[1] >= max(grid[0], grid[2])
+    True
 """
 
 from __future__ import annotations
