@@ -346,6 +346,7 @@ def _check_link(found: ProbabilityOutput, likelihood: Likelihood | None) -> None
     expected = None if likelihood is None else likelihood.output_activation
     if expected is None or found.activation == expected:
         return
+    assert likelihood is not None  # it gave `expected`
     raise ValueError(
         f"model: its output is the {found.activation} of {found.operation.name!r}, but "
         f"likelihood={likelihood.name!r} applies {expected} to logits, which would give other "

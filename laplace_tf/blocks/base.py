@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import scipy.linalg
@@ -37,11 +37,14 @@ import tensorflow as tf
 
 __all__ = ["BLOCK_TYPES", "Block", "Covariance", "Factor", "blocks_to_dense", "register_block"]
 
-BLOCK_TYPES: dict[str, type] = {}
-"""Block class name -> block class, for every registered block type."""
+BLOCK_TYPES: dict[str, Any] = {}
+"""Block class name -> block class (a NamedTuple class with the :class:`Block` methods, its
+``_fields`` and ``memory``), for every registered block type."""
+
+_BlockType = TypeVar("_BlockType", bound=type)
 
 
-def register_block(cls: type) -> type:
+def register_block(cls: _BlockType) -> _BlockType:
     """Class decorator: add a block type to :data:`BLOCK_TYPES` under its class name."""
     BLOCK_TYPES[cls.__name__] = cls
     return cls
@@ -49,7 +52,12 @@ def register_block(cls: type) -> type:
 
 class Block(Protocol):
     """A curvature block ``H`` over ``size`` consecutive weights (``c``, ``prior``: tf scalars,
-    ``prior`` also ``[size]`` where the block type allows)."""
+    ``prior`` also ``[size]`` where the block type allows).
+
+    ``_fields``: the names of its arrays (a NamedTuple's), which are also its constructor's
+    arguments and what a saved posterior stores. ``memory(*sizes)`` (a static method): the
+    numbers (not bytes) a block of these sizes keeps (``"curvature"``) and its factor and
+    covariance allocate, by part (:mod:`laplace_tf.curvature.memory`)."""
 
     @property
     def size(self) -> int:
@@ -84,11 +92,6 @@ class Block(Protocol):
 
     def factorize(self, clip: bool = False) -> Factor:
         """The posterior :class:`Factor` (negative eigenvalues clipped at 0 if ``clip``)."""
-
-    @staticmethod
-    def memory(*sizes: int) -> dict[str, int]:
-        """Numbers (not bytes) a block of these sizes keeps (``"curvature"``) and its factor
-        and covariance allocate, by part (:mod:`laplace_tf.curvature.memory`)."""
 
 
 class Factor:
@@ -130,7 +133,12 @@ class Factor:
 
 
 class Covariance(Protocol):
-    """A posterior covariance block ``Sigma``, for the predictive."""
+    """A posterior covariance block ``Sigma``, for the predictive.
+
+    ``needs_one_factored_layer``: the block's contraction needs the factored Jacobian of one
+    layer with a Kronecker rule (a Kronecker block); else explicit Jacobians serve too."""
+
+    needs_one_factored_layer: ClassVar[bool]
 
     def to_dense(self) -> tf.Tensor:
         """``Sigma`` as a dense ``[p, p]`` matrix (small cases only)."""

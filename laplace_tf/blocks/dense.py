@@ -99,7 +99,7 @@ class DenseCovariance(NamedTuple):
 
     matrix: tf.Tensor
 
-    needs_one_factored_layer = False
+    needs_one_factored_layer = False  # type: ignore[misc]  # a class constant in a NamedTuple
 
     def to_dense(self) -> tf.Tensor:
         return self.matrix
@@ -134,6 +134,7 @@ class _SameOutput(NamedTuple):
         return self
 
     def contract(self, layers: Sequence[LayerJacobian], diagonal: bool) -> tf.Tensor:
+        assert layers[0].a is not None, "a logits layer is factored"
         a = layers[0].a[:, 0]
         return tf.einsum("ni,ijk,nj->nk", a, self.blocks, a)
 

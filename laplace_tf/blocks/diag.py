@@ -93,7 +93,7 @@ class DiagCovariance(NamedTuple):
 
     variance: tf.Tensor
 
-    needs_one_factored_layer = False
+    needs_one_factored_layer = False  # type: ignore[misc]  # a class constant in a NamedTuple
 
     def to_dense(self) -> tf.Tensor:
         return tf.linalg.diag(self.variance)

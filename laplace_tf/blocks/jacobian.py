@@ -75,6 +75,7 @@ def weighted_gram(jac: tf.Tensor, weights: tf.Tensor, diagonal: bool) -> tf.Tens
 
 def factored_variance(layer: LayerJacobian, Qa, Qg, inverse_eig, diagonal: bool) -> tf.Tensor:
     """``sum_ij M_kij M_lij inverse_eig_ij`` in the rotated bases ``Qa``, ``Qg`` (None = I)."""
+    assert layer.a is not None, "a factored layer has its inputs"
     b = layer.a if Qa is None else tf.einsum("nti,ij->ntj", layer.a, Qa)
     if layer.g is None:  # pre-activation = logits: g_k = e_k, one location
         w = tf.matmul(b[:, 0] ** 2, inverse_eig)  # [N, K]

@@ -125,7 +125,7 @@ class KronCovariance(NamedTuple):
     Qg: tf.Tensor
     precision_eigenvalues: tf.Tensor
 
-    needs_one_factored_layer = True
+    needs_one_factored_layer = True  # type: ignore[misc]  # a class constant in a NamedTuple
 
     def to_dense(self) -> tf.Tensor:
         return LinearOperatorKroneckerEigen(self.Qa, self.Qg, 1 / self.precision_eigenvalues
@@ -154,6 +154,7 @@ class _ProjectedKron(NamedTuple):
         return self
 
     def contract(self, layers: Sequence[LayerJacobian], diagonal: bool) -> tf.Tensor:
+        assert layers[0].a is not None, "a logits layer is factored"
         b = tf.matmul(layers[0].a[:, 0], self.Qa)
         return tf.matmul(b * b, self.R)
 

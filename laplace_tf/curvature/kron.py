@@ -118,7 +118,7 @@ class KronBuilder(CurvatureBuilder):
         mean of its rows (``n = sum w * locations``), ``G`` the ``w``-weighted sum."""
         slices = self.logit_model.subset.slices
         hooked = [s.layer for i, s in enumerate(slices) if i not in self._fallbacks]
-        calls = {id(layer): [] for layer in hooked}
+        calls: dict[int, list[tuple]] = {id(layer): [] for layer in hooked}
         with tf.GradientTape() as tape:
 
             def hook(layer, inputs, z):
@@ -157,6 +157,7 @@ class KronBuilder(CurvatureBuilder):
         """
         if not self.stochastic:
             return output_cotangents(self.likelihood, self.kind, logits, y, w)
+        assert self._draws is not None  # a stochastic builder counts its draws
         seed = tf.stack([tf.constant(self.seed, tf.int64), self._draws.assign_add(1) - 1])
         sampled = self.likelihood.sample(tf.stop_gradient(logits), seed)
         return output_cotangents(self.likelihood, "ef", logits, tf.stop_gradient(sampled), w)

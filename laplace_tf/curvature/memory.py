@@ -181,22 +181,22 @@ def estimate_memory(
     _check_choice("curvature", curvature, CURVATURES)
     n_outputs = _positive_int("n_outputs", n_outputs)
     batch_size = _positive_int("batch_size", batch_size)
-    dtype = subset.dtype if dtype is None else _as_dtype(dtype)
-    if not dtype.is_floating:
-        raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {dtype.name}.")
+    weights_dtype = subset.dtype if dtype is None else _as_dtype(dtype)
+    if not weights_dtype.is_floating:
+        raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {weights_dtype.name}.")
     rows = 1 if curvature == "ef" else n_outputs
     if subset_of_weights == "last_layer":
-        counts = _last_layer(subset, structure, n_outputs, batch_size, dtype.size)
+        counts = _last_layer(subset, structure, n_outputs, batch_size, weights_dtype.size)
     elif structure == "full":
-        per_batch = _per_example(subset, rows, True, batch_size, dtype.size)
+        per_batch = _per_example(subset, rows, True, batch_size, weights_dtype.size)
         counts = _full(subset.n_params, _ALL_WEIGHTS_FIT_COPIES, per_batch)
     elif structure == "kron":
         counts = _kron(subset.slices, rows, batch_size)
     else:
-        counts = _diag(subset.n_params, _per_example(subset, rows, False, batch_size, dtype.size))
+        counts = _diag(subset.n_params, _per_example(subset, rows, False, batch_size, weights_dtype.size))
     return MemoryEstimate(
-        structure, subset_of_weights, subset.n_params, dtype.name, batch_size,
-        {name: int(n) * dtype.size for name, n in counts.items()},
+        structure, subset_of_weights, subset.n_params, weights_dtype.name, batch_size,
+        {name: int(n) * weights_dtype.size for name, n in counts.items()},
     )
 
 
@@ -234,7 +234,7 @@ def check_memory(estimate: MemoryEstimate, limit_bytes: int | None = None,
         advice.append(f"use a smaller batch_size than {estimate.batch_size}")
     advice.append(f"raise {name} if you have the memory")
     text = "; or ".join(advice)
-    largest = max(estimate.parts, key=estimate.parts.get)
+    largest = max(estimate.parts, key=lambda part: estimate.parts[part])
     raise ValueError(
         f"hessian_structure={estimate.structure!r} with subset_of_weights="
         f"{estimate.subset_of_weights!r} over {estimate.n_params:,} weights ({estimate.dtype}) "

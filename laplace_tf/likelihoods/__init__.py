@@ -38,8 +38,7 @@ def get_likelihood(name: str, sigma_noise=1.0) -> Likelihood:
     with a noise parameter (``has_noise``)."""
     if name not in _REGISTRY:
         raise ValueError(f"likelihood: expected one of {LIKELIHOODS}; got {name!r}.")
-    cls = _REGISTRY[name]
-    return cls(sigma_noise) if cls.has_noise else cls()
+    return _REGISTRY[name].with_noise(sigma_noise)
 
 
 def as_likelihood(likelihood: str | Likelihood) -> Likelihood:

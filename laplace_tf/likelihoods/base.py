@@ -44,6 +44,11 @@ class Likelihood:
     has_noise = False
     constant_output_hessian = True
 
+    @classmethod
+    def with_noise(cls, sigma_noise) -> Likelihood:
+        """An instance; ``sigma_noise`` is used by likelihoods that have one (``has_noise``)."""
+        return cls()
+
     def validate_outputs(self, n_outputs: int) -> None:
         """Raise if a model with ``n_outputs`` outputs cannot carry this likelihood."""
 

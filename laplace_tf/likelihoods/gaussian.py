@@ -59,6 +59,10 @@ class Regression(_Gaussian):
     name = "regression"
     has_noise = True
 
+    @classmethod
+    def with_noise(cls, sigma_noise) -> Regression:
+        return cls(sigma_noise)
+
     def __init__(self, sigma_noise=1.0):
         sigma = np.asarray(sigma_noise, dtype=np.float64)
         if sigma.ndim > 1 or not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from laplace_tf.batches import DEFAULT_BATCH_SIZE, Batches
-from laplace_tf.blocks import Covariance
+from laplace_tf.blocks import Covariance, Factor
 from laplace_tf.curvature import make_builder
 from laplace_tf.curvature.base import CURVATURES, Curvature, fit_curvature
 from laplace_tf.curvature.full import default_memory_limit
@@ -99,6 +100,16 @@ class NotFittedError(ValueError):
     """Raised when a posterior quantity is asked for before :meth:`PosteriorLaplace.fit`."""
 
 
+class _Fitted(NamedTuple):
+    """What a fit set (all or nothing): see :meth:`PosteriorLaplace._require_fit`."""
+
+    curvature: Curvature
+    factors: list[Factor]
+    block_ranges: list[tuple[int, int]]
+    mean: tf.Tensor
+    fingerprint: str
+
+
 def _choice(value, name: str, valid: tuple[str, ...]) -> str:
     if value not in valid:
         raise ValueError(f"{name}: expected one of {valid}; got {value!r}.")
@@ -113,9 +124,11 @@ def _positive_number(value, name: str) -> float:
     return float(value)
 
 
-def _positive_int(value, name: str, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
+def _positive_int_or_none(value, name: str) -> int | None:
+    return None if value is None else _positive_int(value, name)
+
+
+def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected a positive integer; got {value!r}.")
     return int(value)
@@ -220,7 +233,7 @@ class PosteriorLaplace:
         self.seed = seed
         self.progress = _flag(progress, "progress")
         self.batch_size = _positive_int(batch_size, "batch_size")
-        self.memory_limit_bytes = _positive_int(memory_limit_bytes, "memory_limit_bytes", True)
+        self.memory_limit_bytes = _positive_int_or_none(memory_limit_bytes, "memory_limit_bytes")
         if last_layer_name is not None and subset_of_weights != "last_layer":
             raise ValueError(
                 "last_layer_name: only used with subset_of_weights='last_layer'; got "
@@ -245,9 +258,10 @@ class PosteriorLaplace:
         self._pieces: list[Curvature] | None = None  # per-output unit-noise curvatures
         self._sigma = self._checked_sigma(sigma_noise)
         self.likelihood = get_likelihood(likelihood, np.asarray(self._sigma))
-        self._factors = None
-        self._mean = None
-        self._block_ranges = None
+        self._factors: list[Factor] | None = None
+        self._mean: tf.Tensor | None = None
+        self._block_ranges: list[tuple[int, int]] | None = None
+        self._fingerprint: str | None = None
         self._cache: dict = {}
         self._tuners: dict = {}
         self.tuning_trace: dict | None = None
@@ -284,6 +298,7 @@ class PosteriorLaplace:
                    "the per-output curvatures H_k (H = sum_k H_k / sigma_k^2) are stored only by "
                    "a non-stochastic fit with a per-output sigma_noise (not by a scalar fit or a "
                    "loaded file)")
+            assert fit is not None  # a per-output change is relative to a fit
             raise ValueError(
                 f"sigma_noise: the curvature was fitted with sigma_noise={fit.tolist()}; only a "
                 f"scalar sigma_noise can change without refitting (got "
@@ -306,11 +321,15 @@ class PosteriorLaplace:
             fit.shape == tuple(sigma.shape) and np.array_equal(fit, np.asarray(sigma))
         )
 
-    def _require_fit(self, what: str) -> None:
-        if self._curvature is None:
+    def _require_fit(self, what: str) -> _Fitted:
+        """The fitted state, or a NotFittedError naming ``what`` was asked for."""
+        if self._curvature is None or self._factors is None or self._block_ranges is None \
+                or self._mean is None or self._fingerprint is None:
             raise NotFittedError(
                 f"{what}: the posterior is not fitted yet; call la.fit(train_data) first."
             )
+        return _Fitted(self._curvature, self._factors, self._block_ranges, self._mean,
+                       self._fingerprint)
 
     def _multiplier(self, sigma: tf.Tensor | None = None, temperature: float | None = None,
                     fit_sigma: np.ndarray | None = None) -> tf.Tensor:
@@ -328,7 +347,7 @@ class PosteriorLaplace:
         return self.likelihood.curvature_power(self.curvature_kind)
 
     def _block_priors(self, prior: tf.Tensor) -> list[tf.Tensor]:
-        return per_block(prior, self._layer_ranges, self._block_ranges)
+        return per_block(prior, self._layer_ranges, self._require_fit("prior").block_ranges)
 
     def _check_positive_definite(self, factors, c, priors) -> None:
         """Raise a ValueError explaining why when ``c H + diag(prior)`` is not PD."""
@@ -476,7 +495,7 @@ class PosteriorLaplace:
         _flag(override, "override")
         batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
         progress = self.progress if progress is None else _flag(progress, "progress")
-        steps = _positive_int(steps, "steps", allow_none=True)
+        steps = _positive_int_or_none(steps, "steps")
         self._check_memory(batch_size)
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
                           description="curvature", steps=steps, check=InputCheck(self.model))
@@ -492,7 +511,7 @@ class PosteriorLaplace:
                     "sigma_noise the posterior was fitted with (per-output over all weights: "
                     "with its per-output curvatures); refit with override=True instead."
                 )
-            if pieces is not None:
+            if pieces is not None and self._pieces is not None:  # both or neither (above)
                 pieces = [old + new for old, new in zip(self._pieces, pieces, strict=True)]
             curvature = self._curvature.scaled(self._multiplier() * self._temperature) + curvature
         fit_sigma = np.asarray(self._sigma, np.float64) if self.likelihood.has_noise else None
@@ -551,6 +570,7 @@ class PosteriorLaplace:
         if self._curvature is not None:
             factors, fit_sigma = self._factors, self._fit_sigma
             if self._per_output_change(sigma):  # the curvature at the new sigma
+                assert fit_sigma is not None  # a per-output change is relative to a fit
                 if self._pieces is not None:
                     curvature = output_noise.from_pieces(self._pieces, sigma, self._curvature)
                 else:
@@ -575,8 +595,8 @@ class PosteriorLaplace:
 
     def state(self) -> PosteriorState:
         """What the fit computed (:class:`PosteriorState`); :meth:`restore` takes it back."""
-        self._require_fit("state")
-        return PosteriorState(self._curvature, self._mean, self._fit_sigma, self._fingerprint,
+        fitted = self._require_fit("state")
+        return PosteriorState(fitted.curvature, fitted.mean, self._fit_sigma, fitted.fingerprint,
                               self.tuning_trace, self._pieces)
 
     def restore(self, state: PosteriorState) -> None:
@@ -655,8 +675,7 @@ class PosteriorLaplace:
     # ------------------------------------------------------------------ the posterior
     def block_slices(self) -> list[tuple[int, int]]:
         """``(offset, size)`` of each curvature block in the flat weight vector."""
-        self._require_fit("block_slices")
-        return list(self._block_ranges)
+        return list(self._require_fit("block_slices").block_ranges)
 
     def covariance_blocks(self) -> list[Covariance]:
         """The covariance, block by block (aligned with :meth:`block_slices`).
@@ -666,26 +685,26 @@ class PosteriorLaplace:
         :class:`~laplace_tf.blocks.kron.KronCovariance` or
         :class:`~laplace_tf.blocks.diag.DiagCovariance`.
         """
-        self._require_fit("covariance_blocks")
+        factors = self._require_fit("covariance_blocks").factors
         c, priors = self._multiplier(), self._block_priors(self._prior)
         return self._cached("covariance_blocks", lambda: [
-            f.covariance(c, p) for f, p in zip(self._factors, priors, strict=True)
+            f.covariance(c, p) for f, p in zip(factors, priors, strict=True)
         ])
 
     @property
     def posterior_precision(self) -> tf.linalg.LinearOperator:
         """``s H / T + diag(lambda)`` as a (block-diagonal, structured) LinearOperator."""
-        self._require_fit("posterior_precision")
+        factors = self._require_fit("posterior_precision").factors
         return self._cached("precision", lambda: precision_operator(
-            self._factors, self._multiplier(), self._block_priors(self._prior)
+            factors, self._multiplier(), self._block_priors(self._prior)
         ))
 
     @property
     def posterior(self):
         """The posterior over the flat weights, a ``tfp.distributions`` multivariate normal."""
-        self._require_fit("posterior")
+        fitted = self._require_fit("posterior")
         return self._cached("posterior", lambda: self.structure.distribution(
-            self._mean, self._factors, self._multiplier(), self._block_priors(self._prior)
+            fitted.mean, fitted.factors, self._multiplier(), self._block_priors(self._prior)
         ))
 
     @property
@@ -718,7 +737,7 @@ class PosteriorLaplace:
     def _data_nll(self, sigma: tf.Tensor) -> tf.Tensor:
         """Summed NLL at the MAP; for regression recomputed for ``sigma`` from the residuals
         (:meth:`~laplace_tf.likelihoods.Likelihood.data_nll`)."""
-        curvature = self._curvature
+        curvature = self._require_fit("log_evidence").curvature
         statistics = curvature.residual_ss
         return self.likelihood.data_nll(
             tf.cast(curvature.nll, self._dtype),
@@ -729,8 +748,9 @@ class PosteriorLaplace:
     def log_evidence(self, prior: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
         """The evidence at ``prior`` and ``sigma`` (pure TensorFlow, no checks; for compiled
         loops such as ``marglik``'s: :meth:`log_marginal_likelihood` checks its arguments)."""
+        fitted = self._require_fit("log_evidence")
         sizes = [size for _, size in self._layer_ranges]
-        squares = self._cached("squares", lambda: tf.square(self._mean - self._prior_mean))
+        squares = self._cached("squares", lambda: tf.square(fitted.mean - self._prior_mean))
         layer_squares = self._cached("layer_squares", lambda: tf.stack(
             [tf.reduce_sum(part) for part in tf.split(squares, sizes)]
         ))
@@ -740,11 +760,11 @@ class PosteriorLaplace:
             self.subset_of_weights == "last_layer" or self._pieces is not None
         ):  # a per-output noise: the blocks at sigma and their log-determinants, in TensorFlow
             if self._pieces is not None:
-                blocks = output_noise.from_pieces(self._pieces, sigma, self._curvature).blocks
+                blocks = output_noise.from_pieces(self._pieces, sigma, fitted.curvature).blocks
             else:
                 scales = output_noise.output_scales(fit, sigma, self._noise_power())
                 blocks = output_noise.rescaled(
-                    self._curvature, scales * tf.ones_like(self._curvature.residual_ss)).blocks
+                    fitted.curvature, scales * tf.ones_like(fitted.curvature.residual_ss)).blocks
             log_det = tf.add_n([
                 b.log_det_precision(1.0 / self._temperature, p)
                 for b, p in zip(blocks, self._block_priors(prior), strict=True)
@@ -753,7 +773,7 @@ class PosteriorLaplace:
                     + 0.5 * log_det_prior - 0.5 * log_det)
         return marglik.laplace_evidence(
             log_likelihood=-self._data_nll(sigma) / self._temperature,
-            factors=self._factors,
+            factors=fitted.factors,
             c=self._multiplier(sigma),
             block_priors=self._block_priors(prior),
             scatter=scatter,
@@ -775,14 +795,14 @@ class PosteriorLaplace:
             ``with tf.GradientTape() as tape: z = la.log_marginal_likelihood(lam)`` then
             ``tape.gradient(z, lam)``.
         """
-        self._require_fit("log_marginal_likelihood")
+        fitted = self._require_fit("log_marginal_likelihood")
         prior = self._prior if prior_precision is None else self._checked_prior(prior_precision)
         if sigma_noise is None:
             sigma = self._sigma
         else:
             sigma = self._checked_sigma(sigma_noise)
         if tf.executing_eagerly():
-            self._check_positive_definite(self._factors, self._multiplier(sigma),
+            self._check_positive_definite(fitted.factors, self._multiplier(sigma),
                                           self._block_priors(prior))
         return self.log_evidence(prior, sigma)
 

@@ -130,7 +130,8 @@ class _AdamAscent:
         lr = tf.constant(lr, self._count.dtype)
         total = n_steps + 1
         chunk = -(-total // 20) if progress else total
-        values, points = [], []
+        values: list[float] = []
+        points: list[list[np.ndarray]] = []
         with tqdm(total=total, desc="prior precision", disable=not progress, leave=False) as bar:
             while len(values) < total:
                 size = min(chunk, total - len(values))

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from laplace_tf.blocks import DenseBlock, DiagBlock, DiagFactor, Factor, KronBlock
+from laplace_tf.blocks import DenseBlock, DiagBlock, Factor, KronBlock
 from laplace_tf.curvature.base import Curvature
 from laplace_tf.posterior.prior import PRIOR_STRUCTURES
 
@@ -98,8 +98,8 @@ class DiagStructure(Structure):
     name = "diag"
     blocks = (DiagBlock,)
 
-    def distribution(self, mean, factors: Sequence[DiagFactor], c, priors):
-        precision = [f.precision_diagonal(c, p) for f, p in zip(factors, priors, strict=True)]
+    def distribution(self, mean, factors, c, priors):
+        precision = [f.precision(c, p).diag_part() for f, p in zip(factors, priors, strict=True)]
         return tfd.MultivariateNormalDiag(loc=mean, scale_diag=tf.math.rsqrt(tf.concat(precision, 0)))
 
 

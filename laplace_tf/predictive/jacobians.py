@@ -86,7 +86,7 @@ class FunctionalVariance:
         self,
         logit_model: LogitModel,
         block_slices: Sequence[tuple[int, int]],
-        kinds: Sequence[type],
+        kinds: Sequence[type[Covariance]],
         *,
         logits_layer: bool = False,
     ):
@@ -104,13 +104,13 @@ class FunctionalVariance:
                     f"supports such blocks over one layer of type "
                     f"{sorted(t.__name__ for t in KRON_RULES)}. Use hessian_structure='diag'."
                 )
-        parts = [p for parts in self.plan for p in parts]
-        self.logits_layer = logits_layer and len(parts) == 1 and parts[0].factored
-        self._factored = [p for p in parts if p.factored]
+        layers = [p for block_parts in self.plan for p in block_parts]
+        self.logits_layer = logits_layer and len(layers) == 1 and layers[0].factored
+        self._factored = [p for p in layers if p.factored]
         positions = {id(v): i for i, v in enumerate(logit_model.subset.variables)}
         self._generic = {
             id(p.slice.layer): [positions[id(v)] for v in p.slice.variables]
-            for p in parts if not p.factored
+            for p in layers if not p.factored
         }
 
     def __call__(self, x, mean: tf.Tensor, blocks: Sequence, diagonal: bool):

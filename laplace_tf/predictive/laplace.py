@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import numbers
 import statistics
+from typing import Any
 
 import tensorflow as tf
 
@@ -203,13 +204,13 @@ class Laplace(PosteriorLaplace):
         diagonal = mode == "predict" and not needs_full_covariance(link)
         blocks = self.covariance_blocks()
         fv = self._functional(blocks)
-        blocks = fv.prepare(blocks, diagonal)
+        prepared = fv.prepare(blocks, diagonal)
         noise = self._noise_variance(self.subset.dtype)
         step = self._compiled(("glm", mode, link, n_samples), functools.partial(
             self._glm_step, fv, diagonal=diagonal, mode=mode, link=link, n_samples=n_samples,
         ))
         outputs = self._over_batches(x, batch_size, lambda xb, index: step(
-            xb, self.mean, blocks, noise, tf.random.experimental.stateless_fold_in(seed, index)
+            xb, self.mean, prepared, noise, tf.random.experimental.stateless_fold_in(seed, index)
         ))
         return _join(outputs, axis=1 if mode == "samples" else 0)
 
@@ -266,13 +267,13 @@ class Laplace(PosteriorLaplace):
         A last-layer posterior uses the closed forms in the features: its layer's
         pre-activation is the model output (checked by ``last_layer_features`` at fit time).
         """
-        layout = (tuple(map(tuple, self.block_slices())), tuple(map(type, blocks)))
+        layout = (tuple(self.block_slices()), tuple(map(type, blocks)))
         cached = getattr(self, "_functional_cache", None)
         if cached is None or cached[0] != layout:
             fv = FunctionalVariance(self.logit_model, layout[0], layout[1],
                                     logits_layer=self.subset_of_weights == "last_layer")
             self._functional_cache = cached = (layout, fv)
-            self._compiled_steps = {}
+            self._compiled_steps: dict[tuple, Any] = {}
         return cached[1]
 
     def _compiled(self, key: tuple, fn):
