@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from laplace_tf.arguments import positive_int_or_none
 from laplace_tf.inputs import InputCheck
 
 DEFAULT_BATCH_SIZE = 128
@@ -101,8 +102,8 @@ class Batches:
         self.check = check
         self.progress = progress
         self.description = description
-        self.steps = _positive_int_or_none(steps, "steps")
-        _positive_int_or_none(batch_size, "batch_size")
+        self.steps = positive_int_or_none(steps, "steps")
+        positive_int_or_none(batch_size, "batch_size")
         # exactly one of the two is set: a dataset, or the arrays (x, y) or (x, y, w)
         self._dataset: tf.data.Dataset | None
         self._arrays: tuple | None
@@ -221,12 +222,6 @@ class Batches:
             )
 
 
-def _positive_int_or_none(value, name: str) -> int | None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
-    ):
-        raise ValueError(f"{name}: expected a positive integer; got {value!r}.")
-    return None if value is None else int(value)
 
 
 def as_batches(data, batch_size: int | None = None, **kwargs) -> Batches:

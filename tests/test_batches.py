@@ -149,7 +149,7 @@ def test_empty_data(make_data):
         ((np.zeros((4, 3)), np.zeros(3)), {}, ValueError, "data: x has 4 rows but y has 3"),
         ((np.zeros((4, 3)), None), {}, TypeError, "data: got y=None; fitting needs targets"),
         ((np.zeros((4, 3)), np.zeros(4)), {"batch_size": 0}, ValueError, "batch_size: expected a positive integer"),
-        ((np.zeros((4, 3)), np.zeros(4)), {"batch_size": 2.5}, ValueError, "batch_size: expected a positive integer"),
+        ((np.zeros((4, 3)), np.zeros(4)), {"batch_size": 2.5}, TypeError, "batch_size: expected a positive integer"),
         (({"a": np.zeros((4, 3)), "b": np.zeros((3, 2))}, np.zeros(4)), {}, ValueError, "x: the inputs of a dict must have the same length"),
         ({"x": np.zeros((4, 3))}, {}, TypeError, r"data: expected a tf.data.Dataset of \(x, y\) batches"),
         ((np.zeros(2),) * 4, {}, TypeError, "data: expected a tf.data.Dataset"),
@@ -219,9 +219,10 @@ def test_more_steps_than_batches():
         assert len(list(unknown)) == 3
 
 
-@pytest.mark.parametrize("steps", [0, -1, 2.5, True, "3"])
-def test_bad_steps(steps):
-    with pytest.raises(ValueError, match="steps: expected a positive integer"):
+@pytest.mark.parametrize(("steps", "error"), [(0, ValueError), (-1, ValueError), (2.5, TypeError),
+                                              (True, TypeError), ("3", TypeError)])
+def test_bad_steps(steps, error):
+    with pytest.raises(error, match="steps: expected a positive integer"):
         Batches((np.zeros((4, 3)), np.zeros(4)), steps=steps)
 
 

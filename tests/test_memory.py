@@ -182,7 +182,7 @@ BAD_INPUTS = {
     "subset_of_weights": (ValueError, dict(subset_of_weights="head")),
     "curvature": (ValueError, dict(curvature="fisher")),
     "n_outputs": (ValueError, dict(n_outputs=0)),
-    "batch_size": (ValueError, dict(batch_size=2.5)),
+    "batch_size": (TypeError, dict(batch_size=2.5)),
     "dtype": (ValueError, dict(dtype="int32")),
     "dtype ": (TypeError, dict(dtype="float99")),
 }

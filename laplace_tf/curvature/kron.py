@@ -44,6 +44,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.arguments import flag
 from laplace_tf.blocks import Block, DiagBlock, KronBlock
 from laplace_tf.curvature._per_example import output_cotangents, summed_rows
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
@@ -87,8 +88,7 @@ class KronBuilder(CurvatureBuilder):
         seed: int | None = None,
     ):
         super().__init__(logit_model, likelihood, kind)
-        if not isinstance(stochastic, bool):
-            raise TypeError(f"stochastic: expected True or False; got {stochastic!r}.")
+        flag(stochastic, "stochastic")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed: expected an integer or None; got {seed!r}.")
         if stochastic and kind != "ggn":

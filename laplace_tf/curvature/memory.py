@@ -68,6 +68,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.arguments import choice, positive_int
 from laplace_tf.blocks import DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature import SUBSETS
 from laplace_tf.curvature._per_example import (
@@ -176,11 +177,11 @@ def estimate_memory(
             f"subset: expected a laplace_tf.params.WeightSubset; got {type(subset).__name__}. "
             "Use WeightSubset(model) or WeightSubset(model, [last_layer])."
         )
-    _check_choice("structure", structure, STRUCTURES)
-    _check_choice("subset_of_weights", subset_of_weights, SUBSETS)
-    _check_choice("curvature", curvature, CURVATURES)
-    n_outputs = _positive_int("n_outputs", n_outputs)
-    batch_size = _positive_int("batch_size", batch_size)
+    choice(structure, "structure", STRUCTURES)
+    choice(subset_of_weights, "subset_of_weights", SUBSETS)
+    choice(curvature, "curvature", CURVATURES)
+    n_outputs = positive_int(n_outputs, "n_outputs")
+    batch_size = positive_int(batch_size, "batch_size")
     weights_dtype = subset.dtype if dtype is None else _as_dtype(dtype)
     if not weights_dtype.is_floating:
         raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {weights_dtype.name}.")
@@ -225,7 +226,7 @@ def check_memory(estimate: MemoryEstimate, limit_bytes: int | None = None,
     """
     if limit_bytes is None:
         limit_bytes = default_memory_limit()
-    limit_bytes = _positive_int(name, limit_bytes)
+    limit_bytes = positive_int(limit_bytes, name)
     if estimate.total_bytes <= limit_bytes:
         return
     cheaper = _CHEAPER[estimate.structure, estimate.subset_of_weights]
@@ -345,15 +346,8 @@ def _as_dtype(dtype) -> tf.DType:
         ) from None
 
 
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}; got {value!r}.")
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer; got {value!r}.")
-    return int(value)
 
 
 def format_bytes(n: int) -> str:

@@ -45,6 +45,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.arguments import choice, flag, positive_int, positive_int_or_none, positive_number
 from laplace_tf.batches import DEFAULT_BATCH_SIZE, Batches
 from laplace_tf.blocks import Covariance, Factor
 from laplace_tf.curvature import make_builder
@@ -110,34 +111,14 @@ class _Fitted(NamedTuple):
     fingerprint: str
 
 
-def _choice(value, name: str, valid: tuple[str, ...]) -> str:
-    if value not in valid:
-        raise ValueError(f"{name}: expected one of {valid}; got {value!r}.")
-    return value
 
 
-def _positive_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}: expected a positive number; got {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a finite number > 0; got {value!r}.")
-    return float(value)
 
 
-def _positive_int_or_none(value, name: str) -> int | None:
-    return None if value is None else _positive_int(value, name)
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer; got {value!r}.")
-    return int(value)
 
 
-def _flag(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False; got {value!r}.")
-    return value
 
 
 def stateless_seed(seed: int | None) -> tf.Tensor:
@@ -209,19 +190,19 @@ class PosteriorLaplace:
         progress: bool = True,
         memory_limit_bytes: int | None = None,
     ):
-        self.likelihood_name = _choice(likelihood, "likelihood", LIKELIHOODS)
+        self.likelihood_name = choice(likelihood, "likelihood", LIKELIHOODS)
         self.likelihood = get_likelihood(likelihood)  # with sigma_noise below
-        self.subset_of_weights = _choice(subset_of_weights, "subset_of_weights", SUBSETS)
-        self.hessian_structure = _choice(hessian_structure, "hessian_structure", tuple(STRUCTURES))
-        self.curvature_kind = _choice(curvature, "curvature", CURVATURES)
-        self.on_indefinite = _choice(on_indefinite, "on_indefinite", ON_INDEFINITE)
+        self.subset_of_weights = choice(subset_of_weights, "subset_of_weights", SUBSETS)
+        self.hessian_structure = choice(hessian_structure, "hessian_structure", tuple(STRUCTURES))
+        self.curvature_kind = choice(curvature, "curvature", CURVATURES)
+        self.on_indefinite = choice(on_indefinite, "on_indefinite", ON_INDEFINITE)
         if curvature == "hessian" and subset_of_weights == "all" and hessian_structure != "full":
             raise ValueError(
                 f"curvature: the exact 'hessian' over all weights is only available with "
                 f"hessian_structure='full' (got {hessian_structure!r}); use curvature='ggn' or "
                 "'ef' for 'kron'/'diag', or subset_of_weights='last_layer'."
             )
-        self.stochastic = _flag(stochastic, "stochastic")
+        self.stochastic = flag(stochastic, "stochastic")
         if stochastic and (hessian_structure != "kron" or curvature != "ggn"):
             raise ValueError(
                 "stochastic: the Monte-Carlo curvature exists for hessian_structure='kron' with "
@@ -231,9 +212,9 @@ class PosteriorLaplace:
         if seed is not None:
             stateless_seed(seed)
         self.seed = seed
-        self.progress = _flag(progress, "progress")
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.memory_limit_bytes = _positive_int_or_none(memory_limit_bytes, "memory_limit_bytes")
+        self.progress = flag(progress, "progress")
+        self.batch_size = positive_int(batch_size, "batch_size")
+        self.memory_limit_bytes = positive_int_or_none(memory_limit_bytes, "memory_limit_bytes")
         if last_layer_name is not None and subset_of_weights != "last_layer":
             raise ValueError(
                 "last_layer_name: only used with subset_of_weights='last_layer'; got "
@@ -250,7 +231,7 @@ class PosteriorLaplace:
         self.logit_model = LogitModel(model, self.subset, self.likelihood)
         self._dtype = self.subset.dtype
         self._layer_ranges = [(s.offset, s.size) for s in self.subset.slices]
-        self._temperature = _positive_number(temperature, "temperature")
+        self._temperature = positive_number(temperature, "temperature")
         self._prior = self._checked_prior(prior_precision)
         self._prior_mean = prior_mean_tensor(prior_mean, self.n_params, self._dtype)
         self._curvature: Curvature | None = None
@@ -492,10 +473,10 @@ class PosteriorLaplace:
                     "its own."
                 )
             data = (*data, sample_weight)
-        _flag(override, "override")
-        batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
-        progress = self.progress if progress is None else _flag(progress, "progress")
-        steps = _positive_int_or_none(steps, "steps")
+        flag(override, "override")
+        batch_size = self.batch_size if batch_size is None else positive_int(batch_size, "batch_size")
+        progress = self.progress if progress is None else flag(progress, "progress")
+        steps = positive_int_or_none(steps, "steps")
         self._check_memory(batch_size)
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
                           description="curvature", steps=steps, check=InputCheck(self.model))
@@ -565,7 +546,7 @@ class PosteriorLaplace:
         prior = self._prior if prior is None else self._checked_prior(prior)
         sigma = self._sigma if sigma is None else self._checked_sigma(sigma)
         temperature = self._temperature if temperature is None else \
-            _positive_number(temperature, "temperature")
+            positive_number(temperature, "temperature")
         changed = dict(prior=prior, sigma=sigma)
         if self._curvature is not None:
             factors, fit_sigma = self._factors, self._fit_sigma
@@ -728,7 +709,7 @@ class PosteriorLaplace:
     def sample(self, n_samples: int, seed: int | None = None) -> tf.Tensor:
         """``n_samples`` weight vectors ``[n, P]`` from the posterior (stateless: same seed,
         same numbers)."""
-        n_samples = _positive_int(n_samples, "n_samples")
+        n_samples = positive_int(n_samples, "n_samples")
         seed = stateless_seed(seed)
         self._require_fit("sample")
         return self.posterior.sample(n_samples, seed=seed)
@@ -826,7 +807,7 @@ class PosteriorLaplace:
             self, method=method, prior_structure=prior_structure, n_steps=n_steps, lr=lr,
             val_data=val_data, grid=grid, pred_type=pred_type, link_approx=link_approx,
             tune_sigma_noise=tune_sigma_noise,
-            progress=self.progress if progress is None else _flag(progress, "progress"),
+            progress=self.progress if progress is None else flag(progress, "progress"),
         )
 
     # ------------------------------------------------------------------ save / load

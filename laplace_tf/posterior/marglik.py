@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from laplace_tf.arguments import positive_int
 from laplace_tf.batches import Batches
 from laplace_tf.posterior.prior import PRIOR_STRUCTURES, reshape_prior
 
@@ -328,8 +329,7 @@ def optimize_prior_precision(
                 f"{prior_structure!r}. Use method='marglik' for per-layer or per-weight priors."
             )
         return _tune_gridsearch(la, val_data, grid, pred_type, link_approx, progress)
-    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
-        raise ValueError(f"n_steps: expected a positive integer; got {n_steps!r}.")
+    n_steps = positive_int(n_steps, "n_steps")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"lr: expected a positive step size such as 0.1; got {lr!r}.")
-    return _tune_marglik(la, prior_structure, int(n_steps), float(lr), tune_sigma_noise, progress)
+    return _tune_marglik(la, prior_structure, n_steps, float(lr), tune_sigma_noise, progress)

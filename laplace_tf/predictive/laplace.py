@@ -37,6 +37,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from laplace_tf.arguments import choice, positive_int
 from laplace_tf.batches import iterate_inputs
 from laplace_tf.curvature.kron_layers import input_rows
 from laplace_tf.inputs import MODEL_ERRORS, InputCheck
@@ -102,9 +103,9 @@ class Laplace(PosteriorLaplace):
                 the model (:class:`~laplace_tf.inputs.InputCheck`), or an infinite dataset.
         """
         self._require_fit("la(x)")
-        _check_choice("pred_type", pred_type, PRED_TYPES)
+        choice(pred_type, "pred_type", PRED_TYPES)
         self.likelihood.check_link(link_approx)
-        n_samples = _check_positive_int("n_samples", n_samples)
+        n_samples = positive_int(n_samples, "n_samples")
         if pred_type == "nn":
             return self._nn(x, "predict", n_samples, seed, batch_size)
         return self._glm(x, "predict", link_approx, n_samples, seed, batch_size)
@@ -134,8 +135,8 @@ class Laplace(PosteriorLaplace):
         ``"nn"``: the network run with weights drawn from the posterior.
         """
         self._require_fit("predictive_samples")
-        _check_choice("pred_type", pred_type, PRED_TYPES)
-        n_samples = _check_positive_int("n_samples", n_samples)
+        choice(pred_type, "pred_type", PRED_TYPES)
+        n_samples = positive_int(n_samples, "n_samples")
         if pred_type == "nn":
             return self._nn(x, "samples", n_samples, seed, batch_size)
         return self._glm(x, "samples", "mc", n_samples, seed, batch_size)
@@ -336,9 +337,7 @@ class Laplace(PosteriorLaplace):
         when the first batch fails, one example is run through the plain model to tell inputs
         that do not fit the model (a clear ValueError) from other failures.
         """
-        size = DEFAULT_BATCH_SIZE if batch_size is None else _check_positive_int(
-            "batch_size", batch_size
-        )
+        size = DEFAULT_BATCH_SIZE if batch_size is None else positive_int(batch_size, "batch_size")
         check = InputCheck(self.model)
         outputs = []
         for index, xb in enumerate(iterate_inputs(x, size, self.subset.dtype, check)):
@@ -359,14 +358,5 @@ def _join(outputs: list, axis: int):
     return tf.concat(outputs, axis=axis)
 
 
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}; got {value!r}.")
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected a positive integer; got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive integer (>= 1); got {value}.")
-    return int(value)
