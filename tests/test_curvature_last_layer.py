@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from types import SimpleNamespace
 
+import cases
 import keras
 import numpy as np
 import pytest
@@ -155,14 +156,9 @@ def test_output_hessian_diag_lowrank_equals_the_autodiff_hessian(likelihood_name
 # --- features --------------------------------------------------------------------------------
 
 def _two_input_model(n_outputs: int = 3, seed: int = 0, n: int = 5):
-    keras.utils.set_random_seed(seed)
-    a, b = keras.Input((3,), dtype=F64, name="a"), keras.Input((2,), dtype=F64, name="b")
-    body = keras.layers.Dense(3, "tanh", dtype=F64)(a)
-    merged = keras.layers.Concatenate(dtype=F64)([body, b])
-    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(n_outputs, dtype=F64)(merged))
-    rng = np.random.default_rng(seed)
-    x = {"a": rng.normal(size=(n, 3)), "b": rng.normal(size=(n, 2))}
-    hidden = keras.Model({"a": a, "b": b}, merged)
+    """:func:`cases.two_input` and its sub-model up to the last layer's input."""
+    model, x = cases.two_input(n_outputs, seed, n)
+    hidden = keras.Model(model.input, model.layers[-1].input)
     return model, x, hidden
 
 
