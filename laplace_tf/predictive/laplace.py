@@ -181,8 +181,8 @@ class Laplace(PosteriorLaplace):
             raise ValueError(
                 f"{what}: only for likelihood='regression' or 'heteroscedastic' (a Gaussian "
                 f"predictive); this posterior has likelihood={self.likelihood_name!r}. For class "
-                "probabilities "
-                "use la(x), and la.functional_variance(x) for the spread of the logits."
+                "probabilities use la(x), and la.functional_variance(x) for the spread of the "
+                "logits."
             )
 
     def map_predict(self, x, batch_size: int | None = None):
