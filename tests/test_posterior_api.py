@@ -275,7 +275,7 @@ def test_settings_name_every_constructor_argument_and_rebuild_it():
 class _WithOffset(PosteriorLaplace):
     """A posterior with one more constructor argument: one more line in SETTINGS."""
 
-    SETTINGS = (*PosteriorLaplace.SETTINGS, Setting("offset", "offset", "metadata", 0.0))
+    SETTINGS = (*PosteriorLaplace.SETTINGS, Setting("offset", "metadata", 0.0))
 
     def __init__(self, model, likelihood, offset=0.0, **options):
         super().__init__(model, likelihood, **options)

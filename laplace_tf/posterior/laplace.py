@@ -76,21 +76,21 @@ from laplace_tf.posterior.structures import STRUCTURES, precision_operator
 SUBSETS = ("all", "last_layer")
 ON_INDEFINITE = ("raise", "clip")
 SETTINGS = (
-    Setting("likelihood", "likelihood_name", "metadata"),
-    Setting("subset_of_weights", "subset_of_weights", "metadata"),
-    Setting("hessian_structure", "hessian_structure", "metadata"),
-    Setting("curvature", "curvature_kind", "metadata"),
-    Setting("prior_precision", "prior_precision", "array"),
-    Setting("prior_mean", "prior_mean", "array"),
-    Setting("sigma_noise", "sigma_noise", "array"),
-    Setting("temperature", "temperature", "metadata"),
-    Setting("last_layer_name", "last_layer_name", "metadata"),
-    Setting("stochastic", "stochastic", "metadata"),
-    Setting("seed", "seed", "metadata"),
-    Setting("on_indefinite", "on_indefinite", "metadata"),
-    Setting("batch_size", "batch_size", "metadata"),
-    Setting("progress", "progress", None, when_absent=False),
-    Setting("memory_limit_bytes", "memory_limit_bytes", "metadata"),
+    Setting("likelihood", "metadata", attribute_name="likelihood_name"),
+    Setting("subset_of_weights", "metadata"),
+    Setting("hessian_structure", "metadata"),
+    Setting("curvature", "metadata", attribute_name="curvature_kind"),
+    Setting("prior_precision", "array"),
+    Setting("prior_mean", "array"),
+    Setting("sigma_noise", "array"),
+    Setting("temperature", "metadata"),
+    Setting("last_layer_name", "metadata"),
+    Setting("stochastic", "metadata"),
+    Setting("seed", "metadata"),
+    Setting("on_indefinite", "metadata"),
+    Setting("batch_size", "metadata"),
+    Setting("progress", None, when_absent=False),
+    Setting("memory_limit_bytes", "metadata"),
 )
 """The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
 rebuilds ``cls(model, **settings)`` from them. A new constructor argument adds one line here

@@ -6,10 +6,12 @@ plus what ``fit`` computed (a :class:`PosteriorState`). ``io.save`` writes both;
 ``io.load`` rebuilds ``cls(model, **settings)`` and hands it the state (``la.restore``).
 
 Example:
-    >>> setting = Setting("temperature", "temperature", "metadata")
-    >>> setting.when_absent        # a file without it is corrupt
-    REQUIRED
-    >>> Setting("progress", "progress", None, when_absent=False).saved is None   # not saved
+    >>> setting = Setting("temperature", "metadata")
+    >>> setting.when_absent, setting.attribute   # a file without it is corrupt
+    (REQUIRED, 'temperature')
+    >>> Setting("curvature", "metadata", attribute_name="curvature_kind").attribute
+    'curvature_kind'
+    >>> Setting("progress", None, when_absent=False).saved is None   # not saved
     True
 """
 
@@ -35,16 +37,21 @@ REQUIRED = _Required()
 class Setting(NamedTuple):
     """One constructor argument of a posterior, and how a file keeps it.
 
-    ``attribute`` is the instance attribute whose value, passed back as ``name``, rebuilds the
-    same setting; ``saved`` is ``"metadata"`` (a JSON value), ``"array"`` (a numeric array of
-    the ``.npz``) or ``None`` (not saved); ``when_absent`` is what ``io.load`` passes when the
-    file has no entry (:data:`REQUIRED`: the file is refused as corrupt).
+    ``saved`` is ``"metadata"`` (a JSON value), ``"array"`` (a numeric array of the ``.npz``)
+    or ``None`` (not saved); ``when_absent`` is what ``io.load`` passes when the file has no
+    entry (:data:`REQUIRED`: the file is refused as corrupt); ``attribute_name`` names the instance
+    attribute whose value, passed back as ``name``, rebuilds the same setting (default: the
+    attribute called ``name``).
     """
 
     name: str
-    attribute: str
     saved: str | None
     when_absent: object = REQUIRED
+    attribute_name: str | None = None
+
+    @property
+    def attribute(self) -> str:
+        return self.attribute_name or self.name
 
 
 class PosteriorState(NamedTuple):
