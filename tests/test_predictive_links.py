@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from laplace_tf.predictive.links import bridge, check_link, gaussian_samples, probit
+from laplace_tf.likelihoods import get_likelihood
+from laplace_tf.predictive.links import bridge, gaussian_samples
 from laplace_tf.testing import assert_gaussian_moments
 
 F64 = tf.float64
@@ -48,11 +49,13 @@ def test_probit_on_a_hand_case():
     """1 + pi/8 var = 4 halves the logit: softmax([2, 0] / 2) and sigmoid(2 / 2)."""
     var = np.array([[24 / math.pi, 0.0]])
     np.testing.assert_allclose(
-        probit(tf.constant([[2.0, 0.0]], F64), tf.constant(var, F64), "classification"),
+        get_likelihood("classification").probit(tf.constant([[2.0, 0.0]], F64),
+                                                 tf.constant(var, F64)),
         [[math.e / (math.e + 1), 1 / (math.e + 1)]], rtol=1e-12,
     )
     np.testing.assert_allclose(
-        probit(tf.constant([[2.0]], F64), tf.constant(var[:, :1], F64), "binary"),
+        get_likelihood("binary").probit(tf.constant([[2.0]], F64),
+                                        tf.constant(var[:, :1], F64)),
         [[1 / (1 + math.exp(-1))]], rtol=1e-12,
     )
 
@@ -70,11 +73,11 @@ def test_probit_is_close_to_monte_carlo():
     mu = tf.constant(MU, F64)
     samples = gaussian_samples(mu, tf.linalg.diag(tf.constant(variance, F64)), 200_000, SEED)
     mc_binary = tf.reduce_mean(tf.sigmoid(samples), axis=0)
-    np.testing.assert_allclose(probit(mu, variance, "binary"), mc_binary, atol=5e-3)
+    np.testing.assert_allclose(get_likelihood("binary").probit(mu, variance), mc_binary, atol=5e-3)
     for wrong in (2 * variance, 0 * variance):
-        assert np.max(np.abs(probit(mu, wrong, "binary") - mc_binary)) > 9e-3
+        assert np.max(np.abs(get_likelihood("binary").probit(mu, wrong) - mc_binary)) > 9e-3
     mc = tf.reduce_mean(tf.nn.softmax(samples), axis=0)
-    approx = probit(mu, variance, "classification")
+    approx = get_likelihood("classification").probit(mu, variance)
     np.testing.assert_allclose(approx, mc, atol=0.03)
     assert np.max(np.abs(approx - mc)) < np.max(np.abs(tf.nn.softmax(mu) - mc))
 
@@ -118,4 +121,4 @@ def test_gaussian_samples_are_reproducible():
 def test_links_that_do_not_fit_are_refused(link, likelihood, message):
     with pytest.raises(ValueError, match=r"link_approx: .*" + message.replace("(", r"\(")
                        .replace(")", r"\)")):
-        check_link(link, likelihood)
+        get_likelihood(likelihood).check_link(link)

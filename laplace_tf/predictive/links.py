@@ -5,7 +5,8 @@ The GLM predictive gives, per input, logits ``f ~ N(mu, V)`` with ``mu [N, K]`` 
 three approximations, named as in laplace-torch:
 
 * ``"probit"``: ``softmax(mu / sqrt(1 + pi/8 * diag V))`` (MacKay 1992); for one logit
-  ``sigmoid(mu / sqrt(1 + pi/8 * V))``. Needs only the diagonal of ``V``.
+  ``sigmoid(mu / sqrt(1 + pi/8 * V))``. Needs only the diagonal of ``V``; the likelihood
+  computes it (``Likelihood.probit``: its inverse link of the scaled mean).
 * ``"mc"``: the mean of ``softmax(f_s)`` over samples ``f_s = mu + L eps_s`` with
   ``L L^T = V`` (Cholesky, with a small jitter).
 * ``"bridge"``: the Laplace bridge (Hobbhahn, Kristiadi and Hennig, UAI 2022), as in
@@ -18,9 +19,10 @@ Regression needs no link: the predictive is Gaussian in closed form.
 
 Example:
     >>> import tensorflow as tf
+    >>> from laplace_tf.likelihoods import get_likelihood
     >>> mu = tf.constant([[1.0, 0.0]], tf.float64)
     >>> var = tf.constant([[8 / 3.141592653589793 * 3, 0.0]], tf.float64)  # 1 + pi/8 var = 4, 1
-    >>> probit(mu, var, "classification").numpy().round(4)        # softmax([0.5, 0.0])
+    >>> get_likelihood("classification").probit(mu, var).numpy().round(4)  # softmax([.5, 0])
     array([[0.6225, 0.3775]])
 """
 
@@ -29,30 +31,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from laplace_tf.likelihoods import Likelihood, as_likelihood
-
 PRED_TYPES = ("glm", "nn")
-
-
-def check_link(link_approx: str, likelihood: str | Likelihood) -> None:
-    """Raise a ValueError if ``link_approx`` is unknown or does not fit ``likelihood`` (a
-    name or a :class:`~laplace_tf.likelihoods.Likelihood`, whose ``links`` it may take).
-
-    Regression accepts only the default ``"probit"``, which it ignores: its predictive is
-    Gaussian in closed form and needs no link approximation.
-    """
-    as_likelihood(likelihood).check_link(link_approx)
 
 
 def needs_full_covariance(link_approx: str) -> bool:
     """Whether the link needs the whole ``V [N, K, K]`` rather than its diagonal."""
     return link_approx in ("mc", "bridge")
-
-
-def probit(mu: tf.Tensor, variance: tf.Tensor, likelihood: str | Likelihood) -> tf.Tensor:
-    """The probit approximation from the mean ``[N, K]`` and the diagonal variance ``[N, K]``
-    (:meth:`~laplace_tf.likelihoods.Likelihood.probit`: the likelihood's inverse link)."""
-    return as_likelihood(likelihood).probit(mu, variance)
 
 
 def bridge(mu: tf.Tensor, covariance: tf.Tensor) -> tf.Tensor:
