@@ -89,8 +89,8 @@ class KronBlock(NamedTuple):
     def log_det_precision(self, c, prior) -> tf.Tensor:
         """Differentiable in ``A`` and ``G``: their eigenvalues are recomputed (clipped at 0),
         so cache nothing here and keep it to small models."""
-        a = tf.linalg.eigvalsh(0.5 * (self.A + tf.transpose(self.A)))
-        g = tf.linalg.eigvalsh(0.5 * (self.G + tf.transpose(self.G)))
+        a = tf.linalg.eigvalsh(symmetric(self.A))
+        g = tf.linalg.eigvalsh(symmetric(self.G))
         return tf.reduce_sum(tf.math.log(c * tf.maximum(a, 0)[:, None] * tf.maximum(g, 0)[None, :]
                                          + prior))
 
