@@ -27,6 +27,11 @@ kron       per layer with a Kronecker rule, with ``D`` inputs (+1 for the bias),
            Jacobian), and ``posterior`` 2 p (as diag)
 diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
            ``posterior`` 2 P (precision and variances)
+gp         with ``n`` context examples and ``r = n K`` root rows: ``curvature`` r P (the
+           root); ``fit_workspace`` r P (the chunks of rows before they are joined);
+           ``per_batch`` one chunk of rows and their intermediates (below, at most
+           ``CHUNK_BYTES``); ``factor`` r P + r² (the Gram matrix and the orthonormal
+           basis); ``covariance`` r P + P. Over any weight subset.
 =========  ========================================================================
 
 ``per_batch`` of full and diag over ``"all"`` weights is one chunk of the per-example
@@ -69,7 +74,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.arguments import choice, positive_int
-from laplace_tf.blocks import DenseBlock, DiagBlock, KronBlock
+from laplace_tf.blocks import DenseBlock, DiagBlock, KronBlock, LowRankBlock
 from laplace_tf.curvature import SUBSETS
 from laplace_tf.curvature._per_example import (
     _COPIES,
@@ -95,6 +100,8 @@ _CHEAPER = {
     ("full", "last_layer"): "hessian_structure='kron' or hessian_structure='diag'",
     ("kron", "last_layer"): "hessian_structure='diag'",
     ("diag", "last_layer"): "",
+    ("gp", "all"): "a smaller n_context, or subset_of_weights='last_layer'",
+    ("gp", "last_layer"): "a smaller n_context",
 }
 
 
@@ -103,7 +110,7 @@ class MemoryEstimate:
     """Bytes a (structure, weight subset) pair needs, part by part (see the module docstring).
 
     Attributes:
-        structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"gp"``.
         subset_of_weights: ``"all"`` or ``"last_layer"``.
         n_params: number of weights ``P``.
         dtype: the dtype's name, e.g. ``"float32"``.
@@ -142,18 +149,20 @@ def estimate_memory(
     dtype: tf.DType | str | None = None,
     subset_of_weights: str = "all",
     curvature: str = "ggn",
+    n_context: int | None = None,
 ) -> MemoryEstimate:
     """The bytes fitting ``structure`` over ``subset`` and using its posterior need.
 
     Args:
         subset: the weights (for ``"last_layer"``: the last Dense layer's weights only).
-        structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"gp"``.
         n_outputs: the number of model outputs (logits) ``K``.
         batch_size: the batch size of the fit.
         dtype: the floating dtype of the computation (default: the weights' dtype).
         subset_of_weights: ``"all"`` or ``"last_layer"``.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (rows per example: 1 for ``"ef"``,
             else ``n_outputs``).
+        n_context: ``"gp"`` (required there): the number of context examples.
 
     Returns:
         A :class:`MemoryEstimate`; see the module docstring for every part's formula.
@@ -186,7 +195,14 @@ def estimate_memory(
     if not weights_dtype.is_floating:
         raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {weights_dtype.name}.")
     rows = 1 if curvature == "ef" else n_outputs
-    if subset_of_weights == "last_layer":
+    if structure == "gp":
+        if n_context is None:
+            raise ValueError(
+                "n_context: the memory of hessian_structure='gp' grows with its context; give "
+                "the number of context examples (for n_context=None: of training examples)."
+            )
+        counts = _gp(subset, rows, positive_int(n_context, "n_context"), weights_dtype.size)
+    elif subset_of_weights == "last_layer":
         counts = _last_layer(subset, structure, n_outputs, batch_size, weights_dtype.size)
     elif structure == "full":
         per_batch = _per_example(subset, rows, True, batch_size, weights_dtype.size)
@@ -274,6 +290,17 @@ def _diag(p: int, per_batch: int) -> dict[str, int]:
     block = DiagBlock.memory(p)
     return {"curvature": block["curvature"], "fit_workspace": 2 * p, "per_batch": per_batch,
             **block}
+
+
+def _gp(subset: WeightSubset, rows: int, n_context: int, itemsize: int) -> dict[str, int]:
+    p = subset.n_params
+    block = LowRankBlock.memory(p, n_context * rows)
+    dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
+            for s in subset.slices]
+    per_example = _COPIES * (_example_width(dims, rows, False) + rows * p)
+    chunk = min(n_context, max(1, CHUNK_BYTES // (per_example * itemsize)))
+    return {"curvature": block["curvature"], "fit_workspace": block["curvature"],
+            "per_batch": chunk * per_example, **block}
 
 
 def _last_layer(

@@ -91,6 +91,7 @@ SETTINGS = (
     Setting("batch_size", "metadata"),
     Setting("progress", None, when_absent=False),
     Setting("memory_limit_bytes", "metadata"),
+    Setting("n_context", "metadata", when_absent=None),
 )
 """The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
 rebuilds ``cls(model, **settings)`` from them. A new constructor argument adds one line here
@@ -138,7 +139,9 @@ class PosteriorLaplace:
         likelihood: ``"classification"``, ``"binary"``, ``"regression"`` or
             ``"heteroscedastic"`` (outputs ``[mean (K), log-variance (K)]``).
         subset_of_weights: ``"last_layer"`` or ``"all"``.
-        hessian_structure: ``"kron"``, ``"full"`` or ``"diag"``.
+        hessian_structure: ``"kron"``, ``"full"``, ``"diag"`` or ``"gp"`` (functional
+            Laplace: the GGN over ``n_context`` context examples, whose GLM predictive is a
+            GP; :mod:`laplace_tf.curvature.gp`).
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (exact; with ``subset_of_weights="all"``
             only for ``"full"``).
         prior_precision: ``lambda`` > 0: a scalar, one per layer, or one per weight (not for
@@ -148,7 +151,8 @@ class PosteriorLaplace:
         temperature: ``T`` > 0 (the curvature and the log-likelihood are divided by it).
         last_layer_name: the layer for ``"last_layer"`` (default: the last layer with weights).
         stochastic: Monte-Carlo Kronecker GGN (``"kron"`` with ``curvature="ggn"`` only).
-        seed: seed of the Monte-Carlo curvature.
+        seed: seed of the Monte-Carlo curvature, or of the choice of the ``"gp"`` context
+            (None: fresh entropy; give a seed for a reproducible choice).
         on_indefinite: ``"raise"`` a ValueError when the precision is not positive definite,
             or ``"clip"`` negative curvature eigenvalues at zero (with a warning). Applies to
             ``curvature="hessian"``; the GGN and EF are positive semi-definite by
@@ -159,6 +163,9 @@ class PosteriorLaplace:
             work) when :meth:`memory_estimate` exceeds it, and ``posterior_covariance`` a
             dense matrix above it. Default: a quarter of the available memory
             (:func:`~laplace_tf.curvature.full.default_memory_limit`).
+        n_context: ``"gp"`` only: the number of context examples, chosen uniformly without
+            replacement (seeded by ``seed``) from the training data; None: all of them. The
+            evidence's data terms are sums over all the data. Only a scalar ``sigma_noise``.
 
     Raises:
         ValueError, TypeError: for any invalid argument (the message lists the valid values).
@@ -189,6 +196,7 @@ class PosteriorLaplace:
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: bool = True,
         memory_limit_bytes: int | None = None,
+        n_context: int | None = None,
     ):
         self.likelihood_name = choice(likelihood, "likelihood", LIKELIHOODS)
         self.likelihood = get_likelihood(likelihood)  # with sigma_noise below
@@ -201,6 +209,17 @@ class PosteriorLaplace:
                 f"curvature: the exact 'hessian' over all weights is only available with "
                 f"hessian_structure='full' (got {hessian_structure!r}); use curvature='ggn' or "
                 "'ef' for 'kron'/'diag', or subset_of_weights='last_layer'."
+            )
+        if hessian_structure == "gp" and curvature != "ggn":
+            raise ValueError(
+                f"curvature: hessian_structure='gp' needs curvature='ggn' (the GP's kernel and "
+                f"noise are the GGN's); got {curvature!r}."
+            )
+        self.n_context = positive_int_or_none(n_context, "n_context")
+        if n_context is not None and hessian_structure != "gp":
+            raise ValueError(
+                f"n_context: only used with hessian_structure='gp'; got hessian_structure="
+                f"{hessian_structure!r}. Drop n_context, or use hessian_structure='gp'."
             )
         self.stochastic = flag(stochastic, "stochastic")
         if stochastic and (hessian_structure != "kron" or curvature != "ggn"):
@@ -270,6 +289,13 @@ class PosteriorLaplace:
                 f"{sigma.shape.as_list()}."
             )
         check_positive(sigma, "sigma_noise", "Give positive noise standard deviations.")
+        if sigma.shape.rank and not self.structure.per_output_noise:
+            raise ValueError(
+                f"sigma_noise: hessian_structure={self.hessian_structure!r} takes a scalar "
+                f"sigma_noise (its curvature cannot be rebuilt per output); got "
+                f"{np.asarray(sigma).tolist()}. Give one value, or use hessian_structure='full', "
+                "'kron' or 'diag'."
+            )
         fit = self._fit_sigma
         if self._per_output_change(sigma) and self.subset_of_weights != "last_layer" \
                 and self._pieces is None:
@@ -394,13 +420,15 @@ class PosteriorLaplace:
         options = {"memory_limit_bytes": self.memory_limit_bytes}
         if self.stochastic:
             options.update(stochastic=True, seed=self.seed)
+        if self.hessian_structure == "gp":
+            options.update(n_context=self.n_context, seed=self.seed)
         return make_builder(
             self.subset_of_weights, self.hessian_structure, self.logit_model,
             likelihood or self.likelihood, curvature=self.curvature_kind, **options,
         )
 
-    def memory_estimate(self, n_outputs: int | None = None,
-                        batch_size: int | None = None) -> MemoryEstimate:
+    def memory_estimate(self, n_outputs: int | None = None, batch_size: int | None = None,
+                        n_context: int | None = None) -> MemoryEstimate:
         """The bytes this (subset, structure) needs to fit and use, before fitting.
 
         ``fit`` refuses when its total exceeds ``memory_limit_bytes``.
@@ -408,6 +436,8 @@ class PosteriorLaplace:
         Args:
             n_outputs: the number of model outputs; default: read from the model.
             batch_size: the fit's batch size (default: the constructor's).
+            n_context: ``"gp"``: the number of context examples (default: the constructor's;
+                needed for ``n_context=None``: the number of training examples).
 
         Example:
             ``print(ltf.Laplace(model, "classification", "all", "full").memory_estimate())``
@@ -417,22 +447,28 @@ class PosteriorLaplace:
         return estimate_memory(
             self.subset, self.hessian_structure, n_outputs,
             self.batch_size if batch_size is None else batch_size, self._dtype,
-            self.subset_of_weights, self.curvature_kind,
+            self.subset_of_weights, self.curvature_kind, n_context or self.n_context,
         )
 
-    def _check_memory(self, batch_size: int) -> None:
+    def _check_memory(self, batch_size: int, n_examples: int | None) -> None:
         """Refuse a fit whose :meth:`memory_estimate` exceeds ``memory_limit_bytes``.
 
         A model whose number of outputs cannot be read (a subclassed model) is estimated with
         its last layer's outputs (the ``P x P`` parts, which dominate a dense structure, do
-        not depend on them).
+        not depend on them). A ``"gp"`` context of all the examples of a dataset (``n_examples``
+        unknown until streamed) is checked by its builder instead, before its rows.
         """
+        context = None
+        if self.hessian_structure == "gp":
+            context = min(filter(None, (self.n_context, n_examples)), default=None)
+            if context is None:
+                return
         try:
             n_outputs = _n_outputs(self.model)
         except ValueError:
             n_outputs = int(self.subset.slices[-1].variables[0].shape[-1])
-        check_memory(self.memory_estimate(n_outputs, batch_size), self.memory_limit_bytes,
-                     "memory_limit_bytes")
+        check_memory(self.memory_estimate(n_outputs, batch_size, context),
+                     self.memory_limit_bytes, "memory_limit_bytes")
 
     def fit(self, data, override: bool = True, batch_size: int | None = None,
             progress: bool | None = None,
@@ -477,7 +513,7 @@ class PosteriorLaplace:
         batch_size = self.batch_size if batch_size is None else positive_int(batch_size, "batch_size")
         progress = self.progress if progress is None else flag(progress, "progress")
         steps = positive_int_or_none(steps, "steps")
-        self._check_memory(batch_size)
+        self._check_memory(batch_size, len(data[1]) if isinstance(data, (tuple, list)) else None)
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
                           description="curvature", steps=steps, check=InputCheck(self.model))
         curvature = fit_curvature(self._builder(), batches, strategy)
