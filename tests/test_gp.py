@@ -241,3 +241,18 @@ def test_bad_arguments_are_refused(kwargs, error, match):
     arguments = dict(likelihood="classification", subset_of_weights="all") | kwargs
     with pytest.raises(error, match=match):
         Laplace(mlp(2), progress=False, **arguments)
+
+
+def test_calibration_report_of_all_data_as_context_is_that_of_the_full_laplace():
+    from laplace_tf import calibration
+
+    model = mlp(3)
+    x, y = data("classification", 12)
+    x_test, y_test = data("classification", 8, seed=1)
+    metrics = []
+    for structure in ("gp", "full"):
+        la = laplace("classification", structure, model, prior_precision=0.2)
+        la.fit((x, y))
+        metrics.append(calibration.report(la, test=(x_test, y_test)).metrics)
+    assert metrics[0]["config"]["hessian_structure"] == "gp"
+    assert metrics[0]["test"]["laplace"] == pytest.approx(metrics[1]["test"]["laplace"], rel=1e-9)
