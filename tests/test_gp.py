@@ -67,18 +67,19 @@ def laplace(likelihood, structure, model, **kwargs) -> Laplace:
     return Laplace(model, likelihood, "all", structure, progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("likelihood, settings", [
-    ("classification", dict(prior_precision=0.5, temperature=2.0)),
-    ("binary", dict(prior_precision=2.0)),
-    ("regression", dict(prior_precision=0.5, sigma_noise=0.7, temperature=0.5)),
+@pytest.mark.parametrize("likelihood, n, settings", [
+    ("classification", 14, dict(prior_precision=0.5, temperature=2.0)),  # 42 rows > 31 weights
+    ("binary", 10, dict(prior_precision=2.0)),
+    ("regression", 10, dict(prior_precision=0.5, sigma_noise=0.7, temperature=0.5)),
 ])
-def test_all_data_as_context_is_the_full_ggn_laplace(likelihood, settings):
+def test_all_data_as_context_is_the_full_ggn_laplace(likelihood, n, settings):
     model = mlp(K[likelihood])
-    x, y = data(likelihood, 10)
+    x, y = data(likelihood, n)
     x_test = data(likelihood, 4, seed=1)[0]
     gp, full = laplace(likelihood, "gp", model, **settings), laplace(likelihood, "full", model, **settings)
     gp.fit((x, y), batch_size=3)
     full.fit((x, y))
+    assert gp.curvature.blocks[0].rank == min(n * K[likelihood], gp.n_params)
     c = 1.0 / settings.get("temperature", 1.0)
     assert_close(gp.functional_variance(x_test),
                  brute_force_variance(gp, x, y, x_test, settings["prior_precision"], c))

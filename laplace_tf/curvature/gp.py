@@ -6,8 +6,10 @@ output Hessian; :mod:`~laplace_tf.curvature._per_example`), so the posterior
 ``N(theta*, (c R^T R + diag(lambda))^-1)`` is one :class:`~laplace_tf.blocks.LowRankBlock`.
 Its GLM predictive, in Woodbury form (:mod:`laplace_tf.blocks.lowrank`), is the GP with kernel
 ``J(x) diag(lambda)^-1 J(x')^T`` conditioned on the context points with noise from the output
-Hessians (Immer et al. 2021): every cost beyond the Jacobians is that of ``(n_context K)^2``
-matrices, whatever the number of weights ``P``.
+Hessians (Immer et al. 2021): every cost beyond the Jacobians is that of
+``min(n_context K, P)^2`` matrices. A context with more rows than weights (``n_context K > P``)
+keeps instead of its rows the triangular ``[P, P]`` factor of their QR decomposition: the same
+curvature ``R^T R``, factored in ``O(P^3)`` instead of ``O((n_context K)^3)``.
 
 The context (:class:`ContextBuilder`): all training examples (``n_context=None``), or the
 ``n_context`` examples whose priorities are smallest, example ``i`` of the data (in data
@@ -100,12 +102,14 @@ class ContextBuilder(CurvatureBuilder):
         n = int(y.shape[0])
         parts = [rows(tf.nest.map_structure(lambda t: t[i:i + chunk], x), y[i:i + chunk],  # noqa: B023
                       w[i:i + chunk]) for i in range(0, n, chunk)]
-        return [LowRankBlock(tf.concat(parts, axis=0))]
+        return [LowRankBlock(_compressed(tf.concat(parts, axis=0)))]
 
     def _check_memory(self, n_rows: int) -> None:
-        """Refuse a root of ``n_rows`` rows whose block and factor exceed the memory limit."""
+        """Refuse ``n_rows`` rows whose chunks, root and factor exceed the memory limit (as
+        :func:`~laplace_tf.curvature.memory.estimate_memory` counts them)."""
         p, itemsize = self.logit_model.subset.n_params, self.logit_model.subset.dtype.size
-        n_bytes = sum(LowRankBlock.memory(p, n_rows).values()) * itemsize
+        kept = LowRankBlock.memory(p, min(n_rows, p))
+        n_bytes = (2 * n_rows * p + sum(kept.values())) * itemsize
         limit = self.memory_limit_bytes or default_memory_limit()
         if n_bytes > limit:
             raise ValueError(
@@ -155,6 +159,15 @@ class _Context:
         positions = np.concatenate([k[1] for k in self._kept])
         _, _, *data = self._merged(np.argsort(positions))
         return tuple(data)
+
+
+def _compressed(root: tf.Tensor) -> tf.Tensor:
+    """``root [r, P]``, or for ``r > P`` the triangular ``R' [P, P]`` of its QR decomposition
+    (float64): the same curvature ``R'^T R' = root^T root``, whose factor then costs ``O(P^3)``
+    instead of ``O(r^3)``."""
+    if root.shape[0] <= root.shape[1]:
+        return root
+    return tf.constant(np.linalg.qr(np.asarray(root, np.float64), mode="r"), root.dtype)
 
 
 def _gathered(structure, index: np.ndarray):

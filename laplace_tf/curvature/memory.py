@@ -27,11 +27,12 @@ kron       per layer with a Kronecker rule, with ``D`` inputs (+1 for the bias),
            Jacobian), and ``posterior`` 2 p (as diag)
 diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
            ``posterior`` 2 P (precision and variances)
-gp         with ``n`` context examples and ``r = n K`` root rows: ``curvature`` r P (the
-           root); ``fit_workspace`` r P (the chunks of rows before they are joined);
+gp         with ``n`` context examples, ``r = n K`` rows and ``q = min(r, P)``:
+           ``curvature`` q P (the root: the rows, or their QR factor if r > P);
+           ``fit_workspace`` 2 r P (the chunks of rows and their concatenation);
            ``per_batch`` one chunk of rows and their intermediates (below, at most
-           ``CHUNK_BYTES``); ``factor`` r P + r² (the Gram matrix and the orthonormal
-           basis); ``covariance`` r P + P. Over any weight subset.
+           ``CHUNK_BYTES``); ``factor`` q P + q² (the Gram matrix and the orthonormal
+           basis); ``covariance`` q P + P. Over any weight subset.
 =========  ========================================================================
 
 ``per_batch`` of full and diag over ``"all"`` weights is one chunk of the per-example
@@ -294,12 +295,12 @@ def _diag(p: int, per_batch: int) -> dict[str, int]:
 
 def _gp(subset: WeightSubset, rows: int, n_context: int, itemsize: int) -> dict[str, int]:
     p = subset.n_params
-    block = LowRankBlock.memory(p, n_context * rows)
+    block = LowRankBlock.memory(p, min(n_context * rows, p))
     dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
             for s in subset.slices]
     per_example = _COPIES * (_example_width(dims, rows, False) + rows * p)
     chunk = min(n_context, max(1, CHUNK_BYTES // (per_example * itemsize)))
-    return {"curvature": block["curvature"], "fit_workspace": block["curvature"],
+    return {"curvature": block["curvature"], "fit_workspace": 2 * n_context * rows * p,
             "per_batch": chunk * per_example, **block}
 
 
