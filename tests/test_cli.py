@@ -88,7 +88,7 @@ def test_inputs_that_do_not_fit_the_saved_model(saved, tmp_path, capsys):
 
 def test_help_exits_0(capsys):
     assert main(["fit", "--help"]) == 0
-    assert "--hessian-structure {kron,full,diag}" in capsys.readouterr().out
+    assert "--hessian-structure {kron,full,diag,gp}" in capsys.readouterr().out
 
 
 def test_python_dash_m_reports_errors_without_traceback(tmp_path):
