@@ -27,9 +27,9 @@ Example:
     >>> from laplace_tf.curvature.base import fit_curvature
     >>> from laplace_tf.likelihoods import get_likelihood
     >>> from laplace_tf.params import LogitModel
-    >>> model = keras.Sequential([keras.Input((2,), dtype="float64"),
+    >>> model = keras.Sequential([keras.Input((4,), dtype="float64"),
     ...                           keras.layers.Dense(1, dtype="float64")])
-    >>> x = np.random.default_rng(0).normal(size=(6, 2))
+    >>> x = np.random.default_rng(0).normal(size=(6, 4))
     >>> builder = ContextBuilder(LogitModel(model), get_likelihood("regression"), n_context=4,
     ...                          seed=1)
     >>> curvature = fit_curvature(builder, Batches((x, x.sum(1)), 4, dtype="float64"))
