@@ -9,7 +9,9 @@ Its GLM predictive, in Woodbury form (:mod:`laplace_tf.blocks.lowrank`), is the 
 Hessians (Immer et al. 2021): every cost beyond the Jacobians is that of
 ``min(n_context K, P)^2`` matrices. A context with more rows than weights (``n_context K > P``)
 keeps instead of its rows the triangular ``[P, P]`` factor of their QR decomposition: the same
-curvature ``R^T R``, factored in ``O(P^3)`` instead of ``O((n_context K)^3)``.
+curvature ``R^T R``, factored in ``O(P^3)`` instead of ``O((n_context K)^3)`` (its QR costs
+more than the full structure's sum of outer products: the GP pays off with fewer rows than
+weights; ``benchmarks/gp.py``).
 
 The context (:class:`ContextBuilder`): all training examples (``n_context=None``), or the
 ``n_context`` examples whose priorities are smallest, example ``i`` of the data (in data
