@@ -157,6 +157,11 @@ def test_context_choice_is_seeded_and_independent_of_batching():
     other = laplace("classification", "gp", model, n_context=6, seed=8)
     other.fit((x, y))
     assert not np.allclose(_root_gram(other), reference)
+    default = laplace("classification", "gp", model, n_context=6)  # seed 0
+    default.fit((x, y))
+    idx = chosen(15, 6, seed=0)
+    assert_close(_root_gram(default), testing.brute_force_ggn(
+        la.logit_model, likelihood, x[idx], likelihood.prepare_targets(y[idx], 3, tf.float64)))
 
 
 def test_examples_of_weight_zero_are_never_context():

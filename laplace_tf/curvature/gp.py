@@ -16,8 +16,8 @@ weights; ``benchmarks/gp.py``).
 The context (:class:`ContextBuilder`): all training examples (``n_context=None``), or the
 ``n_context`` examples whose priorities are smallest, example ``i`` of the data (in data
 order, counting examples, not batches) having the ``i``-th draw of
-``numpy.random.default_rng(seed).random()``: a uniform choice without replacement,
-reproducible for a given seed, independent of the batch size, and taken while streaming.
+``numpy.random.default_rng(seed).random()`` (seed 0 by default): a uniform choice without
+replacement, reproducible, independent of the batch size, and taken while streaming.
 Examples of sample weight 0 are never chosen. The evidence's data terms (NLL, number of
 examples) are still sums over all the data (:func:`~laplace_tf.curvature.base.fit_curvature`).
 
@@ -64,7 +64,7 @@ class ContextBuilder(CurvatureBuilder):
         likelihood: the likelihood of the data.
         kind: ``"ggn"`` only (the GP's kernel and noise are the GGN's).
         n_context: the number of context examples (None: all examples).
-        seed: the seed of the context's choice (None: fresh entropy).
+        seed: the seed of the context's choice (None: 0, as laplace-torch's default).
         memory_limit_bytes: the most the root and its factor may take (checked once the
             context is known, before its rows are computed; default
             :func:`~laplace_tf.curvature.full.default_memory_limit`).
@@ -129,7 +129,7 @@ class _Context:
 
     def __init__(self, size: int | None, seed: int | None):
         self.size = size
-        self._rng = np.random.default_rng(None if seed is None else int(seed) % (2**31 - 1))
+        self._rng = np.random.default_rng(0 if seed is None else int(seed) % (2**31 - 1))
         self._kept: list[tuple] = []  # (priorities, positions, x, y, w) per batch, then merged
         self._seen = 0
 

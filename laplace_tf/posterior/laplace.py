@@ -152,7 +152,7 @@ class PosteriorLaplace:
         last_layer_name: the layer for ``"last_layer"`` (default: the last layer with weights).
         stochastic: Monte-Carlo Kronecker GGN (``"kron"`` with ``curvature="ggn"`` only).
         seed: seed of the Monte-Carlo curvature, or of the choice of the ``"gp"`` context
-            (None: fresh entropy; give a seed for a reproducible choice).
+            (default 0).
         on_indefinite: ``"raise"`` a ValueError when the precision is not positive definite,
             or ``"clip"`` negative curvature eigenvalues at zero (with a warning). Applies to
             ``curvature="hessian"``; the GGN and EF are positive semi-definite by
