@@ -262,3 +262,15 @@ def test_calibration_report_of_all_data_as_context_is_that_of_the_full_laplace()
         metrics.append(calibration.report(la, test=(x_test, y_test)).metrics)
     assert metrics[0]["config"]["hessian_structure"] == "gp"
     assert metrics[0]["test"]["laplace"] == pytest.approx(metrics[1]["test"]["laplace"], rel=1e-9)
+
+
+def test_online_update_adds_the_new_data_to_the_context():
+    model = mlp(3)
+    x, y = data("classification", 10)
+    gp, full = laplace("classification", "gp", model), laplace("classification", "full", model)
+    for la in (gp, full):
+        la.fit((x[:6], y[:6]))
+        la.fit((x[6:], y[6:]), override=False)
+    assert gp.curvature.n_data == 10
+    assert_close(gp.functional_variance(x), full.functional_variance(x))
+    assert_close(gp.log_marginal_likelihood(), full.log_marginal_likelihood())
