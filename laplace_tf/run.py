@@ -166,7 +166,8 @@ def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData
         model, run_data.likelihood, subset_of_weights=lap.subset_of_weights,
         hessian_structure=lap.hessian_structure, curvature=lap.curvature,
         prior_precision=lap.prior_precision, sigma_noise=lap.sigma_noise,
-        temperature=lap.temperature, batch_size=config.model.batch_size, progress=progress)
+        temperature=lap.temperature, batch_size=config.model.batch_size, progress=progress,
+        rank=lap.rank)
     train = run_data.train
     assert train is not None  # load_run_data always loads training data
     la.fit((train.x, train.y))

@@ -22,7 +22,7 @@ from laplace_tf.predictive import Laplace
 BAD_ARGUMENTS = [
     (dict(likelihood="regresion"), ValueError, r"likelihood: expected one of \('classification'"),
     (dict(subset_of_weights="head"), ValueError, r"subset_of_weights: expected one of \('all', 'last_layer'\)"),
-    (dict(hessian_structure="lowrank"), ValueError, r"hessian_structure: expected one of \('full', 'kron', 'diag'\)"),
+    (dict(hessian_structure="banded"), ValueError, r"hessian_structure: expected one of \('full', 'kron', 'diag'"),
     (dict(curvature="fisher"), ValueError, r"curvature: expected one of \('ggn', 'ef', 'hessian'\)"),
     (dict(curvature="hessian", subset_of_weights="all"), ValueError, "only available with hessian_structure='full'"),
     (dict(prior_precision=0.0), ValueError, "prior_precision: every value must be finite and > 0"),
