@@ -1,4 +1,5 @@
-"""Per-example rows ``J_n^T c_{n,r}`` of a model's curvature, summed as outer products or squares.
+"""Per-example rows ``J_n^T c_{n,r}`` of a model's curvature, summed as outer products, squares
+or products with a basis.
 
 The GGN and the empirical Fisher (EF) are both sums of outer products of per-example rows::
 
@@ -10,7 +11,8 @@ where ``J_n [K, P]`` is the Jacobian of example ``n``'s logits with respect to t
 cotangents ``c [N, K, R]`` (:func:`output_cotangents`) are all that depends on the likelihood.
 :func:`summed_rows` returns ``sum v**2`` (``[P]``, the exact diagonal) and
 :func:`summed_outer_products` ``sum v v^T`` (compact sums that :func:`outer_matrix` lays out as
-the ``[P, P]`` matrix), layer by layer:
+the ``[P, P]`` matrix), :func:`summed_products` ``sum v (v^T V)`` for a basis ``V [P, m]`` (the
+low-rank sketch), layer by layer:
 
 * a layer with a Kronecker rule (:mod:`~laplace_tf.curvature.kron_layers`: Dense, Conv) called
   once, with one location per example (a Dense layer on ``[N, din]`` inputs), is *factored*: its
