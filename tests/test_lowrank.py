@@ -199,3 +199,18 @@ def test_a_scalar_sigma_noise_rescales_and_a_per_output_one_is_refused():
     la.sigma_noise = 2.0
     np.testing.assert_allclose(la.posterior_precision.to_dense(),
                                reference_precision(case, model, x, y, sigma=2.0), atol=1e-10)
+
+
+def test_a_run_config_with_lowrank_and_rank_builds_that_posterior():
+    from laplace_tf import config as cfg
+    from laplace_tf.data import Split
+    from laplace_tf.run import RunData, fit_laplace
+
+    case = Case("tanh_mlp", "classification", "all", "full")
+    model, x, y = case.build(n=10)
+    config = cfg.from_dict({"data": {"train": "a.npz"}, "laplace": {
+        "likelihood": "classification", "subset_of_weights": "all",
+        "hessian_structure": "lowrank", "rank": 3, "optimize_prior": "none"}})
+    data = RunData("classification", Split(x, y), None, Split(x, y), None)
+    la = fit_laplace(model, config, data, progress=False, log=lambda message: None)
+    assert (la.hessian_structure, la.rank, la.curvature.blocks[0].root.shape[0]) == ("lowrank", 3, 3)
