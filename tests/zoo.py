@@ -16,11 +16,11 @@ N_CLASSES = 3
 N_EXAMPLES = 12
 
 
-def _labels(rng) -> np.ndarray:
-    return rng.integers(0, N_CLASSES, N_EXAMPLES)
+def _labels(rng, n: int = N_EXAMPLES) -> np.ndarray:
+    return rng.integers(0, N_CLASSES, n)
 
 
-def resnet(seed: int = 0):
+def resnet(seed: int = 0, n: int = N_EXAMPLES):
     """Conv -> BN -> ReLU, one residual block (two conv + BN, identity skip), pooling, Dense."""
     keras.utils.set_random_seed(seed)
     L = keras.layers
@@ -31,10 +31,11 @@ def resnet(seed: int = 0):
     h = L.ReLU()(L.Add()([h, r]))
     outputs = L.Dense(N_CLASSES)(L.GlobalAveragePooling2D()(h))
     rng = np.random.default_rng(seed)
-    return keras.Model(inputs, outputs), rng.normal(size=(N_EXAMPLES, 8, 8, 3)).astype("float32"), _labels(rng)
+    return keras.Model(inputs, outputs), rng.normal(size=(n, 8, 8, 3)).astype("float32"), _labels(rng, n)
 
 
-def transformer(seed: int = 0, length: int = 6, vocabulary: int = 11, width: int = 8):
+def transformer(seed: int = 0, n: int = N_EXAMPLES, length: int = 6, vocabulary: int = 11,
+                width: int = 8):
     """Token + position Embeddings, one post-norm encoder block (MultiHeadAttention, LayerNorm,
     a Dense feed-forward), mean pooling and a Dense head. Positions are a second named input."""
     keras.utils.set_random_seed(seed)
@@ -48,9 +49,9 @@ def transformer(seed: int = 0, length: int = 6, vocabulary: int = 11, width: int
     h = L.LayerNormalization()(L.Add()([h, fed]))
     outputs = L.Dense(N_CLASSES)(L.GlobalAveragePooling1D()(h))
     rng = np.random.default_rng(seed)
-    x = {"tokens": rng.integers(0, vocabulary, (N_EXAMPLES, length)).astype("int32"),
-         "positions": np.tile(np.arange(length, dtype="int32"), (N_EXAMPLES, 1))}
-    return keras.Model({"tokens": tokens, "positions": positions}, outputs), x, _labels(rng)
+    x = {"tokens": rng.integers(0, vocabulary, (n, length)).astype("int32"),
+         "positions": np.tile(np.arange(length, dtype="int32"), (n, 1))}
+    return keras.Model({"tokens": tokens, "positions": positions}, outputs), x, _labels(rng, n)
 
 
 def text(seed: int = 0, length: int = 7, vocabulary: int = 13):
