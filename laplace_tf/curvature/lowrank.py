@@ -152,8 +152,9 @@ def nystrom_eigenpairs(basis: tf.Tensor, products: tf.Tensor,
     are dropped) and orthonormal eigenvectors ``[P, m']``.
 
     Stable form (Tropp et al. 2017): ``Y_nu = Y + nu Q`` with a round-off shift ``nu``,
-    ``F = Y_nu (Q^T Y_nu)^-1/2``, ``F = U S W^T``, eigenvalues ``S^2 - nu``. With ``m = P`` it
-    is ``H`` itself.
+    ``F = Y_nu (Q^T Y_nu)^-1/2``, ``F = U S W^T``, eigenvalues ``S^2 - nu``, those below ``nu``
+    (round-off) set to zero. With ``m = P`` it is ``H`` itself. Each eigenvector's entry of
+    largest magnitude is positive, so that the result does not depend on round-off signs.
 
     Example:
         >>> H = tf.constant([[4.0, 1.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 0.5]], tf.float64)
@@ -173,8 +174,11 @@ def nystrom_eigenpairs(basis: tf.Tensor, products: tf.Tensor,
     factor = tf.matmul(shifted, root)  # F F^T = Y_nu (Q^T Y_nu)^+ Y_nu^T
     q, r = tf.linalg.qr(factor)
     singular, left, _ = tf.linalg.svd(r)
-    eigenvalues = tf.maximum(tf.square(singular) - shift, 0.0)
-    return eigenvalues, tf.matmul(q, left)
+    eigenvalues = tf.square(singular) - shift
+    eigenvalues = tf.where(eigenvalues > shift, eigenvalues, 0.0)
+    vectors = tf.matmul(q, left)
+    largest = tf.gather(vectors, tf.argmax(tf.abs(vectors), axis=0), axis=0, batch_dims=0)
+    return eigenvalues, vectors * tf.sign(tf.linalg.diag_part(largest))
 
 
 def _orthonormal(matrix: tf.Tensor) -> tf.Tensor:
