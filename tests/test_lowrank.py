@@ -214,3 +214,14 @@ def test_a_run_config_with_lowrank_and_rank_builds_that_posterior():
     data = RunData("classification", Split(x, y), None, Split(x, y), None)
     la = fit_laplace(model, config, data, progress=False, log=lambda message: None)
     assert (la.hessian_structure, la.rank, la.curvature.blocks[0].root.shape[0]) == ("lowrank", 3, 3)
+
+
+def test_sample_weights_count_as_copies():
+    case = Case("small_cnn", "classification", "all", "full")
+    model, x, y = case.build(n=5)
+    weights = np.array([2.0, 0.0, 1.0, 3.0, 1.0])
+    copies = np.repeat(np.arange(5), weights.astype(int))
+    la = ltf.Laplace(model, "classification", "all", "lowrank", rank=FULL_RANK, progress=False)
+    la.fit((x, y), sample_weight=weights)
+    precision = reference_precision(case, model, x[copies], y[copies])
+    np.testing.assert_allclose(la.posterior_precision.to_dense(), precision, atol=1e-10)
