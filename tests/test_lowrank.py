@@ -225,3 +225,16 @@ def test_sample_weights_count_as_copies():
     la.fit((x, y), sample_weight=weights)
     precision = reference_precision(case, model, x[copies], y[copies])
     np.testing.assert_allclose(la.posterior_precision.to_dense(), precision, atol=1e-10)
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(oversampling=-1), ValueError, "oversampling: expected an integer >= 0"),
+    (dict(power_iterations="2"), TypeError, "power_iterations: expected an integer >= 0"),
+    (dict(seed=1.5), TypeError, "seed: expected an integer or None"),
+    (dict(rank=0), ValueError, "rank: expected a positive integer"),
+])
+def test_bad_builder_options_are_refused(options, error, match):
+    model, _ = tanh_mlp(2)
+    with pytest.raises(error, match=match):
+        make_builder("all", "lowrank", logit_model(Case("tanh_mlp", "regression", "all", "full"),
+                                                   model), get_likelihood("regression"), **options)

@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import numbers
 
 import numpy as np
 import tensorflow as tf
@@ -97,18 +98,14 @@ class LowRankBuilder(CurvatureBuilder):
         super().__init__(logit_model, likelihood, kind)
         n_params = logit_model.subset.n_params
         self.rank = min(positive_int(rank, "rank"), n_params)
-        oversampling = int(oversampling)
-        if oversampling < 0 or int(power_iterations) < 0:
-            raise ValueError(
-                f"oversampling, power_iterations: expected integers >= 0; got {oversampling!r}, "
-                f"{power_iterations!r}."
-            )
-        self.passes = int(power_iterations) + 1
+        oversampling = _count(oversampling, "oversampling")
+        self.passes = _count(power_iterations, "power_iterations") + 1
         self.captured_fraction: float | None = None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed: expected an integer or None; got {seed!r}.")
+        seed = 0 if seed is None else int(seed) % (2**31 - 1)
         start = tf.random.stateless_normal(
-            [n_params, min(self.rank + oversampling, n_params)], [0 if seed is None else seed, 1],
-            dtype=tf.float64,
-        )
+            [n_params, min(self.rank + oversampling, n_params)], [seed, 1], dtype=tf.float64)
         self._start = _orthonormal(start)
         self._basis = tf.Variable(tf.cast(self._start, logit_model.subset.dtype), trainable=False)
 
@@ -179,6 +176,15 @@ def nystrom_eigenpairs(basis: tf.Tensor, products: tf.Tensor,
     vectors = tf.matmul(q, left)
     largest = tf.gather(vectors, tf.argmax(tf.abs(vectors), axis=0), axis=0, batch_dims=0)
     return eigenvalues, vectors * tf.sign(tf.linalg.diag_part(largest))
+
+
+def _count(value, name: str) -> int:
+    """``value`` as an int if it is an integer >= 0 (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer >= 0; got {value!r}.")
+    if value < 0:
+        raise ValueError(f"{name}: expected an integer >= 0; got {value}.")
+    return int(value)
 
 
 def _orthonormal(matrix: tf.Tensor) -> tf.Tensor:
