@@ -23,7 +23,7 @@ Example:
     >>> from_dict({"data": {"dataset": "digits"}, "laplace": {"hessian_structur": "diag"}})
     Traceback (most recent call last):
     ...
-    ValueError: config: unknown key 'laplace.hessian_structur' (did you mean 'laplace.hessian_structure'?); valid keys in 'laplace': likelihood, subset_of_weights, hessian_structure, curvature, prior_precision, sigma_noise, temperature, optimize_prior, prior_structure, n_context
+    ValueError: config: unknown key 'laplace.hessian_structur' (did you mean 'laplace.hessian_structure'?); valid keys in 'laplace': likelihood, subset_of_weights, hessian_structure, curvature, prior_precision, sigma_noise, temperature, optimize_prior, prior_structure, rank, n_context
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class LaplaceConfig:
     subset_of_weights: str = _option("last_layer", "weights with a posterior",
                                      choices=("last_layer", "all"))
     hessian_structure: str = _option("kron", "structure of the curvature",
-                                     choices=("kron", "full", "diag", "gp"))
+                                     choices=("kron", "full", "diag", "lowrank", "gp"))
     curvature: str = _option("ggn", "curvature type", choices=("ggn", "ef", "hessian"))
     prior_precision: float = _option(
         1.0, "prior precision (also the weight decay of the built-in MLP)", positive=True)
@@ -103,6 +103,8 @@ class LaplaceConfig:
                                   choices=("marglik", "gridsearch", "none"))
     prior_structure: str = _option("scalar", "one prior precision, one per layer, or per weight",
                                    choices=("scalar", "layerwise", "diag"))
+    rank: int | None = _option(None, "eigenpairs kept by hessian_structure lowrank (default 100)",
+                               positive=True)
     n_context: int | None = _option(
         None, "hessian_structure gp: context examples, chosen with the run's seed (none: all "
         "training data)", positive=True)
@@ -319,7 +321,7 @@ def validate(config: RunConfig, where: str = "config") -> None:
     Raises:
         ValueError: no data or two data sources, a likelihood that does not fit the built-in
             data set or is missing for files, OOD data for regression, or gridsearch tuning
-            without validation data.
+            without validation data, or a rank without hessian_structure lowrank.
     """
     data, lik = config.data, config.laplace.likelihood
     if (data.dataset is None) == (data.train is None):
@@ -345,6 +347,9 @@ def validate(config: RunConfig, where: str = "config") -> None:
     if config.laplace.optimize_prior == "gridsearch" and data.train is not None and data.val is None:
         raise ValueError(f"{where}: laplace.optimize_prior: 'gridsearch' needs validation data; "
                          "set data.val or use 'marglik'")
+    if config.laplace.rank is not None and config.laplace.hessian_structure != "lowrank":
+        raise ValueError(f"{where}: laplace.rank: only used with hessian_structure 'lowrank'; got "
+                         f"{config.laplace.hessian_structure!r}")
 
 
 def likelihood_of(config: RunConfig) -> str:

@@ -27,6 +27,12 @@ kron       per layer with a Kronecker rule, with ``D`` inputs (+1 for the bias),
            Jacobian), and ``posterior`` 2 p (as diag)
 diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
            ``posterior`` 2 P (precision and variances)
+lowrank    with rank ``k`` and ``m = min(k + 10, P)`` sketch vectors: ``curvature`` P k;
+           ``factor`` P k + k²; ``covariance`` P k + P; ``fit_workspace`` 10 P m float64
+           numbers (the sketch's start, basis and running sum, a step's sum and loop carry,
+           and the Nyström factorisation's copies); ``per_batch`` (below, each example's
+           rows and their products with the sketch, ``m`` numbers per row and per factored
+           output). Over any weight subset.
 gp         with ``n`` context examples, ``r = n K`` rows and ``q = min(r, P)``:
            ``curvature`` q P (the root: the rows, or their QR factor if r > P);
            ``fit_workspace`` 2 r P (the chunks of rows and their concatenation);
@@ -88,10 +94,12 @@ from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.kron_layers import fallback_reason
 from laplace_tf.curvature.last_layer import full_example_numbers
+from laplace_tf.curvature.lowrank import DEFAULT_OVERSAMPLING, DEFAULT_RANK
 from laplace_tf.params import LayerSlice, WeightSubset
 
 _ALL_WEIGHTS_FIT_COPIES = 6  # P x P buffers of a fit besides the curvature (module docstring)
 _LAST_LAYER_FIT_COPIES = 3
+_LOWRANK_FIT_COPIES = 10  # float64 [P, m] buffers of a low-rank fit (module docstring)
 # (structure, subset_of_weights) -> what needs less memory
 _CHEAPER = {
     ("full", "all"): "hessian_structure='kron' or hessian_structure='diag', or "
@@ -101,6 +109,9 @@ _CHEAPER = {
     ("full", "last_layer"): "hessian_structure='kron' or hessian_structure='diag'",
     ("kron", "last_layer"): "hessian_structure='diag'",
     ("diag", "last_layer"): "",
+    ("lowrank", "all"): "a smaller rank, hessian_structure='diag', or "
+                        "subset_of_weights='last_layer'",
+    ("lowrank", "last_layer"): "a smaller rank, or hessian_structure='diag'",
     ("gp", "all"): "a smaller n_context, or subset_of_weights='last_layer'",
     ("gp", "last_layer"): "a smaller n_context",
 }
@@ -111,7 +122,7 @@ class MemoryEstimate:
     """Bytes a (structure, weight subset) pair needs, part by part (see the module docstring).
 
     Attributes:
-        structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"gp"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
         subset_of_weights: ``"all"`` or ``"last_layer"``.
         n_params: number of weights ``P``.
         dtype: the dtype's name, e.g. ``"float32"``.
@@ -150,19 +161,21 @@ def estimate_memory(
     dtype: tf.DType | str | None = None,
     subset_of_weights: str = "all",
     curvature: str = "ggn",
+    rank: int = DEFAULT_RANK,
     n_context: int | None = None,
 ) -> MemoryEstimate:
     """The bytes fitting ``structure`` over ``subset`` and using its posterior need.
 
     Args:
         subset: the weights (for ``"last_layer"``: the last Dense layer's weights only).
-        structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"gp"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
         n_outputs: the number of model outputs (logits) ``K``.
         batch_size: the batch size of the fit.
         dtype: the floating dtype of the computation (default: the weights' dtype).
         subset_of_weights: ``"all"`` or ``"last_layer"``.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (rows per example: 1 for ``"ef"``,
             else ``n_outputs``).
+        rank: the rank of ``"lowrank"`` (capped at the number of weights).
         n_context: ``"gp"`` (required there): the number of context examples.
 
     Returns:
@@ -196,7 +209,10 @@ def estimate_memory(
     if not weights_dtype.is_floating:
         raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {weights_dtype.name}.")
     rows = 1 if curvature == "ef" else n_outputs
-    if structure == "gp":
+    if structure == "lowrank":
+        rank = min(positive_int(rank, "rank"), subset.n_params)
+        counts = _lowrank(subset, rows, rank, batch_size, weights_dtype.size)
+    elif structure == "gp":
         if n_context is None:
             raise ValueError(
                 "n_context: the memory of hessian_structure='gp' grows with its context; give "
@@ -293,11 +309,24 @@ def _diag(p: int, per_batch: int) -> dict[str, int]:
             **block}
 
 
+def _lowrank(subset: WeightSubset, rows: int, rank: int, batch_size: int,
+             itemsize: int) -> dict[str, int]:
+    p = subset.n_params
+    m = min(rank + DEFAULT_OVERSAMPLING, p)
+    block = LowRankBlock.memory(p, rank)
+    dims = _slice_dims(subset)
+    factored = sum(d[1] for d in dims if isinstance(d, tuple))
+    per_example = _COPIES * (_example_width(dims, rows, False) + m * (rows + 2 * factored))
+    step = min(max(batch_size, STEP_EXAMPLES), max(1, CHUNK_BYTES // (per_example * itemsize)))
+    return {"curvature": block["curvature"],
+            "fit_workspace": _LOWRANK_FIT_COPIES * p * m * 8 // itemsize,
+            "per_batch": step * per_example, **block}
+
+
 def _gp(subset: WeightSubset, rows: int, n_context: int, itemsize: int) -> dict[str, int]:
     p = subset.n_params
     block = LowRankBlock.memory(p, min(n_context * rows, p))
-    dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
-            for s in subset.slices]
+    dims = _slice_dims(subset)
     per_example = _COPIES * (_example_width(dims, rows, False) + rows * p)
     chunk = min(n_context, max(1, CHUNK_BYTES // (per_example * itemsize)))
     return {"curvature": block["curvature"], "fit_workspace": 2 * n_context * rows * p,
@@ -357,12 +386,18 @@ def _per_example(
     intermediates exist ``_COPIES`` times, and examples come in chunks that fit in
     ``CHUNK_BYTES`` (full joins batches into steps of up to a chunk).
     """
-    dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
-            for s in subset.slices]
+    dims = _slice_dims(subset)
     per_example = _COPIES * _example_width(dims, rows, outer)
     chunk = max(1, CHUNK_BYTES // (per_example * itemsize))
     step = max(batch_size, STEP_EXAMPLES) if outer else batch_size  # full joins batches
     return min(step, chunk) * per_example
+
+
+def _slice_dims(subset: WeightSubset) -> list[tuple[int, int] | int]:
+    """Each slice's ``(din (+1), dout)`` if :mod:`~laplace_tf.curvature._per_example` factors
+    it (a layer with a Kronecker rule and one location per example), else its size."""
+    return [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
+            for s in subset.slices]
 
 
 def _as_dtype(dtype) -> tf.DType:

@@ -52,6 +52,7 @@ from laplace_tf.curvature import make_builder
 from laplace_tf.curvature.base import CURVATURES, Curvature, fit_curvature
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.last_layer import find_last_layer
+from laplace_tf.curvature.lowrank import DEFAULT_RANK
 from laplace_tf.curvature.memory import (
     MemoryEstimate,
     check_memory,
@@ -91,6 +92,7 @@ SETTINGS = (
     Setting("batch_size", "metadata"),
     Setting("progress", None, when_absent=False),
     Setting("memory_limit_bytes", "metadata"),
+    Setting("rank", "metadata", when_absent=None),
     Setting("n_context", "metadata", when_absent=None),
 )
 """The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
@@ -139,11 +141,12 @@ class PosteriorLaplace:
         likelihood: ``"classification"``, ``"binary"``, ``"regression"`` or
             ``"heteroscedastic"`` (outputs ``[mean (K), log-variance (K)]``).
         subset_of_weights: ``"last_layer"`` or ``"all"``.
-        hessian_structure: ``"kron"``, ``"full"``, ``"diag"`` or ``"gp"`` (functional
-            Laplace: the GGN over ``n_context`` context examples, whose GLM predictive is a
-            GP; :mod:`laplace_tf.curvature.gp`).
+        hessian_structure: ``"kron"``, ``"full"``, ``"diag"``, ``"lowrank"`` (the top
+            ``rank`` eigenpairs of the GGN or EF, :mod:`laplace_tf.curvature.lowrank`) or
+            ``"gp"`` (functional Laplace: the GGN over ``n_context`` context examples, whose GLM
+            predictive is a GP; :mod:`laplace_tf.curvature.gp`).
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (exact; with ``subset_of_weights="all"``
-            only for ``"full"``).
+            only for ``"full"``; not for ``"lowrank"``).
         prior_precision: ``lambda`` > 0: a scalar, one per layer, or one per weight (not for
             ``"kron"``).
         prior_mean: the prior mean, a scalar or one per weight.
@@ -151,8 +154,8 @@ class PosteriorLaplace:
         temperature: ``T`` > 0 (the curvature and the log-likelihood are divided by it).
         last_layer_name: the layer for ``"last_layer"`` (default: the last layer with weights).
         stochastic: Monte-Carlo Kronecker GGN (``"kron"`` with ``curvature="ggn"`` only).
-        seed: seed of the Monte-Carlo curvature, or of the choice of the ``"gp"`` context
-            (default 0).
+        seed: seed of the Monte-Carlo curvature, of the low-rank sketch, or of the choice of
+            the ``"gp"`` context (default 0).
         on_indefinite: ``"raise"`` a ValueError when the precision is not positive definite,
             or ``"clip"`` negative curvature eigenvalues at zero (with a warning). Applies to
             ``curvature="hessian"``; the GGN and EF are positive semi-definite by
@@ -163,6 +166,8 @@ class PosteriorLaplace:
             work) when :meth:`memory_estimate` exceeds it, and ``posterior_covariance`` a
             dense matrix above it. Default: a quarter of the available memory
             (:func:`~laplace_tf.curvature.full.default_memory_limit`).
+        rank: ``"lowrank"`` only: the eigenpairs kept (default 100; at most ``P``). Only a
+            scalar ``sigma_noise`` then.
         n_context: ``"gp"`` only: the number of context examples, chosen uniformly without
             replacement (seeded by ``seed``) from the training data; None: all of them. The
             evidence's data terms are sums over all the data. Only a scalar ``sigma_noise``.
@@ -196,6 +201,7 @@ class PosteriorLaplace:
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: bool = True,
         memory_limit_bytes: int | None = None,
+        rank: int | None = None,
         n_context: int | None = None,
     ):
         self.likelihood_name = choice(likelihood, "likelihood", LIKELIHOODS)
@@ -204,17 +210,24 @@ class PosteriorLaplace:
         self.hessian_structure = choice(hessian_structure, "hessian_structure", tuple(STRUCTURES))
         self.curvature_kind = choice(curvature, "curvature", CURVATURES)
         self.on_indefinite = choice(on_indefinite, "on_indefinite", ON_INDEFINITE)
-        if curvature == "hessian" and subset_of_weights == "all" and hessian_structure != "full":
-            raise ValueError(
-                f"curvature: the exact 'hessian' over all weights is only available with "
-                f"hessian_structure='full' (got {hessian_structure!r}); use curvature='ggn' or "
-                "'ef' for 'kron'/'diag', or subset_of_weights='last_layer'."
-            )
         if hessian_structure == "gp" and curvature != "ggn":
             raise ValueError(
                 f"curvature: hessian_structure='gp' needs curvature='ggn' (the GP's kernel and "
                 f"noise are the GGN's); got {curvature!r}."
             )
+        if curvature == "hessian" and hessian_structure != "full" and (
+                subset_of_weights == "all" or hessian_structure == "lowrank"):
+            raise ValueError(
+                f"curvature: the exact 'hessian' over all weights is only available with "
+                f"hessian_structure='full' (got {hessian_structure!r}); use curvature='ggn' or "
+                "'ef' for 'kron'/'diag'/'lowrank', or subset_of_weights='last_layer'."
+            )
+        if rank is not None and hessian_structure != "lowrank":
+            raise ValueError(
+                f"rank: only used with hessian_structure='lowrank'; got hessian_structure="
+                f"{hessian_structure!r}. Drop rank, or use hessian_structure='lowrank'."
+            )
+        self.rank = None if rank is None else positive_int(rank, "rank")
         self.n_context = positive_int_or_none(n_context, "n_context")
         if n_context is not None and hessian_structure != "gp":
             raise ValueError(
@@ -420,6 +433,8 @@ class PosteriorLaplace:
         options = {"memory_limit_bytes": self.memory_limit_bytes}
         if self.stochastic:
             options.update(stochastic=True, seed=self.seed)
+        if self.hessian_structure == "lowrank":
+            options.update(rank=self._rank, seed=self.seed)
         if self.hessian_structure == "gp":
             options.update(n_context=self.n_context, seed=self.seed)
         return make_builder(
@@ -447,8 +462,14 @@ class PosteriorLaplace:
         return estimate_memory(
             self.subset, self.hessian_structure, n_outputs,
             self.batch_size if batch_size is None else batch_size, self._dtype,
-            self.subset_of_weights, self.curvature_kind, n_context or self.n_context,
+            self.subset_of_weights, self.curvature_kind, self._rank,
+            n_context or self.n_context,
         )
+
+    @property
+    def _rank(self) -> int:
+        """The low-rank structure's rank: ``rank`` (default 100) capped at ``P``."""
+        return min(DEFAULT_RANK if self.rank is None else self.rank, self.n_params)
 
     def _check_memory(self, batch_size: int, n_examples: int | None) -> None:
         """Refuse a fit whose :meth:`memory_estimate` exceeds ``memory_limit_bytes``.
