@@ -23,7 +23,7 @@ Example:
     >>> from_dict({"data": {"dataset": "digits"}, "laplace": {"hessian_structur": "diag"}})
     Traceback (most recent call last):
     ...
-    ValueError: config: unknown key 'laplace.hessian_structur' (did you mean 'laplace.hessian_structure'?); valid keys in 'laplace': likelihood, subset_of_weights, hessian_structure, curvature, prior_precision, sigma_noise, temperature, optimize_prior, prior_structure, rank
+    ValueError: config: unknown key 'laplace.hessian_structur' (did you mean 'laplace.hessian_structure'?); valid keys in 'laplace': likelihood, subset_of_weights, hessian_structure, curvature, prior_precision, sigma_noise, temperature, optimize_prior, prior_structure, rank, n_context
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class LaplaceConfig:
     subset_of_weights: str = _option("last_layer", "weights with a posterior",
                                      choices=("last_layer", "all"))
     hessian_structure: str = _option("kron", "structure of the curvature",
-                                     choices=("kron", "full", "diag", "lowrank"))
+                                     choices=("kron", "full", "diag", "lowrank", "gp"))
     curvature: str = _option("ggn", "curvature type", choices=("ggn", "ef", "hessian"))
     prior_precision: float = _option(
         1.0, "prior precision (also the weight decay of the built-in MLP)", positive=True)
@@ -105,6 +105,9 @@ class LaplaceConfig:
                                    choices=("scalar", "layerwise", "diag"))
     rank: int | None = _option(None, "eigenpairs kept by hessian_structure lowrank (default 100)",
                                positive=True)
+    n_context: int | None = _option(
+        None, "hessian_structure gp: context examples, chosen with the run's seed (none: all "
+        "training data)", positive=True)
 
 
 @dataclass

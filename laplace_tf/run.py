@@ -167,7 +167,8 @@ def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData
         hessian_structure=lap.hessian_structure, curvature=lap.curvature,
         prior_precision=lap.prior_precision, sigma_noise=lap.sigma_noise,
         temperature=lap.temperature, batch_size=config.model.batch_size, progress=progress,
-        rank=lap.rank)
+        rank=lap.rank, n_context=lap.n_context,
+        seed=config.seed if lap.hessian_structure == "gp" else None)
     train = run_data.train
     assert train is not None  # load_run_data always loads training data
     la.fit((train.x, train.y))

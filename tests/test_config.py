@@ -82,7 +82,7 @@ def test_unknown_keys_are_named_with_a_suggestion_and_the_valid_keys(raw, fragme
 
 BAD_VALUES = [
     (_with("laplace", hessian_structure="kronecker"),
-     "laplace.hessian_structure: expected one of kron, full, diag, lowrank; got 'kronecker' "
+     "laplace.hessian_structure: expected one of kron, full, diag, lowrank, gp; got 'kronecker' "
      "(did you mean 'kron'?)"),
     (_with("laplace", prior_precision=-1), "laplace.prior_precision: expected a positive number"),
     (_with("laplace", prior_precision="abc"), "laplace.prior_precision: expected a number; got 'abc'"),

@@ -32,6 +32,7 @@ from laplace_tf.curvature.base import (
 )
 from laplace_tf.curvature.diag import DiagBuilder
 from laplace_tf.curvature.full import FullBuilder
+from laplace_tf.curvature.gp import ContextBuilder
 from laplace_tf.curvature.kron import KronBuilder
 from laplace_tf.curvature.kron_layers import KronRule, register_kron_rule
 from laplace_tf.curvature.last_layer import LastLayerBuilder
@@ -40,17 +41,19 @@ from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel
 
 __all__ = [
-    "CURVATURES", "STRUCTURES", "SUBSETS", "Block", "Curvature", "CurvatureBuilder", "DenseBlock",
-    "DiagBlock", "DiagBuilder", "FullBuilder", "KronBlock", "KronBuilder", "KronRule",
-    "LastLayerBuilder", "LowRankBuilder", "fit_curvature", "make_builder", "register_kron_rule",
+    "CURVATURES", "STRUCTURES", "SUBSETS", "Block", "ContextBuilder", "Curvature",
+    "CurvatureBuilder", "DenseBlock", "DiagBlock", "DiagBuilder", "FullBuilder", "KronBlock",
+    "KronBuilder", "KronRule", "LastLayerBuilder", "LowRankBuilder", "fit_curvature",
+    "make_builder", "register_kron_rule",
 ]
 
 SUBSETS = ("all", "last_layer")
 
 _ALL_WEIGHTS: dict[str, type[CurvatureBuilder]] = {
     "full": FullBuilder, "diag": DiagBuilder, "kron": KronBuilder, "lowrank": LowRankBuilder,
+    "gp": ContextBuilder,
 }
-_ANY_SUBSET = ("lowrank",)  # builders over whatever weights logit_model has
+_ANY_SUBSET = ("lowrank", "gp")  # builders over whatever weights logit_model has
 _POSITIONAL = ("self", "logit_model", "likelihood", "kind", "structure")
 _DENSE_ONLY = "memory_limit_bytes"  # sizes the exact Hessian's chunks; other builders ignore it
 
@@ -68,18 +71,19 @@ def make_builder(
     Args:
         subset_of_weights: ``"all"`` (the weights of ``logit_model.subset``) or
             ``"last_layer"`` (``logit_model`` must be over the last layer only).
-        hessian_structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"lowrank"``.
+        hessian_structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
         logit_model: the model and its weight subset.
         likelihood: the likelihood of the data.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (not every structure has every kind).
         **options: builder options: ``memory_limit_bytes`` (the memory budget of the exact
             Hessian's chunks, ``"all"`` + ``"full"``; ignored by the other builders),
             ``stochastic`` and ``seed`` (``"all"`` + ``"kron"``), ``rank``, ``oversampling``,
-            ``power_iterations`` and ``seed`` (``"lowrank"``, either subset).
+            ``power_iterations`` and ``seed`` (``"lowrank"``, either subset), ``n_context``
+            and ``seed`` (``"gp"``, either subset).
 
     Returns:
         :class:`FullBuilder`, :class:`DiagBuilder`, :class:`KronBuilder`,
-        :class:`LowRankBuilder` or :class:`LastLayerBuilder`.
+        :class:`LowRankBuilder`, :class:`ContextBuilder` or :class:`LastLayerBuilder`.
 
     Raises:
         ValueError: an unknown subset or structure, or a curvature kind the structure lacks.

@@ -218,6 +218,32 @@ def _transposed_times(part: _Outer | tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
         return tf.reshape(tf.matmul(part.inputs, flat, transpose_a=True),
                           [din * int(part.deltas.shape[-1]), -1])
     return tf.einsum("nrp,nrm->pm", part, scores)
+def stacked_rows(
+    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
+    w: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The rows ``v_nr`` themselves, stacked ``[N R, P]`` (example ``n``'s ``R`` rows are
+    ``n R, ..., n R + R - 1``): ``rows^T rows`` is the curvature :func:`summed_outer_products`
+    sums. Arguments as for :func:`summed_rows`; one call, no chunks (see
+    :func:`rows_chunk_examples`).
+
+    Returns:
+        The rows, and the batch's logits ``[N, K]``.
+    """
+    layout = slice_layout(logit_model, x)
+    parts, logits = _rows_by_slice(logit_model, likelihood, kind, x, y, layout,
+                                   weights_or_ones(w, y))
+    return tf.concat([_as_rows(p) for p in parts], axis=1), logits
+
+
+def rows_chunk_examples(logit_model: LogitModel, kind: str, x) -> int:
+    """How many examples one call of :func:`stacked_rows` may take: their intermediates and
+    rows fit in :data:`CHUNK_BYTES` (at least one)."""
+    layout = slice_layout(logit_model, x)
+    rows = _n_rows(layout, kind)
+    numbers = _COPIES * (_example_width(layout.dims, rows, outer=False)
+                         + rows * logit_model.subset.n_params)
+    return max(1, CHUNK_BYTES // (numbers * logit_model.subset.dtype.size))
 
 
 def outer_step_examples(logit_model: LogitModel, kind: str, x) -> int:

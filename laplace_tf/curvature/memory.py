@@ -33,6 +33,12 @@ lowrank    with rank ``k`` and ``m = min(k + 10, P)`` sketch vectors: ``curvatur
            and the Nyström factorisation's copies); ``per_batch`` (below, each example's
            rows and their products with the sketch, ``m`` numbers per row and per factored
            output). Over any weight subset.
+gp         with ``n`` context examples, ``r = n K`` rows and ``q = min(r, P)``:
+           ``curvature`` q P (the root: the rows, or their QR factor if r > P);
+           ``fit_workspace`` 2 r P (the chunks of rows and their concatenation);
+           ``per_batch`` one chunk of rows and their intermediates (below, at most
+           ``CHUNK_BYTES``); ``factor`` q P + q² (the Gram matrix and the orthonormal
+           basis); ``covariance`` q P + P. Over any weight subset.
 =========  ========================================================================
 
 ``per_batch`` of full and diag over ``"all"`` weights is one chunk of the per-example
@@ -106,6 +112,8 @@ _CHEAPER = {
     ("lowrank", "all"): "a smaller rank, hessian_structure='diag', or "
                         "subset_of_weights='last_layer'",
     ("lowrank", "last_layer"): "a smaller rank, or hessian_structure='diag'",
+    ("gp", "all"): "a smaller n_context, or subset_of_weights='last_layer'",
+    ("gp", "last_layer"): "a smaller n_context",
 }
 
 
@@ -114,7 +122,7 @@ class MemoryEstimate:
     """Bytes a (structure, weight subset) pair needs, part by part (see the module docstring).
 
     Attributes:
-        structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"lowrank"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
         subset_of_weights: ``"all"`` or ``"last_layer"``.
         n_params: number of weights ``P``.
         dtype: the dtype's name, e.g. ``"float32"``.
@@ -154,12 +162,13 @@ def estimate_memory(
     subset_of_weights: str = "all",
     curvature: str = "ggn",
     rank: int = DEFAULT_RANK,
+    n_context: int | None = None,
 ) -> MemoryEstimate:
     """The bytes fitting ``structure`` over ``subset`` and using its posterior need.
 
     Args:
         subset: the weights (for ``"last_layer"``: the last Dense layer's weights only).
-        structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"lowrank"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
         n_outputs: the number of model outputs (logits) ``K``.
         batch_size: the batch size of the fit.
         dtype: the floating dtype of the computation (default: the weights' dtype).
@@ -167,6 +176,7 @@ def estimate_memory(
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (rows per example: 1 for ``"ef"``,
             else ``n_outputs``).
         rank: the rank of ``"lowrank"`` (capped at the number of weights).
+        n_context: ``"gp"`` (required there): the number of context examples.
 
     Returns:
         A :class:`MemoryEstimate`; see the module docstring for every part's formula.
@@ -202,6 +212,13 @@ def estimate_memory(
     if structure == "lowrank":
         rank = min(positive_int(rank, "rank"), subset.n_params)
         counts = _lowrank(subset, rows, rank, batch_size, weights_dtype.size)
+    elif structure == "gp":
+        if n_context is None:
+            raise ValueError(
+                "n_context: the memory of hessian_structure='gp' grows with its context; give "
+                "the number of context examples (for n_context=None: of training examples)."
+            )
+        counts = _gp(subset, rows, positive_int(n_context, "n_context"), weights_dtype.size)
     elif subset_of_weights == "last_layer":
         counts = _last_layer(subset, structure, n_outputs, batch_size, weights_dtype.size)
     elif structure == "full":
@@ -304,6 +321,15 @@ def _lowrank(subset: WeightSubset, rows: int, rank: int, batch_size: int,
     return {"curvature": block["curvature"],
             "fit_workspace": _LOWRANK_FIT_COPIES * p * m * 8 // itemsize,
             "per_batch": step * per_example, **block}
+def _gp(subset: WeightSubset, rows: int, n_context: int, itemsize: int) -> dict[str, int]:
+    p = subset.n_params
+    block = LowRankBlock.memory(p, min(n_context * rows, p))
+    dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
+            for s in subset.slices]
+    per_example = _COPIES * (_example_width(dims, rows, False) + rows * p)
+    chunk = min(n_context, max(1, CHUNK_BYTES // (per_example * itemsize)))
+    return {"curvature": block["curvature"], "fit_workspace": 2 * n_context * rows * p,
+            "per_batch": chunk * per_example, **block}
 
 
 def _last_layer(

@@ -93,6 +93,7 @@ SETTINGS = (
     Setting("progress", None, when_absent=False),
     Setting("memory_limit_bytes", "metadata"),
     Setting("rank", "metadata", when_absent=None),
+    Setting("n_context", "metadata", when_absent=None),
 )
 """The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
 rebuilds ``cls(model, **settings)`` from them. A new constructor argument adds one line here
@@ -140,8 +141,10 @@ class PosteriorLaplace:
         likelihood: ``"classification"``, ``"binary"``, ``"regression"`` or
             ``"heteroscedastic"`` (outputs ``[mean (K), log-variance (K)]``).
         subset_of_weights: ``"last_layer"`` or ``"all"``.
-        hessian_structure: ``"kron"``, ``"full"``, ``"diag"`` or ``"lowrank"`` (the top
-            ``rank`` eigenpairs of the GGN or EF, :mod:`laplace_tf.curvature.lowrank`).
+        hessian_structure: ``"kron"``, ``"full"``, ``"diag"``, ``"lowrank"`` (the top
+            ``rank`` eigenpairs of the GGN or EF, :mod:`laplace_tf.curvature.lowrank`) or
+            ``"gp"`` (functional Laplace: the GGN over ``n_context`` context examples, whose
+            GLM predictive is a GP; :mod:`laplace_tf.curvature.gp`).
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (exact; with ``subset_of_weights="all"``
             only for ``"full"``; not for ``"lowrank"``).
         prior_precision: ``lambda`` > 0: a scalar, one per layer, or one per weight (not for
@@ -151,7 +154,9 @@ class PosteriorLaplace:
         temperature: ``T`` > 0 (the curvature and the log-likelihood are divided by it).
         last_layer_name: the layer for ``"last_layer"`` (default: the last layer with weights).
         stochastic: Monte-Carlo Kronecker GGN (``"kron"`` with ``curvature="ggn"`` only).
-        seed: seed of the Monte-Carlo curvature, or of the low-rank sketch (default 0).
+        seed: seed of the Monte-Carlo curvature, of the low-rank sketch (None: 0), or of the
+            choice of the ``"gp"`` context (None: fresh entropy; give a seed for a
+            reproducible choice).
         on_indefinite: ``"raise"`` a ValueError when the precision is not positive definite,
             or ``"clip"`` negative curvature eigenvalues at zero (with a warning). Applies to
             ``curvature="hessian"``; the GGN and EF are positive semi-definite by
@@ -164,6 +169,9 @@ class PosteriorLaplace:
             (:func:`~laplace_tf.curvature.full.default_memory_limit`).
         rank: ``"lowrank"`` only: the eigenpairs kept (default 100; at most ``P``). Only a
             scalar ``sigma_noise`` then.
+        n_context: ``"gp"`` only: the number of context examples, chosen uniformly without
+            replacement (seeded by ``seed``) from the training data; None: all of them. The
+            evidence's data terms are sums over all the data. Only a scalar ``sigma_noise``.
 
     Raises:
         ValueError, TypeError: for any invalid argument (the message lists the valid values).
@@ -195,6 +203,7 @@ class PosteriorLaplace:
         progress: bool = True,
         memory_limit_bytes: int | None = None,
         rank: int | None = None,
+        n_context: int | None = None,
     ):
         self.likelihood_name = choice(likelihood, "likelihood", LIKELIHOODS)
         self.likelihood = get_likelihood(likelihood)  # with sigma_noise below
@@ -215,6 +224,17 @@ class PosteriorLaplace:
                 f"{hessian_structure!r}. Drop rank, or use hessian_structure='lowrank'."
             )
         self.rank = None if rank is None else positive_int(rank, "rank")
+        if hessian_structure == "gp" and curvature != "ggn":
+            raise ValueError(
+                f"curvature: hessian_structure='gp' needs curvature='ggn' (the GP's kernel and "
+                f"noise are the GGN's); got {curvature!r}."
+            )
+        self.n_context = positive_int_or_none(n_context, "n_context")
+        if n_context is not None and hessian_structure != "gp":
+            raise ValueError(
+                f"n_context: only used with hessian_structure='gp'; got hessian_structure="
+                f"{hessian_structure!r}. Drop n_context, or use hessian_structure='gp'."
+            )
         self.stochastic = flag(stochastic, "stochastic")
         if stochastic and (hessian_structure != "kron" or curvature != "ggn"):
             raise ValueError(
@@ -416,13 +436,15 @@ class PosteriorLaplace:
             options.update(stochastic=True, seed=self.seed)
         if self.hessian_structure == "lowrank":
             options.update(rank=self._rank, seed=self.seed)
+        if self.hessian_structure == "gp":
+            options.update(n_context=self.n_context, seed=self.seed)
         return make_builder(
             self.subset_of_weights, self.hessian_structure, self.logit_model,
             likelihood or self.likelihood, curvature=self.curvature_kind, **options,
         )
 
-    def memory_estimate(self, n_outputs: int | None = None,
-                        batch_size: int | None = None) -> MemoryEstimate:
+    def memory_estimate(self, n_outputs: int | None = None, batch_size: int | None = None,
+                        n_context: int | None = None) -> MemoryEstimate:
         """The bytes this (subset, structure) needs to fit and use, before fitting.
 
         ``fit`` refuses when its total exceeds ``memory_limit_bytes``.
@@ -430,6 +452,8 @@ class PosteriorLaplace:
         Args:
             n_outputs: the number of model outputs; default: read from the model.
             batch_size: the fit's batch size (default: the constructor's).
+            n_context: ``"gp"``: the number of context examples (default: the constructor's;
+                needed for ``n_context=None``: the number of training examples).
 
         Example:
             ``print(ltf.Laplace(model, "classification", "all", "full").memory_estimate())``
@@ -439,7 +463,8 @@ class PosteriorLaplace:
         return estimate_memory(
             self.subset, self.hessian_structure, n_outputs,
             self.batch_size if batch_size is None else batch_size, self._dtype,
-            self.subset_of_weights, self.curvature_kind, self._rank,
+            self.subset_of_weights, self.curvature_kind, rank=self._rank,
+            n_context=n_context or self.n_context,
         )
 
     @property
@@ -447,19 +472,25 @@ class PosteriorLaplace:
         """The low-rank structure's rank: ``rank`` (default 100) capped at ``P``."""
         return min(DEFAULT_RANK if self.rank is None else self.rank, self.n_params)
 
-    def _check_memory(self, batch_size: int) -> None:
+    def _check_memory(self, batch_size: int, n_examples: int | None) -> None:
         """Refuse a fit whose :meth:`memory_estimate` exceeds ``memory_limit_bytes``.
 
         A model whose number of outputs cannot be read (a subclassed model) is estimated with
         its last layer's outputs (the ``P x P`` parts, which dominate a dense structure, do
-        not depend on them).
+        not depend on them). A ``"gp"`` context of all the examples of a dataset (``n_examples``
+        unknown until streamed) is checked by its builder instead, before its rows.
         """
+        context = None
+        if self.hessian_structure == "gp":
+            context = min(filter(None, (self.n_context, n_examples)), default=None)
+            if context is None:
+                return
         try:
             n_outputs = _n_outputs(self.model)
         except ValueError:
             n_outputs = int(self.subset.slices[-1].variables[0].shape[-1])
-        check_memory(self.memory_estimate(n_outputs, batch_size), self.memory_limit_bytes,
-                     "memory_limit_bytes")
+        check_memory(self.memory_estimate(n_outputs, batch_size, context),
+                     self.memory_limit_bytes, "memory_limit_bytes")
 
     def fit(self, data, override: bool = True, batch_size: int | None = None,
             progress: bool | None = None,
@@ -504,7 +535,7 @@ class PosteriorLaplace:
         batch_size = self.batch_size if batch_size is None else positive_int(batch_size, "batch_size")
         progress = self.progress if progress is None else flag(progress, "progress")
         steps = positive_int_or_none(steps, "steps")
-        self._check_memory(batch_size)
+        self._check_memory(batch_size, len(data[1]) if isinstance(data, (tuple, list)) else None)
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
                           description="curvature", steps=steps, check=InputCheck(self.model))
         curvature = fit_curvature(self._builder(), batches, strategy)

@@ -1,8 +1,8 @@
 """Posterior structures: how factored curvature blocks become one distribution over weights.
 
-A structure (``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"``) says which curvature blocks it accepts, which
-prior shapes it supports, and which TensorFlow Probability distribution represents the
-posterior ``N(mean, (c H + diag(lambda))^-1)``:
+A structure (``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"``, ``"gp"``) says which curvature
+blocks it accepts, which prior shapes it supports, and which TensorFlow Probability
+distribution represents the posterior ``N(mean, (c H + diag(lambda))^-1)``:
 
 * full -> ``tfd.MultivariateNormalTriL``, ``scale_tril`` the Cholesky factor of the covariance
   obtained by Cholesky solves with the precision (never a naive inverse);
@@ -10,9 +10,10 @@ posterior ``N(mean, (c H + diag(lambda))^-1)``:
   each block :class:`~laplace_tf.blocks.kron_operator.LinearOperatorKroneckerEigen` (or diagonal for
   layers without a Kronecker rule): no dense ``P x P`` matrix;
 * diag -> ``tfd.MultivariateNormalDiag``;
-* lowrank -> ``tfd.MultivariateNormalLinearOperator`` whose scale is the low-rank factor's
-  (:meth:`~laplace_tf.blocks.lowrank.LowRankFactor.scale`: a diagonal times a low-rank
-  update of the identity): no dense ``P x P`` matrix.
+* lowrank, gp -> ``tfd.MultivariateNormalLinearOperator`` whose scale is the low-rank
+  factor's (:meth:`~laplace_tf.blocks.lowrank.LowRankFactor.scale`: a diagonal times a
+  low-rank update of the identity), over the top eigenpairs of the GGN (lowrank) or the GGN
+  of the context examples (gp): no dense ``P x P`` matrix.
 
 The precision operator is block-diagonal over curvature blocks in every case. The block
 types and their algebra are :mod:`laplace_tf.blocks`; a structure only names the block types
@@ -109,6 +110,8 @@ class DiagStructure(Structure):
 
 
 class LowRankStructure(Structure):
+    """A low-rank curvature ``H = R^T R`` (the top eigenpairs of the GGN)."""
+
     name = "lowrank"
     blocks = (LowRankBlock,)
     per_output_noise = False  # H = R^T R cannot be split into per-output curvatures
@@ -118,5 +121,11 @@ class LowRankStructure(Structure):
         return tfd.MultivariateNormalLinearOperator(loc=mean, scale=block_diagonal(scales))
 
 
+class GPStructure(LowRankStructure):
+    """The functional (GP) Laplace: the GGN over context examples, ``H = R^T R``."""
+
+    name = "gp"
+
+
 STRUCTURES: dict[str, Structure] = {s.name: s for s in (
-    FullStructure(), KronStructure(), DiagStructure(), LowRankStructure())}
+    FullStructure(), KronStructure(), DiagStructure(), LowRankStructure(), GPStructure())}
