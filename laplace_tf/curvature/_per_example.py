@@ -46,6 +46,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 from laplace_tf.autodiff import first_line, quiet_pfor_errors
@@ -222,7 +223,8 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record))
     concrete = traced.get_concrete_function(any_batch_size(x))
     n_outputs = int(concrete.structured_outputs.shape[-1])
-    dims = [_factor_dims(s) if locations.get(id(s.layer)) == [1] else s.size for s in slices]
+    dims = [_factor_dims(s) if locations.get(id(s.layer)) == [1] and s.columns is None
+            else s.layer_size for s in slices]  # some of a layer's weights: its rows, gathered
     return Layout(dims, n_outputs, _one_at_a_time(concrete.graph))
 
 
@@ -375,6 +377,7 @@ def _vectorised_rows(
     chosen = {id(v) for s in slices for v in s.variables}
     watched = [t for t, v in zip(values, subset.variables, strict=True) if id(v) in chosen]
     n_rows = int(cotangents.shape[-1])
+    columns = _columns(slices)
 
     def one_example(example, use_pfor: bool):
         x_n, c_n = example
@@ -386,7 +389,8 @@ def _vectorised_rows(
             scores, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO,
             experimental_use_pfor=use_pfor,
         )
-        return tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
+        rows = tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
+        return rows if columns is None else tf.gather(rows, columns, axis=-1)
 
     names = [s.name for s in slices]
     if not one_at_a_time:
@@ -409,6 +413,17 @@ def _vectorised_rows(
             f"layers {names} ({first_line(err)}). Use subset_of_weights='last_layer', or a "
             "subset of weights without these layers."
         ) from None
+
+
+def _columns(slices: Sequence[LayerSlice]) -> np.ndarray | None:
+    """The positions of the slices' weights among all weights of their variables (None: all)."""
+    if all(s.columns is None for s in slices):
+        return None
+    starts = np.cumsum([0] + [s.layer_size for s in slices])
+    return np.concatenate([
+        start + (np.arange(s.layer_size) if s.columns is None else s.columns)
+        for start, s in zip(starts, slices, strict=False)
+    ])
 
 
 def _as_rows(part: _Outer | tf.Tensor) -> tf.Tensor:

@@ -95,6 +95,7 @@ _CHEAPER = {
     ("full", "last_layer"): "hessian_structure='kron' or hessian_structure='diag'",
     ("kron", "last_layer"): "hessian_structure='diag'",
     ("diag", "last_layer"): "",
+    ("full", "subnetwork"): "fewer subnetwork_indices",
 }
 
 
@@ -104,7 +105,7 @@ class MemoryEstimate:
 
     Attributes:
         structure: ``"full"``, ``"kron"`` or ``"diag"``.
-        subset_of_weights: ``"all"`` or ``"last_layer"``.
+        subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"``.
         n_params: number of weights ``P``.
         dtype: the dtype's name, e.g. ``"float32"``.
         batch_size: the batch size the per-batch part assumes.
@@ -151,7 +152,7 @@ def estimate_memory(
         n_outputs: the number of model outputs (logits) ``K``.
         batch_size: the batch size of the fit.
         dtype: the floating dtype of the computation (default: the weights' dtype).
-        subset_of_weights: ``"all"`` or ``"last_layer"``.
+        subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"``.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (rows per example: 1 for ``"ef"``,
             else ``n_outputs``).
 
@@ -329,8 +330,8 @@ def _per_example(
     intermediates exist ``_COPIES`` times, and examples come in chunks that fit in
     ``CHUNK_BYTES`` (full joins batches into steps of up to a chunk).
     """
-    dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
-            for s in subset.slices]
+    dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1
+            and s.columns is None else s.layer_size for s in subset.slices]
     per_example = _COPIES * _example_width(dims, rows, outer)
     chunk = max(1, CHUNK_BYTES // (per_example * itemsize))
     step = max(batch_size, STEP_EXAMPLES) if outer else batch_size  # full joins batches

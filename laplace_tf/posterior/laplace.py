@@ -17,7 +17,7 @@ scalar ``sigma_noise`` therefore never recomputes curvature. A per-output ``sigm
 ``H(sigma) = sum_k H_k / sigma_k^2`` (:mod:`laplace_tf.posterior.output_noise`).
 
 One class serves every (subset, structure) pair: ``subset_of_weights`` picks the weights
-(``"all"`` or ``"last_layer"``), ``hessian_structure`` picks a
+(``"all"``, ``"last_layer"`` or ``"subnetwork"``), ``hessian_structure`` picks a
 :class:`~laplace_tf.posterior.structures.Structure`, and the curvature blocks are factored
 block by block (:mod:`laplace_tf.blocks`). ``laplace_tf.Laplace`` (the predictive)
 subclasses it.
@@ -60,7 +60,7 @@ from laplace_tf.curvature.memory import (
 )
 from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
-from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
+from laplace_tf.params import LogitModel, SubnetworkSubset, WeightSubset, leaf_layers
 from laplace_tf.posterior import io, marglik, output_noise
 from laplace_tf.posterior.prior import (
     as_float_tensor,
@@ -73,7 +73,7 @@ from laplace_tf.posterior.prior import (
 from laplace_tf.posterior.state import PosteriorState, Setting
 from laplace_tf.posterior.structures import STRUCTURES, precision_operator
 
-SUBSETS = ("all", "last_layer")
+SUBSETS = ("all", "last_layer", "subnetwork")
 ON_INDEFINITE = ("raise", "clip")
 SETTINGS = (
     Setting("likelihood", "metadata", attribute_name="likelihood_name"),
@@ -91,6 +91,7 @@ SETTINGS = (
     Setting("batch_size", "metadata"),
     Setting("progress", None, when_absent=False),
     Setting("memory_limit_bytes", "metadata"),
+    Setting("subnetwork_indices", "array", when_absent=None),
 )
 """The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
 rebuilds ``cls(model, **settings)`` from them. A new constructor argument adds one line here
@@ -137,7 +138,9 @@ class PosteriorLaplace:
         model: a trained, built Keras model (its current weights are the MAP).
         likelihood: ``"classification"``, ``"binary"``, ``"regression"`` or
             ``"heteroscedastic"`` (outputs ``[mean (K), log-variance (K)]``).
-        subset_of_weights: ``"last_layer"`` or ``"all"``.
+        subset_of_weights: ``"last_layer"``, ``"all"`` or ``"subnetwork"`` (the weights
+            ``subnetwork_indices``, with ``hessian_structure="full"``; the others stay at the
+            MAP: the posterior, its mean and samples are over those ``P_sub`` weights).
         hessian_structure: ``"kron"``, ``"full"`` or ``"diag"``.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (exact; with ``subset_of_weights="all"``
             only for ``"full"``).
@@ -159,6 +162,9 @@ class PosteriorLaplace:
             work) when :meth:`memory_estimate` exceeds it, and ``posterior_covariance`` a
             dense matrix above it. Default: a quarter of the available memory
             (:func:`~laplace_tf.curvature.full.default_memory_limit`).
+        subnetwork_indices: for ``"subnetwork"``: integer indices into the flat vector of all
+            trainable weights (``WeightSubset(model).flat_values()``), unique; sorted here
+            (:mod:`laplace_tf.subnetwork` chooses them).
 
     Raises:
         ValueError, TypeError: for any invalid argument (the message lists the valid values).
@@ -189,6 +195,7 @@ class PosteriorLaplace:
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: bool = True,
         memory_limit_bytes: int | None = None,
+        subnetwork_indices=None,
     ):
         self.likelihood_name = choice(likelihood, "likelihood", LIKELIHOODS)
         self.likelihood = get_likelihood(likelihood)  # with sigma_noise below
@@ -220,9 +227,25 @@ class PosteriorLaplace:
                 "last_layer_name: only used with subset_of_weights='last_layer'; got "
                 f"subset_of_weights={subset_of_weights!r}. Drop last_layer_name."
             )
+        if (subnetwork_indices is None) == (subset_of_weights == "subnetwork"):
+            raise ValueError(
+                "subnetwork_indices: give them with subset_of_weights='subnetwork', and only "
+                f"then; got subset_of_weights={subset_of_weights!r} and subnetwork_indices="
+                f"{'None' if subnetwork_indices is None else 'indices'}."
+            )
+        if subset_of_weights == "subnetwork" and hessian_structure != "full":
+            raise ValueError(
+                "hessian_structure: subset_of_weights='subnetwork' takes 'full' (the dense "
+                f"curvature over the chosen weights); got {hessian_structure!r}. Choose fewer "
+                "weights if a dense matrix over them is too large."
+            )
         self.structure = STRUCTURES[hessian_structure]
         self.model = model
         self.subset = WeightSubset(model)  # checks the model
+        self.subnetwork_indices = None
+        if subset_of_weights == "subnetwork":
+            self.subset = SubnetworkSubset(model, subnetwork_indices)
+            self.subnetwork_indices = self.subset.indices
         self.last_layer_name = None
         if subset_of_weights == "last_layer":
             layer = find_last_layer(model, last_layer_name)
@@ -505,7 +528,7 @@ class PosteriorLaplace:
         else None. Output ``k``'s is ``sigma_k^2 (H(sigma') - H(sigma))`` with ``sigma'`` =
         ``sigma`` but ``sigma'_k = sigma_k / sqrt(2)``: one more fit per output."""
         sigma = self._sigma
-        if self.subset_of_weights != "all" or not self.likelihood.has_noise or \
+        if self.subset_of_weights == "last_layer" or not self.likelihood.has_noise or \
                 sigma.shape.rank == 0 or self.curvature_kind == "ef" or self.stochastic:
             return None
         pieces = []
