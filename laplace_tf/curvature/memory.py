@@ -330,8 +330,9 @@ def _per_example(
     intermediates exist ``_COPIES`` times, and examples come in chunks that fit in
     ``CHUNK_BYTES`` (full joins batches into steps of up to a chunk).
     """
-    dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1
-            and s.columns is None else s.layer_size for s in subset.slices]
+    once = [fallback_reason(s) is None and _locations(s) == 1 for s in subset.slices]
+    dims = [(_factor_dims(s) if s.columns is None else s.size) if one else s.layer_size
+            for s, one in zip(subset.slices, once, strict=True)]
     per_example = _COPIES * _example_width(dims, rows, outer)
     chunk = max(1, CHUNK_BYTES // (per_example * itemsize))
     step = max(batch_size, STEP_EXAMPLES) if outer else batch_size  # full joins batches

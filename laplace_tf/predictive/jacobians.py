@@ -231,7 +231,13 @@ def _layer_jacobian(part: _Part, factors, jacobians) -> LayerJacobian:
     a, g = (None, None) if factor is None else factor
     layer = LayerJacobian(part.start, part.slice.layer_size, part.shape, a, g,
                           jacobians.get(id(part.slice.layer)))
-    if part.slice.columns is None:
+    columns = part.slice.columns
+    if columns is None:
         return layer
-    columns = tf.gather(layer.explicit(), part.slice.columns, axis=-1)
-    return LayerJacobian(part.start, part.slice.size, part.shape, None, None, columns)
+    if a is None or g is None:
+        jacobian = tf.gather(layer.explicit(), columns, axis=-1)
+    else:  # entry (i, j) of the (din, dout) matrix: sum_t a_ti g_tkj, for the chosen ones only
+        rows, outputs = columns // part.shape[1], columns % part.shape[1]
+        jacobian = tf.einsum("ntc,ntkc->nkc", tf.gather(a, rows, axis=-1),
+                             tf.gather(g, outputs, axis=-1))
+    return LayerJacobian(part.start, part.slice.size, part.shape, None, None, jacobian)
