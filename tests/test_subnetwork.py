@@ -135,6 +135,22 @@ def test_glm_predictive_and_evidence_are_the_full_ones_with_the_other_variances_
     np.testing.assert_allclose(la.log_marginal_likelihood(), evidence, rtol=1e-10)
 
 
+def test_a_per_output_noise_changes_like_a_fresh_fit_at_the_new_noise():
+    model, x, y = _setup("regression", 2)
+    la = _laplace(model, "regression", SOME, sigma_noise=[0.7, 1.3], prior_precision=2.0)
+    la.fit((x, y))
+    sigma = np.array([0.4, 2.0])
+    fresh = _laplace(model, "regression", SOME, sigma_noise=sigma, prior_precision=2.0)
+    fresh.fit((x, y))
+    chosen = np.sort(SOME)
+    ggn = _reference_curvature("ggn", model, "regression", x, y, sigma)[np.ix_(chosen, chosen)]
+    np.testing.assert_allclose(fresh.curvature.blocks[0].matrix, ggn, rtol=1e-10, atol=1e-12)
+    la.sigma_noise = sigma  # rebuilt from the per-output curvatures of the fit, not refitted
+    np.testing.assert_allclose(la.curvature.blocks[0].matrix, ggn, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(la.log_marginal_likelihood(), fresh.log_marginal_likelihood(),
+                               rtol=1e-10)
+
+
 def test_nn_samples_change_only_the_chosen_weights():
     model, x, y = _setup("regression", 2)
     before = _all_weights(model)
