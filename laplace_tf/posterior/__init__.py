@@ -1,6 +1,6 @@
 """The Laplace posterior over (a subset of) a Keras model's weights.
 
-``PosteriorLaplace`` composes a weight subset (``"all"`` or ``"last_layer"``) with a posterior
+``PosteriorLaplace`` composes a weight subset (``"all"``, ``"last_layer"`` or ``"subnetwork"``) with a
 structure (``"full"``, ``"kron"``, ``"diag"``); ``laplace_tf.Laplace`` adds the predictive.
 The curvature blocks, their factors and covariance blocks are :mod:`laplace_tf.blocks`.
 """
