@@ -22,6 +22,7 @@ from laplace_tf import subnetwork, testing
 from laplace_tf.cli import main
 from laplace_tf.config import from_dict
 from laplace_tf.params import SubnetworkSubset, WeightSubset
+from tests import zoo
 from tests.cases import ReferenceNLL
 from tests.models import small_cnn, tanh_mlp, targets
 
@@ -149,6 +150,27 @@ def test_a_per_output_noise_changes_like_a_fresh_fit_at_the_new_noise():
     np.testing.assert_allclose(la.curvature.blocks[0].matrix, ggn, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(la.log_marginal_likelihood(), fresh.log_marginal_likelihood(),
                                rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["transformer", "text"])
+def test_zoo_models_with_weights_of_every_kind_of_layer(name):
+    """Embeddings, attention, LayerNorm, Dense (float32): a few weights of each layer."""
+    model, x, y = zoo.ZOO[name](n=6) if name == "transformer" else zoo.ZOO[name]()
+    everything = WeightSubset(model)
+    chosen = np.sort(np.concatenate([
+        s.offset + np.random.default_rng(s.offset).choice(s.size, min(3, s.size), replace=False)
+        for s in everything.slices]))
+    la = _laplace(model, "classification", chosen, prior_precision=0.5)
+    la.fit((x, y), batch_size=4)
+    f = testing.subset_of(model)
+    ggn = testing.brute_force_ggn(f, ReferenceNLL("classification"), x, y)[np.ix_(chosen, chosen)]
+    scale = np.abs(ggn).max()
+    np.testing.assert_allclose(la.curvature.blocks[0].matrix, ggn, rtol=1e-4, atol=1e-5 * scale)
+    jac = testing.brute_force_jacobians(f, x)[:, :, chosen].astype(np.float64)
+    covariance = np.linalg.inv(ggn.astype(np.float64) + 0.5 * np.eye(chosen.size))
+    expected = testing.dense_functional_variance(jac, covariance)
+    np.testing.assert_allclose(la.functional_variance(x), expected, rtol=1e-3,
+                               atol=1e-4 * np.abs(expected).max())
 
 
 def test_nn_samples_change_only_the_chosen_weights():
