@@ -248,24 +248,28 @@ def checked_indices(indices, n_params: int, name: str) -> np.ndarray:
         indices = indices.numpy()
     array = np.asarray(indices)
     if array.size == 0:
-        raise ValueError(f"{name}: expected at least one weight index; got none.")
+        raise ValueError(f"{name}: expected at least one weight index; got none. Choose some "
+                         "with laplace_tf.subnetwork (e.g. largest_variance).")
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
         raise TypeError(
             f"{name}: expected integer indices into the flat weight vector; got dtype "
             f"{array.dtype}. For a boolean mask pass np.flatnonzero(mask)."
         )
     if array.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D array of indices; got shape {array.shape}.")
+        raise ValueError(f"{name}: expected a 1-D array of indices; got shape {array.shape}. "
+                         "Pass np.ravel(indices).")
     bad = array[(array < 0) | (array >= n_params)]
     if bad.size:
         raise ValueError(
             f"{name}: indices must be in [0, {n_params}) (the model has {n_params} trainable "
-            f"weights); got {bad[:5].tolist()}."
+            f"weights); got {bad[:5].tolist()}. They count the weights of "
+            "model.trainable_variables in order (WeightSubset(model).flat_values())."
         )
     unique, counts = np.unique(array, return_counts=True)
     if unique.size != array.size:
         raise ValueError(
-            f"{name}: every index must appear once; repeated: {unique[counts > 1][:5].tolist()}."
+            f"{name}: every index must appear once; repeated: {unique[counts > 1][:5].tolist()}. "
+            "Pass np.unique(indices)."
         )
     return unique.astype(np.int64)
 

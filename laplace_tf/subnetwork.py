@@ -46,18 +46,23 @@ def largest_variance(la, n: int) -> np.ndarray:
     """The ``n`` weights with the largest marginal posterior variance under ``la``.
 
     Args:
-        la: a fitted ``ltf.Laplace`` with ``subset_of_weights="all"`` (a diagonal one is the
-            cheap choice: ``ltf.Laplace(model, lik, "all", "diag").fit(data)``).
+        la: a fitted ``ltf.Laplace`` with ``subset_of_weights="all"`` and
+            ``hessian_structure="diag"`` (the cheap choice:
+            ``ltf.Laplace(model, lik, "all", "diag").fit(data)``) or ``"full"``.
         n: how many weights, at most ``la.n_params``.
 
     Raises:
-        ValueError: ``la`` is not over all weights, or not fitted; ``n`` out of range.
+        ValueError: ``la`` is not over all weights, is Kronecker-factored (TFP would form
+            its dense covariance for the variances), or is not fitted; ``n`` out of range.
     """
-    if getattr(la, "subset_of_weights", None) != "all":
+    subset = getattr(la, "subset_of_weights", type(la).__name__)
+    structure = getattr(la, "hessian_structure", None)
+    if subset != "all" or structure not in ("diag", "full"):
         raise ValueError(
-            "la: largest_variance ranks the weights of a Laplace over all weights; got "
-            f"subset_of_weights={getattr(la, 'subset_of_weights', type(la).__name__)!r}. Fit "
-            "ltf.Laplace(model, likelihood, 'all', 'diag') first."
+            "la: largest_variance ranks the weights by the marginal variances of a diagonal "
+            f"(or full) Laplace over all weights; got subset_of_weights={subset!r}, "
+            f"hessian_structure={structure!r}. Fit ltf.Laplace(model, likelihood, 'all', "
+            "'diag') first."
         )
     variance = np.asarray(la.posterior.variance(), np.float64)
     return _top(variance, n, la.n_params)

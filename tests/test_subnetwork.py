@@ -285,10 +285,12 @@ def test_largest_variance_picks_the_top_variances_of_an_independent_diagonal_pos
     order = np.argsort(-variance)
     assert variance[order[5]] > variance[order[6]] * (1 + 1e-6)  # no tie at the cut
     np.testing.assert_array_equal(subnetwork.largest_variance(la, 6), np.sort(order[:6]))
-    last = ltf.Laplace(model, "classification", "last_layer", "diag", progress=False)
-    with pytest.raises(ValueError, match="la: largest_variance ranks the weights of a Laplace "
-                                         "over all weights"):
-        subnetwork.largest_variance(last, 3)
+    for subset, structure in (("last_layer", "diag"), ("all", "kron")):
+        other = ltf.Laplace(model, "classification", subset, structure, progress=False)
+        with pytest.raises(ValueError, match=f"la: largest_variance ranks .* got subset_of_"
+                                             f"weights='{subset}', hessian_structure="
+                                             f"'{structure}'"):
+            subnetwork.largest_variance(other, 3)
 
 
 def test_largest_magnitude_random_and_layer_rules():
