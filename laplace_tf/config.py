@@ -23,7 +23,7 @@ Example:
     >>> from_dict({"data": {"dataset": "digits"}, "laplace": {"hessian_structur": "diag"}})
     Traceback (most recent call last):
     ...
-    ValueError: config: unknown key 'laplace.hessian_structur' (did you mean 'laplace.hessian_structure'?); valid keys in 'laplace': likelihood, subset_of_weights, hessian_structure, curvature, prior_precision, sigma_noise, temperature, optimize_prior, prior_structure, subnetwork, subnetwork_size
+    ValueError: config: unknown key 'laplace.hessian_structur' (did you mean 'laplace.hessian_structure'?); valid keys in 'laplace': likelihood, subset_of_weights, hessian_structure, curvature, prior_precision, sigma_noise, temperature, optimize_prior, prior_structure, rank, subnetwork, subnetwork_size
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class LaplaceConfig:
     subset_of_weights: str = _option("last_layer", "weights with a posterior",
                                      choices=("last_layer", "all", "subnetwork"))
     hessian_structure: str = _option("kron", "structure of the curvature",
-                                     choices=("kron", "full", "diag"))
+                                     choices=("kron", "full", "diag", "lowrank"))
     curvature: str = _option("ggn", "curvature type", choices=("ggn", "ef", "hessian"))
     prior_precision: float = _option(
         1.0, "prior precision (also the weight decay of the built-in MLP)", positive=True)
@@ -103,6 +103,8 @@ class LaplaceConfig:
                                   choices=("marglik", "gridsearch", "none"))
     prior_structure: str = _option("scalar", "one prior precision, one per layer, or per weight",
                                    choices=("scalar", "layerwise", "diag"))
+    rank: int | None = _option(None, "eigenpairs kept by hessian_structure lowrank (default 100)",
+                               positive=True)
     subnetwork: str | None = _option(
         None, "how subset_of_weights subnetwork picks its weights (laplace_tf.subnetwork): "
         "largest_variance of a diagonal Laplace, largest_magnitude, or random (seeded)",
@@ -321,7 +323,8 @@ def validate(config: RunConfig, where: str = "config") -> None:
     Raises:
         ValueError: no data or two data sources, a likelihood that does not fit the built-in
             data set or is missing for files, OOD data for regression, gridsearch tuning
-            without validation data, or a subnetwork without its rule or structure.
+            without validation data, a rank without hessian_structure lowrank, or a
+            subnetwork without its rule or structure.
     """
     data, lik = config.data, config.laplace.likelihood
     if (data.dataset is None) == (data.train is None):
@@ -356,6 +359,9 @@ def validate(config: RunConfig, where: str = "config") -> None:
     if config.laplace.optimize_prior == "gridsearch" and data.train is not None and data.val is None:
         raise ValueError(f"{where}: laplace.optimize_prior: 'gridsearch' needs validation data; "
                          "set data.val or use 'marglik'")
+    if config.laplace.rank is not None and config.laplace.hessian_structure != "lowrank":
+        raise ValueError(f"{where}: laplace.rank: only used with hessian_structure 'lowrank'; got "
+                         f"{config.laplace.hessian_structure!r}")
 
 
 def likelihood_of(config: RunConfig) -> str:

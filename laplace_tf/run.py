@@ -181,7 +181,7 @@ def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData
     la = laplace_tf.Laplace(
         model, run_data.likelihood, subset_of_weights=lap.subset_of_weights,
         hessian_structure=lap.hessian_structure, curvature=lap.curvature,
-        subnetwork_indices=indices, **settings)
+        rank=lap.rank, subnetwork_indices=indices, **settings)
     la.fit((train.x, train.y))
     if lap.optimize_prior != "none":
         val = run_data.val

@@ -45,7 +45,7 @@ USAGE_ERRORS = [
     (["demo", "--bogus"], "laplace-tf: error: unrecognized arguments: --bogus"),
     (["report", "p.npz"], "the following arguments are required: --model, --test"),
     (["fit", "--dataset", "digits", "--hessian-structure", "dense"],
-     "laplace-tf fit: error: --hessian-structure: expected one of kron, full, diag; got 'dense'"),
+     "laplace-tf fit: error: --hessian-structure: expected one of kron, full, diag, lowrank; got 'dense'"),
     (["fit", "--dataset", "digits", "--epochs", "ten"],
      "laplace-tf fit: error: --epochs: expected an integer; got 'ten'"),
     (["fit"], "laplace-tf fit: error: flags: give exactly one of data.dataset"),
@@ -88,7 +88,7 @@ def test_inputs_that_do_not_fit_the_saved_model(saved, tmp_path, capsys):
 
 def test_help_exits_0(capsys):
     assert main(["fit", "--help"]) == 0
-    assert "--hessian-structure {kron,full,diag}" in capsys.readouterr().out
+    assert "--hessian-structure {kron,full,diag,lowrank}" in capsys.readouterr().out
 
 
 def test_python_dash_m_reports_errors_without_traceback(tmp_path):

@@ -1,4 +1,5 @@
-"""Per-example rows ``J_n^T c_{n,r}`` of a model's curvature, summed as outer products or squares.
+"""Per-example rows ``J_n^T c_{n,r}`` of a model's curvature, summed as outer products, squares
+or products with a basis.
 
 The GGN and the empirical Fisher (EF) are both sums of outer products of per-example rows::
 
@@ -10,7 +11,8 @@ where ``J_n [K, P]`` is the Jacobian of example ``n``'s logits with respect to t
 cotangents ``c [N, K, R]`` (:func:`output_cotangents`) are all that depends on the likelihood.
 :func:`summed_rows` returns ``sum v**2`` (``[P]``, the exact diagonal) and
 :func:`summed_outer_products` ``sum v v^T`` (compact sums that :func:`outer_matrix` lays out as
-the ``[P, P]`` matrix), layer by layer:
+the ``[P, P]`` matrix), :func:`summed_products` ``sum v (v^T V)`` for a basis ``V [P, m]`` (the
+low-rank sketch), layer by layer:
 
 * a layer with a Kronecker rule (:mod:`~laplace_tf.curvature.kron_layers`: Dense, Conv) called
   once, with one location per example (a Dense layer on ``[N, din]`` inputs), is *factored*: its
@@ -154,6 +156,69 @@ def summed_outer_products(
     per_example = _COPIES * itemsize * _example_width(layout.dims, _n_rows(layout, kind), outer=True)
     return sum_over_chunks(chunk_sum, (x, weights_or_ones(w, y)), y,
                            max(1, CHUNK_BYTES // per_example))
+
+
+def summed_products(
+    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
+    layout: Layout, basis: tf.Tensor, w: tf.Tensor | None = None,
+) -> tuple[tuple[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """``sum_{n,r} v_nr (v_nr^T V)`` ``[P, m]`` (the curvature times ``basis`` ``V [P, m]``) and
+    the trace ``sum_{n,r} |v_nr|^2``, without any ``P x P`` matrix.
+
+    Arguments as for :func:`summed_outer_products`. A factored slice never forms its rows:
+    ``v^T V = delta^T (a^T V)`` and ``sum v s^T = a^T (delta s^T)``, matmuls that cost
+    ``N p m`` each.
+
+    Returns:
+        ``(products, trace)``, and the batch's logits ``[N, K]``.
+    """
+    sizes = [_size(d) for d in layout.dims]
+    m = int(basis.shape[-1])
+
+    def chunk_sum(xw_chunk, y_chunk):  # x and w are sliced alike
+        x_chunk, w_chunk = xw_chunk
+        parts, logits = _rows_by_slice(logit_model, likelihood, kind, x_chunk, y_chunk, layout,
+                                       w_chunk)
+        blocks = tf.split(basis, sizes, axis=0)
+        scores = tf.add_n([_times(p, b) for p, b in zip(parts, blocks, strict=True)])  # [n, R, m]
+        products = tf.concat([_transposed_times(p, scores) for p in parts], 0)
+        trace = tf.add_n([tf.reduce_sum(_squared_sum(p)) for p in parts])
+        return (products, trace), logits
+
+    itemsize = logit_model.subset.dtype.size
+    per_example = _COPIES * itemsize * product_example_numbers(layout, kind, m)
+    return sum_over_chunks(chunk_sum, (x, weights_or_ones(w, y)), y,
+                           max(1, CHUNK_BYTES // per_example))
+
+
+def product_example_numbers(layout: Layout, kind: str, m: int) -> int:
+    """Numbers one example holds in :func:`summed_products` with ``m`` basis vectors: its rows
+    (factored: inputs and pre-activation gradients) and, per factored slice, ``a^T V`` and
+    ``delta s^T`` (``dout m`` each), and its scores (``R m``)."""
+    rows = _n_rows(layout, kind)
+    factored = sum(d[1] for d in layout.dims if isinstance(d, tuple))
+    return _example_width(layout.dims, rows, outer=False) + m * (rows + 2 * factored)
+
+
+def _times(part: _Outer | tf.Tensor, basis: tf.Tensor) -> tf.Tensor:
+    """``v_nr^T V`` ``[n, R, m]`` of a slice's rows and its rows of the basis ``V [p, m]``."""
+    if isinstance(part, _Outer):
+        din, dout = int(part.inputs.shape[-1]), int(part.deltas.shape[-1])
+        projected = tf.reshape(tf.matmul(part.inputs, tf.reshape(basis, [din, -1])),
+                               [-1, dout, int(basis.shape[-1])])  # a^T V: [n, dout, m]
+        return tf.einsum("rno,nom->nrm", part.deltas, projected)
+    return tf.einsum("nrp,pm->nrm", part, basis)
+
+
+def _transposed_times(part: _Outer | tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
+    """``sum_{n,r} v_nr s_nr^T`` ``[p, m]`` of a slice's rows and scores ``s [n, R, m]``."""
+    if isinstance(part, _Outer):
+        din = int(part.inputs.shape[-1])
+        weighted = tf.einsum("rno,nrm->nom", part.deltas, scores)  # [n, dout, m]
+        flat = tf.reshape(weighted, [tf.shape(weighted)[0], -1])
+        return tf.reshape(tf.matmul(part.inputs, flat, transpose_a=True),
+                          [din * int(part.deltas.shape[-1]), -1])
+    return tf.einsum("nrp,nrm->pm", part, scores)
 
 
 def outer_step_examples(logit_model: LogitModel, kind: str, x) -> int:

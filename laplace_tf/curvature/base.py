@@ -44,7 +44,7 @@ from laplace_tf.outputs import check_output_op, check_output_values
 from laplace_tf.params import LogitModel
 
 CURVATURES = ("ggn", "ef", "hessian")
-STRUCTURES = ("full", "kron", "diag")
+STRUCTURES = ("full", "kron", "diag", "lowrank")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Curvature:
     """The curvature of the summed NLL at the MAP, and what the evidence needs.
 
     Attributes:
-        structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"lowrank"``.
         blocks: blocks in parameter order, covering the whole weight subset.
         nll: summed negative log-likelihood over the data (scalar, model dtype).
         n_data: number of examples (with sample weights: their sum, a float).
@@ -94,6 +94,8 @@ class CurvatureBuilder:
 
     structure: str = ""
     kinds: tuple[str, ...] = CURVATURES
+    passes: int = 1
+    """Passes over the data a fit takes; :meth:`start_pass` runs before each."""
 
     def __init__(self, logit_model: LogitModel, likelihood: Likelihood, kind: str = "ggn"):
         if kind not in self.kinds:
@@ -124,6 +126,10 @@ class CurvatureBuilder:
         one step a batch; builders whose every step adds a large sum (dense ``P x P``) join
         batches to take fewer steps, within their memory budget."""
         return 0
+
+    def start_pass(self, previous: list | None) -> None:
+        """Before each of :attr:`passes` passes: ``previous`` is the last pass's sums (added up
+        over all batches and workers), None before the first. By default nothing."""
 
     def finish(self, sums: list) -> list[Block]:
         """The blocks of :meth:`batch_sums` added up over batches (by default, the sums with
@@ -157,7 +163,9 @@ def fit_curvature(
 
     A dense builder joins consecutive batches into steps of up to
     :meth:`CurvatureBuilder.examples_per_step` examples; every other builder takes one step a
-    batch.
+    batch. A builder with several :attr:`~CurvatureBuilder.passes` sees the data that many
+    times (its :meth:`~CurvatureBuilder.start_pass` takes each pass's sums); the last pass's
+    sums are the result.
 
     With a ``tf.distribute`` strategy (given, or the one whose scope is active), every step is
     split across the local replicas, each replica's curvature is summed locally, and the
@@ -188,22 +196,25 @@ def fit_curvature(
                 check_output_values(outputs, likelihood, builder.logit_model.stripped)
             yield x, likelihood.prepare_targets(y, n_outputs, batches.dtype), tf.constant(w)
 
-    total, run = None, step
-    for x, targets, w in _joined(prepared(), builder.examples_per_step):
-        if total is None and strategy is None:  # one trace for all batch sizes (a short last),
-            run = step.get_concrete_function(*any_batch_size([x, targets, w]))  # called directly
-        parts = ([run(x, targets, w)] if strategy is None
-                 else _replica_steps(strategy, step, x, targets, w))
-        if total is None:  # the step is traced: what op computes the model output?
-            check_output_op(builder.logit_model.output_op, likelihood,
-                            builder.logit_model.stripped)
-        for part in parts:
-            total = _add_in_place(total, part)
-    if total is None:
-        raise ValueError("data: the data set is empty; give at least one example.")
-    total = tf.nest.map_structure(tf.convert_to_tensor, total)
-    if strategy is not None and strategy.num_replicas_in_sync > _n_local_replicas(strategy):
-        total = _all_reduce(strategy, total)
+    run, total = step, None
+    for _ in range(builder.passes):
+        builder.start_pass(None if total is None else total.blocks)
+        total = None
+        for x, targets, w in _joined(prepared(), builder.examples_per_step):
+            if run is step and strategy is None:  # one trace for all batch sizes (a short last),
+                run = step.get_concrete_function(*any_batch_size([x, targets, w]))  # called directly
+            parts = ([run(x, targets, w)] if strategy is None
+                     else _replica_steps(strategy, step, x, targets, w))
+            if total is None:  # the step is traced: what op computes the model output?
+                check_output_op(builder.logit_model.output_op, likelihood,
+                                builder.logit_model.stripped)
+            for part in parts:
+                total = _add_in_place(total, part)
+        if total is None:
+            raise ValueError("data: the data set is empty; give at least one example.")
+        total = tf.nest.map_structure(tf.convert_to_tensor, total)
+        if strategy is not None and strategy.num_replicas_in_sync > _n_local_replicas(strategy):
+            total = _all_reduce(strategy, total)
     n_data = float(total.n_data)
     if n_data <= 0:
         raise ValueError(

@@ -27,6 +27,12 @@ kron       per layer with a Kronecker rule, with ``D`` inputs (+1 for the bias),
            Jacobian), and ``posterior`` 2 p (as diag)
 diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
            ``posterior`` 2 P (precision and variances)
+lowrank    with rank ``k`` and ``m = min(k + 10, P)`` sketch vectors: ``curvature`` P k;
+           ``factor`` P k + k²; ``covariance`` P k + P; ``fit_workspace`` 10 P m float64
+           numbers (the sketch's start, basis and running sum, a step's sum and loop carry,
+           and the Nyström factorisation's copies); ``per_batch`` (below, each example's
+           rows and their products with the sketch, ``m`` numbers per row and per factored
+           output). Over any weight subset.
 =========  ========================================================================
 
 ``per_batch`` of full and diag over ``"all"`` weights is one chunk of the per-example
@@ -69,7 +75,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.arguments import choice, positive_int
-from laplace_tf.blocks import DenseBlock, DiagBlock, KronBlock
+from laplace_tf.blocks import DenseBlock, DiagBlock, KronBlock, LowRankBlock
 from laplace_tf.curvature import SUBSETS
 from laplace_tf.curvature._per_example import (
     _COPIES,
@@ -82,10 +88,12 @@ from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.kron_layers import fallback_reason
 from laplace_tf.curvature.last_layer import full_example_numbers
+from laplace_tf.curvature.lowrank import DEFAULT_OVERSAMPLING, DEFAULT_RANK
 from laplace_tf.params import LayerSlice, WeightSubset
 
 _ALL_WEIGHTS_FIT_COPIES = 6  # P x P buffers of a fit besides the curvature (module docstring)
 _LAST_LAYER_FIT_COPIES = 3
+_LOWRANK_FIT_COPIES = 10  # float64 [P, m] buffers of a low-rank fit (module docstring)
 # (structure, subset_of_weights) -> what needs less memory
 _CHEAPER = {
     ("full", "all"): "hessian_structure='kron' or hessian_structure='diag', or "
@@ -95,6 +103,9 @@ _CHEAPER = {
     ("full", "last_layer"): "hessian_structure='kron' or hessian_structure='diag'",
     ("kron", "last_layer"): "hessian_structure='diag'",
     ("diag", "last_layer"): "",
+    ("lowrank", "all"): "a smaller rank, hessian_structure='diag', or "
+                        "subset_of_weights='last_layer'",
+    ("lowrank", "last_layer"): "a smaller rank, or hessian_structure='diag'",
     ("full", "subnetwork"): "fewer subnetwork_indices",
 }
 
@@ -104,7 +115,7 @@ class MemoryEstimate:
     """Bytes a (structure, weight subset) pair needs, part by part (see the module docstring).
 
     Attributes:
-        structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"lowrank"``.
         subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"``.
         n_params: number of weights ``P``.
         dtype: the dtype's name, e.g. ``"float32"``.
@@ -143,18 +154,20 @@ def estimate_memory(
     dtype: tf.DType | str | None = None,
     subset_of_weights: str = "all",
     curvature: str = "ggn",
+    rank: int = DEFAULT_RANK,
 ) -> MemoryEstimate:
     """The bytes fitting ``structure`` over ``subset`` and using its posterior need.
 
     Args:
         subset: the weights (for ``"last_layer"``: the last Dense layer's weights only).
-        structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"`` or ``"lowrank"``.
         n_outputs: the number of model outputs (logits) ``K``.
         batch_size: the batch size of the fit.
         dtype: the floating dtype of the computation (default: the weights' dtype).
         subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"``.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (rows per example: 1 for ``"ef"``,
             else ``n_outputs``).
+        rank: the rank of ``"lowrank"`` (capped at the number of weights).
 
     Returns:
         A :class:`MemoryEstimate`; see the module docstring for every part's formula.
@@ -187,7 +200,10 @@ def estimate_memory(
     if not weights_dtype.is_floating:
         raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {weights_dtype.name}.")
     rows = 1 if curvature == "ef" else n_outputs
-    if subset_of_weights == "last_layer":
+    if structure == "lowrank":
+        rank = min(positive_int(rank, "rank"), subset.n_params)
+        counts = _lowrank(subset, rows, rank, batch_size, weights_dtype.size)
+    elif subset_of_weights == "last_layer":
         counts = _last_layer(subset, structure, n_outputs, batch_size, weights_dtype.size)
     elif structure == "full":
         per_batch = _per_example(subset, rows, True, batch_size, weights_dtype.size)
@@ -277,6 +293,20 @@ def _diag(p: int, per_batch: int) -> dict[str, int]:
             **block}
 
 
+def _lowrank(subset: WeightSubset, rows: int, rank: int, batch_size: int,
+             itemsize: int) -> dict[str, int]:
+    p = subset.n_params
+    m = min(rank + DEFAULT_OVERSAMPLING, p)
+    block = LowRankBlock.memory(p, rank)
+    dims = _slice_dims(subset)
+    factored = sum(d[1] for d in dims if isinstance(d, tuple))
+    per_example = _COPIES * (_example_width(dims, rows, False) + m * (rows + 2 * factored))
+    step = min(max(batch_size, STEP_EXAMPLES), max(1, CHUNK_BYTES // (per_example * itemsize)))
+    return {"curvature": block["curvature"],
+            "fit_workspace": _LOWRANK_FIT_COPIES * p * m * 8 // itemsize,
+            "per_batch": step * per_example, **block}
+
+
 def _last_layer(
     subset: WeightSubset, structure: str, n_outputs: int, batch_size: int, itemsize: int
 ) -> dict[str, int]:
@@ -330,13 +360,21 @@ def _per_example(
     intermediates exist ``_COPIES`` times, and examples come in chunks that fit in
     ``CHUNK_BYTES`` (full joins batches into steps of up to a chunk).
     """
-    once = [fallback_reason(s) is None and _locations(s) == 1 for s in subset.slices]
-    dims = [(_factor_dims(s) if s.columns is None else s.size) if one else s.layer_size
-            for s, one in zip(subset.slices, once, strict=True)]
+    dims = _slice_dims(subset)
     per_example = _COPIES * _example_width(dims, rows, outer)
     chunk = max(1, CHUNK_BYTES // (per_example * itemsize))
     step = max(batch_size, STEP_EXAMPLES) if outer else batch_size  # full joins batches
     return min(step, chunk) * per_example
+
+
+def _slice_dims(subset: WeightSubset) -> list[tuple[int, int] | int]:
+    """Each slice's ``(din (+1), dout)`` if :mod:`~laplace_tf.curvature._per_example` factors
+    it (a layer with a Kronecker rule and one location per example), else its size (some of
+    such a layer's weights: its rows are formed at those only; of another layer: its rows
+    are formed whole, then gathered)."""
+    once = [fallback_reason(s) is None and _locations(s) == 1 for s in subset.slices]
+    return [(_factor_dims(s) if s.columns is None else s.size) if one else s.layer_size
+            for s, one in zip(subset.slices, once, strict=True)]
 
 
 def _as_dtype(dtype) -> tf.DType:

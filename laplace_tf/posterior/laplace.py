@@ -52,6 +52,7 @@ from laplace_tf.curvature import make_builder
 from laplace_tf.curvature.base import CURVATURES, Curvature, fit_curvature
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.last_layer import find_last_layer
+from laplace_tf.curvature.lowrank import DEFAULT_RANK
 from laplace_tf.curvature.memory import (
     MemoryEstimate,
     check_memory,
@@ -91,6 +92,7 @@ SETTINGS = (
     Setting("batch_size", "metadata"),
     Setting("progress", None, when_absent=False),
     Setting("memory_limit_bytes", "metadata"),
+    Setting("rank", "metadata", when_absent=None),
     Setting("subnetwork_indices", "array", when_absent=None),
 )
 """The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
@@ -141,9 +143,10 @@ class PosteriorLaplace:
         subset_of_weights: ``"last_layer"``, ``"all"`` or ``"subnetwork"`` (the weights
             ``subnetwork_indices``, with ``hessian_structure="full"``; the others stay at the
             MAP: the posterior, its mean and samples are over those ``P_sub`` weights).
-        hessian_structure: ``"kron"``, ``"full"`` or ``"diag"``.
+        hessian_structure: ``"kron"``, ``"full"``, ``"diag"`` or ``"lowrank"`` (the top
+            ``rank`` eigenpairs of the GGN or EF, :mod:`laplace_tf.curvature.lowrank`).
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (exact; with ``subset_of_weights="all"``
-            only for ``"full"``).
+            only for ``"full"``; not for ``"lowrank"``).
         prior_precision: ``lambda`` > 0: a scalar, one per layer, or one per weight (not for
             ``"kron"``).
         prior_mean: the prior mean, a scalar or one per weight.
@@ -151,7 +154,7 @@ class PosteriorLaplace:
         temperature: ``T`` > 0 (the curvature and the log-likelihood are divided by it).
         last_layer_name: the layer for ``"last_layer"`` (default: the last layer with weights).
         stochastic: Monte-Carlo Kronecker GGN (``"kron"`` with ``curvature="ggn"`` only).
-        seed: seed of the Monte-Carlo curvature.
+        seed: seed of the Monte-Carlo curvature, or of the low-rank sketch (default 0).
         on_indefinite: ``"raise"`` a ValueError when the precision is not positive definite,
             or ``"clip"`` negative curvature eigenvalues at zero (with a warning). Applies to
             ``curvature="hessian"``; the GGN and EF are positive semi-definite by
@@ -162,6 +165,8 @@ class PosteriorLaplace:
             work) when :meth:`memory_estimate` exceeds it, and ``posterior_covariance`` a
             dense matrix above it. Default: a quarter of the available memory
             (:func:`~laplace_tf.curvature.full.default_memory_limit`).
+        rank: ``"lowrank"`` only: the eigenpairs kept (default 100; at most ``P``). Only a
+            scalar ``sigma_noise`` then.
         subnetwork_indices: for ``"subnetwork"``: integer indices into the flat vector of all
             trainable weights (``WeightSubset(model).flat_values()``), unique; sorted here
             (:mod:`laplace_tf.subnetwork` chooses them).
@@ -195,6 +200,7 @@ class PosteriorLaplace:
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: bool = True,
         memory_limit_bytes: int | None = None,
+        rank: int | None = None,
         subnetwork_indices=None,
     ):
         self.likelihood_name = choice(likelihood, "likelihood", LIKELIHOODS)
@@ -203,12 +209,19 @@ class PosteriorLaplace:
         self.hessian_structure = choice(hessian_structure, "hessian_structure", tuple(STRUCTURES))
         self.curvature_kind = choice(curvature, "curvature", CURVATURES)
         self.on_indefinite = choice(on_indefinite, "on_indefinite", ON_INDEFINITE)
-        if curvature == "hessian" and subset_of_weights == "all" and hessian_structure != "full":
+        if curvature == "hessian" and hessian_structure != "full" and (
+                subset_of_weights == "all" or hessian_structure == "lowrank"):
             raise ValueError(
                 f"curvature: the exact 'hessian' over all weights is only available with "
                 f"hessian_structure='full' (got {hessian_structure!r}); use curvature='ggn' or "
-                "'ef' for 'kron'/'diag', or subset_of_weights='last_layer'."
+                "'ef' for 'kron'/'diag'/'lowrank', or subset_of_weights='last_layer'."
             )
+        if rank is not None and hessian_structure != "lowrank":
+            raise ValueError(
+                f"rank: only used with hessian_structure='lowrank'; got hessian_structure="
+                f"{hessian_structure!r}. Drop rank, or use hessian_structure='lowrank'."
+            )
+        self.rank = None if rank is None else positive_int(rank, "rank")
         self.stochastic = flag(stochastic, "stochastic")
         if stochastic and (hessian_structure != "kron" or curvature != "ggn"):
             raise ValueError(
@@ -293,6 +306,13 @@ class PosteriorLaplace:
                 f"{sigma.shape.as_list()}."
             )
         check_positive(sigma, "sigma_noise", "Give positive noise standard deviations.")
+        if sigma.shape.rank and not self.structure.per_output_noise:
+            raise ValueError(
+                f"sigma_noise: hessian_structure={self.hessian_structure!r} takes a scalar "
+                f"sigma_noise (its curvature cannot be rebuilt per output); got "
+                f"{np.asarray(sigma).tolist()}. Give one value, or use hessian_structure='full', "
+                "'kron' or 'diag'."
+            )
         fit = self._fit_sigma
         if self._per_output_change(sigma) and self.subset_of_weights != "last_layer" \
                 and self._pieces is None:
@@ -417,6 +437,8 @@ class PosteriorLaplace:
         options = {"memory_limit_bytes": self.memory_limit_bytes}
         if self.stochastic:
             options.update(stochastic=True, seed=self.seed)
+        if self.hessian_structure == "lowrank":
+            options.update(rank=self._rank, seed=self.seed)
         return make_builder(
             self.subset_of_weights, self.hessian_structure, self.logit_model,
             likelihood or self.likelihood, curvature=self.curvature_kind, **options,
@@ -440,8 +462,13 @@ class PosteriorLaplace:
         return estimate_memory(
             self.subset, self.hessian_structure, n_outputs,
             self.batch_size if batch_size is None else batch_size, self._dtype,
-            self.subset_of_weights, self.curvature_kind,
+            self.subset_of_weights, self.curvature_kind, self._rank,
         )
+
+    @property
+    def _rank(self) -> int:
+        """The low-rank structure's rank: ``rank`` (default 100) capped at ``P``."""
+        return min(DEFAULT_RANK if self.rank is None else self.rank, self.n_params)
 
     def _check_memory(self, batch_size: int) -> None:
         """Refuse a fit whose :meth:`memory_estimate` exceeds ``memory_limit_bytes``.
