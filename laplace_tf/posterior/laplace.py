@@ -17,7 +17,7 @@ scalar ``sigma_noise`` therefore never recomputes curvature. A per-output ``sigm
 ``H(sigma) = sum_k H_k / sigma_k^2`` (:mod:`laplace_tf.posterior.output_noise`).
 
 One class serves every (subset, structure) pair: ``subset_of_weights`` picks the weights
-(``"all"`` or ``"last_layer"``), ``hessian_structure`` picks a
+(``"all"``, ``"last_layer"`` or ``"subnetwork"``), ``hessian_structure`` picks a
 :class:`~laplace_tf.posterior.structures.Structure`, and the curvature blocks are factored
 block by block (:mod:`laplace_tf.blocks`). ``laplace_tf.Laplace`` (the predictive)
 subclasses it.
@@ -61,7 +61,7 @@ from laplace_tf.curvature.memory import (
 )
 from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
-from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
+from laplace_tf.params import LogitModel, SubnetworkSubset, WeightSubset, leaf_layers
 from laplace_tf.posterior import io, marglik, output_noise
 from laplace_tf.posterior.prior import (
     as_float_tensor,
@@ -74,7 +74,7 @@ from laplace_tf.posterior.prior import (
 from laplace_tf.posterior.state import PosteriorState, Setting
 from laplace_tf.posterior.structures import STRUCTURES, precision_operator
 
-SUBSETS = ("all", "last_layer")
+SUBSETS = ("all", "last_layer", "subnetwork")
 ON_INDEFINITE = ("raise", "clip")
 SETTINGS = (
     Setting("likelihood", "metadata", attribute_name="likelihood_name"),
@@ -94,6 +94,7 @@ SETTINGS = (
     Setting("memory_limit_bytes", "metadata"),
     Setting("rank", "metadata", when_absent=None),
     Setting("n_context", "metadata", when_absent=None),
+    Setting("subnetwork_indices", "array", when_absent=None),
 )
 """The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
 rebuilds ``cls(model, **settings)`` from them. A new constructor argument adds one line here
@@ -140,7 +141,9 @@ class PosteriorLaplace:
         model: a trained, built Keras model (its current weights are the MAP).
         likelihood: ``"classification"``, ``"binary"``, ``"regression"`` or
             ``"heteroscedastic"`` (outputs ``[mean (K), log-variance (K)]``).
-        subset_of_weights: ``"last_layer"`` or ``"all"``.
+        subset_of_weights: ``"last_layer"``, ``"all"`` or ``"subnetwork"`` (the weights
+            ``subnetwork_indices``, with ``hessian_structure="full"``; the others stay at the
+            MAP: the posterior, its mean and samples are over those ``P_sub`` weights).
         hessian_structure: ``"kron"``, ``"full"``, ``"diag"``, ``"lowrank"`` (the top
             ``rank`` eigenpairs of the GGN or EF, :mod:`laplace_tf.curvature.lowrank`) or
             ``"gp"`` (functional Laplace: the GGN over ``n_context`` context examples, whose
@@ -172,6 +175,9 @@ class PosteriorLaplace:
         n_context: ``"gp"`` only: the number of context examples, chosen uniformly without
             replacement (seeded by ``seed``) from the training data; None: all of them. The
             evidence's data terms are sums over all the data. Only a scalar ``sigma_noise``.
+        subnetwork_indices: for ``"subnetwork"``: integer indices into the flat vector of all
+            trainable weights (``WeightSubset(model).flat_values()``), unique; sorted here
+            (:mod:`laplace_tf.subnetwork` chooses them).
 
     Raises:
         ValueError, TypeError: for any invalid argument (the message lists the valid values).
@@ -204,6 +210,7 @@ class PosteriorLaplace:
         memory_limit_bytes: int | None = None,
         rank: int | None = None,
         n_context: int | None = None,
+        subnetwork_indices=None,
     ):
         self.likelihood_name = choice(likelihood, "likelihood", LIKELIHOODS)
         self.likelihood = get_likelihood(likelihood)  # with sigma_noise below
@@ -253,9 +260,25 @@ class PosteriorLaplace:
                 "last_layer_name: only used with subset_of_weights='last_layer'; got "
                 f"subset_of_weights={subset_of_weights!r}. Drop last_layer_name."
             )
+        if (subnetwork_indices is None) == (subset_of_weights == "subnetwork"):
+            raise ValueError(
+                "subnetwork_indices: give them with subset_of_weights='subnetwork', and only "
+                f"then; got subset_of_weights={subset_of_weights!r} and subnetwork_indices="
+                f"{'None' if subnetwork_indices is None else 'indices'}."
+            )
+        if subset_of_weights == "subnetwork" and hessian_structure != "full":
+            raise ValueError(
+                "hessian_structure: subset_of_weights='subnetwork' takes 'full' (the dense "
+                f"curvature over the chosen weights); got {hessian_structure!r}. Choose fewer "
+                "weights if a dense matrix over them is too large."
+            )
         self.structure = STRUCTURES[hessian_structure]
         self.model = model
         self.subset = WeightSubset(model)  # checks the model
+        self.subnetwork_indices = None
+        if subset_of_weights == "subnetwork":
+            self.subset = SubnetworkSubset(model, subnetwork_indices)
+            self.subnetwork_indices = self.subset.indices
         self.last_layer_name = None
         if subset_of_weights == "last_layer":
             layer = find_last_layer(model, last_layer_name)
@@ -563,7 +586,7 @@ class PosteriorLaplace:
         else None. Output ``k``'s is ``sigma_k^2 (H(sigma') - H(sigma))`` with ``sigma'`` =
         ``sigma`` but ``sigma'_k = sigma_k / sqrt(2)``: one more fit per output."""
         sigma = self._sigma
-        if self.subset_of_weights != "all" or not self.likelihood.has_noise or \
+        if self.subset_of_weights == "last_layer" or not self.likelihood.has_noise or \
                 sigma.shape.rank == 0 or self.curvature_kind == "ef" or self.stochastic:
             return None
         pieces = []
