@@ -28,7 +28,7 @@ def test_one_example_config_per_subset_and_structure():
     pairs = {(c.laplace.subset_of_weights, c.laplace.hessian_structure)
              for c in map(cfg.load_config, CONFIGS.glob("*.yaml"))}
     assert pairs == {(s, h) for s in ("last_layer", "all") for h in ("kron", "full", "diag")} | {
-        ("all", "lowrank")}
+        ("all", "lowrank"), ("subnetwork", "full")}
 
 
 @pytest.mark.parametrize("task", list(cfg.DEMO_CONFIGS))

@@ -47,7 +47,7 @@ __all__ = [
     "make_builder", "register_kron_rule",
 ]
 
-SUBSETS = ("all", "last_layer")
+SUBSETS = ("all", "last_layer", "subnetwork")
 
 _ALL_WEIGHTS: dict[str, type[CurvatureBuilder]] = {
     "full": FullBuilder, "diag": DiagBuilder, "kron": KronBuilder, "lowrank": LowRankBuilder,
@@ -69,8 +69,10 @@ def make_builder(
     """The curvature builder for a weight subset and a Hessian structure.
 
     Args:
-        subset_of_weights: ``"all"`` (the weights of ``logit_model.subset``) or
-            ``"last_layer"`` (``logit_model`` must be over the last layer only).
+        subset_of_weights: ``"all"`` (the weights of ``logit_model.subset``),
+            ``"last_layer"`` (``logit_model`` must be over the last layer only) or
+            ``"subnetwork"`` (over a :class:`~laplace_tf.params.SubnetworkSubset`, ``"full"``
+            only: the weights outside it stay fixed).
         hessian_structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
         logit_model: the model and its weight subset.
         likelihood: the likelihood of the data.
@@ -78,8 +80,8 @@ def make_builder(
         **options: builder options: ``memory_limit_bytes`` (the memory budget of the exact
             Hessian's chunks, ``"all"`` + ``"full"``; ignored by the other builders),
             ``stochastic`` and ``seed`` (``"all"`` + ``"kron"``), ``rank``, ``oversampling``,
-            ``power_iterations`` and ``seed`` (``"lowrank"``, either subset), ``n_context`` and
-            ``seed`` (``"gp"``, either subset).
+            ``power_iterations`` and ``seed`` (``"lowrank"``, either subset), ``n_context``
+            and ``seed`` (``"gp"``, either subset).
 
     Returns:
         :class:`FullBuilder`, :class:`DiagBuilder`, :class:`KronBuilder`,
@@ -98,6 +100,11 @@ def make_builder(
             f"hessian_structure: expected one of {STRUCTURES}; got {hessian_structure!r}."
         )
     cls: type[CurvatureBuilder]
+    if subset_of_weights == "subnetwork" and hessian_structure != "full":
+        raise ValueError(
+            f"hessian_structure: subset_of_weights='subnetwork' takes 'full' (the dense "
+            f"curvature over the chosen weights); got {hessian_structure!r}."
+        )
     if subset_of_weights == "last_layer" and hessian_structure not in _ANY_SUBSET:
         cls, fixed = LastLayerBuilder, {"structure": hessian_structure}
     else:

@@ -48,6 +48,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 from laplace_tf.autodiff import first_line, quiet_pfor_errors
@@ -157,32 +158,6 @@ def summed_outer_products(
                            max(1, CHUNK_BYTES // per_example))
 
 
-def stacked_rows(
-    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
-    w: tf.Tensor | None = None,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """The rows ``v_nr`` themselves, stacked ``[N R, P]`` (example ``n``'s ``R`` rows are
-    ``n R, ..., n R + R - 1``): ``rows^T rows`` is the curvature :func:`summed_outer_products`
-    sums. Arguments as for :func:`summed_rows`; one call, no chunks (see
-    :func:`rows_chunk_examples`).
-
-    Returns:
-        The rows, and the batch's logits ``[N, K]``.
-    """
-    layout = slice_layout(logit_model, x)
-    parts, logits = _rows_by_slice(logit_model, likelihood, kind, x, y, layout,
-                                   weights_or_ones(w, y))
-    return tf.concat([_as_rows(p) for p in parts], axis=1), logits
-
-
-def rows_chunk_examples(logit_model: LogitModel, kind: str, x) -> int:
-    """How many examples one call of :func:`stacked_rows` may take: their intermediates and
-    rows fit in :data:`CHUNK_BYTES` (at least one)."""
-    layout = slice_layout(logit_model, x)
-    rows = _n_rows(layout, kind)
-    numbers = _COPIES * (_example_width(layout.dims, rows, outer=False)
-                         + rows * logit_model.subset.n_params)
-    return max(1, CHUNK_BYTES // (numbers * logit_model.subset.dtype.size))
 def summed_products(
     logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
     layout: Layout, basis: tf.Tensor, w: tf.Tensor | None = None,
@@ -244,6 +219,32 @@ def _transposed_times(part: _Outer | tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
         return tf.reshape(tf.matmul(part.inputs, flat, transpose_a=True),
                           [din * int(part.deltas.shape[-1]), -1])
     return tf.einsum("nrp,nrm->pm", part, scores)
+def stacked_rows(
+    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
+    w: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The rows ``v_nr`` themselves, stacked ``[N R, P]`` (example ``n``'s ``R`` rows are
+    ``n R, ..., n R + R - 1``): ``rows^T rows`` is the curvature :func:`summed_outer_products`
+    sums. Arguments as for :func:`summed_rows`; one call, no chunks (see
+    :func:`rows_chunk_examples`).
+
+    Returns:
+        The rows, and the batch's logits ``[N, K]``.
+    """
+    layout = slice_layout(logit_model, x)
+    parts, logits = _rows_by_slice(logit_model, likelihood, kind, x, y, layout,
+                                   weights_or_ones(w, y))
+    return tf.concat([_as_rows(p) for p in parts], axis=1), logits
+
+
+def rows_chunk_examples(logit_model: LogitModel, kind: str, x) -> int:
+    """How many examples one call of :func:`stacked_rows` may take: their intermediates and
+    rows fit in :data:`CHUNK_BYTES` (at least one)."""
+    layout = slice_layout(logit_model, x)
+    rows = _n_rows(layout, kind)
+    numbers = _COPIES * (_example_width(layout.dims, rows, outer=False)
+                         + rows * logit_model.subset.n_params)
+    return max(1, CHUNK_BYTES // (numbers * logit_model.subset.dtype.size))
 
 
 def outer_step_examples(logit_model: LogitModel, kind: str, x) -> int:
@@ -282,17 +283,26 @@ def outer_matrix(sums: Sequence[tf.Tensor], layout: Layout) -> tf.Tensor:
 
 class Layout(NamedTuple):
     """How a batch's rows are computed: per slice, ``(din (+1 for the bias), dout)`` if the
-    slice is factored, else its number of weights; the number of logits ``K``; and whether
+    slice is factored, else its number of weights; the number of logits ``K``; whether
     per-example rows must be computed one example at a time (:func:`_one_at_a_time`, see
-    :func:`_vectorised_rows`)."""
+    :func:`_vectorised_rows`); and per slice whether it holds some of the weights of a layer
+    that could be factored (a subnetwork): its rows ``a_n ⊗ delta_nr`` are formed at those
+    entries only (:func:`_gathered_rows`)."""
 
     dims: list[tuple[int, int] | int]
     n_outputs: int
     one_at_a_time: bool = False
+    gathered: tuple[bool, ...] = ()
 
     @property
     def factored(self) -> list[bool]:
         return [isinstance(d, tuple) for d in self.dims]
+
+    @property
+    def probed(self) -> list[bool]:
+        """Slices whose rows come from probes on the pre-activation (factored or gathered)."""
+        gathered = self.gathered or (False,) * len(self.dims)
+        return [f or g for f, g in zip(self.factored, gathered, strict=True)]
 
 
 def slice_layout(logit_model: LogitModel, x) -> Layout:
@@ -313,8 +323,11 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record))
     concrete = traced.get_concrete_function(any_batch_size(x))
     n_outputs = int(concrete.structured_outputs.shape[-1])
-    dims = [_factor_dims(s) if locations.get(id(s.layer)) == [1] else s.size for s in slices]
-    return Layout(dims, n_outputs, _one_at_a_time(concrete.graph))
+    once = [locations.get(id(s.layer)) == [1] for s in slices]
+    dims = [(_factor_dims(s) if s.columns is None else s.size) if one else s.layer_size
+            for s, one in zip(slices, once, strict=True)]
+    gathered = tuple(one and s.columns is not None for s, one in zip(slices, once, strict=True))
+    return Layout(dims, n_outputs, _one_at_a_time(concrete.graph), gathered)
 
 
 _BATCHED_PRODUCTS = ("Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
@@ -411,8 +424,8 @@ def _rows_by_slice(
     w: tf.Tensor,
 ) -> tuple[list[_Outer | tf.Tensor], tf.Tensor]:
     """Each slice's rows (an :class:`_Outer` if factored, else ``[n, R, p]``), and the logits."""
-    slices, factored = logit_model.subset.slices, layout.factored
-    layers = [s.layer for s, f in zip(slices, factored, strict=True) if f]
+    slices, probed = logit_model.subset.slices, layout.probed
+    layers = [s.layer for s, p in zip(slices, probed, strict=True) if p]
     inputs, probes = {}, {}
     with tf.GradientTape() as tape:
 
@@ -429,10 +442,13 @@ def _rows_by_slice(
     parts: dict[int, _Outer | tf.Tensor] = {}
     if layers:
         deltas = tape.jacobian(scores, [probes[id(la)] for la in layers], experimental_use_pfor=True)
+        columns = {id(s.layer): s.columns for s in slices}
         for layer, delta in zip(layers, deltas, strict=True):
             delta = tf.reshape(delta, [n_rows, -1, delta.shape[-1]])
-            parts[id(layer)] = _Outer(input_rows(layer, inputs[id(layer)]), delta)
-    others = [s for s, f in zip(slices, factored, strict=True) if not f]
+            outer = _Outer(input_rows(layer, inputs[id(layer)]), delta)
+            chosen = columns[id(layer)]
+            parts[id(layer)] = outer if chosen is None else _gathered_rows(outer, chosen)
+    others = [s for s, p in zip(slices, probed, strict=True) if not p]
     if others:
         rows = _vectorised_rows(logit_model, x, cotangents, others, layout.one_at_a_time)
         for s, part in zip(others, tf.split(rows, [s.size for s in others], -1), strict=True):
@@ -466,6 +482,7 @@ def _vectorised_rows(
     chosen = {id(v) for s in slices for v in s.variables}
     watched = [t for t, v in zip(values, subset.variables, strict=True) if id(v) in chosen]
     n_rows = int(cotangents.shape[-1])
+    columns = _columns(slices)
 
     def one_example(example, use_pfor: bool):
         x_n, c_n = example
@@ -477,7 +494,8 @@ def _vectorised_rows(
             scores, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO,
             experimental_use_pfor=use_pfor,
         )
-        return tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
+        rows = tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
+        return rows if columns is None else tf.gather(rows, columns, axis=-1)
 
     names = [s.name for s in slices]
     if not one_at_a_time:
@@ -500,6 +518,25 @@ def _vectorised_rows(
             f"layers {names} ({first_line(err)}). Use subset_of_weights='last_layer', or a "
             "subset of weights without these layers."
         ) from None
+
+
+def _columns(slices: Sequence[LayerSlice]) -> np.ndarray | None:
+    """The positions of the slices' weights among all weights of their variables (None: all)."""
+    if all(s.columns is None for s in slices):
+        return None
+    starts = np.cumsum([0] + [s.layer_size for s in slices])
+    return np.concatenate([
+        start + (np.arange(s.layer_size) if s.columns is None else s.columns)
+        for start, s in zip(starts, slices, strict=False)
+    ])
+
+
+def _gathered_rows(part: _Outer, columns: np.ndarray) -> tf.Tensor:
+    """Rows ``[n, R, c]`` of a factored layer at the entries ``columns`` of its row-major
+    ``(din, dout)`` weight matrix only: ``inputs[n, i] * deltas[r, n, j]``."""
+    dout = int(part.deltas.shape[-1])
+    return tf.einsum("nc,rnc->nrc", tf.gather(part.inputs, columns // dout, axis=-1),
+                     tf.gather(part.deltas, columns % dout, axis=-1))
 
 
 def _as_rows(part: _Outer | tf.Tensor) -> tf.Tensor:

@@ -96,6 +96,9 @@ class CurvatureBuilder:
     kinds: tuple[str, ...] = CURVATURES
     passes: int = 1
     """Passes over the data a fit takes; :meth:`start_pass` runs before each."""
+    keeps_examples: bool = False
+    """Whether :meth:`observe` keeps examples for :meth:`finish` (then the curvature is not a
+    sum over batches, and cannot be all-reduced over workers)."""
 
     def __init__(self, logit_model: LogitModel, likelihood: Likelihood, kind: str = "ggn"):
         if kind not in self.kinds:
@@ -135,10 +138,6 @@ class CurvatureBuilder:
         """The blocks of :meth:`batch_sums` added up over batches (by default, the sums with
         Kronecker ``A`` turned from a sum into a mean)."""
         return [b.from_sum_form() for b in sums]
-
-    keeps_examples: bool = False
-    """Whether :meth:`observe` keeps examples for :meth:`finish` (then the curvature is not a
-    sum over batches, and cannot be all-reduced over workers)."""
 
     def observe(self, x, y, w) -> None:
         """Called with every step's batch (in Python, before the step): by default nothing. A
@@ -232,6 +231,7 @@ def fit_curvature(
         total = tf.nest.map_structure(tf.convert_to_tensor, total)
         if multi_worker:
             total = _all_reduce(strategy, total)
+    assert total is not None  # a builder takes at least one pass
     n_data = float(total.n_data)
     if n_data <= 0:
         raise ValueError(

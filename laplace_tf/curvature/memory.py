@@ -114,6 +114,7 @@ _CHEAPER = {
     ("lowrank", "last_layer"): "a smaller rank, or hessian_structure='diag'",
     ("gp", "all"): "a smaller n_context, or subset_of_weights='last_layer'",
     ("gp", "last_layer"): "a smaller n_context",
+    ("full", "subnetwork"): "fewer subnetwork_indices",
 }
 
 
@@ -123,7 +124,7 @@ class MemoryEstimate:
 
     Attributes:
         structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
-        subset_of_weights: ``"all"`` or ``"last_layer"``.
+        subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"``.
         n_params: number of weights ``P``.
         dtype: the dtype's name, e.g. ``"float32"``.
         batch_size: the batch size the per-batch part assumes.
@@ -172,7 +173,7 @@ def estimate_memory(
         n_outputs: the number of model outputs (logits) ``K``.
         batch_size: the batch size of the fit.
         dtype: the floating dtype of the computation (default: the weights' dtype).
-        subset_of_weights: ``"all"`` or ``"last_layer"``.
+        subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"``.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (rows per example: 1 for ``"ef"``,
             else ``n_outputs``).
         rank: the rank of ``"lowrank"`` (capped at the number of weights).
@@ -321,8 +322,6 @@ def _lowrank(subset: WeightSubset, rows: int, rank: int, batch_size: int,
     return {"curvature": block["curvature"],
             "fit_workspace": _LOWRANK_FIT_COPIES * p * m * 8 // itemsize,
             "per_batch": step * per_example, **block}
-
-
 def _gp(subset: WeightSubset, rows: int, n_context: int, itemsize: int) -> dict[str, int]:
     p = subset.n_params
     block = LowRankBlock.memory(p, min(n_context * rows, p))
@@ -395,9 +394,12 @@ def _per_example(
 
 def _slice_dims(subset: WeightSubset) -> list[tuple[int, int] | int]:
     """Each slice's ``(din (+1), dout)`` if :mod:`~laplace_tf.curvature._per_example` factors
-    it (a layer with a Kronecker rule and one location per example), else its size."""
-    return [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
-            for s in subset.slices]
+    it (a layer with a Kronecker rule and one location per example), else its size (some of
+    such a layer's weights: its rows are formed at those only; of another layer: its rows
+    are formed whole, then gathered)."""
+    once = [fallback_reason(s) is None and _locations(s) == 1 for s in subset.slices]
+    return [(_factor_dims(s) if s.columns is None else s.size) if one else s.layer_size
+            for s, one in zip(subset.slices, once, strict=True)]
 
 
 def _as_dtype(dtype) -> tf.DType:

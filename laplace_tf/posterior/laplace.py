@@ -17,7 +17,7 @@ scalar ``sigma_noise`` therefore never recomputes curvature. A per-output ``sigm
 ``H(sigma) = sum_k H_k / sigma_k^2`` (:mod:`laplace_tf.posterior.output_noise`).
 
 One class serves every (subset, structure) pair: ``subset_of_weights`` picks the weights
-(``"all"`` or ``"last_layer"``), ``hessian_structure`` picks a
+(``"all"``, ``"last_layer"`` or ``"subnetwork"``), ``hessian_structure`` picks a
 :class:`~laplace_tf.posterior.structures.Structure`, and the curvature blocks are factored
 block by block (:mod:`laplace_tf.blocks`). ``laplace_tf.Laplace`` (the predictive)
 subclasses it.
@@ -61,7 +61,7 @@ from laplace_tf.curvature.memory import (
 )
 from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
-from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
+from laplace_tf.params import LogitModel, SubnetworkSubset, WeightSubset, leaf_layers
 from laplace_tf.posterior import io, marglik, output_noise
 from laplace_tf.posterior.prior import (
     as_float_tensor,
@@ -74,7 +74,7 @@ from laplace_tf.posterior.prior import (
 from laplace_tf.posterior.state import PosteriorState, Setting
 from laplace_tf.posterior.structures import STRUCTURES, precision_operator
 
-SUBSETS = ("all", "last_layer")
+SUBSETS = ("all", "last_layer", "subnetwork")
 ON_INDEFINITE = ("raise", "clip")
 SETTINGS = (
     Setting("likelihood", "metadata", attribute_name="likelihood_name"),
@@ -94,6 +94,7 @@ SETTINGS = (
     Setting("memory_limit_bytes", "metadata"),
     Setting("rank", "metadata", when_absent=None),
     Setting("n_context", "metadata", when_absent=None),
+    Setting("subnetwork_indices", "array", when_absent=None),
 )
 """The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
 rebuilds ``cls(model, **settings)`` from them. A new constructor argument adds one line here
@@ -140,11 +141,13 @@ class PosteriorLaplace:
         model: a trained, built Keras model (its current weights are the MAP).
         likelihood: ``"classification"``, ``"binary"``, ``"regression"`` or
             ``"heteroscedastic"`` (outputs ``[mean (K), log-variance (K)]``).
-        subset_of_weights: ``"last_layer"`` or ``"all"``.
+        subset_of_weights: ``"last_layer"``, ``"all"`` or ``"subnetwork"`` (the weights
+            ``subnetwork_indices``, with ``hessian_structure="full"``; the others stay at the
+            MAP: the posterior, its mean and samples are over those ``P_sub`` weights).
         hessian_structure: ``"kron"``, ``"full"``, ``"diag"``, ``"lowrank"`` (the top
             ``rank`` eigenpairs of the GGN or EF, :mod:`laplace_tf.curvature.lowrank`) or
-            ``"gp"`` (functional Laplace: the GGN over ``n_context`` context examples, whose GLM
-            predictive is a GP; :mod:`laplace_tf.curvature.gp`).
+            ``"gp"`` (functional Laplace: the GGN over ``n_context`` context examples, whose
+            GLM predictive is a GP; :mod:`laplace_tf.curvature.gp`).
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (exact; with ``subset_of_weights="all"``
             only for ``"full"``; not for ``"lowrank"``).
         prior_precision: ``lambda`` > 0: a scalar, one per layer, or one per weight (not for
@@ -154,8 +157,8 @@ class PosteriorLaplace:
         temperature: ``T`` > 0 (the curvature and the log-likelihood are divided by it).
         last_layer_name: the layer for ``"last_layer"`` (default: the last layer with weights).
         stochastic: Monte-Carlo Kronecker GGN (``"kron"`` with ``curvature="ggn"`` only).
-        seed: seed of the Monte-Carlo curvature, of the low-rank sketch, or of the choice of
-            the ``"gp"`` context (default 0).
+        seed: seed of the Monte-Carlo curvature, of the low-rank sketch or of the choice of
+            the ``"gp"`` context (None: 0).
         on_indefinite: ``"raise"`` a ValueError when the precision is not positive definite,
             or ``"clip"`` negative curvature eigenvalues at zero (with a warning). Applies to
             ``curvature="hessian"``; the GGN and EF are positive semi-definite by
@@ -171,6 +174,9 @@ class PosteriorLaplace:
         n_context: ``"gp"`` only: the number of context examples, chosen uniformly without
             replacement (seeded by ``seed``) from the training data; None: all of them. The
             evidence's data terms are sums over all the data. Only a scalar ``sigma_noise``.
+        subnetwork_indices: for ``"subnetwork"``: integer indices into the flat vector of all
+            trainable weights (``WeightSubset(model).flat_values()``), unique; sorted here
+            (:mod:`laplace_tf.subnetwork` chooses them).
 
     Raises:
         ValueError, TypeError: for any invalid argument (the message lists the valid values).
@@ -203,6 +209,7 @@ class PosteriorLaplace:
         memory_limit_bytes: int | None = None,
         rank: int | None = None,
         n_context: int | None = None,
+        subnetwork_indices=None,
     ):
         self.likelihood_name = choice(likelihood, "likelihood", LIKELIHOODS)
         self.likelihood = get_likelihood(likelihood)  # with sigma_noise below
@@ -210,11 +217,6 @@ class PosteriorLaplace:
         self.hessian_structure = choice(hessian_structure, "hessian_structure", tuple(STRUCTURES))
         self.curvature_kind = choice(curvature, "curvature", CURVATURES)
         self.on_indefinite = choice(on_indefinite, "on_indefinite", ON_INDEFINITE)
-        if hessian_structure == "gp" and curvature != "ggn":
-            raise ValueError(
-                f"curvature: hessian_structure='gp' needs curvature='ggn' (the GP's kernel and "
-                f"noise are the GGN's); got {curvature!r}."
-            )
         if curvature == "hessian" and hessian_structure != "full" and (
                 subset_of_weights == "all" or hessian_structure == "lowrank"):
             raise ValueError(
@@ -228,6 +230,11 @@ class PosteriorLaplace:
                 f"{hessian_structure!r}. Drop rank, or use hessian_structure='lowrank'."
             )
         self.rank = None if rank is None else positive_int(rank, "rank")
+        if hessian_structure == "gp" and curvature != "ggn":
+            raise ValueError(
+                f"curvature: hessian_structure='gp' needs curvature='ggn' (the GP's kernel and "
+                f"noise are the GGN's); got {curvature!r}."
+            )
         self.n_context = positive_int_or_none(n_context, "n_context")
         if n_context is not None and hessian_structure != "gp":
             raise ValueError(
@@ -252,9 +259,25 @@ class PosteriorLaplace:
                 "last_layer_name: only used with subset_of_weights='last_layer'; got "
                 f"subset_of_weights={subset_of_weights!r}. Drop last_layer_name."
             )
+        if (subnetwork_indices is None) == (subset_of_weights == "subnetwork"):
+            raise ValueError(
+                "subnetwork_indices: give them with subset_of_weights='subnetwork', and only "
+                f"then; got subset_of_weights={subset_of_weights!r} and subnetwork_indices="
+                f"{'None' if subnetwork_indices is None else 'indices'}."
+            )
+        if subset_of_weights == "subnetwork" and hessian_structure != "full":
+            raise ValueError(
+                "hessian_structure: subset_of_weights='subnetwork' takes 'full' (the dense "
+                f"curvature over the chosen weights); got {hessian_structure!r}. Choose fewer "
+                "weights if a dense matrix over them is too large."
+            )
         self.structure = STRUCTURES[hessian_structure]
         self.model = model
         self.subset = WeightSubset(model)  # checks the model
+        self.subnetwork_indices = None
+        if subset_of_weights == "subnetwork":
+            self.subset = SubnetworkSubset(model, subnetwork_indices)
+            self.subnetwork_indices = self.subset.indices
         self.last_layer_name = None
         if subset_of_weights == "last_layer":
             layer = find_last_layer(model, last_layer_name)
@@ -462,8 +485,8 @@ class PosteriorLaplace:
         return estimate_memory(
             self.subset, self.hessian_structure, n_outputs,
             self.batch_size if batch_size is None else batch_size, self._dtype,
-            self.subset_of_weights, self.curvature_kind, self._rank,
-            n_context or self.n_context,
+            self.subset_of_weights, self.curvature_kind, rank=self._rank,
+            n_context=n_context or self.n_context,
         )
 
     @property
@@ -562,7 +585,7 @@ class PosteriorLaplace:
         else None. Output ``k``'s is ``sigma_k^2 (H(sigma') - H(sigma))`` with ``sigma'`` =
         ``sigma`` but ``sigma'_k = sigma_k / sqrt(2)``: one more fit per output."""
         sigma = self._sigma
-        if self.subset_of_weights != "all" or not self.likelihood.has_noise or \
+        if self.subset_of_weights == "last_layer" or not self.likelihood.has_noise or \
                 sigma.shape.rank == 0 or self.curvature_kind == "ef" or self.stochastic:
             return None
         pieces = []

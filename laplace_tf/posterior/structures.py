@@ -10,10 +10,10 @@ distribution represents the posterior ``N(mean, (c H + diag(lambda))^-1)``:
   each block :class:`~laplace_tf.blocks.kron_operator.LinearOperatorKroneckerEigen` (or diagonal for
   layers without a Kronecker rule): no dense ``P x P`` matrix;
 * diag -> ``tfd.MultivariateNormalDiag``;
-* lowrank -> ``tfd.MultivariateNormalLinearOperator`` whose scale is the low-rank factor's
-  (:meth:`~laplace_tf.blocks.lowrank.LowRankFactor.scale`: a diagonal times a low-rank
-  update of the identity): no dense ``P x P`` matrix;
-* gp -> the same, over the GGN of the context examples.
+* lowrank, gp -> ``tfd.MultivariateNormalLinearOperator`` whose scale is the low-rank
+  factor's (:meth:`~laplace_tf.blocks.lowrank.LowRankFactor.scale`: a diagonal times a
+  low-rank update of the identity), over the top eigenpairs of the GGN (lowrank) or the GGN
+  of the context examples (gp): no dense ``P x P`` matrix.
 
 The precision operator is block-diagonal over curvature blocks in every case. The block
 types and their algebra are :mod:`laplace_tf.blocks`; a structure only names the block types
@@ -110,6 +110,8 @@ class DiagStructure(Structure):
 
 
 class LowRankStructure(Structure):
+    """A low-rank curvature ``H = R^T R`` (the top eigenpairs of the GGN)."""
+
     name = "lowrank"
     blocks = (LowRankBlock,)
     per_output_noise = False  # H = R^T R cannot be split into per-output curvatures
