@@ -12,7 +12,7 @@ cotangents ``c [N, K, R]`` (:func:`output_cotangents`) are all that depends on t
 :func:`summed_outer_products` ``sum v v^T`` (compact sums that :func:`outer_matrix` lays out as
 the ``[P, P]`` matrix), layer by layer:
 
-* a layer with a Kronecker rule (:mod:`~laplace_tf.curvature.kron_layers`: Dense, Conv) called
+* a layer with a Kronecker rule (:mod:`~laplace_tf.curvature.kron_layers`: Dense, Conv, ...) called
   once, with one location per example (a Dense layer on ``[N, din]`` inputs), is *factored*: its
   row is the outer product ``a_n ⊗ delta_nr`` of the layer's input row (1 appended for the bias)
   and the gradient of ``f_n . c_r`` with respect to its pre-activation. ``delta`` for the whole
@@ -57,7 +57,7 @@ from laplace_tf.curvature._kron_sums import (
     symmetric_sum_numbers,
 )
 from laplace_tf.curvature.base import any_batch_size, weights_or_ones
-from laplace_tf.curvature.kron_layers import fallback_reason, input_rows
+from laplace_tf.curvature.kron_layers import input_rows, is_factored, output_size
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LayerSlice, LogitModel
 
@@ -212,11 +212,11 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     graph that is never run.
     """
     slices = logit_model.subset.slices
-    candidates = [s.layer for s in slices if fallback_reason(s) is None]
+    candidates = [s.layer for s in slices if is_factored(s)]
     locations: dict[int, list] = {id(layer): [] for layer in candidates}
 
     def record(layer, inputs, z):
-        locations[id(layer)].append(z.shape[1:-1].num_elements())
+        locations[id(layer)].append(z.shape[1:].num_elements() // output_size(layer))
         return z
 
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record))
@@ -287,8 +287,8 @@ def _size(dims: tuple[int, int] | int) -> int:
 
 def _factor_dims(s: LayerSlice) -> tuple[int, int]:
     """``(din (+1), dout)`` of a factored layer's slice."""
-    kernel = s.variables[0].shape
-    return s.size // kernel[-1], kernel[-1]
+    dout = output_size(s.layer)
+    return s.size // dout, dout
 
 
 def sum_over_chunks(fn, x, y: tf.Tensor, chunk: int):
@@ -339,7 +339,7 @@ def _rows_by_slice(
     if layers:
         deltas = tape.jacobian(scores, [probes[id(la)] for la in layers], experimental_use_pfor=True)
         for layer, delta in zip(layers, deltas, strict=True):
-            delta = tf.reshape(delta, [n_rows, -1, delta.shape[-1]])
+            delta = tf.reshape(delta, [n_rows, -1, output_size(layer)])
             parts[id(layer)] = _Outer(input_rows(layer, inputs[id(layer)]), delta)
     others = [s for s, f in zip(slices, factored, strict=True) if not f]
     if others:

@@ -80,7 +80,7 @@ from laplace_tf.curvature._per_example import (
 )
 from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
-from laplace_tf.curvature.kron_layers import fallback_reason
+from laplace_tf.curvature.kron_layers import fallback_reason, is_factored
 from laplace_tf.curvature.last_layer import full_example_numbers
 from laplace_tf.params import LayerSlice, WeightSubset
 
@@ -329,7 +329,7 @@ def _per_example(
     intermediates exist ``_COPIES`` times, and examples come in chunks that fit in
     ``CHUNK_BYTES`` (full joins batches into steps of up to a chunk).
     """
-    dims = [_factor_dims(s) if fallback_reason(s) is None and _locations(s) == 1 else s.size
+    dims = [_factor_dims(s) if is_factored(s) and _locations(s) == 1 else s.size
             for s in subset.slices]
     per_example = _COPIES * _example_width(dims, rows, outer)
     chunk = max(1, CHUNK_BYTES // (per_example * itemsize))

@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from laplace_tf.autodiff import first_line, quiet_pfor_errors
 from laplace_tf.blocks import Covariance, DiagCovariance, LayerJacobian  # noqa: F401 (doctest)
-from laplace_tf.curvature.kron_layers import KRON_RULES, fallback_reason, input_rows
+from laplace_tf.curvature.kron_layers import KRON_RULES, input_rows, is_factored, output_size
 from laplace_tf.params import LayerSlice, LogitModel
 
 
@@ -55,7 +55,8 @@ class _Part:
     @property
     def shape(self) -> tuple[int, int]:
         """``(din, dout)``: the layer's weights as a row-major matrix, bias row included."""
-        dout = int(self.slice.variables[0].shape[-1])
+        dout = output_size(self.slice.layer) if self.factored else \
+            int(self.slice.variables[0].shape[-1])
         return self.slice.size // dout, dout
 
 
@@ -158,7 +159,7 @@ class FunctionalVariance:
             tape.watch(list(watched.values()))
 
             def hook(layer, inputs, z):
-                locations = int(np.prod(z.shape[1:-1]))  # static even when N is not
+                locations = int(np.prod(z.shape[1:])) // output_size(layer)  # static
                 if self.logits_layer:  # g is the identity: no probe needed
                     calls[id(layer)].append((inputs, locations, None))
                     return z
@@ -181,7 +182,7 @@ class FunctionalVariance:
                 a_calls.append(tf.reshape(rows, [-1, locations, rows.shape[-1]]))
                 if probe is not None:  # [K, N, ..., dout] -> [N, T, K, dout]
                     g = next(grads)
-                    g = tf.reshape(g, [g.shape[0], -1, locations, g.shape[-1]])
+                    g = tf.reshape(g, [g.shape[0], -1, locations, part.shape[1]])
                     g_calls.append(tf.transpose(g, [1, 2, 0, 3]))
             factors[id(part.slice.layer)] = _Factor(
                 tf.concat(a_calls, axis=1), tf.concat(g_calls, axis=1) if g_calls else None
@@ -213,7 +214,7 @@ def _vectorised_jacobian(tape: tf.GradientTape, target: tf.Tensor, sources: list
 
 def _block_parts(slices: Sequence[LayerSlice], offset: int, size: int) -> tuple[_Part, ...]:
     parts = tuple(
-        _Part(s, fallback_reason(s) is None, s.offset - offset)
+        _Part(s, is_factored(s), s.offset - offset)
         for s in slices if offset <= s.offset < offset + size
     )
     if sum(p.slice.size for p in parts) != size or not parts or parts[0].start != 0:
