@@ -191,8 +191,8 @@ class KronBuilder(CurvatureBuilder):
             logger.info("laplace_tf: hessian_structure='kron' blocks per layer: %s.", listing)
             return
         logger.warning(
-            "laplace_tf: hessian_structure='kron' uses the exact %s diagonal for %d layer(s): %s. "
-            "Blocks per layer: %s.",
+            "laplace_tf: hessian_structure='kron' uses the exact %s diagonal for %d layer(s): %s; "
+            "blocks per layer: %s.",
             self.kind.upper(), len(fallbacks),
             "; ".join(f"{slices[i].name!r} ({reason})" for i, reason in sorted(fallbacks.items())),
             listing,

@@ -80,7 +80,7 @@ from laplace_tf.curvature._per_example import (
 )
 from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
-from laplace_tf.curvature.kron_layers import fallback_reason, is_factored
+from laplace_tf.curvature.kron_layers import block_kind, is_factored, output_size
 from laplace_tf.curvature.last_layer import full_example_numbers
 from laplace_tf.params import LayerSlice, WeightSubset
 
@@ -254,9 +254,12 @@ def _full(p: int, fit_copies: int, per_batch: int) -> dict[str, int]:
 def _kron(slices, rows: int, batch_size: int) -> dict[str, int]:
     counts = dict.fromkeys(("curvature", "fit_workspace", "per_batch", "eigendecomposition"), 0)
     for layer_slice in slices:
-        if fallback_reason(layer_slice) is None:
-            d, o = _factor_sizes(layer_slice)
+        kind, _ = block_kind(layer_slice)
+        if kind == "kron":
+            d, o = _factor_dims(layer_slice)
             layer = _kron_layer(d, o, batch_size * _locations(layer_slice) * (d + rows * o))
+        elif kind == "dense":  # a scale-and-shift layer's exact block
+            layer = _full(layer_slice.size, 2, batch_size * rows * layer_slice.size)
         else:
             layer = _diag(layer_slice.size, batch_size * rows * layer_slice.size)
         for name, n in layer.items():
@@ -308,7 +311,8 @@ def _factor_sizes(layer_slice: LayerSlice) -> tuple[int, int]:
 
 
 def _locations(layer_slice: LayerSlice) -> int:
-    """Output positions per example (1 for Dense on ``[N, din]``), from the layer's output.
+    """Output positions per example of a layer with a Kronecker rule (1 for Dense on
+    ``[N, din]``), from the layer's output.
 
     A layer without a recorded output shape (a subclassed model) counts as one location.
     """
@@ -316,7 +320,7 @@ def _locations(layer_slice: LayerSlice) -> int:
         shape = layer_slice.layer.output.shape
     except (AttributeError, ValueError):
         return 1
-    return int(np.prod([n or 1 for n in shape[1:-1]]))
+    return int(np.prod([n or 1 for n in shape[1:]])) // output_size(layer_slice.layer)
 
 
 def _per_example(
