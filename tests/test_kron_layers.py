@@ -190,14 +190,17 @@ def test_weight_shared_factors_equal_explicit_rows_and_jacobians(model_name):
     (build, _), explicit_rows, dout = SEVERAL_LOCATIONS[model_name]
     logit_model, likelihood, x, y = _problem(build, "classification", 3, 3)
     layer = logit_model.subset.slices[0].layer
-    (block, _), _ = KronBuilder(logit_model, likelihood).batch_blocks(x, y)
+    w = np.array([0.5, 2.0, 1.0])
+    (block, _), _ = KronBuilder(logit_model, likelihood).batch_blocks(x, y, tf.constant(w))
     rows = explicit_rows(layer, x)
     jacobians = testing.brute_force_preactivation_jacobians(logit_model, layer, x)
     jacobians = jacobians.reshape(3, 3, -1, dout)                      # [N, K, locations, dout]
     lam = testing.brute_force_output_hessians(likelihood, logit_model(x), y)
-    G = np.einsum("nktd,nkl,nlte->de", jacobians, lam, jacobians)
-    assert float(block.n) == len(rows) == 3 * jacobians.shape[2] > 3
-    np.testing.assert_allclose(block.A, rows.T @ rows / len(rows), **EXACT)
+    G = np.einsum("n,nktd,nkl,nlte->de", w, jacobians, lam, jacobians)
+    row_weights = np.repeat(w, jacobians.shape[2])
+    assert len(rows) == 3 * jacobians.shape[2] > 3
+    assert float(block.n) == pytest.approx(row_weights.sum(), rel=1e-12)
+    np.testing.assert_allclose(block.A, (rows.T * row_weights) @ rows / row_weights.sum(), **EXACT)
     np.testing.assert_allclose(block.G, G, **EXACT)
 
 

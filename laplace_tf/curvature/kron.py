@@ -65,8 +65,9 @@ class KronBuilder(CurvatureBuilder):
         likelihood: the likelihood of the data.
         kind: ``"ggn"`` or ``"ef"``.
         stochastic: replace the GGN's ``K`` backward passes per example by one pass at a
-            target sampled from the predictive (Monte-Carlo GGN; ``kind="ggn"`` only). Layers
-            with a diagonal block keep the exact diagonal.
+            target sampled from the predictive (Monte-Carlo GGN; ``kind="ggn"`` only; the
+            dense blocks of scale-and-shift layers are Monte-Carlo estimates too). Layers
+            with a diagonal fallback block keep the exact diagonal.
         seed: an integer seed for ``stochastic``; batch ``i`` of this builder draws with the
             stateless seed ``(seed, i)``, so a new builder with the same seed repeats the
             numbers. ``None`` draws a fresh seed.

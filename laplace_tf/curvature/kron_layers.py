@@ -312,7 +312,9 @@ def register_kron_rule(layer_type: type, rule: KronRule) -> None:
     Args:
         layer_type: a subclass of ``keras.layers.Layer`` with a ``kernel [..., dout]`` and a
             ``bias`` (``None`` without bias), whose pre-activation at every location is
-            ``rows @ [kernel reshaped to [din, dout]; bias]``.
+            ``rows @ [kernel reshaped to [din, dout]; bias]`` (other weights: the rule
+            overrides :meth:`KronRule.variables`, :meth:`KronRule.shape` and, for a block
+            other than ``A ⊗ G``, :meth:`KronRule.block`).
         rule: a :class:`KronRule` whose :meth:`KronRule.rows` gives those rows.
 
     Raises:
