@@ -158,6 +158,24 @@ def test_large_scale_and_shift_layer_gets_its_exact_diagonal(monkeypatch, caplog
     assert f"{layer_slice.name!r} diag (8 weights > MAX_DENSE_WEIGHTS=7)" in message
 
 
+def test_large_vocabulary_gets_the_exact_diagonal(monkeypatch, caplog):
+    (build, _), _, _ = SEVERAL_LOCATIONS["embedding_sequence"]
+    logit_model, likelihood, x, y = _problem(build, "classification", 3, 3)
+    layer_slice = logit_model.subset.slices[0]
+    assert kron_layers.block_kind(layer_slice) == ("kron", None)
+    monkeypatch.setattr(kron_layers, "MAX_VOCABULARY", VOCABULARY - 1)
+    w = np.array([0.5, 2.0, 1.0])
+    with caplog.at_level(logging.INFO, logger="laplace_tf"):
+        blocks, _ = KronBuilder(logit_model, likelihood).batch_blocks(x, y, tf.constant(w))
+    assert isinstance(blocks[0], DiagBlock)
+    exact = sum(w_n * _exact_block("ggn", logit_model, likelihood, x[n:n + 1], y[n:n + 1],
+                                   layer_slice) for n, w_n in enumerate(w))
+    assert any(np.sum(x[n] == token) > 1 for n in range(3) for token in range(VOCABULARY))
+    np.testing.assert_allclose(blocks[0].diagonal, np.diag(exact), **EXACT)
+    (message,) = [r.getMessage() for r in caplog.records if "blocks per layer" in r.getMessage()]
+    assert f"{layer_slice.name!r} diag (vocabulary of 5 tokens > MAX_VOCABULARY=4)" in message
+
+
 # several locations per example: A against explicit rows, G against pre-activation Jacobians
 def _one_hot_rows(layer, x):
     return np.eye(VOCABULARY)[np.asarray(x).reshape(-1)]
@@ -269,7 +287,6 @@ def test_normalised_inputs_reproduce_scale_and_shift(make):
     (L.EinsumDense("abc,cd->adb", (2, 3)), (None, 3, 4), "does not end with the kernel's output"),
     (L.EinsumDense("abc,cde->abde", (3, 2, 5), bias_axes="e"), (None, 3, 4),
      "bias_axes='e' is not over all output axes 'de'"),
-    (L.Embedding(kron_layers.MAX_VOCABULARY + 1, 2), (None, 3), "vocabulary of 2049 tokens"),
     (L.BatchNormalization(), (None, 4), None),
     (L.EinsumDense("abc,cde->abde", (3, 2, 5), bias_axes="de"), (None, 3, 4), None),
 ])

@@ -15,7 +15,8 @@ rules above; a scale-and-shift layer (``LayerNormalization``, ``BatchNormalizati
 inference: ``z_t = xhat_t * gamma + beta`` channel by channel), whose weight gradient is not an
 outer product, gets the exact GGN / EF block over its ``gamma`` and ``beta`` from the same
 pre-activation gradients (kfac-jax's scale-and-shift blocks): a :class:`DenseBlock` up to
-:data:`MAX_DENSE_WEIGHTS` weights, its exact diagonal above.
+:data:`MAX_DENSE_WEIGHTS` weights, its exact diagonal above. An Embedding's ``A`` is diagonal
+(token counts); above :data:`MAX_VOCABULARY` tokens it gets its exact diagonal.
 
 Example:
     The rows of a causal Conv1D reproduce its pre-activation output through the flattened
@@ -45,8 +46,8 @@ MAX_DENSE_WEIGHTS = 1024
 exact diagonal (a dense block costs the square of the weights, its factor their cube)."""
 
 MAX_VOCABULARY = 2048
-"""Embeddings with a larger vocabulary get the diagonal fallback instead of ``A ⊗ G`` (the
-factor ``A`` over the vocabulary is ``V x V`` and eigendecomposed)."""
+"""Embeddings with a larger vocabulary get the exact diagonal of their block instead of
+``A ⊗ G`` (whose factor ``A`` over the vocabulary is ``V x V``, eigendecomposed)."""
 
 
 class KronRule:
@@ -149,14 +150,8 @@ class _ConvRule(KronRule):
 
 class _EmbeddingRule(KronRule):
     """Embedding: the rows are one-hot tokens, so ``A`` is diagonal (the tokens' weighted
-    counts), computed as such; ``G`` is full. Large vocabularies fall back
-    (:data:`MAX_VOCABULARY`)."""
-
-    def unsupported(self, layer):
-        if layer.input_dim > MAX_VOCABULARY:
-            return (f"vocabulary of {layer.input_dim} tokens > MAX_VOCABULARY={MAX_VOCABULARY} "
-                    "(A would be a dense V x V matrix)")
-        return None
+    counts), computed as such; ``G`` is full. Above :data:`MAX_VOCABULARY` tokens the block is
+    the exact diagonal instead, from the tokens that occur (no ``V x V`` matrix)."""
 
     def variables(self, layer):
         return (layer.embeddings,)
@@ -164,16 +159,39 @@ class _EmbeddingRule(KronRule):
     def shape(self, layer):
         return int(layer.input_dim), int(layer.output_dim)
 
+    def kind(self, layer):
+        if layer.input_dim > MAX_VOCABULARY:
+            return "diag", f"vocabulary of {layer.input_dim} tokens > MAX_VOCABULARY={MAX_VOCABULARY}"
+        return "kron", None
+
     def rows(self, layer, inputs):
         tokens = tf.reshape(tf.cast(inputs, tf.int32), [-1])
         return tf.one_hot(tokens, layer.input_dim, dtype=layer.embeddings.dtype)
 
     def block(self, layer, inputs, gradients, w):
         tokens = tf.reshape(tf.cast(inputs, tf.int32), [-1])
+        if layer.input_dim > MAX_VOCABULARY:
+            return DiagBlock(_token_diagonal(tokens, gradients, layer.input_dim, layer.output_dim))
         row_weights = _row_weights(w, tf.shape(tokens)[0])
         counts = tf.math.unsorted_segment_sum(row_weights, tokens, layer.input_dim)
         return _kron_block(tf.linalg.diag(counts), tf.reduce_sum(row_weights), gradients,
                            layer.output_dim)
+
+
+def _token_diagonal(tokens: tf.Tensor, gradients: tf.Tensor, vocabulary: int,
+                    dout: int) -> tf.Tensor:
+    """The exact diagonal ``[V * dout]`` of an embedding's GGN / EF block: for token ``v``,
+    ``sum_{r,n} (sum_t [token_nt = v] g_rnt)**2``, summed over the (example, token) pairs that
+    occur (``tokens [N * T]`` example-major, ``gradients [R, N, T, dout]``)."""
+    g = tf.reshape(gradients, [tf.shape(gradients)[0], -1, dout])  # [R, N T, dout]
+    examples = tf.repeat(tf.range(tf.shape(gradients)[1]),
+                         tf.shape(tokens)[0] // tf.shape(gradients)[1])
+    pairs, index = tf.unique(tf.cast(examples, tf.int64) * vocabulary + tf.cast(tokens, tf.int64))
+    sums = tf.math.unsorted_segment_sum(tf.transpose(g, [1, 0, 2]), index, tf.size(pairs))
+    squares = tf.reduce_sum(tf.square(sums), axis=1)  # [pairs, dout]
+    diagonal = tf.math.unsorted_segment_sum(squares, tf.cast(pairs % vocabulary, tf.int32),
+                                            vocabulary)
+    return tf.reshape(diagonal, [-1])
 
 
 class _EinsumDenseRule(KronRule):
