@@ -373,3 +373,50 @@ def test_full_and_diag_fits_equal_brute_force_with_einsum_and_normalisation(stru
     got = block.matrix if structure == "full" else np.diag(block.diagonal)
     expected = exact if structure == "full" else np.diag(np.diag(exact))
     np.testing.assert_allclose(got, expected, **EXACT)
+
+
+class TokenAndPosition(L.Layer):
+    """Token embedding plus a positional embedding of ``arange(T)`` (no batch axis)."""
+
+    def __init__(self, vocabulary, length, width, **kwargs):
+        super().__init__(**kwargs)
+        self.tokens = L.Embedding(vocabulary, width, dtype=F64)
+        self.positions = L.Embedding(length, width, dtype=F64)
+
+    def call(self, x):
+        return self.tokens(x) + self.positions(keras.ops.arange(keras.ops.shape(x)[-1]))
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_positional_embedding_gets_the_exact_diagonal(structure, caplog):
+    """A layer on a constant shares its pre-activation between examples: no per-example rows,
+    so the exact diagonal, in a Kronecker fit and in a diagonal one (not factored there)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,), dtype="int32")
+    h = L.GlobalAveragePooling1D(dtype=F64)(L.Activation("tanh", dtype=F64)(
+        TokenAndPosition(VOCABULARY, 4, 3, dtype=F64)(inputs)))
+    model = keras.Model(inputs, L.Dense(3, dtype=F64)(h))
+    x = np.random.default_rng(0).integers(0, VOCABULARY, size=(4, 4)).astype("int32")
+    y = np.arange(4) % 3
+    la = ltf.Laplace(model, "classification", subset_of_weights="all",
+                     hessian_structure=structure, progress=False)
+    with caplog.at_level(logging.INFO, logger="laplace_tf"):
+        la.fit((x, y))
+    exact = testing.brute_force_ggn(la.logit_model, la.likelihood, tf.constant(x),
+                                    tf.one_hot(y, 3, dtype=tf.float64))
+    positions = la.subset.slices[1]
+    assert type(positions.layer) is L.Embedding and positions.layer.input_dim == 4
+    part = slice(positions.offset, positions.offset + positions.size)
+    if structure == "kron":
+        assert la.block_kinds()[positions.name] == "diag"
+        assert la.block_kinds()[la.subset.slices[0].name] == "kron"
+        assert any("no batch axis" in r.getMessage() for r in caplog.records)
+        diagonal = la.curvature.blocks[1].diagonal
+    else:
+        diagonal = la.curvature.blocks[0].diagonal[part]
+    np.testing.assert_allclose(diagonal, np.diag(exact)[part], **EXACT)
+    jacobians = testing.brute_force_jacobians(la.logit_model, tf.constant(x))
+    np.testing.assert_allclose(
+        la.functional_variance(x),
+        testing.dense_functional_variance(jacobians, la.posterior_covariance.numpy()),
+        rtol=1e-8, atol=1e-10)

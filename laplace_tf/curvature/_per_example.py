@@ -208,15 +208,17 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     """The :class:`Layout` of ``logit_model`` on inputs like ``x``, read off a trace of one call.
 
     A slice is factored if its layer has a Kronecker rule and is called exactly once per
-    forward pass with a pre-activation of one location per example. The trace is a separate
-    graph that is never run.
+    forward pass with a pre-activation of one location per example (and a batch axis: not a
+    layer applied to a constant such as the positions of a positional embedding, whose
+    pre-activation all examples share). The trace is a separate graph that is never run.
     """
     slices = logit_model.subset.slices
     candidates = [s.layer for s in slices if is_factored(s)]
     locations: dict[int, list] = {id(layer): [] for layer in candidates}
 
-    def record(layer, inputs, z):
-        locations[id(layer)].append(z.shape[1:].num_elements() // output_size(layer))
+    def record(layer, inputs, z):  # no batch axis (a layer on a constant): not factored
+        batched = z.shape.rank and z.shape[0] is None
+        locations[id(layer)].append(z.shape[1:].num_elements() // output_size(layer) if batched else 0)
         return z
 
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record))
@@ -224,6 +226,22 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     n_outputs = int(concrete.structured_outputs.shape[-1])
     dims = [_factor_dims(s) if locations.get(id(s.layer)) == [1] else s.size for s in slices]
     return Layout(dims, n_outputs, _one_at_a_time(concrete.graph))
+
+
+def batchless_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
+    """``id`` of each of ``layers`` whose pre-activation has no batch axis: applied to a constant
+    shared by all examples (e.g. a positional embedding of ``arange(T)``), read off a trace of
+    one call with the batch dimension open (a separate graph, never run)."""
+    found: set[int] = set()
+
+    def record(layer, inputs, z):
+        if not z.shape.rank or z.shape[0] is not None:
+            found.add(id(layer))
+        return z
+
+    traced = tf.function(lambda inputs: logit_model(inputs, layers=layers, hook=record))
+    traced.get_concrete_function(any_batch_size(x))
+    return found
 
 
 _BATCHED_PRODUCTS = ("Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")

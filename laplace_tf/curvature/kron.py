@@ -138,6 +138,9 @@ class KronBuilder(CurvatureBuilder):
         for i, s in enumerate(slices):
             if i not in fallbacks and len(calls[id(s.layer)]) != 1:
                 fallbacks[i] = f"called {len(calls[id(s.layer)])} times in one forward pass"
+            elif i not in fallbacks and not _has_batch_axis(calls[id(s.layer)][0][1], logits):
+                fallbacks[i] = ("its output has no batch axis (a layer applied to a constant, "
+                                "e.g. positions): its rows are shared by all examples")
 
         kron = [i for i in range(len(slices)) if i not in fallbacks]
         probes = [calls[id(slices[i].layer)][0][1] for i in kron]
@@ -198,3 +201,12 @@ class KronBuilder(CurvatureBuilder):
             "; ".join(f"{slices[i].name!r} ({reason})" for i, reason in sorted(fallbacks.items())),
             listing,
         )
+
+
+def _has_batch_axis(z: tf.Tensor, logits: tf.Tensor) -> bool:
+    """Whether a pre-activation ``z`` has the batch axis of ``logits`` (in a fit's trace the
+    batch dimension is open: ``None`` for every batched tensor)."""
+    if not z.shape.rank:
+        return False
+    n = logits.shape[0]
+    return z.shape[0] is None if n is None else z.shape[0] == n

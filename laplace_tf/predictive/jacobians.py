@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from laplace_tf.autodiff import first_line, quiet_pfor_errors
 from laplace_tf.blocks import Covariance, DiagCovariance, LayerJacobian  # noqa: F401 (doctest)
+from laplace_tf.curvature._per_example import batchless_layers
 from laplace_tf.curvature.kron_layers import KRON_RULES, input_rows, is_factored, output_size
 from laplace_tf.params import LayerSlice, LogitModel
 
@@ -109,10 +110,12 @@ class FunctionalVariance:
         self.logits_layer = logits_layer and len(layers) == 1 and layers[0].factored
         self._factored = [p for p in layers if p.factored]
         positions = {id(v): i for i, v in enumerate(logit_model.subset.variables)}
-        self._generic = {
-            id(p.slice.layer): [positions[id(v)] for v in p.slice.variables]
-            for p in layers if not p.factored
+        self._positions = {
+            id(p.slice.layer): [positions[id(v)] for v in p.slice.variables] for p in layers
         }
+        self._generic = {id(p.slice.layer): self._positions[id(p.slice.layer)]
+                         for p in layers if not p.factored}
+        self._batchless: set[int] | None = None  # factored layers on constants, at first call
 
     def __call__(self, x, mean: tf.Tensor, blocks: Sequence, diagonal: bool):
         """Logits ``[N, K]`` and their covariance ``[N, K, K]`` (``[N, K]`` if ``diagonal``).
@@ -125,6 +128,14 @@ class FunctionalVariance:
             diagonal: return only ``diag(J Sigma J^T)`` (cheaper with many outputs).
         """
         blocks = self.prepare(blocks, diagonal)
+        if self._batchless is None:  # their Jacobian is taken explicitly
+            self._batchless = batchless_layers(
+                self.logit_model, [p.slice.layer for p in self._factored], x
+            ) if self._factored else set()
+            for p in self._factored:
+                if id(p.slice.layer) in self._batchless:
+                    self._generic[id(p.slice.layer)] = self._positions[id(p.slice.layer)]
+            self._factored = [p for p in self._factored if id(p.slice.layer) not in self._batchless]
         logits, factors, jacobians = self._linearise(x, self.logit_model.subset.unflatten(mean))
         variance = None
         for parts, block in zip(self.plan, blocks, strict=True):
