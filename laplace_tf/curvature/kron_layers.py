@@ -103,6 +103,7 @@ def _row_weights(w: tf.Tensor, n_rows) -> tf.Tensor:
 
 
 def _kron_block(A: tf.Tensor, n: tf.Tensor, gradients: tf.Tensor, dout: int) -> KronBlock:
+    """``A`` (sum form) and ``G``, the sum of ``g g^T`` over all ``gradients`` rows."""
     g_rows = tf.reshape(gradients, [-1, dout])
     return KronBlock(A, tf.matmul(g_rows, g_rows, transpose_a=True), n)
 
@@ -274,7 +275,7 @@ class _ScaleAndShiftRule(KronRule):
     def variables(self, layer):
         return tuple(v for v in (layer.gamma, layer.beta) if v is not None)
 
-    def shape(self, layer):
+    def shape(self, layer):  # the weights as one row
         return 1, sum(int(np.prod(v.shape)) for v in self.variables(layer))
 
     def block(self, layer, inputs, gradients, w):
