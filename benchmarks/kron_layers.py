@@ -1,8 +1,8 @@
 """Benchmark: all-weights Kronecker fits of models built from Embedding, MultiHeadAttention
 (EinsumDense), LayerNormalization and BatchNormalization, against one training epoch.
 
-Run with ``python benchmarks/kron_layers.py`` (under a minute on 2 cores). float32, random
-data, N = 512, batch 64, softmax over 10 classes:
+Run with ``python benchmarks/kron_layers.py [N]`` (under a minute on 2 cores). float32, random
+data, N = 512 examples (or the N given), batch 64, softmax over 10 classes:
 
 * transformer: tokens [16] from 1,000 -> Embedding(32) -> MultiHeadAttention(2 heads, key 16)
   + residual -> LayerNormalization -> GlobalAveragePooling1D -> Dense(10);
@@ -15,14 +15,21 @@ TensorFlow's first-use costs included), "fit" that of a second one (a new trace 
 about 1.4 s of the transformer's), "ratio" fit / epoch. Every layer gets a Kronecker block, the
 normalisation layers an exact dense block. Measured on 2 cores shared with other jobs:
 
-| model | epoch | first fit | fit | ratio |
-|---|---|---|---|---|
-RESULTS
+| model | N | epoch | first fit | fit | ratio |
+|---|---|---|---|---|---|
+| transformer | 512 | 0.09 s | 6.83 s | 1.31 s | 14.8 |
+| cnn | 512 | 0.09 s | 0.77 s | 0.35 s | 3.9 |
+| transformer | 4096 | 0.16 s | 2.54 s | 0.83 s | 5.3 |
+| cnn | 4096 | 0.21 s | 1.37 s | 0.92 s | 4.4 |
+
+The fit's fixed costs (tracing the step: pfor over the logits through the attention, the
+factors' eigendecompositions, the Embedding's ``A`` over 1,000 tokens) dominate at these sizes.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -72,7 +79,8 @@ def measure(build) -> tuple[float, float, dict]:
 
 
 if __name__ == "__main__":
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else N
     for name, build in (("transformer", transformer), ("cnn", cnn)):
         epoch, (first, fit), kinds = measure(build)
-        print(f"| {name} | {epoch:.2f} s | {first:.2f} s | {fit:.2f} s | {fit / epoch:.1f} |")
+        print(f"| {name} | {N} | {epoch:.2f} s | {first:.2f} s | {fit:.2f} s | {fit / epoch:.1f} |")
         print(kinds)
