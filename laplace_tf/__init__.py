@@ -23,7 +23,7 @@ _PUBLIC = {
     "get_likelihood": "laplace_tf.likelihoods",
     "register_kron_rule": "laplace_tf.curvature",
 }
-_SUBMODULES = ("calibration", "data", "models", "testing")
+_SUBMODULES = ("calibration", "data", "models", "subnetwork", "testing")
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES, "load", "__version__"])
 

@@ -23,7 +23,7 @@ Example:
     >>> from_dict({"data": {"dataset": "digits"}, "laplace": {"hessian_structur": "diag"}})
     Traceback (most recent call last):
     ...
-    ValueError: config: unknown key 'laplace.hessian_structur' (did you mean 'laplace.hessian_structure'?); valid keys in 'laplace': likelihood, subset_of_weights, hessian_structure, curvature, prior_precision, sigma_noise, temperature, optimize_prior, prior_structure
+    ValueError: config: unknown key 'laplace.hessian_structur' (did you mean 'laplace.hessian_structure'?); valid keys in 'laplace': likelihood, subset_of_weights, hessian_structure, curvature, prior_precision, sigma_noise, temperature, optimize_prior, prior_structure, rank, n_context, subnetwork, subnetwork_size
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ class LaplaceConfig:
     likelihood: str | None = _option(
         None, "default: that of the built-in data set; required with files", choices=LIKELIHOODS)
     subset_of_weights: str = _option("last_layer", "weights with a posterior",
-                                     choices=("last_layer", "all"))
+                                     choices=("last_layer", "all", "subnetwork"))
     hessian_structure: str = _option("kron", "structure of the curvature",
-                                     choices=("kron", "full", "diag"))
+                                     choices=("kron", "full", "diag", "lowrank", "gp"))
     curvature: str = _option("ggn", "curvature type", choices=("ggn", "ef", "hessian"))
     prior_precision: float = _option(
         1.0, "prior precision (also the weight decay of the built-in MLP)", positive=True)
@@ -103,6 +103,16 @@ class LaplaceConfig:
                                   choices=("marglik", "gridsearch", "none"))
     prior_structure: str = _option("scalar", "one prior precision, one per layer, or per weight",
                                    choices=("scalar", "layerwise", "diag"))
+    rank: int | None = _option(None, "eigenpairs kept by hessian_structure lowrank (default 100)",
+                               positive=True)
+    n_context: int | None = _option(
+        None, "hessian_structure gp: context examples, chosen with the run's seed (none: all "
+        "training data)", positive=True)
+    subnetwork: str | None = _option(
+        None, "how subset_of_weights subnetwork picks its weights (laplace_tf.subnetwork): "
+        "largest_variance of a diagonal Laplace, largest_magnitude, or random (seeded)",
+        choices=("largest_variance", "largest_magnitude", "random"))
+    subnetwork_size: int = _option(100, "the number of weights of a subnetwork", positive=True)
 
 
 @dataclass
@@ -315,8 +325,9 @@ def validate(config: RunConfig, where: str = "config") -> None:
 
     Raises:
         ValueError: no data or two data sources, a likelihood that does not fit the built-in
-            data set or is missing for files, OOD data for regression, or gridsearch tuning
-            without validation data.
+            data set or is missing for files, OOD data for regression, gridsearch tuning
+            without validation data, a rank without hessian_structure lowrank, or a
+            subnetwork without its rule or structure.
     """
     data, lik = config.data, config.laplace.likelihood
     if (data.dataset is None) == (data.train is None):
@@ -339,9 +350,21 @@ def validate(config: RunConfig, where: str = "config") -> None:
     if data.ood is not None and get_likelihood(lik).gaussian_predictive:
         raise ValueError(f"{where}: data.ood: out-of-distribution detection needs class "
                          "probabilities; remove data.ood for regression")
+    lap = config.laplace
+    if (lap.subset_of_weights == "subnetwork") != (lap.subnetwork is not None):
+        raise ValueError(f"{where}: laplace.subnetwork: a rule (largest_variance, "
+                         "largest_magnitude, random) goes with laplace.subset_of_weights "
+                         f"'subnetwork', and only there; got subset_of_weights "
+                         f"{lap.subset_of_weights!r} and subnetwork {lap.subnetwork!r}")
+    if lap.subset_of_weights == "subnetwork" and lap.hessian_structure != "full":
+        raise ValueError(f"{where}: laplace.hessian_structure: subset_of_weights 'subnetwork' "
+                         f"takes 'full'; got {lap.hessian_structure!r}")
     if config.laplace.optimize_prior == "gridsearch" and data.train is not None and data.val is None:
         raise ValueError(f"{where}: laplace.optimize_prior: 'gridsearch' needs validation data; "
                          "set data.val or use 'marglik'")
+    if config.laplace.rank is not None and config.laplace.hessian_structure != "lowrank":
+        raise ValueError(f"{where}: laplace.rank: only used with hessian_structure 'lowrank'; got "
+                         f"{config.laplace.hessian_structure!r}")
 
 
 def likelihood_of(config: RunConfig) -> str:

@@ -37,16 +37,26 @@ logger = logging.getLogger("laplace_tf")
 
 @dataclass(frozen=True)
 class LayerSlice:
-    """One layer's contiguous part of the flat weight vector."""
+    """One layer's contiguous part of the flat weight vector.
+
+    ``columns``: the positions, in the ravel of ``variables``, of the layer's weights that the
+    slice holds (a subnetwork, :class:`SubnetworkSubset`); None: all of them.
+    """
 
     layer: keras.layers.Layer
     variables: tuple
     offset: int
     size: int
+    columns: np.ndarray | None = None
 
     @property
     def name(self) -> str:
         return self.layer.name
+
+    @property
+    def layer_size(self) -> int:
+        """The number of weights in ``variables`` (``size`` unless ``columns`` picks some)."""
+        return sum(int(np.prod(v.shape)) for v in self.variables)
 
 
 def leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -164,6 +174,104 @@ class WeightSubset:
         for v in self.variables:
             digest.update(np.ascontiguousarray(np.asarray(v.numpy(), np.float64)).tobytes())
         return digest.hexdigest()
+
+
+class SubnetworkSubset(WeightSubset):
+    """Some weights of a Keras model, chosen by their flat indices: a subnetwork.
+
+    The flat vector holds the entries ``indices`` (sorted) of :class:`WeightSubset(model)
+    <WeightSubset>`'s vector. Its variables are those of the layers holding a chosen weight;
+    :meth:`unflatten` puts a vector ``[..., P_sub]`` into their current values (the other
+    weights stay as they are: at the MAP), :meth:`flatten` gathers the chosen entries. Each
+    such layer is one slice, with the offsets in the subnetwork vector and the ``columns`` it
+    holds of the layer's own weights (None when it holds all of them).
+
+    Args:
+        model: a built Keras model.
+        indices: flat indices into ``WeightSubset(model).flat_values()``, integers, unique,
+            in range (any order; sorted here).
+
+    Raises:
+        TypeError, ValueError: ``indices`` are not integers, not 1-D, empty, out of range or
+            repeated (named ``subnetwork_indices``).
+
+    Example:
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2),
+        ...                           keras.layers.Dense(1)])
+        >>> weights = SubnetworkSubset(model, [9, 0, 7])     # 2 of the first layer, 1 of the second
+        >>> weights.n_params, [(s.name, s.offset, s.size) for s in weights.slices][1][1:]
+        (3, (2, 1))
+        >>> bool(np.array_equal(weights.flat_values(),
+        ...                     np.take(WeightSubset(model).flat_values(), [0, 7, 9])))
+        True
+    """
+
+    def __init__(self, model: keras.Model, indices):
+        everything = WeightSubset(model)
+        self.indices = checked_indices(indices, everything.n_params, "subnetwork_indices")
+        chosen = []  # per layer: (whole-model slice, its chosen columns)
+        for s in everything.slices:
+            inside = self.indices[(self.indices >= s.offset) & (self.indices < s.offset + s.size)]
+            if inside.size:
+                chosen.append((s, inside - s.offset))
+        super().__init__(model, [s.layer for s, _ in chosen])
+        slices, positions, offset, start = [], [], 0, 0  # start: the layer in the layers' vector
+        for s, columns in chosen:
+            slices.append(LayerSlice(s.layer, s.variables, offset, columns.size,
+                                     None if columns.size == s.size else columns))
+            positions.append(start + columns)
+            offset, start = offset + columns.size, start + s.size
+        self.slices = tuple(slices)
+        self.n_params = offset
+        self._positions = np.concatenate(positions)  # the chosen entries of the layers' vector
+        source = np.arange(start)  # the layers' vector from [its values, the subnetwork vector]
+        source[self._positions] = start + np.arange(offset)
+        self._source = source
+
+    def flatten(self, tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+        """The chosen entries ``[P_sub]`` of a list shaped like the variables."""
+        return tf.gather(super().flatten(tensors), self._positions)
+
+    def unflatten(self, flat: tf.Tensor) -> list[tf.Tensor]:
+        """The variables' current values with the chosen entries set to ``flat [..., P_sub]``."""
+        flat = tf.convert_to_tensor(flat)
+        current = super().flatten(self.values())
+        current = tf.broadcast_to(current, tf.concat([tf.shape(flat)[:-1], tf.shape(current)], 0))
+        return super().unflatten(tf.gather(tf.concat([current, flat], -1), self._source, axis=-1))
+
+
+def checked_indices(indices, n_params: int, name: str) -> np.ndarray:
+    """``indices`` into a vector of ``n_params`` as sorted int64 ``[n]``, or a clear error
+    naming ``name``: integers (not booleans), 1-D, at least one, in range, no repeats."""
+    if isinstance(indices, (tf.Tensor, tf.Variable)):
+        indices = indices.numpy()
+    array = np.asarray(indices)
+    if array.size == 0:
+        raise ValueError(f"{name}: expected at least one weight index; got none. Choose some "
+                         "with laplace_tf.subnetwork (e.g. largest_variance).")
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(
+            f"{name}: expected integer indices into the flat weight vector; got dtype "
+            f"{array.dtype}. For a boolean mask pass np.flatnonzero(mask)."
+        )
+    if array.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array of indices; got shape {array.shape}. "
+                         "Pass np.ravel(indices).")
+    bad = array[(array < 0) | (array >= n_params)]
+    if bad.size:
+        raise ValueError(
+            f"{name}: indices must be in [0, {n_params}) (the model has {n_params} trainable "
+            f"weights); got {bad[:5].tolist()}. They count the weights of "
+            "model.trainable_variables in order (WeightSubset(model).flat_values())."
+        )
+    unique, counts = np.unique(array, return_counts=True)
+    if unique.size != array.size:
+        raise ValueError(
+            f"{name}: every index must appear once; repeated: {unique[counts > 1][:5].tolist()}. "
+            "Pass np.unique(indices)."
+        )
+    return unique.astype(np.int64)
 
 
 PreactivationHook = Callable[[keras.layers.Layer, tf.Tensor, tf.Tensor], tf.Tensor]

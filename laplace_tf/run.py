@@ -36,7 +36,7 @@ import yaml
 from sklearn.model_selection import train_test_split
 
 import laplace_tf
-from laplace_tf import calibration
+from laplace_tf import calibration, subnetwork
 from laplace_tf import config as _config
 from laplace_tf import data as _data
 from laplace_tf.calibration import Report
@@ -161,14 +161,28 @@ def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData
                 progress: bool, log: Log) -> laplace_tf.Laplace:
     """``ltf.Laplace`` from the config's settings, fitted and with its prior tuned."""
     lap = config.laplace
+    train = run_data.train
+    assert train is not None  # load_run_data always loads training data
+    settings = dict(prior_precision=lap.prior_precision, sigma_noise=lap.sigma_noise,
+                    temperature=lap.temperature, batch_size=config.model.batch_size,
+                    progress=progress)
+    indices = None
+    if lap.subnetwork is not None:
+        log(f"choosing {lap.subnetwork_size} weights by {lap.subnetwork}")
+        if lap.subnetwork == "largest_magnitude":
+            indices = subnetwork.largest_magnitude(model, lap.subnetwork_size)
+        elif lap.subnetwork == "random":
+            indices = subnetwork.random_weights(model, lap.subnetwork_size, seed=config.seed)
+        else:
+            diagonal = laplace_tf.Laplace(model, run_data.likelihood, "all", "diag", **settings)
+            diagonal.fit((train.x, train.y))
+            indices = subnetwork.largest_variance(diagonal, lap.subnetwork_size)
     log(f"fitting Laplace: {lap.subset_of_weights} / {lap.hessian_structure} / {lap.curvature}")
     la = laplace_tf.Laplace(
         model, run_data.likelihood, subset_of_weights=lap.subset_of_weights,
         hessian_structure=lap.hessian_structure, curvature=lap.curvature,
-        prior_precision=lap.prior_precision, sigma_noise=lap.sigma_noise,
-        temperature=lap.temperature, batch_size=config.model.batch_size, progress=progress)
-    train = run_data.train
-    assert train is not None  # load_run_data always loads training data
+        rank=lap.rank, n_context=lap.n_context, subnetwork_indices=indices,
+        seed=config.seed if lap.hessian_structure == "gp" else None, **settings)
     la.fit((train.x, train.y))
     if lap.optimize_prior != "none":
         val = run_data.val

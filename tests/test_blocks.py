@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from laplace_tf.blocks import BLOCK_TYPES, DenseBlock, DiagBlock, KronBlock, LayerJacobian
+from laplace_tf.blocks import (
+    BLOCK_TYPES,
+    DenseBlock,
+    DiagBlock,
+    KronBlock,
+    LayerJacobian,
+    LowRankBlock,
+)
 
 DIN, K = 2, 3
 SIZE = DIN * K
@@ -30,6 +37,8 @@ def _example(name: str, seed: int, A=None):
     elif name == "KronBlock":
         A = _psd(rng, DIN) if A is None else A
         block = KronBlock(tf.constant(A), tf.constant(_psd(rng, K)), tf.constant(float(seed + 2), tf.float64))
+    elif name == "LowRankBlock":  # rank 4 of 6: two zero eigenvalues
+        block = LowRankBlock(tf.constant(rng.normal(size=(4, SIZE))))
     else:
         block = DiagBlock(tf.constant(rng.uniform(0.5, 2.0, SIZE)))
     return block
@@ -41,6 +50,8 @@ def _dense(block) -> np.ndarray:
         return block.matrix.numpy()
     if isinstance(block, KronBlock):
         return np.kron(block.A.numpy(), block.G.numpy())
+    if isinstance(block, LowRankBlock):
+        return block.root.numpy().T @ block.root.numpy()
     return np.diag(block.diagonal.numpy())
 
 
@@ -48,7 +59,7 @@ NAMES = sorted(BLOCK_TYPES)
 
 
 def test_registry_holds_every_block_type_by_name():
-    assert NAMES == ["DenseBlock", "DiagBlock", "KronBlock"]
+    assert NAMES == ["DenseBlock", "DiagBlock", "KronBlock", "LowRankBlock"]
     for name, cls in BLOCK_TYPES.items():
         block = _example(name, 0)
         assert type(block) is cls and cls(*block) == block  # the fields are its arrays
@@ -85,9 +96,13 @@ def test_noise_rescaling_and_weighted_sums_match_dense(name):
     np.testing.assert_allclose(rescaled, root[:, None] * _dense(first) * root[None, :], **TIGHT)
     shared_A = first.A.numpy() if name == "KronBlock" else None
     second = _example(name, 1, A=shared_A)
-    combined = type(first).combine([first, second], tf.constant([0.5, -0.2], tf.float64))
-    np.testing.assert_allclose(combined.to_dense(), 0.5 * _dense(first) - 0.2 * _dense(second),
-                               **TIGHT)
+    weights = [0.5, 0.2] if name == "LowRankBlock" else [0.5, -0.2]  # H = R^T R stays PSD
+    combined = type(first).combine([first, second], tf.constant(weights, tf.float64))
+    np.testing.assert_allclose(
+        combined.to_dense(), weights[0] * _dense(first) + weights[1] * _dense(second), **TIGHT)
+    if name == "LowRankBlock":
+        with pytest.raises(ValueError, match="scalar sigma_noise"):
+            type(first).combine([first, second], tf.constant([0.5, -0.2], tf.float64))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -150,3 +165,34 @@ def test_covariance_contracts_a_logits_layer_in_closed_form(name):
     assert prepared.for_logits_diagonal((DIN, K)) is prepared
     np.testing.assert_allclose(prepared.contract([layer], True),
                                np.diagonal(expected, axis1=1, axis2=2), **TIGHT)
+
+
+@pytest.mark.parametrize("rows", [4, 9])  # rank below and above the block's size
+def test_low_rank_factor_with_a_per_weight_prior_matches_dense(rows):
+    rng = np.random.default_rng(7)
+    block = LowRankBlock(tf.constant(rng.normal(size=(rows, SIZE))))
+    H = _dense(block)
+    c = tf.constant(0.7, tf.float64)
+    prior = tf.constant(rng.uniform(0.5, 2.0, SIZE))
+    P = 0.7 * H + np.diag(prior.numpy())
+    _, expected_log_det = np.linalg.slogdet(P)
+    np.testing.assert_allclose(float(block.log_det_precision(c, prior)), expected_log_det, **TIGHT)
+    factor = block.factorize()
+    np.testing.assert_allclose(factor.precision(c, prior).to_dense(), P, **TIGHT)
+    np.testing.assert_allclose(float(factor.log_det(c, prior)), expected_log_det, **TIGHT)
+    np.testing.assert_allclose(float(factor.smallest_precision_eigenvalue(c, prior)),
+                               np.linalg.eigvalsh(P)[0], **TIGHT)
+    np.testing.assert_allclose(factor.covariance(c, prior).to_dense(), np.linalg.inv(P), **TIGHT)
+    S = factor.scale(c, prior).to_dense().numpy()
+    np.testing.assert_allclose(S @ S.T, np.linalg.inv(P), **TIGHT)
+
+
+def test_low_rank_block_from_eigenpairs_keeps_them():
+    rng = np.random.default_rng(8)
+    basis, _ = np.linalg.qr(rng.normal(size=(SIZE, 3)))
+    eigenvalues = np.array([0.5, 2.0, 7.0])
+    block = LowRankBlock.from_eigen(tf.constant(basis), tf.constant(eigenvalues))
+    np.testing.assert_allclose(block.to_dense(), basis @ np.diag(eigenvalues) @ basis.T, **TIGHT)
+    factor = block.factorize()
+    np.testing.assert_allclose(factor.eigenvalues, eigenvalues, **TIGHT)
+    np.testing.assert_allclose(np.abs(factor.basis.numpy().T @ basis), np.eye(3), atol=1e-10)

@@ -27,7 +27,8 @@ def test_every_shipped_config_is_valid_and_names_itself(path):
 def test_one_example_config_per_subset_and_structure():
     pairs = {(c.laplace.subset_of_weights, c.laplace.hessian_structure)
              for c in map(cfg.load_config, CONFIGS.glob("*.yaml"))}
-    assert pairs == {(s, h) for s in ("last_layer", "all") for h in ("kron", "full", "diag")}
+    assert pairs == {(s, h) for s in ("last_layer", "all") for h in ("kron", "full", "diag")} | {
+        ("all", "lowrank"), ("subnetwork", "full")}
 
 
 @pytest.mark.parametrize("task", list(cfg.DEMO_CONFIGS))
@@ -81,7 +82,7 @@ def test_unknown_keys_are_named_with_a_suggestion_and_the_valid_keys(raw, fragme
 
 BAD_VALUES = [
     (_with("laplace", hessian_structure="kronecker"),
-     "laplace.hessian_structure: expected one of kron, full, diag; got 'kronecker' "
+     "laplace.hessian_structure: expected one of kron, full, diag, lowrank, gp; got 'kronecker' "
      "(did you mean 'kron'?)"),
     (_with("laplace", prior_precision=-1), "laplace.prior_precision: expected a positive number"),
     (_with("laplace", prior_precision="abc"), "laplace.prior_precision: expected a number; got 'abc'"),
@@ -115,6 +116,7 @@ INCONSISTENT = [
     ({"data": {"train": "a.npz"}, "laplace": {"likelihood": "binary",
                                              "optimize_prior": "gridsearch"}},
      "'gridsearch' needs validation data; set data.val or use 'marglik'"),
+    (_with("laplace", rank=20), "laplace.rank: only used with hessian_structure 'lowrank'"),
 ]
 
 

@@ -241,8 +241,8 @@ def test_make_builder_passes_options():
 @pytest.mark.parametrize(
     ("args", "options", "error", "match"),
     [
-        (("some", "full"), {}, ValueError, r"subset_of_weights: expected one of \('all', 'last_layer'\)"),
-        (("all", "dense"), {}, ValueError, r"hessian_structure: expected one of \('full', 'kron', 'diag'\)"),
+        (("some", "full"), {}, ValueError, r"subset_of_weights: expected one of \('all', 'last_layer', 'subnetwork'\)"),
+        (("all", "dense"), {}, ValueError, r"hessian_structure: expected one of \('full', 'kron', 'diag'"),
         (("all", "diag", "hessian"), {}, ValueError, r"'hessian' is not available"),
         (("all", "full", "fisher"), {}, ValueError, r"'fisher' is not available"),
         (("all", "full"), {"stochastic": True}, TypeError, "options: stochastic not accepted.*accepted: memory_limit_bytes"),

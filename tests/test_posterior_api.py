@@ -21,8 +21,8 @@ from laplace_tf.predictive import Laplace
 # (keyword arguments, error type, message pattern) for the constructor
 BAD_ARGUMENTS = [
     (dict(likelihood="regresion"), ValueError, r"likelihood: expected one of \('classification'"),
-    (dict(subset_of_weights="head"), ValueError, r"subset_of_weights: expected one of \('all', 'last_layer'\)"),
-    (dict(hessian_structure="lowrank"), ValueError, r"hessian_structure: expected one of \('full', 'kron', 'diag'\)"),
+    (dict(subset_of_weights="head"), ValueError, r"subset_of_weights: expected one of \('all', 'last_layer', 'subnetwork'\)"),
+    (dict(hessian_structure="banded"), ValueError, r"hessian_structure: expected one of \('full', 'kron', 'diag'"),
     (dict(curvature="fisher"), ValueError, r"curvature: expected one of \('ggn', 'ef', 'hessian'\)"),
     (dict(curvature="hessian", subset_of_weights="all"), ValueError, "only available with hessian_structure='full'"),
     (dict(prior_precision=0.0), ValueError, "prior_precision: every value must be finite and > 0"),
@@ -262,7 +262,8 @@ def test_settings_name_every_constructor_argument_and_rebuild_it():
                    hessian_structure="diag", curvature="ef", prior_precision=np.arange(1.0, 11.0),
                    prior_mean=0.25, sigma_noise=[0.5, 2.0], temperature=0.5,
                    last_layer_name=model.layers[-1].name, stochastic=False, seed=7,
-                   on_indefinite="clip", batch_size=3, progress=False, memory_limit_bytes=10**8)
+                   on_indefinite="clip", batch_size=3, progress=False, memory_limit_bytes=10**8,
+                   rank=None, n_context=None, subnetwork_indices=None)
     assert set(options) == set(names)
     settings = PosteriorLaplace(model, **options).settings()
     assert set(settings) == set(names)

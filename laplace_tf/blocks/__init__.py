@@ -3,7 +3,7 @@ only TensorFlow, NumPy, SciPy).
 
 See :mod:`laplace_tf.blocks.base` for the interface a block type implements and the registry
 :data:`BLOCK_TYPES`; :mod:`~laplace_tf.blocks.dense`, :mod:`~laplace_tf.blocks.kron` and
-:mod:`~laplace_tf.blocks.diag` implement it.
+:mod:`~laplace_tf.blocks.diag` and :mod:`~laplace_tf.blocks.lowrank` implement it.
 """
 
 from laplace_tf.blocks.base import BLOCK_TYPES, Block, Covariance, Factor, blocks_to_dense
@@ -12,9 +12,11 @@ from laplace_tf.blocks.diag import DiagBlock, DiagCovariance, DiagFactor
 from laplace_tf.blocks.jacobian import LayerJacobian
 from laplace_tf.blocks.kron import KronBlock, KronCovariance, KronFactor
 from laplace_tf.blocks.kron_operator import LinearOperatorKroneckerEigen
+from laplace_tf.blocks.lowrank import LowRankBlock, LowRankCovariance, LowRankFactor
 
 __all__ = [
     "BLOCK_TYPES", "Block", "Covariance", "DenseBlock", "DenseCovariance", "DenseFactor",
     "DiagBlock", "DiagCovariance", "DiagFactor", "Factor", "KronBlock", "KronCovariance",
-    "KronFactor", "LayerJacobian", "LinearOperatorKroneckerEigen", "blocks_to_dense",
+    "KronFactor", "LayerJacobian", "LinearOperatorKroneckerEigen", "LowRankBlock",
+    "LowRankCovariance", "LowRankFactor", "blocks_to_dense",
 ]

@@ -3,7 +3,7 @@
 A curvature over ``P`` weights is a list of blocks covering consecutive slices of the flat
 weight vector (block-diagonal across blocks). A block type is one module of this package
 (:mod:`~laplace_tf.blocks.dense`, :mod:`~laplace_tf.blocks.kron`,
-:mod:`~laplace_tf.blocks.diag`) that owns three things:
+:mod:`~laplace_tf.blocks.diag`, :mod:`~laplace_tf.blocks.lowrank`) that owns three things:
 
 * the block: a NamedTuple of curvature arrays (so it passes through ``tf.function`` and
   ``tf.nest``; its fields are also the arrays a saved posterior stores) with the methods of
@@ -21,7 +21,7 @@ Example:
     >>> import tensorflow as tf
     >>> import laplace_tf.blocks as blocks
     >>> sorted(blocks.BLOCK_TYPES)
-    ['DenseBlock', 'DiagBlock', 'KronBlock']
+    ['DenseBlock', 'DiagBlock', 'KronBlock', 'LowRankBlock']
     >>> blocks.DiagBlock(tf.constant([1.0, 2.0])).scaled(3.0).diagonal.numpy().tolist()
     [3.0, 6.0]
 """

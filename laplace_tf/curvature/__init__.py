@@ -32,21 +32,28 @@ from laplace_tf.curvature.base import (
 )
 from laplace_tf.curvature.diag import DiagBuilder
 from laplace_tf.curvature.full import FullBuilder
+from laplace_tf.curvature.gp import ContextBuilder
 from laplace_tf.curvature.kron import KronBuilder
 from laplace_tf.curvature.kron_layers import KronRule, register_kron_rule
 from laplace_tf.curvature.last_layer import LastLayerBuilder
+from laplace_tf.curvature.lowrank import LowRankBuilder
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel
 
 __all__ = [
-    "CURVATURES", "STRUCTURES", "SUBSETS", "Block", "Curvature", "CurvatureBuilder", "DenseBlock",
-    "DiagBlock", "DiagBuilder", "FullBuilder", "KronBlock", "KronBuilder", "KronRule",
-    "LastLayerBuilder", "fit_curvature", "make_builder", "register_kron_rule",
+    "CURVATURES", "STRUCTURES", "SUBSETS", "Block", "ContextBuilder", "Curvature",
+    "CurvatureBuilder", "DenseBlock", "DiagBlock", "DiagBuilder", "FullBuilder", "KronBlock",
+    "KronBuilder", "KronRule", "LastLayerBuilder", "LowRankBuilder", "fit_curvature",
+    "make_builder", "register_kron_rule",
 ]
 
-SUBSETS = ("all", "last_layer")
+SUBSETS = ("all", "last_layer", "subnetwork")
 
-_ALL_WEIGHTS: dict[str, type[CurvatureBuilder]] = {"full": FullBuilder, "diag": DiagBuilder, "kron": KronBuilder}
+_ALL_WEIGHTS: dict[str, type[CurvatureBuilder]] = {
+    "full": FullBuilder, "diag": DiagBuilder, "kron": KronBuilder, "lowrank": LowRankBuilder,
+    "gp": ContextBuilder,
+}
+_ANY_SUBSET = ("lowrank", "gp")  # builders over whatever weights logit_model has
 _POSITIONAL = ("self", "logit_model", "likelihood", "kind", "structure")
 _DENSE_ONLY = "memory_limit_bytes"  # sizes the exact Hessian's chunks; other builders ignore it
 
@@ -62,19 +69,23 @@ def make_builder(
     """The curvature builder for a weight subset and a Hessian structure.
 
     Args:
-        subset_of_weights: ``"all"`` (the weights of ``logit_model.subset``) or
-            ``"last_layer"`` (``logit_model`` must be over the last layer only).
-        hessian_structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        subset_of_weights: ``"all"`` (the weights of ``logit_model.subset``),
+            ``"last_layer"`` (``logit_model`` must be over the last layer only) or
+            ``"subnetwork"`` (over a :class:`~laplace_tf.params.SubnetworkSubset`, ``"full"``
+            only: the weights outside it stay fixed).
+        hessian_structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
         logit_model: the model and its weight subset.
         likelihood: the likelihood of the data.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (not every structure has every kind).
         **options: builder options: ``memory_limit_bytes`` (the memory budget of the exact
             Hessian's chunks, ``"all"`` + ``"full"``; ignored by the other builders),
-            ``stochastic`` and ``seed`` (``"all"`` + ``"kron"``).
+            ``stochastic`` and ``seed`` (``"all"`` + ``"kron"``), ``rank``, ``oversampling``,
+            ``power_iterations`` and ``seed`` (``"lowrank"``, either subset), ``n_context``
+            and ``seed`` (``"gp"``, either subset).
 
     Returns:
-        :class:`FullBuilder`, :class:`DiagBuilder`, :class:`KronBuilder` or
-        :class:`LastLayerBuilder`.
+        :class:`FullBuilder`, :class:`DiagBuilder`, :class:`KronBuilder`,
+        :class:`LowRankBuilder`, :class:`ContextBuilder` or :class:`LastLayerBuilder`.
 
     Raises:
         ValueError: an unknown subset or structure, or a curvature kind the structure lacks.
@@ -89,7 +100,12 @@ def make_builder(
             f"hessian_structure: expected one of {STRUCTURES}; got {hessian_structure!r}."
         )
     cls: type[CurvatureBuilder]
-    if subset_of_weights == "last_layer":
+    if subset_of_weights == "subnetwork" and hessian_structure != "full":
+        raise ValueError(
+            f"hessian_structure: subset_of_weights='subnetwork' takes 'full' (the dense "
+            f"curvature over the chosen weights); got {hessian_structure!r}."
+        )
+    if subset_of_weights == "last_layer" and hessian_structure not in _ANY_SUBSET:
         cls, fixed = LastLayerBuilder, {"structure": hessian_structure}
     else:
         cls, fixed = _ALL_WEIGHTS[hessian_structure], {}

@@ -1,4 +1,5 @@
-"""Per-example rows ``J_n^T c_{n,r}`` of a model's curvature, summed as outer products or squares.
+"""Per-example rows ``J_n^T c_{n,r}`` of a model's curvature, summed as outer products, squares
+or products with a basis.
 
 The GGN and the empirical Fisher (EF) are both sums of outer products of per-example rows::
 
@@ -10,7 +11,8 @@ where ``J_n [K, P]`` is the Jacobian of example ``n``'s logits with respect to t
 cotangents ``c [N, K, R]`` (:func:`output_cotangents`) are all that depends on the likelihood.
 :func:`summed_rows` returns ``sum v**2`` (``[P]``, the exact diagonal) and
 :func:`summed_outer_products` ``sum v v^T`` (compact sums that :func:`outer_matrix` lays out as
-the ``[P, P]`` matrix), layer by layer:
+the ``[P, P]`` matrix), :func:`summed_products` ``sum v (v^T V)`` for a basis ``V [P, m]`` (the
+low-rank sketch), layer by layer:
 
 * a layer with a Kronecker rule (:mod:`~laplace_tf.curvature.kron_layers`: Dense, Conv, ...) called
   once, with one location per example (a Dense layer on ``[N, din]`` inputs), is *factored*: its
@@ -46,6 +48,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 from laplace_tf.autodiff import first_line, quiet_pfor_errors
@@ -155,6 +158,95 @@ def summed_outer_products(
                            max(1, CHUNK_BYTES // per_example))
 
 
+def summed_products(
+    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
+    layout: Layout, basis: tf.Tensor, w: tf.Tensor | None = None,
+) -> tuple[tuple[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """``sum_{n,r} v_nr (v_nr^T V)`` ``[P, m]`` (the curvature times ``basis`` ``V [P, m]``) and
+    the trace ``sum_{n,r} |v_nr|^2``, without any ``P x P`` matrix.
+
+    Arguments as for :func:`summed_outer_products`. A factored slice never forms its rows:
+    ``v^T V = delta^T (a^T V)`` and ``sum v s^T = a^T (delta s^T)``, matmuls that cost
+    ``N p m`` each.
+
+    Returns:
+        ``(products, trace)``, and the batch's logits ``[N, K]``.
+    """
+    sizes = [_size(d) for d in layout.dims]
+    m = int(basis.shape[-1])
+
+    def chunk_sum(xw_chunk, y_chunk):  # x and w are sliced alike
+        x_chunk, w_chunk = xw_chunk
+        parts, logits = _rows_by_slice(logit_model, likelihood, kind, x_chunk, y_chunk, layout,
+                                       w_chunk)
+        blocks = tf.split(basis, sizes, axis=0)
+        scores = tf.add_n([_times(p, b) for p, b in zip(parts, blocks, strict=True)])  # [n, R, m]
+        products = tf.concat([_transposed_times(p, scores) for p in parts], 0)
+        trace = tf.add_n([tf.reduce_sum(_squared_sum(p)) for p in parts])
+        return (products, trace), logits
+
+    itemsize = logit_model.subset.dtype.size
+    per_example = _COPIES * itemsize * product_example_numbers(layout, kind, m)
+    return sum_over_chunks(chunk_sum, (x, weights_or_ones(w, y)), y,
+                           max(1, CHUNK_BYTES // per_example))
+
+
+def product_example_numbers(layout: Layout, kind: str, m: int) -> int:
+    """Numbers one example holds in :func:`summed_products` with ``m`` basis vectors: its rows
+    (factored: inputs and pre-activation gradients) and, per factored slice, ``a^T V`` and
+    ``delta s^T`` (``dout m`` each), and its scores (``R m``)."""
+    rows = _n_rows(layout, kind)
+    factored = sum(d[1] for d in layout.dims if isinstance(d, tuple))
+    return _example_width(layout.dims, rows, outer=False) + m * (rows + 2 * factored)
+
+
+def _times(part: _Outer | tf.Tensor, basis: tf.Tensor) -> tf.Tensor:
+    """``v_nr^T V`` ``[n, R, m]`` of a slice's rows and its rows of the basis ``V [p, m]``."""
+    if isinstance(part, _Outer):
+        din, dout = int(part.inputs.shape[-1]), int(part.deltas.shape[-1])
+        projected = tf.reshape(tf.matmul(part.inputs, tf.reshape(basis, [din, -1])),
+                               [-1, dout, int(basis.shape[-1])])  # a^T V: [n, dout, m]
+        return tf.einsum("rno,nom->nrm", part.deltas, projected)
+    return tf.einsum("nrp,pm->nrm", part, basis)
+
+
+def _transposed_times(part: _Outer | tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
+    """``sum_{n,r} v_nr s_nr^T`` ``[p, m]`` of a slice's rows and scores ``s [n, R, m]``."""
+    if isinstance(part, _Outer):
+        din = int(part.inputs.shape[-1])
+        weighted = tf.einsum("rno,nrm->nom", part.deltas, scores)  # [n, dout, m]
+        flat = tf.reshape(weighted, [tf.shape(weighted)[0], -1])
+        return tf.reshape(tf.matmul(part.inputs, flat, transpose_a=True),
+                          [din * int(part.deltas.shape[-1]), -1])
+    return tf.einsum("nrp,nrm->pm", part, scores)
+def stacked_rows(
+    logit_model: LogitModel, likelihood: Likelihood, kind: str, x, y: tf.Tensor,
+    w: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The rows ``v_nr`` themselves, stacked ``[N R, P]`` (example ``n``'s ``R`` rows are
+    ``n R, ..., n R + R - 1``): ``rows^T rows`` is the curvature :func:`summed_outer_products`
+    sums. Arguments as for :func:`summed_rows`; one call, no chunks (see
+    :func:`rows_chunk_examples`).
+
+    Returns:
+        The rows, and the batch's logits ``[N, K]``.
+    """
+    layout = slice_layout(logit_model, x)
+    parts, logits = _rows_by_slice(logit_model, likelihood, kind, x, y, layout,
+                                   weights_or_ones(w, y))
+    return tf.concat([_as_rows(p) for p in parts], axis=1), logits
+
+
+def rows_chunk_examples(logit_model: LogitModel, kind: str, x) -> int:
+    """How many examples one call of :func:`stacked_rows` may take: their intermediates and
+    rows fit in :data:`CHUNK_BYTES` (at least one)."""
+    layout = slice_layout(logit_model, x)
+    rows = _n_rows(layout, kind)
+    numbers = _COPIES * (_example_width(layout.dims, rows, outer=False)
+                         + rows * logit_model.subset.n_params)
+    return max(1, CHUNK_BYTES // (numbers * logit_model.subset.dtype.size))
+
+
 def outer_step_examples(logit_model: LogitModel, kind: str, x) -> int:
     """How many examples one step of :func:`summed_outer_products` may take: their
     intermediates and the activations of their forward and ``R`` backward passes fit in
@@ -191,17 +283,26 @@ def outer_matrix(sums: Sequence[tf.Tensor], layout: Layout) -> tf.Tensor:
 
 class Layout(NamedTuple):
     """How a batch's rows are computed: per slice, ``(din (+1 for the bias), dout)`` if the
-    slice is factored, else its number of weights; the number of logits ``K``; and whether
+    slice is factored, else its number of weights; the number of logits ``K``; whether
     per-example rows must be computed one example at a time (:func:`_one_at_a_time`, see
-    :func:`_vectorised_rows`)."""
+    :func:`_vectorised_rows`); and per slice whether it holds some of the weights of a layer
+    that could be factored (a subnetwork): its rows ``a_n ⊗ delta_nr`` are formed at those
+    entries only (:func:`_gathered_rows`)."""
 
     dims: list[tuple[int, int] | int]
     n_outputs: int
     one_at_a_time: bool = False
+    gathered: tuple[bool, ...] = ()
 
     @property
     def factored(self) -> list[bool]:
         return [isinstance(d, tuple) for d in self.dims]
+
+    @property
+    def probed(self) -> list[bool]:
+        """Slices whose rows come from probes on the pre-activation (factored or gathered)."""
+        gathered = self.gathered or (False,) * len(self.dims)
+        return [f or g for f, g in zip(self.factored, gathered, strict=True)]
 
 
 def slice_layout(logit_model: LogitModel, x) -> Layout:
@@ -224,8 +325,11 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record))
     concrete = traced.get_concrete_function(any_batch_size(x))
     n_outputs = int(concrete.structured_outputs.shape[-1])
-    dims = [_factor_dims(s) if locations.get(id(s.layer)) == [1] else s.size for s in slices]
-    return Layout(dims, n_outputs, _one_at_a_time(concrete.graph))
+    once = [locations.get(id(s.layer)) == [1] for s in slices]
+    dims = [(_factor_dims(s) if s.columns is None else s.size) if one else s.layer_size
+            for s, one in zip(slices, once, strict=True)]
+    gathered = tuple(one and s.columns is not None for s, one in zip(slices, once, strict=True))
+    return Layout(dims, n_outputs, _one_at_a_time(concrete.graph), gathered)
 
 
 def batchless_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
@@ -338,8 +442,8 @@ def _rows_by_slice(
     w: tf.Tensor,
 ) -> tuple[list[_Outer | tf.Tensor], tf.Tensor]:
     """Each slice's rows (an :class:`_Outer` if factored, else ``[n, R, p]``), and the logits."""
-    slices, factored = logit_model.subset.slices, layout.factored
-    layers = [s.layer for s, f in zip(slices, factored, strict=True) if f]
+    slices, probed = logit_model.subset.slices, layout.probed
+    layers = [s.layer for s, p in zip(slices, probed, strict=True) if p]
     inputs, probes = {}, {}
     with tf.GradientTape() as tape:
 
@@ -356,10 +460,13 @@ def _rows_by_slice(
     parts: dict[int, _Outer | tf.Tensor] = {}
     if layers:
         deltas = tape.jacobian(scores, [probes[id(la)] for la in layers], experimental_use_pfor=True)
+        columns = {id(s.layer): s.columns for s in slices}
         for layer, delta in zip(layers, deltas, strict=True):
             delta = tf.reshape(delta, [n_rows, -1, output_size(layer)])
-            parts[id(layer)] = _Outer(input_rows(layer, inputs[id(layer)]), delta)
-    others = [s for s, f in zip(slices, factored, strict=True) if not f]
+            outer = _Outer(input_rows(layer, inputs[id(layer)]), delta)
+            chosen = columns[id(layer)]
+            parts[id(layer)] = outer if chosen is None else _gathered_rows(outer, chosen)
+    others = [s for s, p in zip(slices, probed, strict=True) if not p]
     if others:
         rows = _vectorised_rows(logit_model, x, cotangents, others, layout.one_at_a_time)
         for s, part in zip(others, tf.split(rows, [s.size for s in others], -1), strict=True):
@@ -393,6 +500,7 @@ def _vectorised_rows(
     chosen = {id(v) for s in slices for v in s.variables}
     watched = [t for t, v in zip(values, subset.variables, strict=True) if id(v) in chosen]
     n_rows = int(cotangents.shape[-1])
+    columns = _columns(slices)
 
     def one_example(example, use_pfor: bool):
         x_n, c_n = example
@@ -404,7 +512,8 @@ def _vectorised_rows(
             scores, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO,
             experimental_use_pfor=use_pfor,
         )
-        return tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
+        rows = tf.concat([tf.reshape(j, [n_rows, -1]) for j in jacobians], -1)
+        return rows if columns is None else tf.gather(rows, columns, axis=-1)
 
     names = [s.name for s in slices]
     if not one_at_a_time:
@@ -427,6 +536,25 @@ def _vectorised_rows(
             f"layers {names} ({first_line(err)}). Use subset_of_weights='last_layer', or a "
             "subset of weights without these layers."
         ) from None
+
+
+def _columns(slices: Sequence[LayerSlice]) -> np.ndarray | None:
+    """The positions of the slices' weights among all weights of their variables (None: all)."""
+    if all(s.columns is None for s in slices):
+        return None
+    starts = np.cumsum([0] + [s.layer_size for s in slices])
+    return np.concatenate([
+        start + (np.arange(s.layer_size) if s.columns is None else s.columns)
+        for start, s in zip(starts, slices, strict=False)
+    ])
+
+
+def _gathered_rows(part: _Outer, columns: np.ndarray) -> tf.Tensor:
+    """Rows ``[n, R, c]`` of a factored layer at the entries ``columns`` of its row-major
+    ``(din, dout)`` weight matrix only: ``inputs[n, i] * deltas[r, n, j]``."""
+    dout = int(part.deltas.shape[-1])
+    return tf.einsum("nc,rnc->nrc", tf.gather(part.inputs, columns // dout, axis=-1),
+                     tf.gather(part.deltas, columns % dout, axis=-1))
 
 
 def _as_rows(part: _Outer | tf.Tensor) -> tf.Tensor:

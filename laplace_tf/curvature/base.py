@@ -44,7 +44,7 @@ from laplace_tf.outputs import check_output_op, check_output_values
 from laplace_tf.params import LogitModel
 
 CURVATURES = ("ggn", "ef", "hessian")
-STRUCTURES = ("full", "kron", "diag")
+STRUCTURES = ("full", "kron", "diag", "lowrank", "gp")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Curvature:
     """The curvature of the summed NLL at the MAP, and what the evidence needs.
 
     Attributes:
-        structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
         blocks: blocks in parameter order, covering the whole weight subset.
         nll: summed negative log-likelihood over the data (scalar, model dtype).
         n_data: number of examples (with sample weights: their sum, a float).
@@ -94,6 +94,11 @@ class CurvatureBuilder:
 
     structure: str = ""
     kinds: tuple[str, ...] = CURVATURES
+    passes: int = 1
+    """Passes over the data a fit takes; :meth:`start_pass` runs before each."""
+    keeps_examples: bool = False
+    """Whether :meth:`observe` keeps examples for :meth:`finish` (then the curvature is not a
+    sum over batches, and cannot be all-reduced over workers)."""
 
     def __init__(self, logit_model: LogitModel, likelihood: Likelihood, kind: str = "ggn"):
         if kind not in self.kinds:
@@ -125,10 +130,19 @@ class CurvatureBuilder:
         batches to take fewer steps, within their memory budget."""
         return 0
 
+    def start_pass(self, previous: list | None) -> None:
+        """Before each of :attr:`passes` passes: ``previous`` is the last pass's sums (added up
+        over all batches and workers), None before the first. By default nothing."""
+
     def finish(self, sums: list) -> list[Block]:
         """The blocks of :meth:`batch_sums` added up over batches (by default, the sums with
         Kronecker ``A`` turned from a sum into a mean)."""
         return [b.from_sum_form() for b in sums]
+
+    def observe(self, x, y, w) -> None:
+        """Called with every step's batch (in Python, before the step): by default nothing. A
+        builder whose curvature is not a sum over all examples (the GP's context examples,
+        :mod:`~laplace_tf.curvature.gp`) keeps what it needs here for :meth:`finish`."""
 
 
 def weights_or_ones(w, like: tf.Tensor) -> tf.Tensor:
@@ -157,7 +171,9 @@ def fit_curvature(
 
     A dense builder joins consecutive batches into steps of up to
     :meth:`CurvatureBuilder.examples_per_step` examples; every other builder takes one step a
-    batch.
+    batch. A builder with several :attr:`~CurvatureBuilder.passes` sees the data that many
+    times (its :meth:`~CurvatureBuilder.start_pass` takes each pass's sums); the last pass's
+    sums are the result.
 
     With a ``tf.distribute`` strategy (given, or the one whose scope is active), every step is
     split across the local replicas, each replica's curvature is summed locally, and the
@@ -188,22 +204,34 @@ def fit_curvature(
                 check_output_values(outputs, likelihood, builder.logit_model.stripped)
             yield x, likelihood.prepare_targets(y, n_outputs, batches.dtype), tf.constant(w)
 
-    total, run = None, step
-    for x, targets, w in _joined(prepared(), builder.examples_per_step):
-        if total is None and strategy is None:  # one trace for all batch sizes (a short last),
-            run = step.get_concrete_function(*any_batch_size([x, targets, w]))  # called directly
-        parts = ([run(x, targets, w)] if strategy is None
-                 else _replica_steps(strategy, step, x, targets, w))
-        if total is None:  # the step is traced: what op computes the model output?
-            check_output_op(builder.logit_model.output_op, likelihood,
-                            builder.logit_model.stripped)
-        for part in parts:
-            total = _add_in_place(total, part)
-    if total is None:
-        raise ValueError("data: the data set is empty; give at least one example.")
-    total = tf.nest.map_structure(tf.convert_to_tensor, total)
-    if strategy is not None and strategy.num_replicas_in_sync > _n_local_replicas(strategy):
-        total = _all_reduce(strategy, total)
+    multi_worker = strategy is not None and (
+        strategy.num_replicas_in_sync > _n_local_replicas(strategy))
+    if multi_worker and builder.keeps_examples:
+        raise ValueError(
+            f"strategy: hessian_structure={builder.structure!r} keeps examples of the data "
+            "(not sums), which a multi-worker strategy cannot all-reduce; fit on one worker."
+        )
+    run, total = step, None
+    for _ in range(builder.passes):
+        builder.start_pass(None if total is None else total.blocks)
+        total = None
+        for x, targets, w in _joined(prepared(), builder.examples_per_step):
+            builder.observe(x, targets, w)
+            if run is step and strategy is None:  # one trace for all batch sizes (a short last),
+                run = step.get_concrete_function(*any_batch_size([x, targets, w]))  # called directly
+            parts = ([run(x, targets, w)] if strategy is None
+                     else _replica_steps(strategy, step, x, targets, w))
+            if total is None:  # the step is traced: what op computes the model output?
+                check_output_op(builder.logit_model.output_op, likelihood,
+                                builder.logit_model.stripped)
+            for part in parts:
+                total = _add_in_place(total, part)
+        if total is None:
+            raise ValueError("data: the data set is empty; give at least one example.")
+        total = tf.nest.map_structure(tf.convert_to_tensor, total)
+        if multi_worker:
+            total = _all_reduce(strategy, total)
+    assert total is not None  # a builder takes at least one pass
     n_data = float(total.n_data)
     if n_data <= 0:
         raise ValueError(

@@ -142,11 +142,11 @@ class FullBuilder(CurvatureBuilder):
         def chunk_hessian(xw_chunk, y_chunk):  # x and w are sliced alike
             x_chunk, w_chunk = xw_chunk
 
-            def nll(weights):
-                logits = model(x_chunk, weights)
+            def nll(flat):
+                logits = model(x_chunk, subset.unflatten(flat))
                 return tf.reduce_sum(w_chunk * likelihood.nll_per_example(logits, y_chunk))
 
-            return hessian(nll, subset.values(), flat=True), model(x_chunk)
+            return hessian(nll, subset.flat_values()), model(x_chunk)
 
         per_example = _TANGENTS_PER_ACTIVATION * subset.dtype.size * subset.n_params * (
             activations_per_example(model, x)

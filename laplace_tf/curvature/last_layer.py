@@ -41,12 +41,13 @@ from laplace_tf.curvature._kron_sums import (
     symmetric_sum_numbers,
 )
 from laplace_tf.curvature._per_example import activations_per_example, step_examples
-from laplace_tf.curvature.base import STRUCTURES, CurvatureBuilder, weights_or_ones
+from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import output_layer
 from laplace_tf.params import LogitModel, leaf_layers
 
 _CLOSED_FORM_LAYERS = (keras.layers.Dense,)
+STRUCTURES = ("full", "kron", "diag")  # closed forms; "lowrank" takes the all-weights builder
 _ADVICE = (
     "use subset_of_weights='all' (e.g. with hessian_structure='kron'), which takes any model "
     "that returns logits or ends in a softmax/sigmoid layer"

@@ -27,6 +27,18 @@ kron       per layer with a Kronecker rule, with ``D`` inputs (+1 for the bias),
            Jacobian), and ``posterior`` 2 p (as diag)
 diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
            ``posterior`` 2 P (precision and variances)
+lowrank    with rank ``k`` and ``m = min(k + 10, P)`` sketch vectors: ``curvature`` P k;
+           ``factor`` P k + k²; ``covariance`` P k + P; ``fit_workspace`` 10 P m float64
+           numbers (the sketch's start, basis and running sum, a step's sum and loop carry,
+           and the Nyström factorisation's copies); ``per_batch`` (below, each example's
+           rows and their products with the sketch, ``m`` numbers per row and per factored
+           output). Over any weight subset.
+gp         with ``n`` context examples, ``r = n K`` rows and ``q = min(r, P)``:
+           ``curvature`` q P (the root: the rows, or their QR factor if r > P);
+           ``fit_workspace`` 2 r P (the chunks of rows and their concatenation);
+           ``per_batch`` one chunk of rows and their intermediates (below, at most
+           ``CHUNK_BYTES``); ``factor`` q P + q² (the Gram matrix and the orthonormal
+           basis); ``covariance`` q P + P. Over any weight subset.
 =========  ========================================================================
 
 ``per_batch`` of full and diag over ``"all"`` weights is one chunk of the per-example
@@ -69,7 +81,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.arguments import choice, positive_int
-from laplace_tf.blocks import DenseBlock, DiagBlock, KronBlock
+from laplace_tf.blocks import DenseBlock, DiagBlock, KronBlock, LowRankBlock
 from laplace_tf.curvature import SUBSETS
 from laplace_tf.curvature._per_example import (
     _COPIES,
@@ -82,10 +94,12 @@ from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.kron_layers import block_kind, is_factored, output_size
 from laplace_tf.curvature.last_layer import full_example_numbers
+from laplace_tf.curvature.lowrank import DEFAULT_OVERSAMPLING, DEFAULT_RANK
 from laplace_tf.params import LayerSlice, WeightSubset
 
 _ALL_WEIGHTS_FIT_COPIES = 6  # P x P buffers of a fit besides the curvature (module docstring)
 _LAST_LAYER_FIT_COPIES = 3
+_LOWRANK_FIT_COPIES = 10  # float64 [P, m] buffers of a low-rank fit (module docstring)
 # (structure, subset_of_weights) -> what needs less memory
 _CHEAPER = {
     ("full", "all"): "hessian_structure='kron' or hessian_structure='diag', or "
@@ -95,6 +109,12 @@ _CHEAPER = {
     ("full", "last_layer"): "hessian_structure='kron' or hessian_structure='diag'",
     ("kron", "last_layer"): "hessian_structure='diag'",
     ("diag", "last_layer"): "",
+    ("lowrank", "all"): "a smaller rank, hessian_structure='diag', or "
+                        "subset_of_weights='last_layer'",
+    ("lowrank", "last_layer"): "a smaller rank, or hessian_structure='diag'",
+    ("gp", "all"): "a smaller n_context, or subset_of_weights='last_layer'",
+    ("gp", "last_layer"): "a smaller n_context",
+    ("full", "subnetwork"): "fewer subnetwork_indices",
 }
 
 
@@ -103,8 +123,8 @@ class MemoryEstimate:
     """Bytes a (structure, weight subset) pair needs, part by part (see the module docstring).
 
     Attributes:
-        structure: ``"full"``, ``"kron"`` or ``"diag"``.
-        subset_of_weights: ``"all"`` or ``"last_layer"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
+        subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"``.
         n_params: number of weights ``P``.
         dtype: the dtype's name, e.g. ``"float32"``.
         batch_size: the batch size the per-batch part assumes.
@@ -142,18 +162,22 @@ def estimate_memory(
     dtype: tf.DType | str | None = None,
     subset_of_weights: str = "all",
     curvature: str = "ggn",
+    rank: int = DEFAULT_RANK,
+    n_context: int | None = None,
 ) -> MemoryEstimate:
     """The bytes fitting ``structure`` over ``subset`` and using its posterior need.
 
     Args:
         subset: the weights (for ``"last_layer"``: the last Dense layer's weights only).
-        structure: ``"full"``, ``"kron"`` or ``"diag"``.
+        structure: ``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"`` or ``"gp"``.
         n_outputs: the number of model outputs (logits) ``K``.
         batch_size: the batch size of the fit.
         dtype: the floating dtype of the computation (default: the weights' dtype).
-        subset_of_weights: ``"all"`` or ``"last_layer"``.
+        subset_of_weights: ``"all"``, ``"last_layer"`` or ``"subnetwork"``.
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (rows per example: 1 for ``"ef"``,
             else ``n_outputs``).
+        rank: the rank of ``"lowrank"`` (capped at the number of weights).
+        n_context: ``"gp"`` (required there): the number of context examples.
 
     Returns:
         A :class:`MemoryEstimate`; see the module docstring for every part's formula.
@@ -186,7 +210,17 @@ def estimate_memory(
     if not weights_dtype.is_floating:
         raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {weights_dtype.name}.")
     rows = 1 if curvature == "ef" else n_outputs
-    if subset_of_weights == "last_layer":
+    if structure == "lowrank":
+        rank = min(positive_int(rank, "rank"), subset.n_params)
+        counts = _lowrank(subset, rows, rank, batch_size, weights_dtype.size)
+    elif structure == "gp":
+        if n_context is None:
+            raise ValueError(
+                "n_context: the memory of hessian_structure='gp' grows with its context; give "
+                "the number of context examples (for n_context=None: of training examples)."
+            )
+        counts = _gp(subset, rows, positive_int(n_context, "n_context"), weights_dtype.size)
+    elif subset_of_weights == "last_layer":
         counts = _last_layer(subset, structure, n_outputs, batch_size, weights_dtype.size)
     elif structure == "full":
         per_batch = _per_example(subset, rows, True, batch_size, weights_dtype.size)
@@ -279,6 +313,29 @@ def _diag(p: int, per_batch: int) -> dict[str, int]:
             **block}
 
 
+def _lowrank(subset: WeightSubset, rows: int, rank: int, batch_size: int,
+             itemsize: int) -> dict[str, int]:
+    p = subset.n_params
+    m = min(rank + DEFAULT_OVERSAMPLING, p)
+    block = LowRankBlock.memory(p, rank)
+    dims = _slice_dims(subset)
+    factored = sum(d[1] for d in dims if isinstance(d, tuple))
+    per_example = _COPIES * (_example_width(dims, rows, False) + m * (rows + 2 * factored))
+    step = min(max(batch_size, STEP_EXAMPLES), max(1, CHUNK_BYTES // (per_example * itemsize)))
+    return {"curvature": block["curvature"],
+            "fit_workspace": _LOWRANK_FIT_COPIES * p * m * 8 // itemsize,
+            "per_batch": step * per_example, **block}
+def _gp(subset: WeightSubset, rows: int, n_context: int, itemsize: int) -> dict[str, int]:
+    p = subset.n_params
+    block = LowRankBlock.memory(p, min(n_context * rows, p))
+    dims = [_factor_dims(s) if is_factored(s) and _locations(s) == 1 else s.size
+            for s in subset.slices]
+    per_example = _COPIES * (_example_width(dims, rows, False) + rows * p)
+    chunk = min(n_context, max(1, CHUNK_BYTES // (per_example * itemsize)))
+    return {"curvature": block["curvature"], "fit_workspace": 2 * n_context * rows * p,
+            "per_batch": chunk * per_example, **block}
+
+
 def _last_layer(
     subset: WeightSubset, structure: str, n_outputs: int, batch_size: int, itemsize: int
 ) -> dict[str, int]:
@@ -333,12 +390,21 @@ def _per_example(
     intermediates exist ``_COPIES`` times, and examples come in chunks that fit in
     ``CHUNK_BYTES`` (full joins batches into steps of up to a chunk).
     """
-    dims = [_factor_dims(s) if is_factored(s) and _locations(s) == 1 else s.size
-            for s in subset.slices]
+    dims = _slice_dims(subset)
     per_example = _COPIES * _example_width(dims, rows, outer)
     chunk = max(1, CHUNK_BYTES // (per_example * itemsize))
     step = max(batch_size, STEP_EXAMPLES) if outer else batch_size  # full joins batches
     return min(step, chunk) * per_example
+
+
+def _slice_dims(subset: WeightSubset) -> list[tuple[int, int] | int]:
+    """Each slice's ``(din (+1), dout)`` if :mod:`~laplace_tf.curvature._per_example` factors
+    it (a layer with a Kronecker rule and one location per example), else its size (some of
+    such a layer's weights: its rows are formed at those only; of another layer: its rows
+    are formed whole, then gathered)."""
+    once = [is_factored(s) and _locations(s) == 1 for s in subset.slices]
+    return [(_factor_dims(s) if s.columns is None else s.size) if one else s.layer_size
+            for s, one in zip(subset.slices, once, strict=True)]
 
 
 def _as_dtype(dtype) -> tf.DType:

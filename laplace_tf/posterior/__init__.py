@@ -1,7 +1,8 @@
 """The Laplace posterior over (a subset of) a Keras model's weights.
 
-``PosteriorLaplace`` composes a weight subset (``"all"`` or ``"last_layer"``) with a posterior
-structure (``"full"``, ``"kron"``, ``"diag"``); ``laplace_tf.Laplace`` adds the predictive.
+``PosteriorLaplace`` composes a weight subset (``"all"``, ``"last_layer"`` or ``"subnetwork"``)
+with a posterior structure (``"full"``, ``"kron"``, ``"diag"``); ``laplace_tf.Laplace`` adds
+the predictive.
 The curvature blocks, their factors and covariance blocks are :mod:`laplace_tf.blocks`.
 """
 

@@ -55,7 +55,8 @@ def save(la, path) -> None:
     state, settings = la.state(), la.settings()
     curvature = state.curvature
     arrays = {"mean": state.mean.numpy(), "curvature_nll": np.asarray(curvature.nll)}
-    arrays.update({s.name: np.asarray(settings[s.name]) for s in la.SETTINGS if s.saved == "array"})
+    arrays.update({s.name: np.asarray(settings[s.name]) for s in la.SETTINGS
+                   if s.saved == "array" and settings[s.name] is not None})  # None: when_absent
     if state.fit_sigma is not None:
         arrays["fit_sigma"] = state.fit_sigma
     if curvature.residual_ss is not None:

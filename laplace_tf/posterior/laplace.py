@@ -17,7 +17,7 @@ scalar ``sigma_noise`` therefore never recomputes curvature. A per-output ``sigm
 ``H(sigma) = sum_k H_k / sigma_k^2`` (:mod:`laplace_tf.posterior.output_noise`).
 
 One class serves every (subset, structure) pair: ``subset_of_weights`` picks the weights
-(``"all"`` or ``"last_layer"``), ``hessian_structure`` picks a
+(``"all"``, ``"last_layer"`` or ``"subnetwork"``), ``hessian_structure`` picks a
 :class:`~laplace_tf.posterior.structures.Structure`, and the curvature blocks are factored
 block by block (:mod:`laplace_tf.blocks`). ``laplace_tf.Laplace`` (the predictive)
 subclasses it.
@@ -52,6 +52,7 @@ from laplace_tf.curvature import make_builder
 from laplace_tf.curvature.base import CURVATURES, Curvature, fit_curvature
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.last_layer import find_last_layer
+from laplace_tf.curvature.lowrank import DEFAULT_RANK
 from laplace_tf.curvature.memory import (
     MemoryEstimate,
     check_memory,
@@ -60,7 +61,7 @@ from laplace_tf.curvature.memory import (
 )
 from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
-from laplace_tf.params import LogitModel, WeightSubset, leaf_layers
+from laplace_tf.params import LogitModel, SubnetworkSubset, WeightSubset, leaf_layers
 from laplace_tf.posterior import io, marglik, output_noise
 from laplace_tf.posterior.prior import (
     as_float_tensor,
@@ -73,7 +74,7 @@ from laplace_tf.posterior.prior import (
 from laplace_tf.posterior.state import PosteriorState, Setting
 from laplace_tf.posterior.structures import STRUCTURES, precision_operator
 
-SUBSETS = ("all", "last_layer")
+SUBSETS = ("all", "last_layer", "subnetwork")
 ON_INDEFINITE = ("raise", "clip")
 SETTINGS = (
     Setting("likelihood", "metadata", attribute_name="likelihood_name"),
@@ -91,6 +92,9 @@ SETTINGS = (
     Setting("batch_size", "metadata"),
     Setting("progress", None, when_absent=False),
     Setting("memory_limit_bytes", "metadata"),
+    Setting("rank", "metadata", when_absent=None),
+    Setting("n_context", "metadata", when_absent=None),
+    Setting("subnetwork_indices", "array", when_absent=None),
 )
 """The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
 rebuilds ``cls(model, **settings)`` from them. A new constructor argument adds one line here
@@ -137,10 +141,15 @@ class PosteriorLaplace:
         model: a trained, built Keras model (its current weights are the MAP).
         likelihood: ``"classification"``, ``"binary"``, ``"regression"`` or
             ``"heteroscedastic"`` (outputs ``[mean (K), log-variance (K)]``).
-        subset_of_weights: ``"last_layer"`` or ``"all"``.
-        hessian_structure: ``"kron"``, ``"full"`` or ``"diag"``.
+        subset_of_weights: ``"last_layer"``, ``"all"`` or ``"subnetwork"`` (the weights
+            ``subnetwork_indices``, with ``hessian_structure="full"``; the others stay at the
+            MAP: the posterior, its mean and samples are over those ``P_sub`` weights).
+        hessian_structure: ``"kron"``, ``"full"``, ``"diag"``, ``"lowrank"`` (the top
+            ``rank`` eigenpairs of the GGN or EF, :mod:`laplace_tf.curvature.lowrank`) or
+            ``"gp"`` (functional Laplace: the GGN over ``n_context`` context examples, whose
+            GLM predictive is a GP; :mod:`laplace_tf.curvature.gp`).
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (exact; with ``subset_of_weights="all"``
-            only for ``"full"``).
+            only for ``"full"``; not for ``"lowrank"``).
         prior_precision: ``lambda`` > 0: a scalar, one per layer, or one per weight (not for
             ``"kron"``).
         prior_mean: the prior mean, a scalar or one per weight.
@@ -148,7 +157,9 @@ class PosteriorLaplace:
         temperature: ``T`` > 0 (the curvature and the log-likelihood are divided by it).
         last_layer_name: the layer for ``"last_layer"`` (default: the last layer with weights).
         stochastic: Monte-Carlo Kronecker GGN (``"kron"`` with ``curvature="ggn"`` only).
-        seed: seed of the Monte-Carlo curvature.
+        seed: seed of the Monte-Carlo curvature, of the low-rank sketch (None: 0), or of the
+            choice of the ``"gp"`` context (None: fresh entropy; give a seed for a
+            reproducible choice).
         on_indefinite: ``"raise"`` a ValueError when the precision is not positive definite,
             or ``"clip"`` negative curvature eigenvalues at zero (with a warning). Applies to
             ``curvature="hessian"``; the GGN and EF are positive semi-definite by
@@ -159,6 +170,14 @@ class PosteriorLaplace:
             work) when :meth:`memory_estimate` exceeds it, and ``posterior_covariance`` a
             dense matrix above it. Default: a quarter of the available memory
             (:func:`~laplace_tf.curvature.full.default_memory_limit`).
+        rank: ``"lowrank"`` only: the eigenpairs kept (default 100; at most ``P``). Only a
+            scalar ``sigma_noise`` then.
+        n_context: ``"gp"`` only: the number of context examples, chosen uniformly without
+            replacement (seeded by ``seed``) from the training data; None: all of them. The
+            evidence's data terms are sums over all the data. Only a scalar ``sigma_noise``.
+        subnetwork_indices: for ``"subnetwork"``: integer indices into the flat vector of all
+            trainable weights (``WeightSubset(model).flat_values()``), unique; sorted here
+            (:mod:`laplace_tf.subnetwork` chooses them).
 
     Raises:
         ValueError, TypeError: for any invalid argument (the message lists the valid values).
@@ -189,6 +208,9 @@ class PosteriorLaplace:
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: bool = True,
         memory_limit_bytes: int | None = None,
+        rank: int | None = None,
+        n_context: int | None = None,
+        subnetwork_indices=None,
     ):
         self.likelihood_name = choice(likelihood, "likelihood", LIKELIHOODS)
         self.likelihood = get_likelihood(likelihood)  # with sigma_noise below
@@ -196,11 +218,29 @@ class PosteriorLaplace:
         self.hessian_structure = choice(hessian_structure, "hessian_structure", tuple(STRUCTURES))
         self.curvature_kind = choice(curvature, "curvature", CURVATURES)
         self.on_indefinite = choice(on_indefinite, "on_indefinite", ON_INDEFINITE)
-        if curvature == "hessian" and subset_of_weights == "all" and hessian_structure != "full":
+        if curvature == "hessian" and hessian_structure != "full" and (
+                subset_of_weights == "all" or hessian_structure == "lowrank"):
             raise ValueError(
                 f"curvature: the exact 'hessian' over all weights is only available with "
                 f"hessian_structure='full' (got {hessian_structure!r}); use curvature='ggn' or "
-                "'ef' for 'kron'/'diag', or subset_of_weights='last_layer'."
+                "'ef' for 'kron'/'diag'/'lowrank', or subset_of_weights='last_layer'."
+            )
+        if rank is not None and hessian_structure != "lowrank":
+            raise ValueError(
+                f"rank: only used with hessian_structure='lowrank'; got hessian_structure="
+                f"{hessian_structure!r}. Drop rank, or use hessian_structure='lowrank'."
+            )
+        self.rank = None if rank is None else positive_int(rank, "rank")
+        if hessian_structure == "gp" and curvature != "ggn":
+            raise ValueError(
+                f"curvature: hessian_structure='gp' needs curvature='ggn' (the GP's kernel and "
+                f"noise are the GGN's); got {curvature!r}."
+            )
+        self.n_context = positive_int_or_none(n_context, "n_context")
+        if n_context is not None and hessian_structure != "gp":
+            raise ValueError(
+                f"n_context: only used with hessian_structure='gp'; got hessian_structure="
+                f"{hessian_structure!r}. Drop n_context, or use hessian_structure='gp'."
             )
         self.stochastic = flag(stochastic, "stochastic")
         if stochastic and (hessian_structure != "kron" or curvature != "ggn"):
@@ -220,9 +260,25 @@ class PosteriorLaplace:
                 "last_layer_name: only used with subset_of_weights='last_layer'; got "
                 f"subset_of_weights={subset_of_weights!r}. Drop last_layer_name."
             )
+        if (subnetwork_indices is None) == (subset_of_weights == "subnetwork"):
+            raise ValueError(
+                "subnetwork_indices: give them with subset_of_weights='subnetwork', and only "
+                f"then; got subset_of_weights={subset_of_weights!r} and subnetwork_indices="
+                f"{'None' if subnetwork_indices is None else 'indices'}."
+            )
+        if subset_of_weights == "subnetwork" and hessian_structure != "full":
+            raise ValueError(
+                "hessian_structure: subset_of_weights='subnetwork' takes 'full' (the dense "
+                f"curvature over the chosen weights); got {hessian_structure!r}. Choose fewer "
+                "weights if a dense matrix over them is too large."
+            )
         self.structure = STRUCTURES[hessian_structure]
         self.model = model
         self.subset = WeightSubset(model)  # checks the model
+        self.subnetwork_indices = None
+        if subset_of_weights == "subnetwork":
+            self.subset = SubnetworkSubset(model, subnetwork_indices)
+            self.subnetwork_indices = self.subset.indices
         self.last_layer_name = None
         if subset_of_weights == "last_layer":
             layer = find_last_layer(model, last_layer_name)
@@ -270,6 +326,13 @@ class PosteriorLaplace:
                 f"{sigma.shape.as_list()}."
             )
         check_positive(sigma, "sigma_noise", "Give positive noise standard deviations.")
+        if sigma.shape.rank and not self.structure.per_output_noise:
+            raise ValueError(
+                f"sigma_noise: hessian_structure={self.hessian_structure!r} takes a scalar "
+                f"sigma_noise (its curvature cannot be rebuilt per output); got "
+                f"{np.asarray(sigma).tolist()}. Give one value, or use hessian_structure='full', "
+                "'kron' or 'diag'."
+            )
         fit = self._fit_sigma
         if self._per_output_change(sigma) and self.subset_of_weights != "last_layer" \
                 and self._pieces is None:
@@ -394,13 +457,17 @@ class PosteriorLaplace:
         options = {"memory_limit_bytes": self.memory_limit_bytes}
         if self.stochastic:
             options.update(stochastic=True, seed=self.seed)
+        if self.hessian_structure == "lowrank":
+            options.update(rank=self._rank, seed=self.seed)
+        if self.hessian_structure == "gp":
+            options.update(n_context=self.n_context, seed=self.seed)
         return make_builder(
             self.subset_of_weights, self.hessian_structure, self.logit_model,
             likelihood or self.likelihood, curvature=self.curvature_kind, **options,
         )
 
-    def memory_estimate(self, n_outputs: int | None = None,
-                        batch_size: int | None = None) -> MemoryEstimate:
+    def memory_estimate(self, n_outputs: int | None = None, batch_size: int | None = None,
+                        n_context: int | None = None) -> MemoryEstimate:
         """The bytes this (subset, structure) needs to fit and use, before fitting.
 
         ``fit`` refuses when its total exceeds ``memory_limit_bytes``.
@@ -408,6 +475,8 @@ class PosteriorLaplace:
         Args:
             n_outputs: the number of model outputs; default: read from the model.
             batch_size: the fit's batch size (default: the constructor's).
+            n_context: ``"gp"``: the number of context examples (default: the constructor's;
+                needed for ``n_context=None``: the number of training examples).
 
         Example:
             ``print(ltf.Laplace(model, "classification", "all", "full").memory_estimate())``
@@ -417,22 +486,34 @@ class PosteriorLaplace:
         return estimate_memory(
             self.subset, self.hessian_structure, n_outputs,
             self.batch_size if batch_size is None else batch_size, self._dtype,
-            self.subset_of_weights, self.curvature_kind,
+            self.subset_of_weights, self.curvature_kind, rank=self._rank,
+            n_context=n_context or self.n_context,
         )
 
-    def _check_memory(self, batch_size: int) -> None:
+    @property
+    def _rank(self) -> int:
+        """The low-rank structure's rank: ``rank`` (default 100) capped at ``P``."""
+        return min(DEFAULT_RANK if self.rank is None else self.rank, self.n_params)
+
+    def _check_memory(self, batch_size: int, n_examples: int | None) -> None:
         """Refuse a fit whose :meth:`memory_estimate` exceeds ``memory_limit_bytes``.
 
         A model whose number of outputs cannot be read (a subclassed model) is estimated with
         its last layer's outputs (the ``P x P`` parts, which dominate a dense structure, do
-        not depend on them).
+        not depend on them). A ``"gp"`` context of all the examples of a dataset (``n_examples``
+        unknown until streamed) is checked by its builder instead, before its rows.
         """
+        context = None
+        if self.hessian_structure == "gp":
+            context = min(filter(None, (self.n_context, n_examples)), default=None)
+            if context is None:
+                return
         try:
             n_outputs = _n_outputs(self.model)
         except ValueError:
             n_outputs = int(self.subset.slices[-1].variables[0].shape[-1])
-        check_memory(self.memory_estimate(n_outputs, batch_size), self.memory_limit_bytes,
-                     "memory_limit_bytes")
+        check_memory(self.memory_estimate(n_outputs, batch_size, context),
+                     self.memory_limit_bytes, "memory_limit_bytes")
 
     def fit(self, data, override: bool = True, batch_size: int | None = None,
             progress: bool | None = None,
@@ -477,7 +558,7 @@ class PosteriorLaplace:
         batch_size = self.batch_size if batch_size is None else positive_int(batch_size, "batch_size")
         progress = self.progress if progress is None else flag(progress, "progress")
         steps = positive_int_or_none(steps, "steps")
-        self._check_memory(batch_size)
+        self._check_memory(batch_size, len(data[1]) if isinstance(data, (tuple, list)) else None)
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
                           description="curvature", steps=steps, check=InputCheck(self.model))
         curvature = fit_curvature(self._builder(), batches, strategy)
@@ -505,7 +586,7 @@ class PosteriorLaplace:
         else None. Output ``k``'s is ``sigma_k^2 (H(sigma') - H(sigma))`` with ``sigma'`` =
         ``sigma`` but ``sigma'_k = sigma_k / sqrt(2)``: one more fit per output."""
         sigma = self._sigma
-        if self.subset_of_weights != "all" or not self.likelihood.has_noise or \
+        if self.subset_of_weights == "last_layer" or not self.likelihood.has_noise or \
                 sigma.shape.rank == 0 or self.curvature_kind == "ef" or self.stochastic:
             return None
         pieces = []

@@ -1,8 +1,8 @@
 """Posterior structures: how factored curvature blocks become one distribution over weights.
 
-A structure (``"full"``, ``"kron"``, ``"diag"``) says which curvature blocks it accepts, which
-prior shapes it supports, and which TensorFlow Probability distribution represents the
-posterior ``N(mean, (c H + diag(lambda))^-1)``:
+A structure (``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"``, ``"gp"``) says which curvature
+blocks it accepts, which prior shapes it supports, and which TensorFlow Probability
+distribution represents the posterior ``N(mean, (c H + diag(lambda))^-1)``:
 
 * full -> ``tfd.MultivariateNormalTriL``, ``scale_tril`` the Cholesky factor of the covariance
   obtained by Cholesky solves with the precision (never a naive inverse);
@@ -10,7 +10,11 @@ posterior ``N(mean, (c H + diag(lambda))^-1)``:
   each block :class:`~laplace_tf.blocks.kron_operator.LinearOperatorKroneckerEigen` (or diagonal for
   layers without a Kronecker rule, or a small dense block for a scale-and-shift layer): no
   dense ``P x P`` matrix;
-* diag -> ``tfd.MultivariateNormalDiag``.
+* diag -> ``tfd.MultivariateNormalDiag``;
+* lowrank, gp -> ``tfd.MultivariateNormalLinearOperator`` whose scale is the low-rank
+  factor's (:meth:`~laplace_tf.blocks.lowrank.LowRankFactor.scale`: a diagonal times a
+  low-rank update of the identity), over the top eigenpairs of the GGN (lowrank) or the GGN
+  of the context examples (gp): no dense ``P x P`` matrix.
 
 The precision operator is block-diagonal over curvature blocks in every case. The block
 types and their algebra are :mod:`laplace_tf.blocks`; a structure only names the block types
@@ -33,7 +37,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from laplace_tf.blocks import DenseBlock, DiagBlock, Factor, KronBlock
+from laplace_tf.blocks import DenseBlock, DiagBlock, Factor, KronBlock, LowRankBlock
 from laplace_tf.curvature.base import Curvature
 from laplace_tf.posterior.prior import PRIOR_STRUCTURES
 
@@ -60,6 +64,8 @@ class Structure:
     name: str = ""
     blocks: tuple[type, ...] = ()
     prior_structures: tuple[str, ...] = PRIOR_STRUCTURES
+    per_output_noise: bool = True
+    """Whether a per-output ``sigma_noise`` ``[K]`` is possible (else a scalar only)."""
 
     def check(self, curvature: Curvature) -> None:
         """Raise unless every block of ``curvature`` fits this structure."""
@@ -107,4 +113,23 @@ class DiagStructure(Structure):
         return tfd.MultivariateNormalDiag(loc=mean, scale_diag=tf.math.rsqrt(tf.concat(precision, 0)))
 
 
-STRUCTURES: dict[str, Structure] = {s.name: s for s in (FullStructure(), KronStructure(), DiagStructure())}
+class LowRankStructure(Structure):
+    """A low-rank curvature ``H = R^T R`` (the top eigenpairs of the GGN)."""
+
+    name = "lowrank"
+    blocks = (LowRankBlock,)
+    per_output_noise = False  # H = R^T R cannot be split into per-output curvatures
+
+    def distribution(self, mean, factors, c, priors):
+        scales = [f.scale(c, p) for f, p in zip(factors, priors, strict=True)]
+        return tfd.MultivariateNormalLinearOperator(loc=mean, scale=block_diagonal(scales))
+
+
+class GPStructure(LowRankStructure):
+    """The functional (GP) Laplace: the GGN over context examples, ``H = R^T R``."""
+
+    name = "gp"
+
+
+STRUCTURES: dict[str, Structure] = {s.name: s for s in (
+    FullStructure(), KronStructure(), DiagStructure(), LowRankStructure(), GPStructure())}

@@ -58,7 +58,7 @@ class _Part:
         """``(din, dout)``: the layer's weights as a row-major matrix, bias row included."""
         dout = output_size(self.slice.layer) if self.factored else \
             int(self.slice.variables[0].shape[-1])
-        return self.slice.size // dout, dout
+        return self.slice.layer_size // dout, dout
 
 
 class _Factor(NamedTuple):
@@ -237,8 +237,19 @@ def _block_parts(slices: Sequence[LayerSlice], offset: int, size: int) -> tuple[
 
 
 def _layer_jacobian(part: _Part, factors, jacobians) -> LayerJacobian:
-    """The Jacobian pieces of one layer of a block, for its covariance to contract."""
+    """The Jacobian pieces of one layer of a block, for its covariance to contract; for some
+    of the layer's weights (a subnetwork), their columns of its explicit Jacobian."""
     factor = factors.get(id(part.slice.layer))
     a, g = (None, None) if factor is None else factor
-    return LayerJacobian(part.start, part.slice.size, part.shape, a, g,
-                         jacobians.get(id(part.slice.layer)))
+    layer = LayerJacobian(part.start, part.slice.layer_size, part.shape, a, g,
+                          jacobians.get(id(part.slice.layer)))
+    columns = part.slice.columns
+    if columns is None:
+        return layer
+    if a is None or g is None:
+        jacobian = tf.gather(layer.explicit(), columns, axis=-1)
+    else:  # entry (i, j) of the (din, dout) matrix: sum_t a_ti g_tkj, for the chosen ones only
+        rows, outputs = columns // part.shape[1], columns % part.shape[1]
+        jacobian = tf.einsum("ntc,ntkc->nkc", tf.gather(a, rows, axis=-1),
+                             tf.gather(g, outputs, axis=-1))
+    return LayerJacobian(part.start, part.slice.size, part.shape, None, None, jacobian)

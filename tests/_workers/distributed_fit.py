@@ -57,9 +57,11 @@ CASES = {
                                     "argument"),
     "weighted-all-full-ggn": ("tanh_mlp", "classification", "all", "full", "ggn", "scope"),
     "weighted-last_layer-kron": ("tanh_mlp", "binary", "last_layer", "kron", "ef", "argument"),
+    "all-lowrank": ("tanh_mlp", "regression", "all", "lowrank", "ggn", "argument"),
 }
 MULTIWORKER_CASES = ("all-full-ggn", "all-kron-cnn", "all-diag-cnn", "last_layer-kron",
-                     "last_layer-full", "weighted-all-kron-batchnorm", "weighted-last_layer-kron")
+                     "last_layer-full", "weighted-all-kron-batchnorm", "weighted-last_layer-kron",
+                     "all-lowrank")
 SAMPLE_WEIGHTS = np.array([2.0, 0.0, 1.0, 3.0, 0.5, 1.0, 1.5])
 """Sample weights of the cases whose names start with "weighted": ``fit((x, y, w))``."""
 N_OUTPUTS = {"classification": 3, "binary": 1, "regression": 2}
