@@ -182,8 +182,9 @@ def reference_curvature(case: Case, model, x, y, sigma=1.0) -> np.ndarray:
 
     full: ``sum_n J_n^T Lambda_n J_n``; diag: its diagonal; kron: per layer
     ``A ⊗ G`` with ``A = (1/n) sum_t a_t a_t^T`` over the ``n`` input rows (locations) and
-    ``G = sum_n sum_t J_{z,n,t}^T Lambda_n J_{z,n,t}``; layers without a Kronecker rule (not
-    Dense/Conv2D) or called more than once get the GGN's diagonal.
+    ``G = sum_n sum_t J_{z,n,t}^T Lambda_n J_{z,n,t}``; scale-and-shift layers (BatchNorm,
+    LayerNorm) the exact GGN block; layers without a Kronecker rule (not Dense/Conv2D) or
+    called more than once get the GGN's diagonal.
     """
     f, lik = logit_model(case, model), ReferenceNLL(case.likelihood, sigma)
     if case.structure == "full":
@@ -196,6 +197,9 @@ def reference_curvature(case: Case, model, x, y, sigma=1.0) -> np.ndarray:
     for s in f.subset.slices:
         block = slice(s.offset, s.offset + s.size)
         layer = s.layer
+        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
+            out[block, block] = testing.brute_force_ggn(f, lik, x, y)[block, block]
+            continue
         kron_rule = isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))
         a, calls = _layer_input_rows(f, layer, x) if kron_rule else (None, 0)
         if calls != 1:

@@ -230,8 +230,18 @@ def _frozen_bias(n_outputs: int, seed: int = 0, n: int = 4):
     return model, x
 
 
+def _with_prelu(n_outputs: int, seed: int = 0, n: int = 6):
+    """Dense -> PReLU (weights without a Kronecker rule) -> Dense."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((3,), dtype=F64), L.Dense(4, dtype=F64),
+                              L.PReLU(alpha_initializer="ones", dtype=F64),
+                              L.Dense(n_outputs, dtype=F64)])
+    model.layers[1].alpha.assign(np.linspace(-0.5, 0.5, 4))
+    return model, np.random.default_rng(seed).normal(size=(n, 3))
+
+
 FALLBACKS = {   # model -> (index of the layer with a diagonal block, words of the logged reason)
-    "with_batchnorm": (MODELS["with_batchnorm"], 1, "BatchNormalization has no Kronecker rule"),
+    "with_prelu": (_with_prelu, 1, "PReLU has no Kronecker rule"),
     "shared_dense": (_shared_dense, 0, "called 2 times"),
     "frozen_bias": (_frozen_bias, 0, "not exactly (kernel, bias)"),
 }
@@ -255,7 +265,7 @@ def test_fallback_layers_get_the_exact_diagonal(model_name, kind, caplog):
 
 def test_fallbacks_are_one_warning_per_builder(caplog):
     """A builder serves one fit: its fallback layers are named once, at WARNING level."""
-    logit_model, likelihood, x, y = _problem(MODELS["with_batchnorm"], "classification", 2, 3)
+    logit_model, likelihood, x, y = _problem(_with_prelu, "classification", 2, 3)
     builder = KronBuilder(logit_model, likelihood)
     with caplog.at_level(logging.WARNING, logger="laplace_tf"):
         builder.batch_blocks(x, y)
@@ -272,7 +282,7 @@ def test_fallbacks_are_one_warning_per_builder(caplog):
     (L.Conv2D(4, 2, groups=2), (None, 6, 6, 4), "groups=2"),
     (L.Conv2D(4, 2, data_format="channels_first"), (None, 4, 6, 6), "data_format="),
     (L.Conv3D(4, 2), (None, 6, 6, 6, 4), "Conv3D has no Kronecker rule"),
-    (L.LayerNormalization(), (None, 4), "LayerNormalization has no Kronecker rule"),
+    (L.LayerNormalization(rms_scaling=True), (None, 4), "rms_scaling=True"),
 ])
 def test_layer_routing(layer, input_shape, reason):
     # grouped convolutions cannot be differentiated on CPU at all: here only the routing
@@ -324,7 +334,7 @@ def test_monte_carlo_ggn_converges_to_the_exact_kron(likelihood_name, n_outputs)
 
 
 def test_monte_carlo_same_seed_same_numbers_and_fresh_draws_per_batch():
-    logit_model, likelihood, x, y_prepared = _problem(MODELS["with_batchnorm"], "classification", 6, 3)
+    logit_model, likelihood, x, y_prepared = _problem(_with_prelu, "classification", 6, 3)
     y = targets("classification", 3, 6)
 
     def fit(seed, n_batches):           # compiled: fit_curvature runs batch_blocks in tf.function
@@ -339,7 +349,7 @@ def test_monte_carlo_same_seed_same_numbers_and_fresh_draws_per_batch():
     assert not np.allclose(twice[0].G, 2 * once[0].G)         # the second batch draws anew
     assert not np.allclose(twice[0].G, other[0].G)            # another seed, other numbers
     exact, _ = KronBuilder(logit_model, likelihood).batch_blocks(x, y_prepared)
-    np.testing.assert_allclose(once[1].diagonal, exact[1].diagonal, **EXACT)   # BatchNorm
+    np.testing.assert_allclose(once[1].diagonal, exact[1].diagonal, **EXACT)   # PReLU
 
 
 @pytest.mark.parametrize("kwargs, error, words", [

@@ -5,7 +5,7 @@ Layer sizes of the tiny models (tests/models.py), float64 (8 bytes a number):
 * ``tanh_mlp``: Dense 3 -> 4 (D = 4, O = 4), Dense 4 -> K (D = 5, O = K): P = 16 + 5 K;
 * ``small_cnn``: Conv2D 3x3, 2 -> 3 channels on 5x5 (D = 19, O = 3, 3x3 = 9 locations),
   Flatten, Dense 27 -> K (D = 28, O = K);
-* ``with_batchnorm``: Dense 3 -> 4, BatchNormalization (8 weights: a diagonal block under
+* ``with_batchnorm``: Dense 3 -> 4, BatchNormalization (8 weights: a dense 8 x 8 block under
   kron), Dense 4 -> K.
 """
 
@@ -96,7 +96,7 @@ KRON_CASES = {
                       9 * (19 + K * 3) + (28 + K * K)),
     "small_cnn-ef": ("small_cnn", "ef", 19**2 + 3**2 + 28**2 + K**2,
                      9 * (19 + 3) + (28 + K)),
-    "with_batchnorm-ggn": ("with_batchnorm", "ggn", 4**2 + 4**2 + 8 + 5**2 + K**2,
+    "with_batchnorm-ggn": ("with_batchnorm", "ggn", 4**2 + 4**2 + 8**2 + 5**2 + K**2,
                            (4 + K * 4) + K * 8 + (5 + K * K)),
 }
 

@@ -51,7 +51,7 @@ def assert_close(actual, expected, rtol=EXACT):
 
 
 # every (subset, structure) pair, and every Jacobian path: Dense, Conv2D (many locations),
-# Dense on sequences, a layer called twice, layers without a Kronecker rule (BatchNorm),
+# Dense on sequences, a layer called twice, a dense block in a Kronecker posterior (BatchNorm),
 # functional, two-input and subclassed models, the closed form.
 FV_CASES = cases.table(
     ("tanh_mlp", "classification", "all", "full"),

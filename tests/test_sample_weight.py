@@ -111,8 +111,8 @@ def test_stochastic_kron_weights_scale_sampled_factors():
         if isinstance(block, KronBlock):
             np.testing.assert_allclose(block_w.A, block.A, **EXACT)
             np.testing.assert_allclose(block_w.G, 3 * block.G, **EXACT)
-        else:
-            np.testing.assert_allclose(block_w.diagonal, 3 * block.diagonal, **EXACT)
+        else:  # the BatchNorm layer's dense block
+            np.testing.assert_allclose(block_w.to_dense(), 3 * block.to_dense(), **EXACT)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ cotangents ``c [N, K, R]`` (:func:`output_cotangents`) are all that depends on t
 the ``[P, P]`` matrix), :func:`summed_products` ``sum v (v^T V)`` for a basis ``V [P, m]`` (the
 low-rank sketch), layer by layer:
 
-* a layer with a Kronecker rule (:mod:`~laplace_tf.curvature.kron_layers`: Dense, Conv) called
+* a layer with a Kronecker rule (:mod:`~laplace_tf.curvature.kron_layers`: Dense, Conv, ...) called
   once, with one location per example (a Dense layer on ``[N, din]`` inputs), is *factored*: its
   row is the outer product ``a_n ⊗ delta_nr`` of the layer's input row (1 appended for the bias)
   and the gradient of ``f_n . c_r`` with respect to its pre-activation. ``delta`` for the whole
@@ -60,7 +60,7 @@ from laplace_tf.curvature._kron_sums import (
     symmetric_sum_numbers,
 )
 from laplace_tf.curvature.base import any_batch_size, weights_or_ones
-from laplace_tf.curvature.kron_layers import fallback_reason, input_rows
+from laplace_tf.curvature.kron_layers import input_rows, is_factored, output_size
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LayerSlice, LogitModel
 
@@ -309,15 +309,17 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     """The :class:`Layout` of ``logit_model`` on inputs like ``x``, read off a trace of one call.
 
     A slice is factored if its layer has a Kronecker rule and is called exactly once per
-    forward pass with a pre-activation of one location per example. The trace is a separate
-    graph that is never run.
+    forward pass with a pre-activation of one location per example (and a batch axis: not a
+    layer applied to a constant such as the positions of a positional embedding, whose
+    pre-activation all examples share). The trace is a separate graph that is never run.
     """
     slices = logit_model.subset.slices
-    candidates = [s.layer for s in slices if fallback_reason(s) is None]
+    candidates = [s.layer for s in slices if is_factored(s)]
     locations: dict[int, list] = {id(layer): [] for layer in candidates}
 
-    def record(layer, inputs, z):
-        locations[id(layer)].append(z.shape[1:-1].num_elements())
+    def record(layer, inputs, z):  # no batch axis (a layer on a constant): not factored
+        batched = z.shape.rank and z.shape[0] is None
+        locations[id(layer)].append(z.shape[1:].num_elements() // output_size(layer) if batched else 0)
         return z
 
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record))
@@ -328,6 +330,22 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
             for s, one in zip(slices, once, strict=True)]
     gathered = tuple(one and s.columns is not None for s, one in zip(slices, once, strict=True))
     return Layout(dims, n_outputs, _one_at_a_time(concrete.graph), gathered)
+
+
+def batchless_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
+    """``id`` of each of ``layers`` whose pre-activation has no batch axis: applied to a constant
+    shared by all examples (e.g. a positional embedding of ``arange(T)``), read off a trace of
+    one call with the batch dimension open (a separate graph, never run)."""
+    found: set[int] = set()
+
+    def record(layer, inputs, z):
+        if not z.shape.rank or z.shape[0] is not None:
+            found.add(id(layer))
+        return z
+
+    traced = tf.function(lambda inputs: logit_model(inputs, layers=layers, hook=record))
+    traced.get_concrete_function(any_batch_size(x))
+    return found
 
 
 _BATCHED_PRODUCTS = ("Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
@@ -391,8 +409,8 @@ def _size(dims: tuple[int, int] | int) -> int:
 
 def _factor_dims(s: LayerSlice) -> tuple[int, int]:
     """``(din (+1), dout)`` of a factored layer's slice."""
-    kernel = s.variables[0].shape
-    return s.size // kernel[-1], kernel[-1]
+    dout = output_size(s.layer)
+    return s.size // dout, dout
 
 
 def sum_over_chunks(fn, x, y: tf.Tensor, chunk: int):
@@ -444,7 +462,7 @@ def _rows_by_slice(
         deltas = tape.jacobian(scores, [probes[id(la)] for la in layers], experimental_use_pfor=True)
         columns = {id(s.layer): s.columns for s in slices}
         for layer, delta in zip(layers, deltas, strict=True):
-            delta = tf.reshape(delta, [n_rows, -1, delta.shape[-1]])
+            delta = tf.reshape(delta, [n_rows, -1, output_size(layer)])
             outer = _Outer(input_rows(layer, inputs[id(layer)]), delta)
             chosen = columns[id(layer)]
             parts[id(layer)] = outer if chosen is None else _gathered_rows(outer, chosen)

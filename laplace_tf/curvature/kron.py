@@ -14,11 +14,13 @@ For a layer with input rows ``a_t`` (bias 1 appended) and pre-activation gradien
 * EF: ``g_t`` is the gradient of the example's NLL (one column).
 
 Gradients with respect to the pre-activations come from zero probes added by a hook in
-:class:`~laplace_tf.params.LogitModel`. Layers without a Kronecker rule, with an unsupported
+:class:`~laplace_tf.params.LogitModel`. A layer's rule builds its block from its inputs and
+these gradients (:meth:`~laplace_tf.curvature.kron_layers.KronRule.block`: ``A ⊗ G``, or the
+exact dense block of a scale-and-shift layer). Layers without a rule, with an unsupported
 configuration, or called more than once in a forward pass get a :class:`DiagBlock` with the
 exact diagonal of the GGN / EF of their weights instead (per-example gradients from
-:func:`laplace_tf.curvature._per_example.summed_rows`; a warning on the ``laplace_tf`` logger
-names them once per fit; never an error).
+:func:`laplace_tf.curvature._per_example.summed_rows`; never an error). The ``laplace_tf``
+logger names each layer's block once per fit: a warning naming the fallbacks, if any.
 
 Example:
     One datum through a linear regression layer: ``A = a a^T`` with ``a = [x, 1]`` and
@@ -45,10 +47,10 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.arguments import flag
-from laplace_tf.blocks import Block, DiagBlock, KronBlock
+from laplace_tf.blocks import Block, DiagBlock
 from laplace_tf.curvature._per_example import output_cotangents, summed_rows
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
-from laplace_tf.curvature.kron_layers import fallback_reason, input_rows
+from laplace_tf.curvature.kron_layers import KRON_RULES, block_kind, fallback_reason
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.params import LogitModel, WeightSubset
 
@@ -63,8 +65,9 @@ class KronBuilder(CurvatureBuilder):
         likelihood: the likelihood of the data.
         kind: ``"ggn"`` or ``"ef"``.
         stochastic: replace the GGN's ``K`` backward passes per example by one pass at a
-            target sampled from the predictive (Monte-Carlo GGN; ``kind="ggn"`` only). Layers
-            with a diagonal block keep the exact diagonal.
+            target sampled from the predictive (Monte-Carlo GGN; ``kind="ggn"`` only; the
+            dense blocks of scale-and-shift layers are Monte-Carlo estimates too). Layers
+            with a diagonal fallback block keep the exact diagonal.
         seed: an integer seed for ``stochastic``; batch ``i`` of this builder draws with the
             stateless seed ``(seed, i)``, so a new builder with the same seed repeats the
             numbers. ``None`` draws a fresh seed.
@@ -135,18 +138,22 @@ class KronBuilder(CurvatureBuilder):
         for i, s in enumerate(slices):
             if i not in fallbacks and len(calls[id(s.layer)]) != 1:
                 fallbacks[i] = f"called {len(calls[id(s.layer)])} times in one forward pass"
-        self._log_fallbacks(fallbacks)
+            elif i not in fallbacks and not _has_batch_axis(calls[id(s.layer)][0][1], logits):
+                fallbacks[i] = ("its output has no batch axis (a layer applied to a constant, "
+                                "e.g. positions): its rows are shared by all examples")
 
         kron = [i for i in range(len(slices)) if i not in fallbacks]
         probes = [calls[id(slices[i].layer)][0][1] for i in kron]
         gradients = tape.jacobian(scores, probes, experimental_use_pfor=True) if kron else []
         blocks: dict[int, Block] = {
-            i: _kron_block(input_rows(slices[i].layer, calls[id(slices[i].layer)][0][0]), grad, w)
+            i: KRON_RULES[type(slices[i].layer)].block(
+                slices[i].layer, calls[id(slices[i].layer)][0][0], grad, w)
             for i, grad in zip(kron, gradients, strict=True)
         }
         if fallbacks:
             blocks.update(zip(sorted(fallbacks),
                               self._diagonal_blocks(sorted(fallbacks), x, y, w), strict=True))
+        self._log_blocks(fallbacks)
         return [blocks[i] for i in range(len(slices))], logits
 
     def _cotangents(self, logits: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
@@ -173,25 +180,33 @@ class KronBuilder(CurvatureBuilder):
         sizes = [self.logit_model.subset.slices[i].size for i in indices]
         return [DiagBlock(part) for part in tf.split(diagonal, sizes)]
 
-    def _log_fallbacks(self, fallbacks: dict[int, str]) -> None:
-        if self._logged or not fallbacks:
+    def _log_blocks(self, fallbacks: dict[int, str]) -> None:
+        """Name each layer's block once per builder: at WARNING level if some layers fall back
+        to the exact diagonal (naming them and why), else at INFO level."""
+        if self._logged:
             return
         self._logged = True
         slices = self.logit_model.subset.slices
+        kinds = [("diag", fallbacks[i]) if i in fallbacks else block_kind(s)
+                 for i, s in enumerate(slices)]
+        listing = ", ".join(f"{s.name!r} {kind}" + (f" ({why})" if why and i not in fallbacks else "")
+                            for i, (s, (kind, why)) in enumerate(zip(slices, kinds, strict=True)))
+        if not fallbacks:
+            logger.info("laplace_tf: hessian_structure='kron' blocks per layer: %s.", listing)
+            return
         logger.warning(
-            "laplace_tf: hessian_structure='kron' uses the exact %s diagonal for %d layer(s): %s.",
+            "laplace_tf: hessian_structure='kron' uses the exact %s diagonal for %d layer(s): %s; "
+            "blocks per layer: %s.",
             self.kind.upper(), len(fallbacks),
             "; ".join(f"{slices[i].name!r} ({reason})" for i, reason in sorted(fallbacks.items())),
+            listing,
         )
 
 
-def _kron_block(a_rows: tf.Tensor, probe_grad: tf.Tensor, w: tf.Tensor) -> KronBlock:
-    """In sum form: ``A`` = ``w``-weighted sum of ``a a^T`` over the rows (example-major, the
-    same number per example), ``G`` = sum of ``g g^T`` over all gradients (already weighted
-    by the cotangents)."""
-    row_weights = tf.repeat(w, tf.shape(a_rows)[0] // tf.maximum(tf.shape(w)[0], 1))
-    n = tf.reduce_sum(row_weights)
-    g_rows = tf.reshape(probe_grad, [-1, tf.shape(probe_grad)[-1]])
-    A = tf.matmul(a_rows * row_weights[:, None], a_rows, transpose_a=True)
-    G = tf.matmul(g_rows, g_rows, transpose_a=True)
-    return KronBlock(A, G, n)
+def _has_batch_axis(z: tf.Tensor, logits: tf.Tensor) -> bool:
+    """Whether a pre-activation ``z`` has the batch axis of ``logits`` (in a fit's trace the
+    batch dimension is open: ``None`` for every batched tensor)."""
+    if not z.shape.rank:
+        return False
+    n = logits.shape[0]
+    return z.shape[0] is None if n is None else z.shape[0] == n

@@ -10,6 +10,14 @@ gradients reshaped to ``[-1, dout]`` whatever the layer type. Supporting a new l
 one :func:`register_kron_rule` call (rules are looked up by exact type, so that a subclass with
 its own ``call`` never gets a rule that does not fit it).
 
+A rule decides the curvature block its layer gets (:meth:`KronRule.block`): ``A ⊗ G`` for the
+rules above; a scale-and-shift layer (``LayerNormalization``, ``BatchNormalization`` at
+inference: ``z_t = xhat_t * gamma + beta`` channel by channel), whose weight gradient is not an
+outer product, gets the exact GGN / EF block over its ``gamma`` and ``beta`` from the same
+pre-activation gradients (kfac-jax's scale-and-shift blocks): a :class:`DenseBlock` up to
+:data:`MAX_DENSE_WEIGHTS` weights, its exact diagonal above. An Embedding's ``A`` is diagonal
+(token counts); above :data:`MAX_VOCABULARY` tokens it gets its exact diagonal.
+
 Example:
     The rows of a causal Conv1D reproduce its pre-activation output through the flattened
     ``(kernel, bias)`` matrix:
@@ -30,24 +38,74 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.params import LayerSlice
+
+MAX_DENSE_WEIGHTS = 1024
+"""Scale-and-shift layers with at most this many weights get a dense block, larger ones the
+exact diagonal (a dense block costs the square of the weights, its factor their cube)."""
+
+MAX_VOCABULARY = 2048
+"""Embeddings with a larger vocabulary get the exact diagonal of their block instead of
+``A ⊗ G`` (whose factor ``A`` over the vocabulary is ``V x V``, eigendecomposed)."""
 
 
 class KronRule:
-    """How one layer type's inputs become the rows ``a_t`` of its Kronecker factor ``A``.
+    """How one layer type's weights get their curvature block from one forward pass.
 
-    Subclasses implement :meth:`rows` and, when some configurations of the layer type do not
-    factor, :meth:`unsupported`. The layer must have a ``kernel`` variable ``[..., dout]``
-    and a ``bias`` (``None`` without bias), as Keras Dense and convolution layers do.
+    For the Kronecker rules (``outer_product = True``) subclasses implement :meth:`rows` and,
+    when some configurations of the layer type do not factor, :meth:`unsupported`. The layer
+    must have a ``kernel`` variable ``[..., dout]`` and a ``bias`` (``None`` without bias), as
+    Keras Dense and convolution layers do; rules for other weights override :meth:`variables`
+    and :meth:`shape`. A rule whose weight gradient is not ``sum_t a_t g_t^T`` sets
+    ``outer_product = False`` and overrides :meth:`block` (full and diagonal posteriors then
+    take its per-example gradients by autodiff).
     """
+
+    outer_product = True
 
     def unsupported(self, layer: keras.layers.Layer) -> str | None:
         """Why this layer cannot use the rule (None if it can)."""
         return None
 
+    def variables(self, layer: keras.layers.Layer) -> tuple:
+        """The weights the rule covers, in the order of the flat vector: kernel, bias."""
+        bias = getattr(layer, "bias", None)
+        return (getattr(layer, "kernel", None),) + (() if bias is None else (bias,))
+
+    def shape(self, layer: keras.layers.Layer) -> tuple[int, int]:
+        """``(din, dout)``: the kernel as a row-major ``[din, dout]`` matrix (no bias row)."""
+        return _n_inputs(layer), int(layer.kernel.shape[-1])
+
+    def kind(self, layer: keras.layers.Layer) -> tuple[str, str | None]:
+        """The kind of block :meth:`block` gives (``"kron"``, ``"dense"``, ``"diag"``) and,
+        for a diagonal one, why."""
+        return "kron", None
+
     def rows(self, layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
         """The input rows ``[n, din]`` (without the bias column) of one call."""
         raise NotImplementedError
+
+    def block(self, layer: keras.layers.Layer, inputs: tf.Tensor, gradients: tf.Tensor,
+              w: tf.Tensor) -> Block:
+        """The block of one call in sum form: ``A`` the ``w``-weighted sum of ``a a^T`` over
+        the rows (example-major, the same number per example), ``G`` the sum of ``g g^T`` over
+        ``gradients [R, N, ..., dout]`` (pre-activation gradients, already weighted)."""
+        a_rows = input_rows(layer, inputs)
+        row_weights = _row_weights(w, tf.shape(a_rows)[0])
+        A = tf.matmul(a_rows * row_weights[:, None], a_rows, transpose_a=True)
+        return _kron_block(A, tf.reduce_sum(row_weights), gradients, self.shape(layer)[1])
+
+
+def _row_weights(w: tf.Tensor, n_rows) -> tf.Tensor:
+    """Each example's weight repeated over its rows (example-major)."""
+    return tf.repeat(w, n_rows // tf.maximum(tf.shape(w)[0], 1))
+
+
+def _kron_block(A: tf.Tensor, n: tf.Tensor, gradients: tf.Tensor, dout: int) -> KronBlock:
+    """``A`` (sum form) and ``G``, the sum of ``g g^T`` over all ``gradients`` rows."""
+    g_rows = tf.reshape(gradients, [-1, dout])
+    return KronBlock(A, tf.matmul(g_rows, g_rows, transpose_a=True), n)
 
 
 class _DenseRule(KronRule):
@@ -91,10 +149,178 @@ class _ConvRule(KronRule):
         return tf.reshape(patches, [-1, _n_inputs(layer)])
 
 
+class _EmbeddingRule(KronRule):
+    """Embedding: the rows are one-hot tokens, so ``A`` is diagonal (the tokens' weighted
+    counts), computed as such; ``G`` is full. Above :data:`MAX_VOCABULARY` tokens the block is
+    the exact diagonal instead, from the tokens that occur (no ``V x V`` matrix)."""
+
+    def variables(self, layer):
+        return (layer.embeddings,)
+
+    def shape(self, layer):
+        return int(layer.input_dim), int(layer.output_dim)
+
+    def kind(self, layer):
+        if layer.input_dim > MAX_VOCABULARY:
+            return "diag", f"vocabulary of {layer.input_dim} tokens > MAX_VOCABULARY={MAX_VOCABULARY}"
+        return "kron", None
+
+    def rows(self, layer, inputs):
+        tokens = tf.reshape(tf.cast(inputs, tf.int32), [-1])
+        return tf.one_hot(tokens, layer.input_dim, dtype=layer.embeddings.dtype)
+
+    def block(self, layer, inputs, gradients, w):
+        tokens = tf.reshape(tf.cast(inputs, tf.int32), [-1])
+        if layer.input_dim > MAX_VOCABULARY:
+            return DiagBlock(_token_diagonal(tokens, gradients, layer.input_dim, layer.output_dim))
+        row_weights = _row_weights(w, tf.shape(tokens)[0])
+        counts = tf.math.unsorted_segment_sum(row_weights, tokens, layer.input_dim)
+        return _kron_block(tf.linalg.diag(counts), tf.reduce_sum(row_weights), gradients,
+                           layer.output_dim)
+
+
+def _token_diagonal(tokens: tf.Tensor, gradients: tf.Tensor, vocabulary: int,
+                    dout: int) -> tf.Tensor:
+    """The exact diagonal ``[V * dout]`` of an embedding's GGN / EF block: for token ``v``,
+    ``sum_{r,n} (sum_t [token_nt = v] g_rnt)**2``, summed over the (example, token) pairs that
+    occur (``tokens [N * T]`` example-major, ``gradients [R, N, T, dout]``)."""
+    g = tf.reshape(gradients, [tf.shape(gradients)[0], -1, dout])  # [R, N T, dout]
+    examples = tf.repeat(tf.range(tf.shape(gradients)[1]),
+                         tf.shape(tokens)[0] // tf.shape(gradients)[1])
+    pairs, index = tf.unique(tf.cast(examples, tf.int64) * vocabulary + tf.cast(tokens, tf.int64))
+    sums = tf.math.unsorted_segment_sum(tf.transpose(g, [1, 0, 2]), index, tf.size(pairs))
+    squares = tf.reduce_sum(tf.square(sums), axis=1)  # [pairs, dout]
+    diagonal = tf.math.unsorted_segment_sum(squares, tf.cast(pairs % vocabulary, tf.int32),
+                                            vocabulary)
+    return tf.reshape(diagonal, [-1])
+
+
+class _EinsumDenseRule(KronRule):
+    """EinsumDense whose equation is a matmul over some axes: ``z = rows @ W`` with ``W`` the
+    kernel as ``[contracted axes, output axes]``.
+
+    The kernel's axes must be its contracted axes (in the input, not the output) followed by
+    its output axes (in the output, not the input), the output must end with those output
+    axes in the kernel's order and start with the examples, and a bias must span exactly
+    those output axes. Example: the projections of ``MultiHeadAttention``,
+    ``"abc,cde->abde"`` (bias ``"de"``) and ``"abcd,cde->abe"`` (bias ``"e"``). Input axes in
+    neither the kernel nor the output are summed in the rows.
+    """
+
+    def unsupported(self, layer):
+        spec = _einsum_spec(layer.equation)
+        if isinstance(spec, str):
+            return spec
+        _, contracted, outputs, _ = spec
+        if layer.bias is not None and set(layer.bias_axes or "") != set(outputs):
+            return (f"bias_axes={layer.bias_axes!r} is not over all output axes {outputs!r} "
+                    "of the kernel")
+        return None
+
+    def shape(self, layer):
+        _, contracted, _, _ = _einsum_spec(layer.equation)
+        din = int(np.prod(layer.kernel.shape[:len(contracted)]))
+        return din, int(np.prod(layer.kernel.shape)) // din
+
+    def rows(self, layer, inputs):
+        source, contracted, _, locations = _einsum_spec(layer.equation)
+        rows = tf.einsum(f"{source}->{locations}{contracted}", inputs)
+        return tf.reshape(rows, [-1, self.shape(layer)[0]])
+
+
+def _einsum_spec(equation: str) -> tuple[str, str, str, str] | str:
+    """``(input, contracted, outputs, locations)`` of an EinsumDense equation that is a matmul
+    over some axes (``locations``: the output without the kernel's output axes), or the
+    reason it is not."""
+    source, rest = equation.replace(" ", "").split(",")
+    kernel, output = rest.split("->")
+    for axis in kernel:
+        if axis in source and axis in output:
+            return (f"equation {equation!r}: kernel axis {axis!r} is also in the input and the "
+                    "output (a batched product, not a matmul)")
+        if axis not in source and axis not in output:
+            return f"equation {equation!r}: kernel axis {axis!r} is summed over"
+    contracted = "".join(a for a in kernel if a in source)
+    outputs = "".join(a for a in kernel if a in output)
+    if not outputs or kernel != contracted + outputs:
+        return (f"equation {equation!r}: the kernel is not its contracted axes followed by "
+                "its output axes")
+    if not output.endswith(outputs):
+        return (f"equation {equation!r}: the output does not end with the kernel's output axes "
+                f"{outputs!r}")
+    locations = output[:-len(outputs)]
+    if not locations or locations[0] != source[0] or (locations[0] == "." and
+                                                      not source.startswith("...")):
+        return f"equation {equation!r}: the output does not start with the examples' axis"
+    return source, contracted, outputs, locations
+
+
+class _ScaleAndShiftRule(KronRule):
+    """LayerNormalization and BatchNormalization (inference: moving statistics):
+    ``z = xhat * gamma + beta`` over the layer's axes, with ``xhat`` the normalised input.
+
+    One example's gradient is ``(sum_t xhat_t * g_t, sum_t g_t)`` (sums over the other axes),
+    so the exact GGN / EF block over ``(gamma, beta)`` is the sum of these gradients' outer
+    products over examples and rows ``r`` of the output Hessian's root: a :class:`DenseBlock`
+    (all channels coupled), or its exact diagonal above :data:`MAX_DENSE_WEIGHTS` weights.
+    """
+
+    outer_product = False
+
+    def unsupported(self, layer):
+        if getattr(layer, "rms_scaling", False):
+            return "rms_scaling=True (beta is not used)"
+        return None
+
+    def variables(self, layer):
+        return tuple(v for v in (layer.gamma, layer.beta) if v is not None)
+
+    def shape(self, layer):  # the weights as one row
+        return 1, sum(int(np.prod(v.shape)) for v in self.variables(layer))
+
+    def block(self, layer, inputs, gradients, w):
+        xhat = _normalised(layer, inputs)
+        rank = xhat.shape.rank
+        axes = [a % rank for a in ([layer.axis] if isinstance(layer.axis, int) else layer.axis)]
+        others = [a for a in range(1, rank) if a not in axes]
+        channels = int(np.prod([xhat.shape[a] for a in axes]))
+        xhat = tf.reshape(tf.transpose(xhat, [0, *others, *axes]), [tf.shape(xhat)[0], -1, channels])
+        g = tf.transpose(gradients, [0, 1, *(a + 1 for a in others), *(a + 1 for a in axes)])
+        g = tf.reshape(g, [tf.shape(g)[0], tf.shape(g)[1], -1, channels])  # [R, N, T, C]
+        parts = []
+        if layer.gamma is not None:
+            parts.append(tf.einsum("ntc,rntc->rnc", xhat, g))
+        if layer.beta is not None:
+            parts.append(tf.reduce_sum(g, axis=2))
+        rows = tf.reshape(tf.concat(parts, axis=-1), [-1, len(parts) * channels])
+        if self.shape(layer)[1] > MAX_DENSE_WEIGHTS:
+            return DiagBlock(tf.reduce_sum(tf.square(rows), axis=0))
+        return DenseBlock(tf.matmul(rows, rows, transpose_a=True))
+
+    def kind(self, layer) -> tuple[str, str | None]:
+        size = self.shape(layer)[1]
+        if size > MAX_DENSE_WEIGHTS:
+            return "diag", f"{size} weights > MAX_DENSE_WEIGHTS={MAX_DENSE_WEIGHTS}"
+        return "dense", None
+
+
+def _normalised(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
+    """``xhat``: the layer's output with ``gamma = 1`` and ``beta = 0``, by Keras' own op."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return keras.ops.batch_normalization(
+            inputs, tf.cast(layer.moving_mean, inputs.dtype),
+            tf.cast(layer.moving_variance, inputs.dtype), axis=layer.axis, epsilon=layer.epsilon)
+    return keras.ops.layer_normalization(inputs, axis=layer.axis, epsilon=layer.epsilon)
+
+
 KRON_RULES: dict[type, KronRule] = {
     keras.layers.Dense: _DenseRule(),
     keras.layers.Conv1D: _ConvRule(),
     keras.layers.Conv2D: _ConvRule(),
+    keras.layers.Embedding: _EmbeddingRule(),
+    keras.layers.EinsumDense: _EinsumDenseRule(),
+    keras.layers.LayerNormalization: _ScaleAndShiftRule(),
+    keras.layers.BatchNormalization: _ScaleAndShiftRule(),
 }
 
 
@@ -105,7 +331,9 @@ def register_kron_rule(layer_type: type, rule: KronRule) -> None:
     Args:
         layer_type: a subclass of ``keras.layers.Layer`` with a ``kernel [..., dout]`` and a
             ``bias`` (``None`` without bias), whose pre-activation at every location is
-            ``rows @ [kernel reshaped to [din, dout]; bias]``.
+            ``rows @ [kernel reshaped to [din, dout]; bias]`` (other weights: the rule
+            overrides :meth:`KronRule.variables`, :meth:`KronRule.shape` and, for a block
+            other than ``A ⊗ G``, :meth:`KronRule.block`).
         rule: a :class:`KronRule` whose :meth:`KronRule.rows` gives those rows.
 
     Raises:
@@ -146,11 +374,12 @@ def _n_inputs(layer: keras.layers.Layer) -> int:
 
 
 def fallback_reason(layer_slice: LayerSlice) -> str | None:
-    """Why a layer's weights get a diagonal block instead of ``A ⊗ G`` (None: they don't).
+    """Why a layer's weights get the diagonal fallback instead of its rule's block (None: they
+    don't).
 
     A layer needs a rule for its exact type, a configuration the rule supports, and trainable
-    weights that are exactly its kernel followed by its bias (not LoRA factors, quantised or
-    partly frozen weights).
+    weights that are exactly the rule's (kernel then bias, or gamma then beta; not LoRA
+    factors, quantised or partly frozen weights).
     """
     layer = layer_slice.layer
     rule = KRON_RULES.get(type(layer))
@@ -159,13 +388,35 @@ def fallback_reason(layer_slice: LayerSlice) -> str | None:
     reason = rule.unsupported(layer)
     if reason is not None:
         return reason
-    bias = getattr(layer, "bias", None)
-    expected = (getattr(layer, "kernel", None),) + (() if bias is None else (bias,))
+    expected = rule.variables(layer)
     if len(expected) != len(layer_slice.variables) or any(
         a is not b for a, b in zip(expected, layer_slice.variables, strict=True)
     ):
-        return "its trainable weights are not exactly (kernel, bias): LoRA, quantised or frozen"
+        names = ", ".join(getattr(v, "name", "?").split("/")[-1] for v in expected)
+        return f"its trainable weights are not exactly ({names}): LoRA, quantised or frozen"
     return None
+
+
+def is_factored(layer_slice: LayerSlice) -> bool:
+    """Whether the layer's weight gradient is ``sum_t a_t g_t^T`` (a supported Kronecker rule):
+    its rows are :func:`input_rows`, its pre-activation gradients have :func:`output_size`
+    columns."""
+    return fallback_reason(layer_slice) is None and KRON_RULES[type(layer_slice.layer)].outer_product
+
+
+def output_size(layer: keras.layers.Layer) -> int:
+    """``dout``: the columns of the layer's weights as a matrix, the width of its rows ``g_t``."""
+    return KRON_RULES[type(layer)].shape(layer)[1]
+
+
+def block_kind(layer_slice: LayerSlice) -> tuple[str, str | None]:
+    """The block a layer gets in a Kronecker fit (``"kron"``, ``"dense"``, ``"diag"``), and
+    why, for a diagonal one. The Kronecker builder may still fall back for layers called
+    several times in one forward pass."""
+    reason = fallback_reason(layer_slice)
+    if reason is not None:
+        return "diag", reason
+    return KRON_RULES[type(layer_slice.layer)].kind(layer_slice.layer)
 
 
 def input_rows(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:

@@ -92,7 +92,7 @@ from laplace_tf.curvature._per_example import (
 )
 from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
-from laplace_tf.curvature.kron_layers import fallback_reason
+from laplace_tf.curvature.kron_layers import block_kind, is_factored, output_size
 from laplace_tf.curvature.last_layer import full_example_numbers
 from laplace_tf.curvature.lowrank import DEFAULT_OVERSAMPLING, DEFAULT_RANK
 from laplace_tf.params import LayerSlice, WeightSubset
@@ -288,9 +288,12 @@ def _full(p: int, fit_copies: int, per_batch: int) -> dict[str, int]:
 def _kron(slices, rows: int, batch_size: int) -> dict[str, int]:
     counts = dict.fromkeys(("curvature", "fit_workspace", "per_batch", "eigendecomposition"), 0)
     for layer_slice in slices:
-        if fallback_reason(layer_slice) is None:
-            d, o = _factor_sizes(layer_slice)
+        kind, _ = block_kind(layer_slice)
+        if kind == "kron":
+            d, o = _factor_dims(layer_slice)
             layer = _kron_layer(d, o, batch_size * _locations(layer_slice) * (d + rows * o))
+        elif kind == "dense":  # a scale-and-shift layer's exact block
+            layer = _full(layer_slice.size, 2, batch_size * rows * layer_slice.size)
         else:
             layer = _diag(layer_slice.size, batch_size * rows * layer_slice.size)
         for name, n in layer.items():
@@ -322,6 +325,8 @@ def _lowrank(subset: WeightSubset, rows: int, rank: int, batch_size: int,
     return {"curvature": block["curvature"],
             "fit_workspace": _LOWRANK_FIT_COPIES * p * m * 8 // itemsize,
             "per_batch": step * per_example, **block}
+
+
 def _gp(subset: WeightSubset, rows: int, n_context: int, itemsize: int) -> dict[str, int]:
     p = subset.n_params
     block = LowRankBlock.memory(p, min(n_context * rows, p))
@@ -364,7 +369,8 @@ def _factor_sizes(layer_slice: LayerSlice) -> tuple[int, int]:
 
 
 def _locations(layer_slice: LayerSlice) -> int:
-    """Output positions per example (1 for Dense on ``[N, din]``), from the layer's output.
+    """Output positions per example of a layer with a Kronecker rule (1 for Dense on
+    ``[N, din]``), from the layer's output.
 
     A layer without a recorded output shape (a subclassed model) counts as one location.
     """
@@ -372,7 +378,7 @@ def _locations(layer_slice: LayerSlice) -> int:
         shape = layer_slice.layer.output.shape
     except (AttributeError, ValueError):
         return 1
-    return int(np.prod([n or 1 for n in shape[1:-1]]))
+    return int(np.prod([n or 1 for n in shape[1:]])) // output_size(layer_slice.layer)
 
 
 def _per_example(
@@ -397,7 +403,7 @@ def _slice_dims(subset: WeightSubset) -> list[tuple[int, int] | int]:
     it (a layer with a Kronecker rule and one location per example), else its size (some of
     such a layer's weights: its rows are formed at those only; of another layer: its rows
     are formed whole, then gathered)."""
-    once = [fallback_reason(s) is None and _locations(s) == 1 for s in subset.slices]
+    once = [is_factored(s) and _locations(s) == 1 for s in subset.slices]
     return [(_factor_dims(s) if s.columns is None else s.size) if one else s.layer_size
             for s, one in zip(subset.slices, once, strict=True)]
 

@@ -738,6 +738,21 @@ class PosteriorLaplace:
         """``(offset, size)`` of each curvature block in the flat weight vector."""
         return list(self._require_fit("block_slices").block_ranges)
 
+    def block_kinds(self) -> dict[str, str]:
+        """``{layer name: kind}``: the kind of curvature block each layer's weights are in,
+        the block type's name (``"kron"`` for ``A ⊗ G``, ``"dense"``, ``"diag"``, ...). In a
+        Kronecker fit ``"diag"`` is the exact-diagonal fallback (the fit's log says why), and
+        ``"dense"`` the exact block of a scale-and-shift layer (LayerNormalization,
+        BatchNormalization); a full fit's one block is ``"dense"`` for every layer.
+        """
+        fitted = self._require_fit("block_kinds")
+        kinds = {}
+        for s in self.subset.slices:
+            index = next(i for i, (offset, size) in enumerate(fitted.block_ranges)
+                         if offset <= s.offset < offset + size)
+            kinds[s.name] = type(fitted.curvature.blocks[index]).__name__.removesuffix("Block").lower()
+        return kinds
+
     def covariance_blocks(self) -> list[Covariance]:
         """The covariance, block by block (aligned with :meth:`block_slices`).
 

@@ -8,7 +8,8 @@ distribution represents the posterior ``N(mean, (c H + diag(lambda))^-1)``:
   obtained by Cholesky solves with the precision (never a naive inverse);
 * kron -> ``tfd.MultivariateNormalLinearOperator`` whose scale is block-diagonal over layers,
   each block :class:`~laplace_tf.blocks.kron_operator.LinearOperatorKroneckerEigen` (or diagonal for
-  layers without a Kronecker rule): no dense ``P x P`` matrix;
+  layers without a Kronecker rule, or a small dense block for a scale-and-shift layer): no
+  dense ``P x P`` matrix;
 * diag -> ``tfd.MultivariateNormalDiag``;
 * lowrank, gp -> ``tfd.MultivariateNormalLinearOperator`` whose scale is the low-rank
   factor's (:meth:`~laplace_tf.blocks.lowrank.LowRankFactor.scale`: a diagonal times a
@@ -92,12 +93,15 @@ class FullStructure(Structure):
 
 class KronStructure(Structure):
     name = "kron"
-    blocks = (KronBlock, DiagBlock)
+    blocks = (KronBlock, DenseBlock, DiagBlock)  # dense: scale-and-shift layers
     prior_structures = ("scalar", "layerwise")
 
     def distribution(self, mean, factors, c, priors):
         scales = [f.scale(c, p) for f, p in zip(factors, priors, strict=True)]
-        return tfd.MultivariateNormalLinearOperator(loc=mean, scale=block_diagonal(scales, **_PD))
+        # a dense block's scale is its covariance's Cholesky factor, not self-adjoint
+        hints = _PD if all(s.is_self_adjoint for s in scales) else \
+            dict(is_non_singular=True, is_square=True)
+        return tfd.MultivariateNormalLinearOperator(loc=mean, scale=block_diagonal(scales, **hints))
 
 
 class DiagStructure(Structure):

@@ -40,7 +40,8 @@ import tensorflow as tf
 
 from laplace_tf.autodiff import first_line, quiet_pfor_errors
 from laplace_tf.blocks import Covariance, DiagCovariance, LayerJacobian  # noqa: F401 (doctest)
-from laplace_tf.curvature.kron_layers import KRON_RULES, fallback_reason, input_rows
+from laplace_tf.curvature._per_example import batchless_layers
+from laplace_tf.curvature.kron_layers import KRON_RULES, input_rows, is_factored, output_size
 from laplace_tf.params import LayerSlice, LogitModel
 
 
@@ -55,7 +56,8 @@ class _Part:
     @property
     def shape(self) -> tuple[int, int]:
         """``(din, dout)``: the layer's weights as a row-major matrix, bias row included."""
-        dout = int(self.slice.variables[0].shape[-1])
+        dout = output_size(self.slice.layer) if self.factored else \
+            int(self.slice.variables[0].shape[-1])
         return self.slice.layer_size // dout, dout
 
 
@@ -108,10 +110,12 @@ class FunctionalVariance:
         self.logits_layer = logits_layer and len(layers) == 1 and layers[0].factored
         self._factored = [p for p in layers if p.factored]
         positions = {id(v): i for i, v in enumerate(logit_model.subset.variables)}
-        self._generic = {
-            id(p.slice.layer): [positions[id(v)] for v in p.slice.variables]
-            for p in layers if not p.factored
+        self._positions = {
+            id(p.slice.layer): [positions[id(v)] for v in p.slice.variables] for p in layers
         }
+        self._generic = {id(p.slice.layer): self._positions[id(p.slice.layer)]
+                         for p in layers if not p.factored}
+        self._batchless: set[int] | None = None  # factored layers on constants, at first call
 
     def __call__(self, x, mean: tf.Tensor, blocks: Sequence, diagonal: bool):
         """Logits ``[N, K]`` and their covariance ``[N, K, K]`` (``[N, K]`` if ``diagonal``).
@@ -124,6 +128,14 @@ class FunctionalVariance:
             diagonal: return only ``diag(J Sigma J^T)`` (cheaper with many outputs).
         """
         blocks = self.prepare(blocks, diagonal)
+        if self._batchless is None:  # their Jacobian is taken explicitly
+            self._batchless = batchless_layers(
+                self.logit_model, [p.slice.layer for p in self._factored], x
+            ) if self._factored else set()
+            for p in self._factored:
+                if id(p.slice.layer) in self._batchless:
+                    self._generic[id(p.slice.layer)] = self._positions[id(p.slice.layer)]
+            self._factored = [p for p in self._factored if id(p.slice.layer) not in self._batchless]
         logits, factors, jacobians = self._linearise(x, self.logit_model.subset.unflatten(mean))
         variance = None
         for parts, block in zip(self.plan, blocks, strict=True):
@@ -158,7 +170,7 @@ class FunctionalVariance:
             tape.watch(list(watched.values()))
 
             def hook(layer, inputs, z):
-                locations = int(np.prod(z.shape[1:-1]))  # static even when N is not
+                locations = int(np.prod(z.shape[1:])) // output_size(layer)  # static
                 if self.logits_layer:  # g is the identity: no probe needed
                     calls[id(layer)].append((inputs, locations, None))
                     return z
@@ -181,7 +193,7 @@ class FunctionalVariance:
                 a_calls.append(tf.reshape(rows, [-1, locations, rows.shape[-1]]))
                 if probe is not None:  # [K, N, ..., dout] -> [N, T, K, dout]
                     g = next(grads)
-                    g = tf.reshape(g, [g.shape[0], -1, locations, g.shape[-1]])
+                    g = tf.reshape(g, [g.shape[0], -1, locations, part.shape[1]])
                     g_calls.append(tf.transpose(g, [1, 2, 0, 3]))
             factors[id(part.slice.layer)] = _Factor(
                 tf.concat(a_calls, axis=1), tf.concat(g_calls, axis=1) if g_calls else None
@@ -213,7 +225,7 @@ def _vectorised_jacobian(tape: tf.GradientTape, target: tf.Tensor, sources: list
 
 def _block_parts(slices: Sequence[LayerSlice], offset: int, size: int) -> tuple[_Part, ...]:
     parts = tuple(
-        _Part(s, fallback_reason(s) is None, s.offset - offset)
+        _Part(s, is_factored(s), s.offset - offset)
         for s in slices if offset <= s.offset < offset + size
     )
     if sum(p.slice.size for p in parts) != size or not parts or parts[0].start != 0:
