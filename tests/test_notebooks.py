@@ -69,8 +69,8 @@ def kernel(tmp_path_factory):
         run_sync(manager.shutdown_kernel)(now=True)
 
 
-def test_the_four_notebooks_exist():
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
+def test_the_five_notebooks_exist():
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
 
 
 def test_plotting_cells_are_recognised():
