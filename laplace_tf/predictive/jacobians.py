@@ -305,7 +305,7 @@ def _layer_jacobian(part: _Part, factors, jacobians) -> LayerJacobian:
                           jacobians.get(id(part.slice.layer)))
     if part.piece is not None:
         start, size = part.piece
-        return layer._replace(size=size, jacobian=layer.jacobian[..., start:start + size])
+        return layer._replace(size=size, jacobian=layer.explicit()[..., start:start + size])
     columns = part.slice.columns
     if columns is None:
         return layer
