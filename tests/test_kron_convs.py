@@ -304,3 +304,19 @@ def test_memory_estimate_counts_every_block_and_its_rows():
     rows = 16 * (2 * 10 + k * 4) + 9 * (4 * 4 + k * 4) + 9 * (5 + k * 3) + (28 + k * k)
     assert estimate.parts["curvature"] == factors * 8
     assert estimate.parts["per_batch"] == batch * rows * 8
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_grouped_convolution_behind_weights_is_a_clear_error(structure):
+    """TensorFlow cannot differentiate a grouped convolution with respect to its inputs on CPU
+    in float64: a ValueError naming the layer, not TensorFlow's InvalidArgumentError."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 5, 2), dtype=F64)
+    h = L.Conv2D(4, 3, padding="same", activation="relu", dtype=F64)(inputs)
+    h = L.Conv2D(4, 3, padding="same", groups=2, name="grouped", dtype=F64)(h)
+    model = keras.Model(inputs, L.Dense(3, dtype=F64)(L.GlobalAveragePooling2D(dtype=F64)(h)))
+    la = ltf.Laplace(model, "classification", subset_of_weights="all",
+                     hessian_structure=structure, progress=False)
+    x = np.random.default_rng(0).normal(size=(3, 5, 5, 2))
+    with pytest.raises(ValueError, match=r"grouped convolution\(s\) \['grouped'\].*first"):
+        la.fit((x, targets("classification", 3, 3)))
