@@ -76,7 +76,7 @@ KFAC_APPROXIMATIONS = ("expand", "reduce")
 
 
 class KronBuilder(CurvatureBuilder):
-    """One batch -> one Kronecker (or exact diagonal) block per layer of the weight subset.
+    """One batch -> the Kronecker (or exact dense or diagonal) blocks of every layer of the subset.
 
     Args:
         logit_model: the model and its weight subset; blocks follow ``subset.slices``.
