@@ -320,3 +320,27 @@ def test_grouped_convolution_behind_weights_is_a_clear_error(structure):
     x = np.random.default_rng(0).normal(size=(3, 5, 5, 2))
     with pytest.raises(ValueError, match=r"grouped convolution\(s\) \['grouped'\].*first"):
         la.fit((x, targets("classification", 3, 3)))
+
+
+def test_reduce_averages_an_embeddings_one_hot_rows():
+    """K-FAC-reduce on an Embedding: ``A`` from each sequence's mean one-hot row (no longer
+    diagonal), ``G`` from its gradients summed over the positions."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,), dtype="int32")
+    h = L.GlobalAveragePooling1D(dtype=F64)(L.Embedding(5, 3, dtype=F64)(inputs))
+    model = keras.Model(inputs, L.Dense(2, dtype=F64)(h))
+    tokens = np.array([[0, 1, 1, 4], [2, 2, 3, 0], [4, 4, 4, 1]])
+    logit_model = testing.subset_of(model)
+    likelihood = get_likelihood("regression", sigma_noise=0.8)
+    x, y = tf.constant(tokens), tf.constant(np.random.default_rng(1).normal(size=(3, 2)))
+    block = KronBuilder(logit_model, likelihood, kfac_approximation="reduce"
+                        ).batch_blocks(x, y)[0][0]
+    mean = np.eye(5)[tokens].mean(axis=1)  # [N, V]
+    layer = logit_model.subset.slices[0].layer
+    jac = testing.brute_force_preactivation_jacobians(logit_model, layer, x).reshape(3, 2, 4, 3)
+    summed = jac.sum(axis=2)  # [N, K, dout]
+    lam = testing.brute_force_output_hessians(likelihood, logit_model(x), y)
+    assert float(block.n) == 3
+    np.testing.assert_allclose(block.A, mean.T @ mean / 3, **EXACT)
+    np.testing.assert_allclose(block.G, np.einsum("nkd,nkl,nle->de", summed, lam, summed),
+                               **EXACT)
