@@ -37,6 +37,26 @@ MODEL_ERRORS = (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError)
 _TOKEN_ERROR = re.compile(r"indices\[[\d,]*\] = (-?\d+) is not in \[0, (\d+)\)")
 
 
+_GROUPED_CONVOLUTION_ERROR = "Gradients for grouped convolutions are not supported on CPU"
+
+
+def explain_grouped_convolution(model: keras.Model, err: Exception) -> None:
+    """Raise a clear ValueError when ``err`` is TensorFlow's refusal to differentiate a grouped
+    convolution with respect to its inputs on CPU (in float64; float32 has a oneDNN kernel),
+    naming the model's grouped convolutions. Returns for any other error."""
+    if _GROUPED_CONVOLUTION_ERROR not in str(err):
+        return
+    names = [layer.name for layer in model._flatten_layers(include_self=False, recursive=True)
+             if getattr(layer, "groups", 1) > 1]
+    raise ValueError(
+        f"model: TensorFlow cannot differentiate a grouped convolution with respect to its "
+        f"inputs on CPU, which weights before the grouped convolution(s) {names} need. Place "
+        "the grouped convolution first (its own weights need no such gradient), compute in "
+        "float32, fit on a GPU, or use subset_of_weights='last_layer' (any hessian_structure "
+        "over all weights needs this gradient)."
+    ) from err
+
+
 class InputCheck:
     """What ``model`` expects as inputs, and checks of data against it.
 

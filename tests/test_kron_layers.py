@@ -243,7 +243,8 @@ def test_einsum_rows_reproduce_the_preactivation(equation, input_shape, output_s
     z = _preactivation(layer, x)
     assert kron_layers.fallback_reason(LayerSlice(layer, tuple(layer.trainable_variables), 0, 0)) \
         is None
-    din, dout = kron_layers.KRON_RULES[L.EinsumDense].shape(layer)
+    ((din, dout, _),) = kron_layers.kron_shapes(layer)
+    din -= layer.bias is not None  # the rows below are without the bias column
     W = tf.reshape(layer.kernel, [din, dout])
     if layer.bias is not None:
         W = tf.concat([W, tf.reshape(layer.bias, [1, dout])], axis=0)

@@ -263,7 +263,8 @@ def test_settings_name_every_constructor_argument_and_rebuild_it():
                    prior_mean=0.25, sigma_noise=[0.5, 2.0], temperature=0.5,
                    last_layer_name=model.layers[-1].name, stochastic=False, seed=7,
                    on_indefinite="clip", batch_size=3, progress=False, memory_limit_bytes=10**8,
-                   rank=None, n_context=None, subnetwork_indices=None)
+                   rank=None, n_context=None, subnetwork_indices=None,
+                   kfac_approximation="expand")
     assert set(options) == set(names)
     settings = PosteriorLaplace(model, **options).settings()
     assert set(settings) == set(names)

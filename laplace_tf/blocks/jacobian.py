@@ -74,8 +74,16 @@ def weighted_gram(jac: tf.Tensor, weights: tf.Tensor, diagonal: bool) -> tf.Tens
 
 
 def factored_variance(layer: LayerJacobian, Qa, Qg, inverse_eig, diagonal: bool) -> tf.Tensor:
-    """``sum_ij M_kij M_lij inverse_eig_ij`` in the rotated bases ``Qa``, ``Qg`` (None = I)."""
-    assert layer.a is not None, "a factored layer has its inputs"
+    """``sum_ij M_kij M_lij inverse_eig_ij`` in the rotated bases ``Qa``, ``Qg`` (None = I).
+
+    ``M`` comes from the factored pieces, or from the explicit Jacobian ``[N, K, din dout]``
+    (a layer with output groups: its rows do not act on all outputs)."""
+    if layer.a is None:
+        shape = tf.shape(layer.jacobian)
+        M = tf.reshape(layer.jacobian, [shape[0], shape[1], *layer.shape])
+        M = M if Qa is None else tf.einsum("nkij,ia->nkaj", M, Qa)
+        return _rotated_variance(M if Qg is None else tf.einsum("nkaj,jb->nkab", M, Qg),
+                                 inverse_eig, diagonal)
     b = layer.a if Qa is None else tf.einsum("nti,ij->ntj", layer.a, Qa)
     if layer.g is None:  # pre-activation = logits: g_k = e_k, one location
         w = tf.matmul(b[:, 0] ** 2, inverse_eig)  # [N, K]
@@ -89,7 +97,12 @@ def factored_variance(layer: LayerJacobian, Qa, Qg, inverse_eig, diagonal: bool)
         if diagonal:
             return tf.einsum("nkj,nj->nk", c * c, w)
         return tf.matmul(c * w[:, None, :], c, transpose_b=True)
-    scaled = tf.einsum("nti,ntkj->nkij", b, c) * tf.sqrt(inverse_eig)
+    return _rotated_variance(tf.einsum("nti,ntkj->nkij", b, c), inverse_eig, diagonal)
+
+
+def _rotated_variance(M: tf.Tensor, inverse_eig: tf.Tensor, diagonal: bool) -> tf.Tensor:
+    """``sum_ij M_kij M_lij inverse_eig_ij`` for ``M [N, K, din, dout]`` already rotated."""
+    scaled = M * tf.sqrt(inverse_eig)
     shape = tf.shape(scaled)
     scaled = tf.reshape(scaled, [shape[0], shape[1], -1])
     if diagonal:

@@ -79,9 +79,9 @@ def make_builder(
         curvature: ``"ggn"``, ``"ef"`` or ``"hessian"`` (not every structure has every kind).
         **options: builder options: ``memory_limit_bytes`` (the memory budget of the exact
             Hessian's chunks, ``"all"`` + ``"full"``; ignored by the other builders),
-            ``stochastic`` and ``seed`` (``"all"`` + ``"kron"``), ``rank``, ``oversampling``,
-            ``power_iterations`` and ``seed`` (``"lowrank"``, either subset), ``n_context``
-            and ``seed`` (``"gp"``, either subset).
+            ``stochastic``, ``seed`` and ``kfac_approximation`` (``"all"`` + ``"kron"``),
+            ``rank``, ``oversampling``, ``power_iterations`` and ``seed`` (``"lowrank"``,
+            either subset), ``n_context`` and ``seed`` (``"gp"``, either subset).
 
     Returns:
         :class:`FullBuilder`, :class:`DiagBuilder`, :class:`KronBuilder`,

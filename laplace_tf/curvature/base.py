@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from laplace_tf.batches import Batches
 from laplace_tf.blocks import Block
-from laplace_tf.inputs import InputCheck
+from laplace_tf.inputs import InputCheck, explain_grouped_convolution
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import check_output_op, check_output_values
 from laplace_tf.params import LogitModel
@@ -219,8 +219,12 @@ def fit_curvature(
             builder.observe(x, targets, w)
             if run is step and strategy is None:  # one trace for all batch sizes (a short last),
                 run = step.get_concrete_function(*any_batch_size([x, targets, w]))  # called directly
-            parts = ([run(x, targets, w)] if strategy is None
-                     else _replica_steps(strategy, step, x, targets, w))
+            try:
+                parts = ([run(x, targets, w)] if strategy is None
+                         else _replica_steps(strategy, step, x, targets, w))
+            except tf.errors.InvalidArgumentError as err:
+                explain_grouped_convolution(builder.logit_model.model, err)
+                raise
             if total is None:  # the step is traced: what op computes the model output?
                 check_output_op(builder.logit_model.output_op, likelihood,
                                 builder.logit_model.stripped)

@@ -6,6 +6,22 @@ For a layer with input rows ``a_t`` (bias 1 appended) and pre-activation gradien
     A = (1/n) sum_t a_t a_t^T                  over the n = N * locations rows
     G = sum_t sum_k g_{t,k} g_{t,k}^T
 
+For a layer applied at several locations per example (a sequence, the pixels of a feature
+map, the groups of a grouped convolution), this is K-FAC-expand (Eschenhagen et al. 2023,
+"Kronecker-factored approximate curvature for modern neural network architectures"), the
+default. ``kfac_approximation="reduce"`` first takes, per example ``x``, the MEAN of its rows
+and the SUM of its gradients over the locations::
+
+    A = (1/N) sum_x abar_x abar_x^T,  abar_x = mean_t a_{x,t}      (n = N rows)
+    G = sum_x sum_k gsum_{x,k} gsum_{x,k}^T,  gsum_{x,k} = sum_t g_{x,t,k}
+
+Both equal the GGN block on one datum at one location (of a layer without output groups). On
+a deep linear network with weight sharing and the squared error, expand is exact when every
+location has its own output (the "expand setting": the GGN is ``sum_t a_t a_t^T ⊗ G0`` with
+``G0`` the same everywhere), reduce when the locations are pooled before the output (``g_t``
+then is the same at every location of an example, and ``J = (sum_t a_t) ⊗ g``). The exact
+blocks of scale-and-shift layers and embeddings' exact diagonals do not change.
+
 * GGN: ``g_{t,k} = J_{z,t}^T L[:, k]`` for each column ``k`` of ``L = likelihood.
   output_hessian_sqrt(logits)`` (``Lambda = L L^T``): the ``K`` backward passes are one
   vectorised Jacobian of ``s_k = sum_{n,o} logits[n, o] * stop_gradient(L[n, o, k])``.
@@ -15,8 +31,8 @@ For a layer with input rows ``a_t`` (bias 1 appended) and pre-activation gradien
 
 Gradients with respect to the pre-activations come from zero probes added by a hook in
 :class:`~laplace_tf.params.LogitModel`. A layer's rule builds its block from its inputs and
-these gradients (:meth:`~laplace_tf.curvature.kron_layers.KronRule.block`: ``A ⊗ G``, or the
-exact dense block of a scale-and-shift layer). Layers without a rule, with an unsupported
+these gradients (:meth:`~laplace_tf.curvature.kron_layers.KronRule.blocks`: ``A ⊗ G``, one
+per kernel of a separable convolution, or the exact dense block of a scale-and-shift layer). Layers without a rule, with an unsupported
 configuration, or called more than once in a forward pass get a :class:`DiagBlock` with the
 exact diagonal of the GGN / EF of their weights instead (per-example gradients from
 :func:`laplace_tf.curvature._per_example.summed_rows`; never an error). The ``laplace_tf``
@@ -46,7 +62,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from laplace_tf.arguments import flag
+from laplace_tf.arguments import choice, flag
 from laplace_tf.blocks import Block, DiagBlock
 from laplace_tf.curvature._per_example import output_cotangents, summed_rows
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
@@ -56,9 +72,11 @@ from laplace_tf.params import LogitModel, WeightSubset
 
 logger = logging.getLogger("laplace_tf")
 
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+
 
 class KronBuilder(CurvatureBuilder):
-    """One batch -> one Kronecker (or exact diagonal) block per layer of the weight subset.
+    """One batch -> the Kronecker (or exact dense or diagonal) blocks of every layer of the subset.
 
     Args:
         logit_model: the model and its weight subset; blocks follow ``subset.slices``.
@@ -71,11 +89,13 @@ class KronBuilder(CurvatureBuilder):
         seed: an integer seed for ``stochastic``; batch ``i`` of this builder draws with the
             stateless seed ``(seed, i)``, so a new builder with the same seed repeats the
             numbers. ``None`` draws a fresh seed.
+        kfac_approximation: ``"expand"`` (K-FAC-expand) or ``"reduce"`` (K-FAC-reduce) for
+            layers with several locations per example (see the module docstring).
 
     Raises:
         ValueError: for a ``kind`` other than "ggn"/"ef" (the exact Hessian has no Kronecker
-            factorisation), or ``stochastic`` with ``kind="ef"`` or a likelihood without
-            a sampler.
+            factorisation), ``stochastic`` with ``kind="ef"`` or a likelihood without
+            a sampler, or an unknown ``kfac_approximation``.
         TypeError: for a ``stochastic`` that is not a bool or a ``seed`` that is not an int.
     """
 
@@ -89,9 +109,12 @@ class KronBuilder(CurvatureBuilder):
         kind: str = "ggn",
         stochastic: bool = False,
         seed: int | None = None,
+        kfac_approximation: str = "expand",
     ):
         super().__init__(logit_model, likelihood, kind)
         flag(stochastic, "stochastic")
+        self.kfac_approximation = choice(kfac_approximation, "kfac_approximation",
+                                         KFAC_APPROXIMATIONS)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed: expected an integer or None; got {seed!r}.")
         if stochastic and kind != "ggn":
@@ -115,7 +138,8 @@ class KronBuilder(CurvatureBuilder):
         self._logged = False
 
     def batch_sums(self, x, y, w=None) -> tuple[list[Block], tf.Tensor]:
-        """One block per ``subset.slices`` entry (Kronecker blocks in sum form), and the logits.
+        """The blocks of every ``subset.slices`` entry in order (in sum form; one per kernel of
+        the layer's rule, e.g. two for a separable convolution), and the logits.
 
         Sample weights ``w [N]`` weight each example's rows: ``A`` becomes the ``w``-weighted
         mean of its rows (``n = sum w * locations``), ``G`` the ``w``-weighted sum."""
@@ -145,16 +169,17 @@ class KronBuilder(CurvatureBuilder):
         kron = [i for i in range(len(slices)) if i not in fallbacks]
         probes = [calls[id(slices[i].layer)][0][1] for i in kron]
         gradients = tape.jacobian(scores, probes, experimental_use_pfor=True) if kron else []
-        blocks: dict[int, Block] = {
-            i: KRON_RULES[type(slices[i].layer)].block(
-                slices[i].layer, calls[id(slices[i].layer)][0][0], grad, w)
+        reduce = self.kfac_approximation == "reduce"
+        blocks: dict[int, list[Block]] = {
+            i: KRON_RULES[type(slices[i].layer)].blocks(
+                slices[i].layer, calls[id(slices[i].layer)][0][0], grad, w, reduce)
             for i, grad in zip(kron, gradients, strict=True)
         }
         if fallbacks:
-            blocks.update(zip(sorted(fallbacks),
-                              self._diagonal_blocks(sorted(fallbacks), x, y, w), strict=True))
+            diagonal = self._diagonal_blocks(sorted(fallbacks), x, y, w)
+            blocks.update((i, [block]) for i, block in zip(sorted(fallbacks), diagonal, strict=True))
         self._log_blocks(fallbacks)
-        return [blocks[i] for i in range(len(slices))], logits
+        return [block for i in range(len(slices)) for block in blocks[i]], logits
 
     def _cotangents(self, logits: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
         """``c [N, K, R]``: the pre-activation gradients of ``logits . c_r`` are the ``g``

@@ -10,13 +10,25 @@ gradients reshaped to ``[-1, dout]`` whatever the layer type. Supporting a new l
 one :func:`register_kron_rule` call (rules are looked up by exact type, so that a subclass with
 its own ``call`` never gets a rule that does not fit it).
 
-A rule decides the curvature block its layer gets (:meth:`KronRule.block`): ``A ⊗ G`` for the
+A rule decides the curvature blocks its layer gets (:meth:`KronRule.blocks`): ``A ⊗ G`` for the
 rules above; a scale-and-shift layer (``LayerNormalization``, ``BatchNormalization`` at
 inference: ``z_t = xhat_t * gamma + beta`` channel by channel), whose weight gradient is not an
 outer product, gets the exact GGN / EF block over its ``gamma`` and ``beta`` from the same
 pre-activation gradients (kfac-jax's scale-and-shift blocks): a :class:`DenseBlock` up to
 :data:`MAX_DENSE_WEIGHTS` weights, its exact diagonal above. An Embedding's ``A`` is diagonal
 (token counts); above :data:`MAX_VOCABULARY` tokens it gets its exact diagonal.
+
+Grouped convolutions (``groups = q > 1``) and depthwise convolutions (``q`` = input channels)
+have ``q`` rows per location: row ``(t, j)`` holds the patch of group ``j``'s input channels
+and acts on group ``j``'s ``dout / q`` outputs only, ``z_t[group j] = a_{t,j}^T W[:, group j]``.
+So ``dW = sum_{t,j} a_{t,j} (g_t * m_j)^T`` exactly, with ``m_j`` the mask of group ``j``'s
+outputs: K-FAC treats the groups as more shared locations (:attr:`KronShape.groups`). Its ``A``
+is one mean over groups and locations and its ``G`` is block-diagonal over the groups: a
+stated approximation that is exact for ``q = 1`` (a grouped layer's exact GGN also couples the
+groups, and each group has its own inputs). A layer with several kernels (SeparableConv1D/2D)
+gets one block per kernel (:meth:`KronRule.parts`). ``reduce=True`` (K-FAC-reduce, see
+:mod:`~laplace_tf.curvature.kron`) averages each example's rows and sums its gradients over
+its locations and groups before the outer products.
 
 Example:
     The rows of a causal Conv1D reproduce its pre-activation output through the flattened
@@ -34,6 +46,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -50,16 +64,35 @@ MAX_VOCABULARY = 2048
 ``A ⊗ G`` (whose factor ``A`` over the vocabulary is ``V x V``, eigendecomposed)."""
 
 
+class KronShape(NamedTuple):
+    """One Kronecker block of a layer: its weights as a row-major ``[din, dout]`` matrix (the
+    row of a bias included), ``A`` ``[din, din]``, ``G`` ``[dout, dout]``, and ``groups``
+    output groups (see the module docstring)."""
+
+    din: int
+    dout: int
+    groups: int = 1
+
+
+class KronPart(NamedTuple):
+    """One Kronecker block's rows and gradients from one call of its layer."""
+
+    rows: tf.Tensor  # [n, din]: example-major, the same number per example, bias column included
+    grads: tf.Tensor  # [R, N, locations..., dout]: gradients of the block's pre-activation
+
+
 class KronRule:
-    """How one layer type's weights get their curvature block from one forward pass.
+    """How one layer type's weights get their curvature blocks from one forward pass.
 
     For the Kronecker rules (``outer_product = True``) subclasses implement :meth:`rows` and,
     when some configurations of the layer type do not factor, :meth:`unsupported`. The layer
     must have a ``kernel`` variable ``[..., dout]`` and a ``bias`` (``None`` without bias), as
     Keras Dense and convolution layers do; rules for other weights override :meth:`variables`
-    and :meth:`shape`. A rule whose weight gradient is not ``sum_t a_t g_t^T`` sets
-    ``outer_product = False`` and overrides :meth:`block` (full and diagonal posteriors then
-    take its per-example gradients by autodiff).
+    and :meth:`shapes`; a layer with several kernels (a separable convolution) gets one block
+    per kernel: its rule overrides :meth:`shapes` and :meth:`parts` too. A rule whose weight
+    gradient is not a sum of outer products sets ``outer_product = False`` and overrides
+    :meth:`blocks` (full and diagonal posteriors then take its per-example gradients by
+    autodiff).
     """
 
     outer_product = True
@@ -73,28 +106,36 @@ class KronRule:
         bias = getattr(layer, "bias", None)
         return (getattr(layer, "kernel", None),) + (() if bias is None else (bias,))
 
-    def shape(self, layer: keras.layers.Layer) -> tuple[int, int]:
-        """``(din, dout)``: the kernel as a row-major ``[din, dout]`` matrix (no bias row)."""
-        return _n_inputs(layer), int(layer.kernel.shape[-1])
+    def shapes(self, layer: keras.layers.Layer) -> list[KronShape]:
+        """The :class:`KronShape` of each block, in weight order: by default one,
+        ``(prod(kernel.shape[:-1]) (+1 for a bias), kernel.shape[-1])``. The last block's
+        ``dout`` is the width of the layer's pre-activation (:func:`output_size`)."""
+        return [KronShape(_n_inputs(layer) + _has_bias(layer), int(layer.kernel.shape[-1]))]
 
     def kind(self, layer: keras.layers.Layer) -> tuple[str, str | None]:
-        """The kind of block :meth:`block` gives (``"kron"``, ``"dense"``, ``"diag"``) and,
+        """The kind of block :meth:`blocks` gives (``"kron"``, ``"dense"``, ``"diag"``) and,
         for a diagonal one, why."""
         return "kron", None
 
     def rows(self, layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
-        """The input rows ``[n, din]`` (without the bias column) of one call."""
+        """The input rows ``[n, din]`` (without the bias column) of one call: example-major,
+        the same number per example (``groups`` rows per location, group-minor)."""
         raise NotImplementedError
 
-    def block(self, layer: keras.layers.Layer, inputs: tf.Tensor, gradients: tf.Tensor,
-              w: tf.Tensor) -> Block:
-        """The block of one call in sum form: ``A`` the ``w``-weighted sum of ``a a^T`` over
-        the rows (example-major, the same number per example), ``G`` the sum of ``g g^T`` over
-        ``gradients [R, N, ..., dout]`` (pre-activation gradients, already weighted)."""
-        a_rows = input_rows(layer, inputs)
-        row_weights = _row_weights(w, tf.shape(a_rows)[0])
-        A = tf.matmul(a_rows * row_weights[:, None], a_rows, transpose_a=True)
-        return _kron_block(A, tf.reduce_sum(row_weights), gradients, self.shape(layer)[1])
+    def parts(self, layer: keras.layers.Layer, inputs: tf.Tensor,
+              gradients: tf.Tensor) -> list[KronPart]:
+        """Each block's :class:`KronPart` from one call's ``inputs`` and the gradients
+        ``[R, N, locations..., dout]`` of the layer's pre-activation output."""
+        return [KronPart(input_rows(layer, inputs), gradients)]
+
+    def blocks(self, layer: keras.layers.Layer, inputs: tf.Tensor, gradients: tf.Tensor,
+               w: tf.Tensor, reduce: bool = False) -> list[Block]:
+        """The blocks of one call in sum form, one per :meth:`shapes` entry: ``A`` the
+        ``w``-weighted sum of ``a a^T`` over each part's rows, ``G`` the sum of ``g g^T`` over
+        its gradients (already weighted), block-diagonal over its output groups; ``reduce``:
+        K-FAC-reduce (see the module docstring)."""
+        return [_kron_block(part, shape, w, reduce) for part, shape in
+                zip(self.parts(layer, inputs, gradients), self.shapes(layer), strict=True)]
 
 
 def _row_weights(w: tf.Tensor, n_rows) -> tf.Tensor:
@@ -102,7 +143,28 @@ def _row_weights(w: tf.Tensor, n_rows) -> tf.Tensor:
     return tf.repeat(w, n_rows // tf.maximum(tf.shape(w)[0], 1))
 
 
-def _kron_block(A: tf.Tensor, n: tf.Tensor, gradients: tf.Tensor, dout: int) -> KronBlock:
+def _kron_block(part: KronPart, shape: KronShape, w: tf.Tensor, reduce: bool) -> KronBlock:
+    """The block of one part in sum form. With ``shape.groups`` output groups the gradient of
+    row ``(t, j)`` is ``g_t`` on group ``j``'s outputs, zero elsewhere (``G`` block-diagonal
+    over the groups). ``reduce``: each example's rows are first averaged and its gradients summed over its
+    locations (and groups: the masked gradients of the groups sum to ``g_t``)."""
+    a_rows, gradients = part
+    dout, groups = shape.dout, shape.groups
+    if reduce:
+        a_rows = tf.reduce_mean(tf.reshape(a_rows, [tf.shape(w)[0], -1, a_rows.shape[-1]]), axis=1)
+        sizes = tf.shape(gradients)
+        gradients = tf.reduce_sum(tf.reshape(gradients, [sizes[0], sizes[1], -1, dout]), axis=2)
+    row_weights = _row_weights(w, tf.shape(a_rows)[0])
+    A = tf.matmul(a_rows * row_weights[:, None], a_rows, transpose_a=True)
+    block = _outer_block(A, tf.reduce_sum(row_weights), gradients, dout)
+    if groups == 1 or reduce:
+        return block
+    size = dout // groups
+    mask = np.kron(np.eye(groups), np.ones((size, size))).astype(block.G.dtype.as_numpy_dtype)
+    return KronBlock(block.A, block.G * mask, block.n)
+
+
+def _outer_block(A: tf.Tensor, n: tf.Tensor, gradients: tf.Tensor, dout: int) -> KronBlock:
     """``A`` (sum form) and ``G``, the sum of ``g g^T`` over all ``gradients`` rows."""
     g_rows = tf.reshape(gradients, [-1, dout])
     return KronBlock(A, tf.matmul(g_rows, g_rows, transpose_a=True), n)
@@ -116,37 +178,123 @@ class _DenseRule(KronRule):
 
 
 class _ConvRule(KronRule):
-    """Conv1D / Conv2D (channels_last, ungrouped): image patches in kernel order.
+    """Conv1D / Conv2D / Conv3D (channels_last, any ``groups``): patches in kernel order.
 
-    ``tf.image.extract_patches`` flattens each patch as ``(kh, kw, cin)`` row-major, which is
-    the row-major flatten of the kernel ``(kh, kw, cin, cout)`` over its first three axes. A
-    Conv1D is the same on ``[N, 1, L, C]`` images, with 'causal' padding done by hand as
-    Keras does (left padding, then 'valid').
+    A patch flattened as ``(k..., cin)`` row-major is the row-major flatten of the kernel
+    ``(k..., cin, cout)`` over all but its last axis. With ``groups = q``, the kernel is
+    ``(k..., cin / q, cout)`` and each location has ``q`` rows, one per group's channels.
     """
 
     def unsupported(self, layer):
-        if layer.groups != 1:
-            return f"groups={layer.groups} (grouped convolution)"
         if layer.data_format != "channels_last":
             return f"data_format={layer.data_format!r} (only 'channels_last' has a rule)"
         return None
 
+    def shapes(self, layer):
+        (shape,) = super().shapes(layer)
+        return [shape._replace(groups=layer.groups)]
+
     def rows(self, layer, inputs):
-        images = inputs
-        sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate
-        padding = layer.padding
-        if layer.rank == 1:
-            images = inputs[:, None]
-            sizes, strides, rates = (1, *sizes), (1, *strides), (1, *rates)
-            if padding == "causal":
-                left = (sizes[1] - 1) * rates[1]
-                images = tf.pad(images, [[0, 0], [0, 0], [left, 0], [0, 0]])
-                padding = "valid"
-        patches = tf.image.extract_patches(
-            images, sizes=[1, *sizes, 1], strides=[1, *strides, 1], rates=[1, *rates, 1],
-            padding=padding.upper(),
-        )
-        return tf.reshape(patches, [-1, _n_inputs(layer)])
+        patches = _patches(layer, inputs)  # [N, locations..., k, cin]
+        q = layer.groups
+        channels = int(inputs.shape[-1])
+        patches = tf.reshape(patches, [-1, int(np.prod(layer.kernel_size)), q, channels // q])
+        return tf.reshape(tf.transpose(patches, [0, 2, 1, 3]), [-1, _n_inputs(layer)])
+
+
+class _DepthwiseRule(KronRule):
+    """DepthwiseConv1D / DepthwiseConv2D: a convolution with one group per input channel.
+
+    The kernel ``(k..., cin, m)`` flattens as the matrix ``[prod(k), cin * m]`` whose column
+    ``c * m + i`` is output channel ``c * m + i`` (Keras's order): ``q = cin`` groups of ``m``
+    outputs, and the rows of location ``t`` are the patches of each input channel.
+    """
+
+    def unsupported(self, layer):
+        return _ConvRule().unsupported(layer)
+
+    def shapes(self, layer):
+        *window, cin, multiplier = layer.kernel.shape
+        return [KronShape(int(np.prod(window)) + _has_bias(layer), int(cin * multiplier),
+                          int(cin))]
+
+    def rows(self, layer, inputs):
+        return _depthwise_rows(layer, inputs)
+
+
+class _SeparableRule(KronRule):
+    """SeparableConv1D / SeparableConv2D: a depthwise convolution (kernel ``D``, no bias), then
+    a pointwise 1x1 convolution (kernel ``P``, the bias): two blocks.
+
+    The depthwise block is :class:`_DepthwiseRule`'s, with the gradients of its output ``u``,
+    ``g_u = g P^T`` (``P`` as ``[cin m, cout]``); the pointwise block has the rows
+    ``[u_t, 1]`` and the layer's gradients ``g``.
+    """
+
+    def unsupported(self, layer):
+        return _ConvRule().unsupported(layer)
+
+    def variables(self, layer):
+        bias = () if layer.bias is None else (layer.bias,)
+        return (layer.depthwise_kernel, layer.pointwise_kernel, *bias)
+
+    def shapes(self, layer):
+        *window, cin, multiplier = layer.depthwise_kernel.shape
+        middle = int(cin * multiplier)
+        return [KronShape(int(np.prod(window)), middle, int(cin)),
+                KronShape(middle + _has_bias(layer), int(layer.pointwise_kernel.shape[-1]))]
+
+    def parts(self, layer, inputs, gradients):
+        *window, cin, multiplier = layer.depthwise_kernel.shape
+        window = int(np.prod(window))
+        rows = _depthwise_rows(layer, inputs)  # [N * T * cin, window]
+        depthwise = tf.reshape(layer.depthwise_kernel, [window, cin, multiplier])
+        u = tf.einsum("tck,kcm->tcm", tf.reshape(rows, [-1, cin, window]), depthwise)
+        u = tf.reshape(u, [-1, cin * multiplier])
+        pointwise = tf.reshape(layer.pointwise_kernel, [cin * multiplier, -1])
+        middle = tf.einsum("...o,po->...p", gradients, pointwise)
+        return [KronPart(rows, middle), KronPart(_with_bias(u, layer), gradients)]
+
+
+def _depthwise_rows(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
+    """``[N * T * cin, prod(k)]``: the patch of every input channel at every location."""
+    patches = _patches(layer, inputs)  # [N, locations..., k, cin]
+    patches = tf.reshape(patches, [-1, int(np.prod(layer.kernel_size)), inputs.shape[-1]])
+    return tf.reshape(tf.transpose(patches, [0, 2, 1]), [-1, patches.shape[1]])
+
+
+def _patches(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
+    """The patches of a channels_last convolution ``[N, locations..., prod(k), cin]``, in the
+    layer's own padding, strides and dilation.
+
+    Conv1D and Conv2D use ``tf.image.extract_patches`` (a Conv1D on ``[N, 1, L, C]`` images,
+    with 'causal' padding done by hand as Keras does: left padding, then 'valid'). Conv3D has
+    no dilated patch op: the patches are a convolution with the identity kernel
+    ``[k..., cin, prod(k) cin]`` (exact: each output channel copies one input).
+    """
+    sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate
+    padding = layer.padding
+    channels = int(inputs.shape[-1])
+    window = int(np.prod(sizes))
+    if layer.rank == 3:
+        identity = tf.reshape(tf.eye(window * channels, dtype=inputs.dtype),
+                              [*sizes, channels, window * channels])
+        patches = tf.nn.convolution(inputs, identity, strides=strides, padding=padding.upper(),
+                                    dilations=rates)
+        return tf.reshape(patches, [*tf.unstack(tf.shape(patches)[:-1]), window, channels])
+    images = inputs
+    if layer.rank == 1:
+        images = inputs[:, None]
+        sizes, strides, rates = (1, *sizes), (1, *strides), (1, *rates)
+        if padding == "causal":
+            left = (sizes[1] - 1) * rates[1]
+            images = tf.pad(images, [[0, 0], [0, 0], [left, 0], [0, 0]])
+            padding = "valid"
+    patches = tf.image.extract_patches(
+        images, sizes=[1, *sizes, 1], strides=[1, *strides, 1], rates=[1, *rates, 1],
+        padding=padding.upper(),
+    )
+    return tf.reshape(patches, [*tf.unstack(tf.shape(patches)[:-1]), window, channels])
 
 
 class _EmbeddingRule(KronRule):
@@ -157,8 +305,8 @@ class _EmbeddingRule(KronRule):
     def variables(self, layer):
         return (layer.embeddings,)
 
-    def shape(self, layer):
-        return int(layer.input_dim), int(layer.output_dim)
+    def shapes(self, layer):
+        return [KronShape(int(layer.input_dim), int(layer.output_dim))]
 
     def kind(self, layer):
         if layer.input_dim > MAX_VOCABULARY:
@@ -169,14 +317,18 @@ class _EmbeddingRule(KronRule):
         tokens = tf.reshape(tf.cast(inputs, tf.int32), [-1])
         return tf.one_hot(tokens, layer.input_dim, dtype=layer.embeddings.dtype)
 
-    def block(self, layer, inputs, gradients, w):
+    def blocks(self, layer, inputs, gradients, w, reduce=False):
+        """K-FAC-reduce averages each example's one-hot rows: ``A`` is not diagonal then."""
         tokens = tf.reshape(tf.cast(inputs, tf.int32), [-1])
         if layer.input_dim > MAX_VOCABULARY:
-            return DiagBlock(_token_diagonal(tokens, gradients, layer.input_dim, layer.output_dim))
+            return [DiagBlock(_token_diagonal(tokens, gradients, layer.input_dim,
+                                              layer.output_dim))]
+        if reduce:
+            return super().blocks(layer, inputs, gradients, w, reduce)
         row_weights = _row_weights(w, tf.shape(tokens)[0])
         counts = tf.math.unsorted_segment_sum(row_weights, tokens, layer.input_dim)
-        return _kron_block(tf.linalg.diag(counts), tf.reduce_sum(row_weights), gradients,
-                           layer.output_dim)
+        return [_outer_block(tf.linalg.diag(counts), tf.reduce_sum(row_weights), gradients,
+                             layer.output_dim)]
 
 
 def _token_diagonal(tokens: tf.Tensor, gradients: tf.Tensor, vocabulary: int,
@@ -217,15 +369,15 @@ class _EinsumDenseRule(KronRule):
                     "of the kernel")
         return None
 
-    def shape(self, layer):
+    def shapes(self, layer):
         _, contracted, _, _ = _einsum_spec(layer.equation)
         din = int(np.prod(layer.kernel.shape[:len(contracted)]))
-        return din, int(np.prod(layer.kernel.shape)) // din
+        return [KronShape(din + _has_bias(layer), int(np.prod(layer.kernel.shape)) // din)]
 
     def rows(self, layer, inputs):
         source, contracted, _, locations = _einsum_spec(layer.equation)
         rows = tf.einsum(f"{source}->{locations}{contracted}", inputs)
-        return tf.reshape(rows, [-1, self.shape(layer)[0]])
+        return tf.reshape(rows, [-1, int(np.prod(layer.kernel.shape[:len(contracted)]))])
 
 
 def _einsum_spec(equation: str) -> tuple[str, str, str, str] | str:
@@ -275,10 +427,11 @@ class _ScaleAndShiftRule(KronRule):
     def variables(self, layer):
         return tuple(v for v in (layer.gamma, layer.beta) if v is not None)
 
-    def shape(self, layer):  # the weights as one row
-        return 1, sum(int(np.prod(v.shape)) for v in self.variables(layer))
+    def shapes(self, layer):  # the weights as one row
+        return [KronShape(1, sum(int(np.prod(v.shape)) for v in self.variables(layer)))]
 
-    def block(self, layer, inputs, gradients, w):
+    def blocks(self, layer, inputs, gradients, w, reduce=False):
+        """The exact block: K-FAC-reduce does not change it."""
         xhat = _normalised(layer, inputs)
         rank = xhat.shape.rank
         axes = [a % rank for a in ([layer.axis] if isinstance(layer.axis, int) else layer.axis)]
@@ -293,12 +446,12 @@ class _ScaleAndShiftRule(KronRule):
         if layer.beta is not None:
             parts.append(tf.reduce_sum(g, axis=2))
         rows = tf.reshape(tf.concat(parts, axis=-1), [-1, len(parts) * channels])
-        if self.shape(layer)[1] > MAX_DENSE_WEIGHTS:
-            return DiagBlock(tf.reduce_sum(tf.square(rows), axis=0))
-        return DenseBlock(tf.matmul(rows, rows, transpose_a=True))
+        if self.shapes(layer)[0].dout > MAX_DENSE_WEIGHTS:
+            return [DiagBlock(tf.reduce_sum(tf.square(rows), axis=0))]
+        return [DenseBlock(tf.matmul(rows, rows, transpose_a=True))]
 
     def kind(self, layer) -> tuple[str, str | None]:
-        size = self.shape(layer)[1]
+        size = self.shapes(layer)[0].dout
         if size > MAX_DENSE_WEIGHTS:
             return "diag", f"{size} weights > MAX_DENSE_WEIGHTS={MAX_DENSE_WEIGHTS}"
         return "dense", None
@@ -317,6 +470,11 @@ KRON_RULES: dict[type, KronRule] = {
     keras.layers.Dense: _DenseRule(),
     keras.layers.Conv1D: _ConvRule(),
     keras.layers.Conv2D: _ConvRule(),
+    keras.layers.Conv3D: _ConvRule(),
+    keras.layers.DepthwiseConv1D: _DepthwiseRule(),
+    keras.layers.DepthwiseConv2D: _DepthwiseRule(),
+    keras.layers.SeparableConv1D: _SeparableRule(),
+    keras.layers.SeparableConv2D: _SeparableRule(),
     keras.layers.Embedding: _EmbeddingRule(),
     keras.layers.EinsumDense: _EinsumDenseRule(),
     keras.layers.LayerNormalization: _ScaleAndShiftRule(),
@@ -332,8 +490,9 @@ def register_kron_rule(layer_type: type, rule: KronRule) -> None:
         layer_type: a subclass of ``keras.layers.Layer`` with a ``kernel [..., dout]`` and a
             ``bias`` (``None`` without bias), whose pre-activation at every location is
             ``rows @ [kernel reshaped to [din, dout]; bias]`` (other weights: the rule
-            overrides :meth:`KronRule.variables`, :meth:`KronRule.shape` and, for a block
-            other than ``A ⊗ G``, :meth:`KronRule.block`).
+            overrides :meth:`KronRule.variables`, :meth:`KronRule.shapes`, for several blocks
+            :meth:`KronRule.parts` and, for a block other than ``A ⊗ G``,
+            :meth:`KronRule.blocks`).
         rule: a :class:`KronRule` whose :meth:`KronRule.rows` gives those rows.
 
     Raises:
@@ -373,6 +532,17 @@ def _n_inputs(layer: keras.layers.Layer) -> int:
     return int(np.prod(layer.kernel.shape[:-1]))
 
 
+def _has_bias(layer: keras.layers.Layer) -> int:
+    return int(getattr(layer, "bias", None) is not None)
+
+
+def _with_bias(rows: tf.Tensor, layer: keras.layers.Layer) -> tf.Tensor:
+    """``rows`` with the constant 1 appended if ``layer`` has a bias."""
+    if not _has_bias(layer):
+        return rows
+    return tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
+
+
 def fallback_reason(layer_slice: LayerSlice) -> str | None:
     """Why a layer's weights get the diagonal fallback instead of its rule's block (None: they
     don't).
@@ -398,15 +568,31 @@ def fallback_reason(layer_slice: LayerSlice) -> str | None:
 
 
 def is_factored(layer_slice: LayerSlice) -> bool:
-    """Whether the layer's weight gradient is ``sum_t a_t g_t^T`` (a supported Kronecker rule):
-    its rows are :func:`input_rows`, its pre-activation gradients have :func:`output_size`
-    columns."""
-    return fallback_reason(layer_slice) is None and KRON_RULES[type(layer_slice.layer)].outer_product
+    """Whether the layer's weight Jacobian is ``sum_t a_t g_t^T`` (a supported Kronecker rule
+    of one block without output groups): its rows are :func:`input_rows`, its pre-activation
+    gradients have :func:`output_size` columns (the form
+    :mod:`~laplace_tf.curvature._per_example` and the GLM predictive factor)."""
+    if fallback_reason(layer_slice) is not None:
+        return False
+    rule = KRON_RULES[type(layer_slice.layer)]
+    shapes = rule.shapes(layer_slice.layer)
+    return rule.outer_product and len(shapes) == 1 and shapes[0].groups == 1
 
 
 def output_size(layer: keras.layers.Layer) -> int:
-    """``dout``: the columns of the layer's weights as a matrix, the width of its rows ``g_t``."""
-    return KRON_RULES[type(layer)].shape(layer)[1]
+    """``dout``: the width of the layer's pre-activation (its last block's ``dout``)."""
+    return KRON_RULES[type(layer)].shapes(layer)[-1].dout
+
+
+def kron_shapes(layer: keras.layers.Layer) -> list[KronShape]:
+    """The blocks of a layer with a rule (:meth:`KronRule.shapes`), in weight order."""
+    return KRON_RULES[type(layer)].shapes(layer)
+
+
+def kron_parts(layer: keras.layers.Layer, inputs: tf.Tensor,
+               gradients: tf.Tensor) -> list[KronPart]:
+    """Each block's rows and gradients from one call (:meth:`KronRule.parts`)."""
+    return KRON_RULES[type(layer)].parts(layer, inputs, gradients)
 
 
 def block_kind(layer_slice: LayerSlice) -> tuple[str, str | None]:
@@ -421,7 +607,4 @@ def block_kind(layer_slice: LayerSlice) -> tuple[str, str | None]:
 
 def input_rows(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
     """Rows ``a_t`` ``[n, din (+1)]`` of one call, with the constant 1 appended for a bias."""
-    rows = KRON_RULES[type(layer)].rows(layer, inputs)
-    if getattr(layer, "bias", None) is None:
-        return rows
-    return tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
+    return _with_bias(KRON_RULES[type(layer)].rows(layer, inputs), layer)

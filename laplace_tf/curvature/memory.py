@@ -92,7 +92,7 @@ from laplace_tf.curvature._per_example import (
 )
 from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
-from laplace_tf.curvature.kron_layers import block_kind, is_factored, output_size
+from laplace_tf.curvature.kron_layers import block_kind, is_factored, kron_shapes, output_size
 from laplace_tf.curvature.last_layer import full_example_numbers
 from laplace_tf.curvature.lowrank import DEFAULT_OVERSAMPLING, DEFAULT_RANK
 from laplace_tf.params import LayerSlice, WeightSubset
@@ -289,15 +289,16 @@ def _kron(slices, rows: int, batch_size: int) -> dict[str, int]:
     counts = dict.fromkeys(("curvature", "fit_workspace", "per_batch", "eigendecomposition"), 0)
     for layer_slice in slices:
         kind, _ = block_kind(layer_slice)
-        if kind == "kron":
-            d, o = _factor_dims(layer_slice)
-            layer = _kron_layer(d, o, batch_size * _locations(layer_slice) * (d + rows * o))
+        if kind == "kron":  # every block: its q input rows a location and its gradients
+            layers = [_kron_layer(d, o, batch_size * _locations(layer_slice) * (q * d + rows * o))
+                      for d, o, q in kron_shapes(layer_slice.layer)]
         elif kind == "dense":  # a scale-and-shift layer's exact block
-            layer = _full(layer_slice.size, 2, batch_size * rows * layer_slice.size)
+            layers = [_full(layer_slice.size, 2, batch_size * rows * layer_slice.size)]
         else:
-            layer = _diag(layer_slice.size, batch_size * rows * layer_slice.size)
-        for name, n in layer.items():
-            counts[name] = counts.get(name, 0) + n
+            layers = [_diag(layer_slice.size, batch_size * rows * layer_slice.size)]
+        for layer in layers:
+            for name, n in layer.items():
+                counts[name] = counts.get(name, 0) + n
     return counts
 
 

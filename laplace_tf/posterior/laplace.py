@@ -51,6 +51,7 @@ from laplace_tf.blocks import Covariance, Factor
 from laplace_tf.curvature import make_builder
 from laplace_tf.curvature.base import CURVATURES, Curvature, fit_curvature
 from laplace_tf.curvature.full import default_memory_limit
+from laplace_tf.curvature.kron import KFAC_APPROXIMATIONS
 from laplace_tf.curvature.last_layer import find_last_layer
 from laplace_tf.curvature.lowrank import DEFAULT_RANK
 from laplace_tf.curvature.memory import (
@@ -95,6 +96,7 @@ SETTINGS = (
     Setting("rank", "metadata", when_absent=None),
     Setting("n_context", "metadata", when_absent=None),
     Setting("subnetwork_indices", "array", when_absent=None),
+    Setting("kfac_approximation", "metadata", when_absent="expand"),
 )
 """The constructor arguments after ``model``, in order: ``save`` writes them and ``load``
 rebuilds ``cls(model, **settings)`` from them. A new constructor argument adds one line here
@@ -177,6 +179,11 @@ class PosteriorLaplace:
         subnetwork_indices: for ``"subnetwork"``: integer indices into the flat vector of all
             trainable weights (``WeightSubset(model).flat_values()``), unique; sorted here
             (:mod:`laplace_tf.subnetwork` chooses them).
+        kfac_approximation: for layers applied at several locations per example (sequences,
+            feature maps): ``"expand"`` (K-FAC-expand) or ``"reduce"`` (K-FAC-reduce: inputs
+            averaged and gradients summed over the locations first), Eschenhagen et al.
+            2023; see :mod:`laplace_tf.curvature.kron`. ``"reduce"`` needs
+            ``hessian_structure="kron"`` with ``subset_of_weights="all"``.
 
     Raises:
         ValueError, TypeError: for any invalid argument (the message lists the valid values).
@@ -210,6 +217,7 @@ class PosteriorLaplace:
         rank: int | None = None,
         n_context: int | None = None,
         subnetwork_indices=None,
+        kfac_approximation: str = "expand",
     ):
         self.likelihood_name = choice(likelihood, "likelihood", LIKELIHOODS)
         self.likelihood = get_likelihood(likelihood)  # with sigma_noise below
@@ -247,6 +255,14 @@ class PosteriorLaplace:
                 "stochastic: the Monte-Carlo curvature exists for hessian_structure='kron' with "
                 f"curvature='ggn' only; got {hessian_structure!r} / {curvature!r}. Set "
                 "stochastic=False."
+            )
+        self.kfac_approximation = choice(kfac_approximation, "kfac_approximation",
+                                         KFAC_APPROXIMATIONS)
+        if kfac_approximation != "expand" and (hessian_structure, subset_of_weights) != ("kron", "all"):
+            raise ValueError(
+                f"kfac_approximation: {kfac_approximation!r} exists for hessian_structure='kron' "
+                f"with subset_of_weights='all' only; got {hessian_structure!r} / "
+                f"{subset_of_weights!r}. Use kfac_approximation='expand'."
             )
         if seed is not None:
             stateless_seed(seed)
@@ -460,6 +476,8 @@ class PosteriorLaplace:
             options.update(rank=self._rank, seed=self.seed)
         if self.hessian_structure == "gp":
             options.update(n_context=self.n_context, seed=self.seed)
+        if self.kfac_approximation != "expand":
+            options.update(kfac_approximation=self.kfac_approximation)
         return make_builder(
             self.subset_of_weights, self.hessian_structure, self.logit_model,
             likelihood or self.likelihood, curvature=self.curvature_kind, **options,

@@ -161,16 +161,19 @@ def per_block(
 ) -> list[tf.Tensor]:
     """The prior of each curvature block: a scalar where it is uniform there, else ``[p]``.
 
-    A layerwise prior gives a scalar for a block that is exactly one layer (Kronecker blocks)
-    and a vector for a block over several layers (full and diagonal over all weights).
+    A layerwise prior gives a scalar for a block inside one layer (Kronecker blocks: one per
+    layer, or one per kernel of a layer) and a vector for a block over several layers (full
+    and diagonal over all weights).
     """
     structure = structure_of(prior, len(layer_ranges))
     if structure == "scalar":
         return [prior] * len(block_ranges)
     if structure == "layerwise":
-        layer_of = {r: i for i, r in enumerate(layer_ranges)}
-        if all(r in layer_of for r in block_ranges):
-            return [prior[layer_of[r]] for r in block_ranges]
+        layer_of = [next((i for i, (start, size) in enumerate(layer_ranges)
+                          if start <= offset and offset + length <= start + size), None)
+                    for offset, length in block_ranges]
+        if None not in layer_of:
+            return [prior[i] for i in layer_of]
         prior = expand(prior, [size for _, size in layer_ranges])
     return [prior[offset : offset + size] for offset, size in block_ranges]
 

@@ -41,23 +41,44 @@ import tensorflow as tf
 from laplace_tf.autodiff import first_line, quiet_pfor_errors
 from laplace_tf.blocks import Covariance, DiagCovariance, LayerJacobian  # noqa: F401 (doctest)
 from laplace_tf.curvature._per_example import batchless_layers
-from laplace_tf.curvature.kron_layers import KRON_RULES, input_rows, is_factored, output_size
+from laplace_tf.curvature.kron_layers import (
+    KRON_RULES,
+    block_kind,
+    input_rows,
+    is_factored,
+    kron_parts,
+    kron_shapes,
+    output_size,
+)
 from laplace_tf.params import LayerSlice, LogitModel
 
 
 @dataclass(frozen=True)
 class _Part:
-    """One layer inside a covariance block, and how its Jacobian is obtained."""
+    """One layer (or one Kronecker block of a layer) inside a covariance block, and how its
+    Jacobian is obtained."""
 
     slice: LayerSlice
-    factored: bool  # a Kronecker rule applies (else: per-example Jacobian by autodiff)
-    start: int  # offset of the layer inside the block
+    factored: bool  # sum_t a_t g_t^T (is_factored; else: an explicit per-example Jacobian)
+    start: int  # offset of the layer (or its piece) inside the block
+    kron: bool  # the layer's rule gives it Kronecker blocks (factored or not)
+    piece: tuple[int, int] | None = None  # (offset, size) in the layer: one of its blocks
+
+    @property
+    def size(self) -> int:
+        return self.slice.size if self.piece is None else self.piece[1]
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(din, dout)``: the layer's weights as a row-major matrix, bias row included."""
-        dout = output_size(self.slice.layer) if self.factored else \
-            int(self.slice.variables[0].shape[-1])
+        """``(din, dout)``: the weights as a row-major matrix, bias row included (of the
+        Kronecker block that starts here, for a layer with a rule)."""
+        if self.kron:
+            offset, start = 0, 0 if self.piece is None else self.piece[0]
+            for din, dout, _ in kron_shapes(self.slice.layer):
+                if offset == start:
+                    return din, dout
+                offset += din * dout
+        dout = int(self.slice.variables[0].shape[-1])
         return self.slice.layer_size // dout, dout
 
 
@@ -99,7 +120,7 @@ class FunctionalVariance:
             for offset, size in block_slices
         )
         for kind, parts in zip(self.kinds, self.plan, strict=True):
-            if kind.needs_one_factored_layer and (len(parts) != 1 or not parts[0].factored):
+            if kind.needs_one_factored_layer and (len(parts) != 1 or not parts[0].kron):
                 names = [(p.slice.name, type(p.slice.layer).__name__) for p in parts]
                 raise ValueError(
                     f"covariance: a {kind.__name__} block covers {names}; the GLM predictive "
@@ -108,14 +129,15 @@ class FunctionalVariance:
                 )
         layers = [p for block_parts in self.plan for p in block_parts]
         self.logits_layer = logits_layer and len(layers) == 1 and layers[0].factored
-        self._factored = [p for p in layers if p.factored]
+        # layers whose Jacobian comes from their inputs and pre-activation gradients
+        self._hooked = list({id(p.slice.layer): p for p in layers if p.kron}.values())
         positions = {id(v): i for i, v in enumerate(logit_model.subset.variables)}
         self._positions = {
             id(p.slice.layer): [positions[id(v)] for v in p.slice.variables] for p in layers
         }
         self._generic = {id(p.slice.layer): self._positions[id(p.slice.layer)]
-                         for p in layers if not p.factored}
-        self._batchless: set[int] | None = None  # factored layers on constants, at first call
+                         for p in layers if not p.kron}
+        self._batchless: set[int] | None = None  # hooked layers on constants, at first call
 
     def __call__(self, x, mean: tf.Tensor, blocks: Sequence, diagonal: bool):
         """Logits ``[N, K]`` and their covariance ``[N, K, K]`` (``[N, K]`` if ``diagonal``).
@@ -130,12 +152,12 @@ class FunctionalVariance:
         blocks = self.prepare(blocks, diagonal)
         if self._batchless is None:  # their Jacobian is taken explicitly
             self._batchless = batchless_layers(
-                self.logit_model, [p.slice.layer for p in self._factored], x
-            ) if self._factored else set()
-            for p in self._factored:
+                self.logit_model, [p.slice.layer for p in self._hooked], x
+            ) if self._hooked else set()
+            for p in self._hooked:
                 if id(p.slice.layer) in self._batchless:
                     self._generic[id(p.slice.layer)] = self._positions[id(p.slice.layer)]
-            self._factored = [p for p in self._factored if id(p.slice.layer) not in self._batchless]
+            self._hooked = [p for p in self._hooked if id(p.slice.layer) not in self._batchless]
         logits, factors, jacobians = self._linearise(x, self.logit_model.subset.unflatten(mean))
         variance = None
         for parts, block in zip(self.plan, blocks, strict=True):
@@ -161,10 +183,13 @@ class FunctionalVariance:
     def _linearise(self, x, weights):
         """One forward pass recording layer inputs (and probes), then the Jacobians.
 
-        Returns the logits, a :class:`_Factor` per registered layer and the per-example
-        Jacobian ``[N, K, p]`` of every other layer, keyed by ``id(layer)``.
+        Returns the logits, a :class:`_Factor` per factored layer and the per-example
+        Jacobian ``[N, K, p]`` of every other layer, keyed by ``id(layer)``: from the rule's
+        parts for the other layers with Kronecker blocks (output groups, several kernels:
+        TensorFlow cannot vectorise a grouped convolution's weight gradient on CPU), by
+        autodiff for the rest.
         """
-        calls: dict[int, list] = {id(p.slice.layer): [] for p in self._factored}
+        calls: dict[int, list] = {id(p.slice.layer): [] for p in self._hooked}
         watched = {i: weights[i] for indices in self._generic.values() for i in indices}
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(list(watched.values()))
@@ -180,13 +205,18 @@ class FunctionalVariance:
                 return z + probe
 
             logits = self.logit_model(
-                x, weights, layers=[p.slice.layer for p in self._factored], hook=hook
+                x, weights, layers=[p.slice.layer for p in self._hooked], hook=hook
             )
             summed = tf.reduce_sum(logits, axis=0)  # examples do not interact: one pass per k
         probes = [probe for c in calls.values() for *_, probe in c if probe is not None]
         grads = iter(_vectorised_jacobian(tape, summed, probes) if probes else [])
-        factors = {}
-        for part in self._factored:
+        factors, jacobians = {}, {}
+        for part in self._hooked:
+            layer = part.slice.layer
+            if not part.factored:
+                jacobians[id(layer)] = tf.add_n([_explicit_jacobian(layer, inputs, next(grads))
+                                                 for inputs, _, _ in calls[id(layer)]])
+                continue
             a_calls, g_calls = [], []
             for inputs, locations, probe in calls[id(part.slice.layer)]:
                 rows = input_rows(part.slice.layer, inputs)  # [N * T, din], example-major
@@ -198,7 +228,6 @@ class FunctionalVariance:
             factors[id(part.slice.layer)] = _Factor(
                 tf.concat(a_calls, axis=1), tf.concat(g_calls, axis=1) if g_calls else None
             )
-        jacobians = {}
         if watched:
             flat_shape = tf.concat([tf.shape(logits), [-1]], axis=0)
             per_weight = dict(zip(watched, _vectorised_jacobian(
@@ -208,6 +237,24 @@ class FunctionalVariance:
                     [tf.reshape(per_weight[i], flat_shape) for i in indices], axis=-1
                 )
         return logits, factors, jacobians
+
+
+def _explicit_jacobian(layer, inputs: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
+    """The Jacobian ``[N, K, p]`` of the logits with respect to a layer's weights, from one
+    call's inputs and pre-activation gradients ``[K, N, ..., dout]``, block by block
+    (:func:`~laplace_tf.curvature.kron_layers.kron_parts`). In a block with ``q`` output
+    groups, row ``(t, j)`` acts on group ``j``'s outputs only:
+    ``M_k[:, group j] = sum_t a_{t,j} g_{t,k,group j}^T`` (no masked outer product is formed).
+    """
+    pieces = []
+    for part, (din, dout, q) in zip(kron_parts(layer, inputs, grads), kron_shapes(layer),
+                                    strict=True):
+        shape = tf.shape(part.grads)  # [K, N, ...]
+        a = tf.reshape(part.rows, [shape[1], -1, q, din])
+        g = tf.reshape(part.grads, [shape[0], shape[1], -1, q, dout // q])
+        jac = tf.einsum("ntji,kntjm->nkijm", a, g)
+        pieces.append(tf.reshape(jac, [shape[1], shape[0], din * dout]))
+    return tf.concat(pieces, axis=-1)
 
 
 def _vectorised_jacobian(tape: tf.GradientTape, target: tf.Tensor, sources: list) -> list:
@@ -224,25 +271,41 @@ def _vectorised_jacobian(tape: tf.GradientTape, target: tf.Tensor, sources: list
 
 
 def _block_parts(slices: Sequence[LayerSlice], offset: int, size: int) -> tuple[_Part, ...]:
+    """The layers a block covers, or the one layer it is a Kronecker block of."""
     parts = tuple(
-        _Part(s, is_factored(s), s.offset - offset)
+        _Part(s, is_factored(s), s.offset - offset, _has_kron_blocks(s))
         for s in slices if offset <= s.offset < offset + size
     )
-    if sum(p.slice.size for p in parts) != size or not parts or parts[0].start != 0:
+    inside = [s for s in slices
+              if s.offset <= offset and offset + size <= s.offset + s.size and s.size != size]
+    if inside and _has_kron_blocks(inside[0]):
+        parts = (_Part(inside[0], False, 0, True, (offset - inside[0].offset, size)),)
+    if sum(p.size for p in parts) != size or not parts or parts[0].start != 0:
         raise ValueError(
             f"covariance: the block at offset {offset} of size {size} does not cover whole "
-            f"layers of the weight subset {[(s.name, s.offset, s.size) for s in slices]}."
+            f"layers (or one Kronecker block of a layer) of the weight subset "
+            f"{[(s.name, s.offset, s.size) for s in slices]}."
         )
     return parts
 
 
+def _has_kron_blocks(layer_slice: LayerSlice) -> bool:
+    """Whether the layer's rule gives it Kronecker blocks of outer products."""
+    return (block_kind(layer_slice)[0] == "kron"
+            and KRON_RULES[type(layer_slice.layer)].outer_product)
+
+
 def _layer_jacobian(part: _Part, factors, jacobians) -> LayerJacobian:
     """The Jacobian pieces of one layer of a block, for its covariance to contract; for some
-    of the layer's weights (a subnetwork), their columns of its explicit Jacobian."""
+    of the layer's weights (a subnetwork, or one of its Kronecker blocks), their columns of
+    its explicit Jacobian."""
     factor = factors.get(id(part.slice.layer))
     a, g = (None, None) if factor is None else factor
     layer = LayerJacobian(part.start, part.slice.layer_size, part.shape, a, g,
                           jacobians.get(id(part.slice.layer)))
+    if part.piece is not None:
+        start, size = part.piece
+        return layer._replace(size=size, jacobian=layer.explicit()[..., start:start + size])
     columns = part.slice.columns
     if columns is None:
         return layer

@@ -40,7 +40,7 @@ import tensorflow as tf
 from laplace_tf.arguments import choice, positive_int
 from laplace_tf.batches import iterate_inputs
 from laplace_tf.curvature.kron_layers import input_rows
-from laplace_tf.inputs import MODEL_ERRORS, InputCheck
+from laplace_tf.inputs import MODEL_ERRORS, InputCheck, explain_grouped_convolution
 from laplace_tf.posterior import PosteriorLaplace
 from laplace_tf.posterior.laplace import stateless_seed
 from laplace_tf.predictive.jacobians import FunctionalVariance
@@ -344,6 +344,7 @@ class Laplace(PosteriorLaplace):
             try:
                 outputs.append(step(xb, index))
             except MODEL_ERRORS as err:
+                explain_grouped_convolution(self.model, err)
                 if index == 0:
                     check.explain(xb, err)
                 raise
