@@ -31,10 +31,19 @@ def choice(value, name: str, valid: tuple[str, ...]) -> str:
 
 def positive_int(value, name: str) -> int:
     """``value`` as an int if it is an integer >= 1 (bools are refused)."""
+    return _int_at_least(value, name, 1, "a positive integer")
+
+
+def non_negative_int(value, name: str) -> int:
+    """``value`` as an int if it is an integer >= 0 (bools are refused)."""
+    return _int_at_least(value, name, 0, "an integer >= 0")
+
+
+def _int_at_least(value, name: str, lowest: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected a positive integer; got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive integer (>= 1); got {value}.")
+        raise TypeError(f"{name}: expected {what}; got {value!r}.")
+    if value < lowest:
+        raise ValueError(f"{name}: expected {what}{' (>= 1)' if lowest == 1 else ''}; got {value}.")
     return int(value)
 
 

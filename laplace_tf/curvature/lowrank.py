@@ -46,7 +46,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from laplace_tf.arguments import positive_int
+from laplace_tf.arguments import non_negative_int, positive_int
 from laplace_tf.blocks import Block, LowRankBlock
 from laplace_tf.curvature._per_example import (
     product_example_numbers,
@@ -98,8 +98,8 @@ class LowRankBuilder(CurvatureBuilder):
         super().__init__(logit_model, likelihood, kind)
         n_params = logit_model.subset.n_params
         self.rank = min(positive_int(rank, "rank"), n_params)
-        oversampling = _count(oversampling, "oversampling")
-        self.passes = _count(power_iterations, "power_iterations") + 1
+        oversampling = non_negative_int(oversampling, "oversampling")
+        self.passes = non_negative_int(power_iterations, "power_iterations") + 1
         self.captured_fraction: float | None = None
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed: expected an integer or None; got {seed!r}.")
@@ -176,15 +176,6 @@ def nystrom_eigenpairs(basis: tf.Tensor, products: tf.Tensor,
     vectors = tf.matmul(q, left)
     largest = tf.gather(vectors, tf.argmax(tf.abs(vectors), axis=0), axis=0, batch_dims=0)
     return eigenvalues, vectors * tf.sign(tf.linalg.diag_part(largest))
-
-
-def _count(value, name: str) -> int:
-    """``value`` as an int if it is an integer >= 0 (bools are refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer >= 0; got {value!r}.")
-    if value < 0:
-        raise ValueError(f"{name}: expected an integer >= 0; got {value}.")
-    return int(value)
 
 
 def _orthonormal(matrix: tf.Tensor) -> tf.Tensor:
