@@ -207,7 +207,7 @@ class Laplace(PosteriorLaplace):
         fv = self._functional(blocks)
         prepared = fv.prepare(blocks, diagonal)
         noise = self._noise_variance(self.subset.dtype)
-        step = self._compiled(("glm", mode, link, n_samples), functools.partial(
+        step = self._compiled(("glm", fv, mode, link, n_samples), functools.partial(
             self._glm_step, fv, diagonal=diagonal, mode=mode, link=link, n_samples=n_samples,
         ))
         outputs = self._over_batches(x, batch_size, lambda xb, index: step(
@@ -274,14 +274,14 @@ class Laplace(PosteriorLaplace):
             fv = FunctionalVariance(self.logit_model, layout[0], layout[1],
                                     logits_layer=self.subset_of_weights == "last_layer")
             self._functional_cache = cached = (layout, fv)
-            self._compiled_steps: dict[tuple, Any] = {}
         return cached[1]
 
     def _compiled(self, key: tuple, fn):
-        """``tf.function(fn)``, built once per ``key`` (and per block layout)."""
-        steps = getattr(self, "_compiled_steps", None)
-        if steps is None:
-            steps = self._compiled_steps = {}
+        """``tf.function(fn)``, built once per ``key`` (a GLM step's key holds its
+        :class:`FunctionalVariance`, one per block layout)."""
+        if not hasattr(self, "_compiled_steps"):
+            self._compiled_steps: dict[tuple, Any] = {}
+        steps = self._compiled_steps
         if key not in steps:
             steps[key] = tf.function(fn, reduce_retracing=True)
         return steps[key]
