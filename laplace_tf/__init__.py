@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import importlib
 
+from laplace_tf.console import quiet_tensorflow_startup
+
 __version__ = "0.1.0"
+quiet_tensorflow_startup()
 
 _PUBLIC = {
     "Laplace": "laplace_tf.predictive",

@@ -107,7 +107,7 @@ def _flag_values(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, str
 def _demo(args: argparse.Namespace) -> int:
     from laplace_tf import run
 
-    result = run.run_demo(Path(args.out), fast=args.fast, progress=not args.quiet,
+    result = run.run_demo(Path(args.out), fast=args.fast, progress=False if args.quiet else None,
                           log=_echo(args.quiet))
     print(result.table())
     print(f"wrote {result.out} in {result.seconds:.0f} s")
@@ -122,7 +122,7 @@ def _fit(args: argparse.Namespace) -> int:
         config = _config.load_config(args.config, flags)
     else:
         config = _config.override(_config.RunConfig(), flags)
-    result = run.run_config(config, progress=not args.quiet, log=_echo(args.quiet))
+    result = run.run_config(config, progress=False if args.quiet else None, log=_echo(args.quiet))
     print(result.table())
     print(f"wrote {result.out} in {result.seconds:.0f} s")
     return 0
@@ -138,7 +138,7 @@ def _report(args: argparse.Namespace) -> int:
     result = run.report_saved(
         Path(args.posterior), Path(args.model), Path(args.test),
         ood=Path(args.ood) if args.ood else None, out=Path(args.out), predictive=predictive,
-        target_column=values.get("data.target_column", -1), progress=not args.quiet,
+        target_column=values.get("data.target_column", -1), progress=False if args.quiet else None,
         log=_echo(args.quiet))
     print(result.table())
     print(f"wrote {result.out}")

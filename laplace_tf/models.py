@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from laplace_tf.console import keras_verbosity
 from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.outputs import output_activation
 
@@ -89,7 +90,7 @@ def train_map(
     epochs: int = 30,
     batch_size: int = 64,
     seed: int = 0,
-    verbose: bool = False,
+    verbose: int | str | bool = 0,
     *,
     prior_precision: float = 1.0,
     sigma_noise: float = 1.0,
@@ -109,7 +110,8 @@ def train_map(
         epochs: passes over the data.
         batch_size: examples per step.
         seed: seed of the shuffling (and of anything else random in training).
-        verbose: show a progress bar over the epochs.
+        verbose: as in Keras: 0 silent, 1 a progress bar over the epochs, 2 one line per
+            epoch, ``"auto"`` 1 on a terminal and 2 otherwise (True / False: 1 / 0).
         prior_precision: precision of the Gaussian prior on the weights (weight decay).
         sigma_noise: the Gaussian noise of ``"regression"``.
         learning_rate: Adam's step size.
@@ -122,6 +124,7 @@ def train_map(
             or a setting is not positive.
     """
     _positive("epochs", epochs, integer=True)
+    level = keras_verbosity(verbose)
     _positive("batch_size", batch_size, integer=True)
     _positive("prior_precision", prior_precision, integer=False)
     _positive("learning_rate", learning_rate, integer=False)
@@ -142,13 +145,15 @@ def train_map(
     step = _epoch_function(model, lik, keras.optimizers.Adam(learning_rate),
                            decay=prior_precision / (2.0 * len(x)), batch_size=batch_size)
     rng = np.random.default_rng(seed)
-    bar = tqdm(total=epochs, desc="training MAP", unit="epoch", leave=False, disable=not verbose)
+    bar = tqdm(total=epochs, desc="training MAP", unit="epoch", leave=False, disable=level != 1)
     losses = []
     with bar:
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             losses.append(float(step(x, targets, tf.constant(rng.permutation(len(x)), tf.int32))))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
             bar.update()
+            if level == 2:
+                print(f"training MAP: epoch {epoch}/{epochs} - loss {losses[-1]:.4g}")
     return losses
 
 

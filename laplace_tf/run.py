@@ -40,6 +40,7 @@ from laplace_tf import calibration, subnetwork
 from laplace_tf import config as _config
 from laplace_tf import data as _data
 from laplace_tf.calibration import Report
+from laplace_tf.console import show_progress
 from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.models import mlp, train_map
 
@@ -218,10 +219,11 @@ def make_report(la: laplace_tf.Laplace, run_data: RunData, predictive: _config.P
         train=None if grid is None or train is None else (train.x, train.y), config=run_config)
 
 
-def execute(config: _config.RunConfig, progress: bool = True, log: Log = print) -> RunResult:
+def execute(config: _config.RunConfig, progress: bool | None = None, log: Log = print) -> RunResult:
     """One run without writing files: data -> MAP network -> Laplace -> prior -> report."""
     start = time.perf_counter()
     run_data = load_run_data(config)
+    progress = show_progress(progress)
     model = map_network(config, run_data, progress, log)
     la = fit_laplace(model, config, run_data, progress, log)
     log("predicting and evaluating")
@@ -275,7 +277,7 @@ def write_reports(reports: Mapping[str, Report], out: Path, title: str = "laplac
     return files
 
 
-def run_config(config: _config.RunConfig, progress: bool = True, log: Log = print) -> RunResult:
+def run_config(config: _config.RunConfig, progress: bool | None = None, log: Log = print) -> RunResult:
     """``laplace-tf fit``: :func:`execute` then write every artefact into ``config.out``."""
     result = execute(config, progress, log)
     out = Path(config.out)
@@ -296,7 +298,7 @@ class DemoResult:
         return summary_table(self.results)
 
 
-def run_demo(out: Path, fast: bool = False, progress: bool = True, log: Log = print
+def run_demo(out: Path, fast: bool = False, progress: bool | None = None, log: Log = print
              ) -> DemoResult:
     """``laplace-tf demo``: both demo configs, one folder, one combined report."""
     start = time.perf_counter()
@@ -312,14 +314,14 @@ def run_demo(out: Path, fast: bool = False, progress: bool = True, log: Log = pr
 
 def report_saved(posterior: Path, model: Path, test: Path, *, ood: Path | None, out: Path,
                  predictive: _config.PredictiveConfig, target_column: int = -1,
-                 progress: bool = True, log: Log = print) -> RunResult:
+                 progress: bool | None = None, log: Log = print) -> RunResult:
     """``laplace-tf report``: a saved posterior and model evaluated on new data."""
     start = time.perf_counter()
     if not posterior.is_file():
         raise FileNotFoundError(f"posterior: no such file {str(posterior)!r}")
     network = load_model(model, "--model")
     la = laplace_tf.load(posterior, network)
-    la.progress = progress
+    la.progress = show_progress(progress)
     test_split = _data.load_arrays(test, target_column, "--test")
     ood_split = None if ood is None else _data.load_arrays(ood, target_column, "--ood")
     run_data = RunData(la.likelihood.name, None, None, test_split, ood_split)

@@ -48,6 +48,7 @@ import tensorflow as tf
 from laplace_tf.arguments import choice, flag, positive_int, positive_int_or_none, positive_number
 from laplace_tf.batches import DEFAULT_BATCH_SIZE, Batches
 from laplace_tf.blocks import Covariance, Factor
+from laplace_tf.console import show_progress
 from laplace_tf.curvature import make_builder
 from laplace_tf.curvature.base import CURVATURES, Curvature, fit_curvature
 from laplace_tf.curvature.full import default_memory_limit
@@ -166,7 +167,8 @@ class PosteriorLaplace:
             ``curvature="hessian"``; the GGN and EF are positive semi-definite by
             construction, so their round-off negatives are always clipped silently.
         batch_size: batch size for array data.
-        progress: show progress bars.
+        progress: show progress bars (None: on a terminal or in a notebook, never in a log
+            file; see :mod:`laplace_tf.console`).
         memory_limit_bytes: the most memory a fit may need: ``fit`` refuses (before any
             work) when :meth:`memory_estimate` exceeds it, and ``posterior_covariance`` a
             dense matrix above it. Default: a quarter of the available memory
@@ -212,7 +214,7 @@ class PosteriorLaplace:
         seed: int | None = None,
         on_indefinite: str = "raise",
         batch_size: int = DEFAULT_BATCH_SIZE,
-        progress: bool = True,
+        progress: bool | None = None,
         memory_limit_bytes: int | None = None,
         rank: int | None = None,
         n_context: int | None = None,
@@ -267,7 +269,7 @@ class PosteriorLaplace:
         if seed is not None:
             stateless_seed(seed)
         self.seed = seed
-        self.progress = flag(progress, "progress")
+        self.progress = show_progress(None if progress is None else flag(progress, "progress"))
         self.batch_size = positive_int(batch_size, "batch_size")
         self.memory_limit_bytes = positive_int_or_none(memory_limit_bytes, "memory_limit_bytes")
         if last_layer_name is not None and subset_of_weights != "last_layer":

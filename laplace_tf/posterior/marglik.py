@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from laplace_tf.arguments import positive_int
 from laplace_tf.batches import Batches
+from laplace_tf.console import show_progress
 from laplace_tf.posterior.prior import PRIOR_STRUCTURES, reshape_prior
 
 METHODS = ("marglik", "gridsearch")
@@ -257,7 +258,7 @@ def _result(la) -> dict:
 def optimize_prior_precision(
     la, method: str = "marglik", prior_structure: str = "scalar", n_steps: int = 100,
     lr: float = 0.1, val_data=None, grid=None, pred_type: str = "glm",
-    link_approx: str = "probit", tune_sigma_noise: bool | None = None, progress: bool = True,
+    link_approx: str = "probit", tune_sigma_noise: bool | None = None, progress: bool | None = None,
 ) -> dict:
     """Tune ``la.prior_precision`` (and ``la.sigma_noise`` for regression) in place.
 
@@ -276,7 +277,7 @@ def optimize_prior_precision(
             or posteriors over all weights fitted with a ``[K]`` sigma_noise and the GGN or
             exact Hessian, which store each output's curvature). Default True for regression
             where it can be tuned.
-        progress: show a progress bar.
+        progress: show a progress bar (None: on a terminal or in a notebook).
 
     Returns:
         ``{"prior_precision": ..., "sigma_noise": ...}`` (``sigma_noise`` for regression), the
@@ -317,6 +318,7 @@ def optimize_prior_precision(
             "tune_sigma_noise=False, a scalar sigma_noise, or refit with the new per-output "
             "noise."
         )
+    progress = show_progress(progress)
     if method == "gridsearch":
         if asked_for_sigma:
             raise ValueError(
