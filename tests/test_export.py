@@ -54,10 +54,10 @@ _SERVE = textwrap.dedent("""
     import tensorflow as tf
 
     folder, names = sys.argv[1], sys.argv[2:]
-    x = np.load(folder + "/x.npy")
     for name in names:
         serve = tf.saved_model.load(folder + "/" + name).signatures["serving_default"]
-        parts = [serve(inputs=tf.constant(x[a:b])) for a, b in __BATCHES__]
+        x = np.load(folder + "/" + name + "_x.npz")  # the signature's inputs by name
+        parts = [serve(**{k: tf.constant(x[k][a:b]) for k in x}) for a, b in __BATCHES__]
         np.savez(folder + "/" + name + ".npz",
                  **{k: np.concatenate([p[k].numpy() for p in parts]) for k in parts[0]})
     assert "laplace_tf" not in sys.modules
@@ -81,10 +81,19 @@ def _data(likelihood: str):
     return x, y
 
 
-def _fitted(subset, structure, likelihood, dtype="float32"):
+def _two_inputs() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((2,), name="a"), keras.Input((1,), name="b")
+    hidden = keras.layers.Dense(4, "tanh")(keras.layers.Concatenate()([a, b]))
+    return keras.Model([a, b], keras.layers.Dense(2)(hidden))
+
+
+def _fitted(subset, structure, likelihood, dtype="float32", model=None):
     x, y = _data(likelihood)
     n_outputs = {"classification": 3, "binary": 1, "regression": 2}[likelihood]
-    la = Laplace(_model(n_outputs, dtype), likelihood, subset_of_weights=subset,
+    if model is not None:  # two inputs: x splits into a [N, 2] and b [N, 1]
+        x = {"a": x[:, :2], "b": x[:, 2:]}
+    la = Laplace(model or _model(n_outputs, dtype), likelihood, subset_of_weights=subset,
                  hessian_structure=structure, prior_precision=0.5, progress=False,
                  sigma_noise=0.7 if likelihood == "regression" else 1.0)
     la.fit((x, y))
@@ -111,24 +120,31 @@ def served(tmp_path_factory):
     """Every case exported (and one ``to_keras()`` model through ``model.export``), all run by
     one plain-TensorFlow process: ``{name: (expected, served outputs)}``."""
     folder = tmp_path_factory.mktemp("served")
-    expected, x32 = {}, None
+    expected = {}
+
+    def add(name, la, x, pred_type="glm", link="probit"):
+        expected[name] = _expected(la, x, pred_type, link)
+        named = x if isinstance(x, dict) else {"inputs": x}
+        np.savez(folder / f"{name}_x.npz", **{k: v.astype(np.float32) for k, v in named.items()})
+
     for name, subset, structure, likelihood, pred_type, link, dtype in CASES:
         la, x = _fitted(subset, structure, likelihood, dtype)
         info = la.export(folder / name, pred_type=pred_type, link_approx=link, n_samples=S,
                          seed=SEED)
-        expected[name] = _expected(la, x, pred_type, link)
+        add(name, la, x, pred_type, link)
         assert info.outputs == tuple(expected[name])
-        x32 = x.astype(np.float32)
-    la, _ = _fitted("all", "kron", "regression")
+    la, x = _fitted("all", "kron", "regression", model=_two_inputs())
+    la.export(folder / "two_inputs")
+    add("two_inputs", la, x)
+    la, x = _fitted("all", "kron", "regression")
     la.to_keras().export(folder / "keras_export", verbose=False)
-    expected["keras_export"] = _expected(la, x32, "glm", "probit")
-    np.save(folder / "x.npy", x32)
+    add("keras_export", la, x)
     subprocess.run([sys.executable, "-I", "-c", _SERVE, str(folder), *expected], check=True,
                    cwd=folder, timeout=300)
     return {name: (want, dict(np.load(folder / f"{name}.npz"))) for name, want in expected.items()}
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CASES] + ["keras_export"])
+@pytest.mark.parametrize("name", [c[0] for c in CASES] + ["two_inputs", "keras_export"])
 def test_served_predictive_equals_la_without_laplace_tf(served, name):
     expected, got = served[name]
     assert set(got) == set(expected)
@@ -163,14 +179,38 @@ def test_export_refuses_what_it_cannot_serve(binary, tmp_path, options, message)
     assert not (tmp_path / "out").exists()
 
 
-def test_export_refuses_before_fit_and_several_inputs(tmp_path):
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def test_export_refuses_before_fit_and_without_a_known_input_shape(tmp_path):
     with pytest.raises(ValueError, match="export"):
         Laplace(_model(3, "float32"), "classification").export(tmp_path / "a")
-    a, b = keras.Input((2,), name="a"), keras.Input((1,), name="b")
-    model = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
-    la = Laplace(model, "regression", subset_of_weights="last_layer", progress=False)
-    rng = np.random.default_rng(0)
-    la.fit(({"a": rng.normal(size=(8, 2)), "b": rng.normal(size=(8, 1))}, rng.normal(size=8)))
-    with pytest.raises(ValueError, match="model: export serves a model with one input"):
+    model = _Subclassed()
+    x, y = _data("classification")
+    model(x[:1])
+    la = Laplace(model, "classification", subset_of_weights="last_layer", progress=False)
+    la.fit((x, y))
+    with pytest.raises(ValueError, match=r"input_shape: the model does not record"):
         la.export(tmp_path / "b")
     assert not (tmp_path / "b").exists()
+    served = la.to_keras(input_shape=(D,))
+    np.testing.assert_allclose(served(x.astype(np.float32))["probs"], la(x), rtol=1e-5, atol=1e-6)
+
+
+def test_estimated_bytes_is_logged_before_writing_and_matches_the_written_arrays(
+        tmp_path, caplog):
+    la, _ = _fitted("all", "full", "classification")
+    with caplog.at_level("INFO", logger="laplace_tf"):
+        info = la.export(tmp_path / "out")
+    assert f"estimated_bytes={info.estimated_bytes}" in caplog.text
+    written = sum(f.stat().st_size for f in (tmp_path / "out" / "variables").iterdir())
+    # the variables: the MAP, the model's weights, the P x P covariance and the noise, float32
+    p, weights = la.n_params, sum(int(np.prod(v.shape)) for v in la.model.variables)
+    assert info.estimated_bytes == 4 * (p + weights + p * p + 1)
+    assert info.estimated_bytes <= written <= info.estimated_bytes + 4096

@@ -122,7 +122,7 @@ class _Predictive(tf.Module):
         return int(sum(int(np.prod(v.shape)) * v.dtype.size for v in self.variables))
 
     def _serve(self, inputs):
-        x = tf.cast(inputs, self._la.subset.dtype)
+        x = tf.nest.map_structure(lambda t: tf.cast(t, self._la.subset.dtype), inputs)
         likelihood = self._la.likelihood
         if self.pred_type == "nn":
             logits = self._la._sampled_logits(x, self.samples)
@@ -143,33 +143,34 @@ def _variable(value):
     return tf.Variable(value, trainable=False) if isinstance(value, tf.Tensor) else value
 
 
-def _input_spec(model: keras.Model, dtype: str, input_shape) -> tf.TensorSpec:
+def _input_spec(model: keras.Model, dtype: str, input_shape):
     """The signature's input: ``[None, *example shape]`` in ``dtype`` (integer model inputs,
-    such as token ids, keep their dtype)."""
+    such as token ids, keep their dtype); a dict of them, by input name, for a model with
+    several inputs."""
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):  # a subclassed model records no inputs
         inputs = None
-    if inputs is not None and len(inputs) != 1:
-        raise ValueError(
-            f"model: export serves a model with one input; this one has {len(inputs)} "
-            f"({[t.name for t in inputs]}). Wrap it in a model that takes one tensor."
-        )
     if input_shape is not None:
         shape = tuple(input_shape)
         if not all(isinstance(d, (int, np.integer)) or d is None for d in shape):
             raise TypeError(f"input_shape: expected the shape of one example, a tuple of "
                             f"ints (None for a free size); got {input_shape!r}.")
-    elif inputs is not None:
-        shape = tuple(inputs[0].shape[1:])
-    else:
+        return tf.TensorSpec([None, *shape], tf.as_dtype(dtype), name=INPUT_NAME)
+    if inputs is None:
         raise ValueError(
             "input_shape: the model does not record its input shape (a subclassed model); "
             "pass the shape of one example, e.g. input_shape=(28, 28, 1)."
         )
-    kind = tf.as_dtype(inputs[0].dtype if inputs is not None else dtype)
-    return tf.TensorSpec([None, *shape], kind if kind.is_integer else tf.as_dtype(dtype),
-                         name=INPUT_NAME)
+
+    def spec(tensor, name):
+        kind = tf.as_dtype(tensor.dtype)
+        return tf.TensorSpec([None, *tensor.shape[1:]],
+                             kind if kind.is_integer else tf.as_dtype(dtype), name=name)
+
+    if len(inputs) == 1:
+        return spec(inputs[0], INPUT_NAME)
+    return {t.name: spec(t, t.name) for t in inputs}
 
 
 def predictive_module(la, pred_type: str = "glm", link_approx: str = "probit",
@@ -233,7 +234,8 @@ class _PredictiveLayer(keras.layers.Layer):
 
     def compute_output_spec(self, inputs):
         spec = self.module.serve.get_concrete_function().structured_outputs
-        return {name: keras.KerasTensor((inputs.shape[0], *t.shape[1:]), t.dtype.name)
+        batch = keras.tree.flatten(inputs)[0].shape[0]
+        return {name: keras.KerasTensor((batch, *t.shape[1:]), t.dtype.name)
                 for name, t in spec.items()}
 
     def get_config(self):
@@ -249,7 +251,8 @@ def to_keras(la, **options) -> keras.Model:
     ``model.export(path)`` writes a SavedModel of it.
     """
     module = predictive_module(la, **options)
-    spec = module.serve.input_signature[0]
-    inputs = keras.Input(spec.shape[1:], dtype=spec.dtype.name, name=INPUT_NAME)
+    inputs = tf.nest.map_structure(
+        lambda spec: keras.Input(spec.shape[1:], dtype=spec.dtype.name, name=spec.name),
+        module.serve.input_signature[0])
     return keras.Model(inputs, _PredictiveLayer(module, name="laplace_predictive")(inputs),
                        name="laplace_predictive")
