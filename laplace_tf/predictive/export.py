@@ -1,13 +1,15 @@
 """Serving the Laplace predictive: a TensorFlow SavedModel, or a Keras model.
 
 ``la.export(path)`` writes a SavedModel whose ``serving_default`` signature takes the model's
-input ``inputs [N, ...]`` (any ``N``) and returns the predictive as named outputs:
+input ``inputs [N, ...]`` (any ``N``; a model with several inputs takes them by name) and
+returns the predictive as named outputs:
 
 * classification / binary: ``probs [N, C]``; regression (and heteroscedastic): ``mean [N, K]``
   and ``variance [N, K]`` (observation noise included), as ``la(x)``;
 * always ``functional_variance``: the variance of each model output (logit) under the
-  posterior, without noise, ``[N, K]`` (the diagonal of ``la.functional_variance(x)``; for
-  ``pred_type="nn"`` the variance of the sampled outputs).
+  posterior, without noise, ``[N, K]`` (all ``2K`` outputs for heteroscedastic): the diagonal
+  of ``la.functional_variance(x)``, or for ``pred_type="nn"`` the variance of the sampled
+  outputs.
 
 It loads and runs with TensorFlow alone (``tf.saved_model.load(path).signatures[
 "serving_default"](inputs=x)``, TF Serving's conventions): the graph is the library's own
@@ -20,8 +22,8 @@ the model's dtype inside; outputs come in ``dtype`` (float32 by default).
 
 Served: ``pred_type="glm"`` with ``link_approx="probit"`` or ``"bridge"`` (those the likelihood
 accepts) for every structure, and ``pred_type="nn"``. Refused: ``link_approx="mc"``, whose
-random logits would depend on the other inputs of a request; a model with several inputs;
-a SavedModel estimated above ``max_bytes``.
+random logits would depend on the other inputs of a request, and a SavedModel estimated
+above ``max_bytes`` (the baked arrays; logged before anything is made or written).
 
 Example:
     >>> import keras, numpy as np, tempfile, tensorflow as tf
@@ -74,10 +76,11 @@ class ExportInfo(NamedTuple):
 
 class _Predictive(tf.Module):
     """The served predictive: ``serve(inputs) -> {name: tensor}``, a ``tf.function`` over a
-    batch of unknown size, with everything it reads held as (tracked) variables."""
+    batch of unknown size, with everything it reads held as (tracked) variables. Its size is
+    logged, and checked against ``max_bytes``, before any of them is made."""
 
     def __init__(self, la, pred_type: str, link_approx: str, n_samples: int, seed,
-                 dtype: str, input_shape):
+                 dtype: str, input_shape, max_bytes: int | None):
         super().__init__(name="laplace_predictive")
         choice(pred_type, "pred_type", PRED_TYPES)
         choice(dtype, "dtype", DTYPES)
@@ -90,36 +93,39 @@ class _Predictive(tf.Module):
                 f"{tuple(k for k in la.likelihood.links if k in SERVED_LINKS)}), or "
                 "pred_type='nn' (a fixed set of weight samples)."
             )
-        self._la = la
-        self._output_dtype = tf.as_dtype(dtype)
-        compute = la.subset.dtype
+        spec = _input_spec(la.model, dtype, input_shape)
+        self._la, self._output_dtype = la, tf.as_dtype(dtype)
         self.pred_type, self.link_approx = pred_type, link_approx
-        self.mean = tf.Variable(la.mean, trainable=False, name="map_weights")
-        self.noise = tf.Variable(la.likelihood.noise_variance(compute), trainable=False,
-                                 name="noise_variance")
-        self.model_weights = [v.value for v in la.model.variables]  # tracked: the graph reads them
+        noise = la.likelihood.noise_variance(la.subset.dtype)
+        arrays = [la.mean, noise, *(v.value for v in la.model.variables)]
         if pred_type == "nn":
-            self.samples = tf.Variable(la.sample(positive_int(n_samples, "n_samples"), seed=seed),
-                                       trainable=False, name="weight_samples")
+            n_samples = positive_int(n_samples, "n_samples")
+            what = f"pred_type='nn', {n_samples} weight samples"
+            size = _bytes(arrays) + n_samples * la.n_params * la.subset.dtype.size
         else:
             blocks = la.covariance_blocks()
             self._diagonal = not needs_full_covariance(link_approx)
             self._functional = FunctionalVariance(
                 la.logit_model, la.block_slices(), [type(b) for b in blocks],
                 logits_layer=la.subset_of_weights == "last_layer")
-            self.blocks = [tf.nest.map_structure(_variable, block)
-                           for block in self._functional.prepare(blocks, self._diagonal)]
-        spec = _input_spec(la.model, dtype, input_shape)
+            blocks = self._functional.prepare(blocks, self._diagonal)
+            what = f"pred_type='glm', link_approx={link_approx!r}"
+            size = _bytes(arrays + tf.nest.flatten(blocks))
+        self.estimated_bytes = _checked_size(la, size, what, max_bytes)
+        self.mean = tf.Variable(la.mean, trainable=False, name="map_weights")
+        self.noise = tf.Variable(noise, trainable=False, name="noise_variance")
+        self.model_weights = [v.value for v in la.model.variables]  # tracked: the graph reads them
+        if pred_type == "nn":
+            self.samples = tf.Variable(la.sample(n_samples, seed=seed), trainable=False,
+                                       name="weight_samples")
+        else:
+            self.blocks = [tf.nest.map_structure(_variable, block) for block in blocks]
         self.serve = tf.function(self._serve, input_signature=[spec])
 
     @property
     def outputs(self) -> tuple[str, ...]:
         names = ("mean", "variance") if self._la.likelihood.gaussian_predictive else ("probs",)
         return (*names, "functional_variance")
-
-    def estimated_bytes(self) -> int:
-        """The size of the baked variables (what dominates the SavedModel on disk)."""
-        return int(sum(int(np.prod(v.shape)) * v.dtype.size for v in self.variables))
 
     def _serve(self, inputs):
         x = tf.nest.map_structure(lambda t: tf.cast(t, self._la.subset.dtype), inputs)
@@ -137,6 +143,26 @@ class _Predictive(tf.Module):
         values = (*(predictive if isinstance(predictive, tuple) else (predictive,)), variance)
         return {name: tf.cast(value, self._output_dtype)
                 for name, value in zip(self.outputs, values, strict=True)}
+
+
+def _bytes(arrays) -> int:
+    return int(sum(int(np.prod(t.shape)) * t.dtype.size for t in arrays
+                   if isinstance(t, (tf.Tensor, tf.Variable))))
+
+
+def _checked_size(la, size: int, what: str, max_bytes: int | None) -> int:
+    """Log the size of the baked arrays; refuse it above ``max_bytes`` (None: no limit)."""
+    logger.info("laplace_tf: the served predictive (%s, %s, %s) holds estimated_bytes=%d "
+                "(%.1f MB).", la.subset_of_weights, la.hessian_structure, what, size, size / 1e6)
+    if max_bytes is not None and size > positive_int(max_bytes, "max_bytes"):
+        raise ValueError(
+            f"max_bytes: the served predictive ({la.subset_of_weights!r}, "
+            f"{la.hessian_structure!r}, {what}) needs about {size:,} bytes, over max_bytes="
+            f"{max_bytes:,}. Pass a larger max_bytes, or serve less: "
+            "subset_of_weights='last_layer', hessian_structure='kron' or 'diag', or fewer "
+            "n_samples with pred_type='nn'."
+        )
+    return size
 
 
 def _variable(value):
@@ -176,24 +202,9 @@ def _input_spec(model: keras.Model, dtype: str, input_shape):
 def predictive_module(la, pred_type: str = "glm", link_approx: str = "probit",
                       n_samples: int = 100, seed: int | None = None, dtype: str = "float32",
                       input_shape=None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> _Predictive:
-    """The served predictive of ``la`` as a ``tf.Module`` (see :func:`export`), its size
-    checked against ``max_bytes`` (None: no limit) and logged."""
-    la._require_fit("export")
-    module = _Predictive(la, pred_type, link_approx, n_samples, seed, dtype, input_shape)
-    size = module.estimated_bytes()
-    what = (f"pred_type={pred_type!r}" + (f", {int(module.samples.shape[0])} weight samples"
-            if pred_type == "nn" else f", link_approx={link_approx!r}"))
-    logger.info("laplace_tf: the served predictive (%s, %s, %s) holds estimated_bytes=%d "
-                "(%.1f MB).", la.subset_of_weights, la.hessian_structure, what, size, size / 1e6)
-    if max_bytes is not None and size > positive_int(max_bytes, "max_bytes"):
-        raise ValueError(
-            f"max_bytes: the served predictive ({la.subset_of_weights!r}, "
-            f"{la.hessian_structure!r}, {what}) needs about {size:,} bytes, over max_bytes="
-            f"{max_bytes:,}. Pass a larger max_bytes, or serve less: "
-            "subset_of_weights='last_layer', hessian_structure='kron' or 'diag', or fewer "
-            "n_samples with pred_type='nn'."
-        )
-    return module
+    """The served predictive of a fitted ``la`` as a ``tf.Module`` (see :func:`export`)."""
+    return _Predictive(la, pred_type, link_approx, n_samples, seed, dtype, input_shape,
+                       max_bytes)
 
 
 def export(la, path, **options) -> ExportInfo:
@@ -213,13 +224,14 @@ def export(la, path, **options) -> ExportInfo:
         :class:`ExportInfo` ``(path, estimated_bytes, outputs)``.
 
     Raises:
-        ValueError: before ``fit``, for ``link_approx="mc"``, a link the likelihood does not
-            accept, a model with several inputs, or a size over ``max_bytes``.
+        ValueError: for ``link_approx="mc"``, a link the likelihood does not accept, a
+            model that records no input shape without ``input_shape``, or a size over
+            ``max_bytes`` (``la.export`` also before ``fit``).
     """
     module = predictive_module(la, **options)
     path = os.fspath(path)
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-    return ExportInfo(path, module.estimated_bytes(), module.outputs)
+    return ExportInfo(path, module.estimated_bytes, module.outputs)
 
 
 class _PredictiveLayer(keras.layers.Layer):

@@ -207,11 +207,13 @@ class Laplace(PosteriorLaplace):
             ``la.export("served")`` then ``tf.saved_model.load("served").signatures[
             "serving_default"](inputs=x)["probs"]`` equals ``la(x)``.
         """
+        self._require_fit("export")
         return _export.export(self, path, **options)
 
     def to_keras(self, **options):
         """The predictive as a Keras model returning the dict of :meth:`export`'s outputs
         (same options); inference only."""
+        self._require_fit("to_keras")
         return _export.to_keras(self, **options)
 
     # ------------------------------------------------------------------ internals
