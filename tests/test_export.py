@@ -179,6 +179,12 @@ def test_export_refuses_what_it_cannot_serve(binary, tmp_path, options, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_a_file_as_its_folder(binary, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="path: .* is a file"):
+        binary.export(tmp_path / "file")
+
+
 class _Subclassed(keras.Model):
     def __init__(self):
         super().__init__()
