@@ -1,10 +1,11 @@
-"""The ``laplace-tf`` command: ``demo``, ``fit`` and ``report``.
+"""The ``laplace-tf`` command: ``demo``, ``fit``, ``report`` and ``export``.
 
 ::
 
     laplace-tf demo [--out DIR] [--fast] [--quiet]
     laplace-tf fit [--config configs/NAME.yaml] [--hessian-structure diag ...] [--out DIR]
     laplace-tf report POSTERIOR.npz --model M.keras --test DATA.npz [--ood DATA.npz] [--out DIR]
+    laplace-tf export POSTERIOR.npz --model M.keras --out DIR [--pred-type nn ...]
 
 Every key of a run config (:mod:`laplace_tf.config`) is also a flag of ``fit``
 (``laplace.prior_precision`` -> ``--prior-precision``); flags override the file. Exit status:
@@ -58,11 +59,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str]) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``laplace-tf`` with its three subcommands."""
+    """The argument parser of ``laplace-tf`` with its four subcommands."""
     parser = _Parser(prog=PROG, description="Post-hoc Laplace approximations for Keras models.")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of errors")
-    commands = parser.add_subparsers(dest="command", metavar="{demo,fit,report}",
+    commands = parser.add_subparsers(dest="command", metavar="{demo,fit,report,export}",
                                      parser_class=_Parser)
 
     demo = commands.add_parser(
@@ -91,7 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="laplace_tf_out", help="output folder [laplace_tf_out]")
     _add_config_flags(report, _PREDICTIVE_KEYS)
 
-    for command in (demo, fit, report):
+    export = commands.add_parser(
+        "export", help="a saved posterior's predictive as a TensorFlow SavedModel",
+        description="Load a saved posterior for a saved Keras model and write its predictive "
+        "as a SavedModel that runs without laplace_tf (signature serving_default: inputs -> "
+        "probs or mean/variance, and functional_variance).")
+    export.add_argument("posterior", help="a posterior saved by la.save or laplace-tf fit (.npz)")
+    export.add_argument("--model", required=True, help="the .keras model of the posterior")
+    export.add_argument("--out", required=True, help="the SavedModel folder to write")
+    _add_config_flags(export, _PREDICTIVE_KEYS[:3])
+    export.add_argument("--seed", type=int, default=0, help="seed of the nn weight samples [0]")
+    export.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="dtype of the served inputs and outputs [float32]")
+    export.add_argument("--max-bytes", type=int, default=None,
+                        help="refuse a SavedModel estimated larger than this [2 GiB]")
+
+    for command in (demo, fit, report, export):
         command.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     return parser
 
@@ -145,7 +161,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"demo": _demo, "fit": _fit, "report": _report}
+def _export(args: argparse.Namespace) -> int:
+    import laplace_tf
+    from laplace_tf import run
+    from laplace_tf.predictive.export import DEFAULT_MAX_BYTES
+
+    values = _config.parse_values(_flag_values(args, _PREDICTIVE_KEYS[:3]))
+    options = {key.split(".")[1]: value for key, value in values.items()}
+    posterior = Path(args.posterior)
+    if not posterior.is_file():
+        raise FileNotFoundError(f"posterior: no such file {str(posterior)!r}")
+    la = laplace_tf.load(posterior, run.load_model(args.model, "--model"))
+    info = la.export(args.out, seed=args.seed, dtype=args.dtype, max_bytes=DEFAULT_MAX_BYTES
+                     if args.max_bytes is None else args.max_bytes, **options)
+    print(f"wrote {info.path}: signature serving_default, inputs -> {', '.join(info.outputs)} "
+          f"(about {info.estimated_bytes:,} bytes of arrays)")
+    return 0
+
+
+_COMMANDS = {"demo": _demo, "fit": _fit, "report": _report, "export": _export}
 
 
 def _one_line(error: BaseException) -> str:
@@ -164,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
     if args.command is None:
-        print(f"{PROG}: error: choose a command: demo, fit or report (see {PROG} --help)",
+        print(f"{PROG}: error: choose a command: demo, fit, report or export (see {PROG} --help)",
               file=sys.stderr)
         return 2
     if not args.debug:

@@ -41,7 +41,7 @@ def saved(tmp_path_factory):
 
 
 USAGE_ERRORS = [
-    ([], "laplace-tf: error: choose a command: demo, fit or report"),
+    ([], "laplace-tf: error: choose a command: demo, fit, report or export"),
     (["demo", "--bogus"], "laplace-tf: error: unrecognized arguments: --bogus"),
     (["report", "p.npz"], "the following arguments are required: --model, --test"),
     (["fit", "--dataset", "digits", "--hessian-structure", "dense"],
@@ -58,6 +58,8 @@ USAGE_ERRORS = [
      "laplace-tf fit: error: model.path: no such file 'missing.keras'"),
     (["report", "missing.npz", "--model", "m.keras", "--test", "t.npz"],
      "laplace-tf report: error: posterior: no such file 'missing.npz'"),
+    (["export", "missing.npz", "--model", "m.keras", "--out", "served"],
+     "laplace-tf export: error: posterior: no such file 'missing.npz'"),
 ]
 
 
@@ -210,3 +212,31 @@ def test_regression_fit_then_report_on_the_same_test_data(tmp_path, capsys):
     for model_name in ("map", "laplace"):
         assert reported["test"][model_name] == pytest.approx(fitted["test"][model_name], rel=1e-6)
     assert (report_out / "plots" / "regression_band.png").is_file()
+
+
+def test_export_a_saved_posterior_as_a_savedmodel(tmp_path, capsys):
+    """``export`` loads the posterior into its model and writes the predictive the flags ask
+    for: the SavedModel's numbers are the loaded posterior's ``la(x, ...)``."""
+    import keras
+    import tensorflow as tf
+
+    import laplace_tf
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 3)).astype(np.float32), rng.normal(size=(20, 1))
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "tanh"),
+                              keras.layers.Dense(1)])
+    la = laplace_tf.Laplace(model, "regression", hessian_structure="diag", sigma_noise=0.5,
+                            progress=False)
+    la.fit((x, y))
+    model.save(tmp_path / "model.keras")
+    la.save(tmp_path / "posterior.npz")
+    assert main(["export", str(tmp_path / "posterior.npz"), "--model", str(tmp_path / "model.keras"),
+                 "--out", str(tmp_path / "served"), "--pred-type", "nn", "--n-samples", "8",
+                 "--seed", "3"]) == 0
+    assert "mean, variance, functional_variance" in capsys.readouterr().out
+    served = tf.saved_model.load(str(tmp_path / "served")).signatures["serving_default"]
+    out = served(inputs=tf.constant(x[:5]))
+    for got, want in zip((out["mean"], out["variance"]),
+                         la(x[:5], pred_type="nn", n_samples=8, seed=3), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -43,6 +43,7 @@ from laplace_tf.curvature.kron_layers import input_rows
 from laplace_tf.inputs import MODEL_ERRORS, InputCheck, explain_grouped_convolution
 from laplace_tf.posterior import PosteriorLaplace
 from laplace_tf.posterior.laplace import stateless_seed
+from laplace_tf.predictive import export as _export
 from laplace_tf.predictive.jacobians import FunctionalVariance
 from laplace_tf.predictive.links import (
     PRED_TYPES,
@@ -193,6 +194,27 @@ class Laplace(PosteriorLaplace):
         noise = self._noise_variance(self.subset.dtype)
         return _join(self._over_batches(x, batch_size, lambda xb, _: step(xb, self.mean, noise)),
                      axis=0)
+
+    def export(self, path, **options) -> _export.ExportInfo:
+        """Write the predictive as a TensorFlow SavedModel that runs without laplace_tf.
+
+        Its ``serving_default`` signature takes ``inputs [N, ...]`` and returns ``probs`` (or
+        ``mean`` and ``variance``) and ``functional_variance``; options (``pred_type``,
+        ``link_approx``, ``n_samples``, ``seed``, ``dtype``, ``input_shape``, ``max_bytes``)
+        and refusals: :func:`laplace_tf.predictive.export.export`.
+
+        Example:
+            ``la.export("served")`` then ``tf.saved_model.load("served").signatures[
+            "serving_default"](inputs=x)["probs"]`` equals ``la(x)``.
+        """
+        self._require_fit("export")
+        return _export.export(self, path, **options)
+
+    def to_keras(self, **options):
+        """The predictive as a Keras model returning the dict of :meth:`export`'s outputs
+        (same options); inference only."""
+        self._require_fit("to_keras")
+        return _export.to_keras(self, **options)
 
     # ------------------------------------------------------------------ internals
 
