@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from laplace_tf import testing
 from laplace_tf.blocks import DiagBlock, KronBlock
-from laplace_tf.curvature._per_example import _vectorised_rows, output_cotangents
+from laplace_tf.curvature._per_example import output_cotangents, vectorised_rows
 from laplace_tf.predictive import Laplace
 from tests.models import F64, targets
 
@@ -151,7 +151,7 @@ def _forced_nested_pfor_rows(la: Laplace, x):
     """The LSTM cell's per-example rows with ``one_at_a_time=False``: a nested pfor through the
     loop, which pfor cannot convert."""
     cotangents = output_cotangents(la.likelihood, "ggn", la.logit_model(tf.constant(x)), None)
-    rows = tf.function(lambda inputs, c: _vectorised_rows(
+    rows = tf.function(lambda inputs, c: vectorised_rows(
         la.logit_model, inputs, c, la.subset.slices[:1], one_at_a_time=False))
     return rows(tf.constant(x), cotangents), cotangents
 

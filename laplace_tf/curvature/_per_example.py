@@ -25,7 +25,7 @@ low-rank sketch), layer by layer:
   and a quarter of that for a layer's own (symmetric) block;
 * every other layer gets its rows ``[N, R, p]`` by ``tf.vectorized_map`` over examples (by
   ``tf.map_fn`` for a forward pass with a ``while_loop``, as in recurrent layers; see
-  :func:`_vectorised_rows`).
+  :func:`vectorised_rows`).
 
 Examples are processed in chunks whose per-example intermediates fit in :data:`CHUNK_BYTES`
 (:func:`sum_over_chunks`, also used for the exact Hessian in ``full.py``).
@@ -285,7 +285,7 @@ class Layout(NamedTuple):
     """How a batch's rows are computed: per slice, ``(din (+1 for the bias), dout)`` if the
     slice is factored, else its number of weights; the number of logits ``K``; whether
     per-example rows must be computed one example at a time (:func:`_one_at_a_time`, see
-    :func:`_vectorised_rows`); and per slice whether it holds some of the weights of a layer
+    :func:`vectorised_rows`); and per slice whether it holds some of the weights of a layer
     that could be factored (a subnetwork): its rows ``a_n ⊗ delta_nr`` are formed at those
     entries only (:func:`_gathered_rows`)."""
 
@@ -346,6 +346,13 @@ def batchless_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
     traced = tf.function(lambda inputs: logit_model(inputs, layers=layers, hook=record))
     traced.get_concrete_function(any_batch_size(x))
     return found
+
+
+def one_example_at_a_time(logit_model: LogitModel, x) -> bool:
+    """Whether per-example rows of ``logit_model`` on inputs like ``x`` must be computed one
+    example at a time (:func:`_one_at_a_time`), read off a trace of one call (never run)."""
+    traced = tf.function(lambda inputs: logit_model(inputs))
+    return _one_at_a_time(traced.get_concrete_function(any_batch_size(x)).graph)
 
 
 _BATCHED_PRODUCTS = ("Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
@@ -468,17 +475,19 @@ def _rows_by_slice(
             parts[id(layer)] = outer if chosen is None else _gathered_rows(outer, chosen)
     others = [s for s, p in zip(slices, probed, strict=True) if not p]
     if others:
-        rows = _vectorised_rows(logit_model, x, cotangents, others, layout.one_at_a_time)
+        rows = vectorised_rows(logit_model, x, cotangents, others, layout.one_at_a_time)
         for s, part in zip(others, tf.split(rows, [s.size for s in others], -1), strict=True):
             parts[id(s.layer)] = part
     return [parts[id(s.layer)] for s in slices], logits
 
 
-def _vectorised_rows(
+def vectorised_rows(
     logit_model: LogitModel, x, cotangents: tf.Tensor, slices: Sequence[LayerSlice],
-    one_at_a_time: bool,
+    one_at_a_time: bool, values: Sequence[tf.Tensor] | None = None,
 ) -> tf.Tensor:
-    """Rows ``[n, R, p]`` over the weights of ``slices``, by ``vectorized_map`` over examples.
+    """Rows ``[n, R, p]`` over the weights of ``slices``, by ``vectorized_map`` over examples,
+    at the subset's current weights or at ``values`` (aligned with its variables).
+    With the identity as cotangents (``R = K``) the rows are the per-example Jacobians.
 
     An example's ``R`` rows are one vectorised ``tape.jacobian`` (pfor inside pfor). When
     that cannot work (``one_at_a_time``, :func:`_one_at_a_time`: a ``while_loop`` in LSTM, GRU,
@@ -496,7 +505,7 @@ def _vectorised_rows(
     too, a ValueError names ``subset_of_weights='last_layer'``.
     """
     subset = logit_model.subset
-    values = subset.values()
+    values = subset.values() if values is None else list(values)
     chosen = {id(v) for s in slices for v in s.variables}
     watched = [t for t, v in zip(values, subset.variables, strict=True) if id(v) in chosen]
     n_rows = int(cotangents.shape[-1])

@@ -12,8 +12,10 @@ Each covariance block contracts its own layers' Jacobian pieces
 the output gradients ``g_{t,k} = d f_k / d z_t`` with respect to its pre-activation ``z_t`` come
 from one forward pass with zero "probes" added to the pre-activations and one backward pass
 per logit (vectorised), exploiting that examples do not interact at inference. Weights of
-other layers (BatchNorm, ...) get their per-example Jacobian by a vectorised
-``tape.jacobian``. For a last-layer posterior the layer's pre-activation is the logits, so
+other layers (BatchNorm, recurrent cells, ...) get their per-example Jacobian example by
+example (:func:`~laplace_tf.curvature._per_example.vectorised_rows` with the identity as
+cotangents; a Jacobian of the whole batch's logits would take ``N K`` backward passes of the
+whole batch: memory and time grow with ``N**2``). For a last-layer posterior the layer's pre-activation is the logits, so
 ``g_k = e_k`` and no probe is needed (``g = None``): the blocks use closed forms in the
 features ``a = [phi(x), 1]``.
 
@@ -32,7 +34,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -40,7 +42,11 @@ import tensorflow as tf
 
 from laplace_tf.autodiff import first_line, quiet_pfor_errors
 from laplace_tf.blocks import Covariance, DiagCovariance, LayerJacobian  # noqa: F401 (doctest)
-from laplace_tf.curvature._per_example import batchless_layers
+from laplace_tf.curvature._per_example import (
+    batchless_layers,
+    one_example_at_a_time,
+    vectorised_rows,
+)
 from laplace_tf.curvature.kron_layers import (
     KRON_RULES,
     block_kind,
@@ -131,13 +137,10 @@ class FunctionalVariance:
         self.logits_layer = logits_layer and len(layers) == 1 and layers[0].factored
         # layers whose Jacobian comes from their inputs and pre-activation gradients
         self._hooked = list({id(p.slice.layer): p for p in layers if p.kron}.values())
-        positions = {id(v): i for i, v in enumerate(logit_model.subset.variables)}
-        self._positions = {
-            id(p.slice.layer): [positions[id(v)] for v in p.slice.variables] for p in layers
-        }
-        self._generic = {id(p.slice.layer): self._positions[id(p.slice.layer)]
-                         for p in layers if not p.kron}
+        # layers whose Jacobian comes from autodiff, example by example
+        self._generic = {id(p.slice.layer) for p in layers if not p.kron}
         self._batchless: set[int] | None = None  # hooked layers on constants, at first call
+        self._one_at_a_time = False  # the forward pass needs per-example rows one at a time
 
     def __call__(self, x, mean: tf.Tensor, blocks: Sequence, diagonal: bool):
         """Logits ``[N, K]`` and their covariance ``[N, K, K]`` (``[N, K]`` if ``diagonal``).
@@ -156,8 +159,10 @@ class FunctionalVariance:
             ) if self._hooked else set()
             for p in self._hooked:
                 if id(p.slice.layer) in self._batchless:
-                    self._generic[id(p.slice.layer)] = self._positions[id(p.slice.layer)]
+                    self._generic.add(id(p.slice.layer))
             self._hooked = [p for p in self._hooked if id(p.slice.layer) not in self._batchless]
+            if self._generic:
+                self._one_at_a_time = one_example_at_a_time(self.logit_model, x)
         logits, factors, jacobians = self._linearise(x, self.logit_model.subset.unflatten(mean))
         variance = None
         for parts, block in zip(self.plan, blocks, strict=True):
@@ -190,9 +195,7 @@ class FunctionalVariance:
         autodiff for the rest.
         """
         calls: dict[int, list] = {id(p.slice.layer): [] for p in self._hooked}
-        watched = {i: weights[i] for indices in self._generic.values() for i in indices}
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(list(watched.values()))
+        with tf.GradientTape() as tape:
 
             def hook(layer, inputs, z):
                 locations = int(np.prod(z.shape[1:])) // output_size(layer)  # static
@@ -228,14 +231,16 @@ class FunctionalVariance:
             factors[id(part.slice.layer)] = _Factor(
                 tf.concat(a_calls, axis=1), tf.concat(g_calls, axis=1) if g_calls else None
             )
-        if watched:
-            flat_shape = tf.concat([tf.shape(logits), [-1]], axis=0)
-            per_weight = dict(zip(watched, _vectorised_jacobian(
-                tape, logits, list(watched.values())), strict=True))
-            for layer_id, indices in self._generic.items():
-                jacobians[layer_id] = tf.concat(
-                    [tf.reshape(per_weight[i], flat_shape) for i in indices], axis=-1
-                )
+        if self._generic:  # per example (a Jacobian of all logits would cost N times more)
+            slices = [replace(s, columns=None, size=s.layer_size)  # whole layers: see below
+                      for s in self.logit_model.subset.slices if id(s.layer) in self._generic]
+            identity = tf.broadcast_to(tf.eye(logits.shape[-1], dtype=logits.dtype),
+                                       tf.concat([tf.shape(logits), logits.shape[-1:]], 0))
+            rows = vectorised_rows(self.logit_model, x, identity, slices, self._one_at_a_time,
+                                   weights)  # [N, K, p]: row k is the Jacobian of logit k
+            for s, jacobian in zip(slices, tf.split(rows, [s.layer_size for s in slices], -1),
+                                   strict=True):
+                jacobians[id(s.layer)] = jacobian
         return logits, factors, jacobians
 
 
