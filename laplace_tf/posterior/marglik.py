@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -238,13 +239,38 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
     except BaseException:
         la.prior_precision = original
         raise
-    la.prior_precision = grid[int(np.argmin(np.where(finite, nll, np.inf)))]
+    best = int(np.argmin(np.where(finite, nll, np.inf)))
+    la.prior_precision = grid[best]
+    _warn_at_edge(grid, best)
     la.tuning_trace = {
         "prior_precision": grid.copy(),
         "log_marginal_likelihood": np.array(evidence),
         "val_nll": np.array(nll),
     }
     return _result(la)
+
+
+def _warn_at_edge(grid: np.ndarray, best: int) -> None:
+    """Warn when the validation NLL is lowest at the smallest or largest value of ``grid``:
+    the optimum may lie beyond it, so name the edge and a grid that extends past it."""
+    low, high = float(grid.min()), float(grid.max())
+    value = float(grid[best])
+    if grid.size < 2 or low < value < high:
+        return
+    edge = math.log10(value)
+    if value == high:
+        where, start, stop = "largest", math.floor(edge) - 1, math.ceil(edge) + 4
+        hint = " (a very large prior precision makes the predictive that of the MAP network)"
+    else:
+        where, start, stop = "smallest", math.floor(edge) - 4, math.ceil(edge) + 1
+        hint = ""
+    warnings.warn(
+        f"optimize_prior_precision: the validation NLL is lowest at the {where} value of the "
+        f"grid, prior_precision={value:.3g} (grid {low:.3g} .. {high:.3g}); the optimum may lie "
+        f"beyond it{hint}. Extend the grid past it, e.g. "
+        f"grid=np.logspace({start}, {stop}, {10 * (stop - start) + 1}).",
+        UserWarning, stacklevel=5,
+    )
 
 
 def _result(la) -> dict:
@@ -270,7 +296,8 @@ def optimize_prior_precision(
             structure changes).
         n_steps, lr: Adam steps and step size on ``log lambda`` (``"marglik"``).
         val_data, grid, pred_type, link_approx: for ``"gridsearch"``; ``grid`` defaults to
-            ``np.logspace(-4, 4, 100)``.
+            ``np.logspace(-4, 4, 100)``. A ``UserWarning`` says so when the best value is the
+            grid's smallest or largest, and names a grid that extends past it.
         tune_sigma_noise: tune the regression ``sigma_noise`` jointly (``"marglik"``): a
             scalar, or one per output (``sigma_noise`` of shape ``[K]``: last-layer posteriors,
             or posteriors over all weights fitted with a ``[K]`` sigma_noise and the GGN or
