@@ -216,6 +216,26 @@ def test_gridsearch_warns_when_the_best_prior_is_an_edge_of_the_grid():
     np.testing.assert_allclose(la.prior_precision, wide[best])
 
 
+def test_validation_data_makes_gridsearch_the_default_method():
+    model, x, y = _data("classification", 12, seed=5)
+    grid = np.logspace(-2, 2, 5)
+    searched, default, evidence = (Laplace(model, "classification", "last_layer", "kron",
+                                           progress=False) for _ in range(3))
+    for la in (searched, default, evidence):
+        la.fit((x[:8], y[:8]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the optimum may be an edge of the grid
+        searched.optimize_prior_precision(method="gridsearch", val_data=(x[8:], y[8:]),
+                                          grid=grid, progress=False)
+        default.optimize_prior_precision(val_data=(x[8:], y[8:]), grid=grid, progress=False)
+    np.testing.assert_array_equal(default.tuning_trace["val_nll"],
+                                  searched.tuning_trace["val_nll"])
+    assert float(default.prior_precision) == float(searched.prior_precision)
+    evidence.optimize_prior_precision(n_steps=5, progress=False)  # no validation data: marglik
+    assert "val_nll" not in evidence.tuning_trace
+    assert len(evidence.tuning_trace["log_marginal_likelihood"]) == 6
+
+
 def test_gridsearch_needs_the_predictive_and_validation_data():
     model, x, y = _data("classification", 6)
     la = PosteriorLaplace(model, "classification", "last_layer", "diag", progress=False)
