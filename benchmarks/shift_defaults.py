@@ -33,9 +33,12 @@ from __future__ import annotations
 # ruff: noqa: B023  (score() calls each lambda at once, inside the loop)
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's laplace_tf
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
