@@ -7,6 +7,8 @@ checked on tiny float64 models.
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -184,6 +186,54 @@ def test_gridsearch_picks_the_lowest_validation_nll(likelihood, structure):
     np.testing.assert_allclose(la.tuning_trace["val_nll"], nll, rtol=1e-10)
     np.testing.assert_allclose(la.tuning_trace["log_marginal_likelihood"], evidence, rtol=1e-12)
     np.testing.assert_array_equal(la.tuning_trace["prior_precision"], grid)
+
+
+def test_gridsearch_warns_when_the_best_prior_is_an_edge_of_the_grid():
+    model, x, y = _data("regression", 12, seed=1)
+    la = Laplace(model, "regression", "last_layer", "diag", progress=False)
+    la.fit((x[:8], y[:8]))
+    wide = np.logspace(-3, 3, 13)
+
+    def search(grid):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            la.optimize_prior_precision(method="gridsearch", val_data=(x[8:], y[8:]),
+                                        grid=grid, progress=False)
+        return [str(w.message) for w in caught if w.category is UserWarning], caught
+
+    messages, _ = search(wide)
+    best = int(np.argmin(la.tuning_trace["val_nll"]))
+    assert 0 < best < len(wide) - 1 and messages == []  # interior optimum: no warning
+    assert search(wide[best - 1:best + 2])[0] == []
+    messages, caught = search(wide[:best + 1])  # the optimum is the largest value
+    assert len(messages) == 1 and caught[0].filename == __file__
+    assert f"lowest at the largest value of the grid, prior_precision={wide[best]:.3g}" in messages[0]
+    assert "grid=np.logspace(-1, 5, 61)" in messages[0]
+    messages, _ = search(wide[best:])  # ... the smallest
+    assert len(messages) == 1
+    assert f"lowest at the smallest value of the grid, prior_precision={wide[best]:.3g}" in messages[0]
+    assert "grid=np.logspace(-4, 2, 61)" in messages[0]
+    np.testing.assert_allclose(la.prior_precision, wide[best])
+
+
+def test_validation_data_makes_gridsearch_the_default_method():
+    model, x, y = _data("classification", 12, seed=5)
+    grid = np.logspace(-2, 2, 5)
+    searched, default, evidence = (Laplace(model, "classification", "last_layer", "kron",
+                                           progress=False) for _ in range(3))
+    for la in (searched, default, evidence):
+        la.fit((x[:8], y[:8]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the optimum may be an edge of the grid
+        searched.optimize_prior_precision(method="gridsearch", val_data=(x[8:], y[8:]),
+                                          grid=grid, progress=False)
+        default.optimize_prior_precision(val_data=(x[8:], y[8:]), grid=grid, progress=False)
+    np.testing.assert_array_equal(default.tuning_trace["val_nll"],
+                                  searched.tuning_trace["val_nll"])
+    assert float(default.prior_precision) == float(searched.prior_precision)
+    evidence.optimize_prior_precision(n_steps=5, progress=False)  # no validation data: marglik
+    assert "val_nll" not in evidence.tuning_trace
+    assert len(evidence.tuning_trace["log_marginal_likelihood"]) == 6
 
 
 def test_gridsearch_needs_the_predictive_and_validation_data():

@@ -904,7 +904,7 @@ class PosteriorLaplace:
 
     def optimize_prior_precision(
         self,
-        method: str = "marglik",
+        method: str | None = None,
         prior_structure: str = "scalar",
         n_steps: int = 100,
         lr: float = 0.1,
@@ -915,7 +915,8 @@ class PosteriorLaplace:
         tune_sigma_noise: bool | None = None,
         progress: bool | None = None,
     ) -> dict:
-        """Tune the prior precision (and, for regression, ``sigma_noise``); see
+        """Tune the prior precision (and, for regression, ``sigma_noise``): by the validation
+        NLL when ``val_data`` is given, else by the evidence, unless ``method`` says; see
         :func:`laplace_tf.posterior.marglik.optimize_prior_precision`."""
         self._require_fit("optimize_prior_precision")
         return marglik.optimize_prior_precision(
