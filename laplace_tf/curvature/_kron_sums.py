@@ -96,6 +96,7 @@ GRAM_BLOCK = 128
 too far below the matmul's peak rate to pay for the work they save."""
 
 GRAM_BANDS = 4
+"""The most column blocks :func:`gram` cuts (measured best for 512 to 1024 columns)."""
 
 
 def gram(rows: tf.Tensor, bands: int | None = None) -> tf.Tensor:
@@ -104,9 +105,10 @@ def gram(rows: tf.Tensor, bands: int | None = None) -> tf.Tensor:
     The columns are cut into ``bands`` blocks (default: blocks of at least :data:`GRAM_BLOCK`
     columns, at most :data:`GRAM_BANDS`); band ``i`` is one matmul of block ``i`` with the
     columns from block ``i`` on, the blocks below the diagonal are transposes. With ``q`` bands
-    this is ``(q + 1) / 2q`` of the full matmul's multiply-adds: measured in float32 on 2
-    AVX-512 cores for ``[5120, 512]`` rows (a G factor of 20 outputs, 256 examples), 0.8 of
-    the full matmul's time at ``q = 4``.
+    this is ``(q + 1) / 2q`` of the full matmul's multiply-adds, and exactly symmetric. Measured
+    in float32 on one AVX-512 thread for ``[5120, 512]`` rows (a G factor: 20 outputs, 256
+    examples), 0.8 of the full matmul's time at ``q = 4`` (0.9 at ``q = 2``; narrower blocks
+    lose more to the matmul's rate than they save).
 
     Example:
         >>> x = tf.constant([[1.0, 2.0, 0.0], [3.0, -1.0, 2.0]])
