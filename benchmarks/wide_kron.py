@@ -111,8 +111,11 @@ def main() -> None:
         trees = {"old": args.old, **trees}
     else:
         print(f"no old code at {args.old}: timing the new code only")
-    results = {(code, s): run(tree, s, n, args.repeats)
-               for s in STRUCTURES for code, tree in trees.items()}
+    results = {}
+    for s in STRUCTURES:
+        for code, tree in trees.items():
+            results[code, s] = run(tree, s, n, args.repeats)
+            print(code, s, results[code, s], file=sys.stderr, flush=True)
     epoch = [statistics.median(r["epoch"][i] for r in results.values()) for i in (0, 1)]
     print(f"MLP {'-'.join(map(str, WIDTHS))}, N = {n:,}, batch {BATCH}, float32; one training "
           f"epoch {epoch[0]:.2f} CPU s, {epoch[1]:.2f} wall s (median over processes)\n")
