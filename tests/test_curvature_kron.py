@@ -10,6 +10,7 @@ against per-example pre-activation Jacobians.
 from __future__ import annotations
 
 import logging
+import sys
 
 import keras
 import numpy as np
@@ -21,7 +22,7 @@ import laplace_tf as ltf
 from laplace_tf import testing
 from laplace_tf.batches import Batches
 from laplace_tf.blocks import DiagBlock, KronBlock, blocks_to_dense
-from laplace_tf.curvature import kron_layers
+from laplace_tf.curvature import kron_layers, make_builder
 from laplace_tf.curvature.base import fit_curvature
 from laplace_tf.curvature.kron import KronBuilder
 from laplace_tf.likelihoods import get_likelihood
@@ -80,6 +81,8 @@ WEIGHT_SHARED = {
         (7, 3), _conv1d(2, 3, padding="causal", dilation_rate=2)),
     "conv1d_strided_valid": _first_layer_net((7, 2), _conv1d(3, 2, strides=2)),
     "dense_rank3": _first_layer_net((4, 3), lambda: L.Dense(2, dtype=F64)),
+    # A [301, 301] and G [260, 260] are Gram matrices taken in bands (_kron_sums.gram)
+    "dense_rank3_wide": _first_layer_net((4, 300), lambda: L.Dense(260, dtype=F64)),
 }
 
 # slice index -> locations per example, where one datum is not exact (checked factor by factor)
@@ -200,7 +203,7 @@ def test_weight_shared_layer_factors_equal_patch_and_jacobian_sums(model_name):
     np.testing.assert_allclose(block.G, G, **EXACT)
 
 
-@pytest.mark.parametrize("model_name", [n for n in WEIGHT_SHARED if n != "dense_rank3"])
+@pytest.mark.parametrize("model_name", [n for n in WEIGHT_SHARED if not n.startswith("dense")])
 def test_reference_patches_reproduce_the_convolution(model_name):
     """The explicit patch reference itself: ``patches @ kernel + bias`` is the pre-activation."""
     model, x = WEIGHT_SHARED[model_name](1, n=2)
@@ -214,6 +217,34 @@ def test_reference_patches_reproduce_the_convolution(model_name):
     np.testing.assert_allclose(
         testing.brute_force_conv_patches(layer, x) @ kernel + bias,
         preactivations[0].numpy().reshape(-1, layer.filters), **EXACT)
+
+
+class TracedDense(L.Dense):
+    """A Dense layer whose rule records the source file of the code that asks for its rows."""
+
+
+class _RecordingRule(kron_layers.KronRule):
+    def __init__(self):
+        self.callers = []
+
+    def rows(self, layer, inputs):
+        self.callers.append(sys._getframe(1).f_code.co_filename)
+        return tf.reshape(inputs, [-1, layer.kernel.shape[0]])
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_fit_steps_trace_the_builders_without_autograph(structure, monkeypatch):
+    """The builders' Python is traced as written, not converted by autograph first (Keras 3
+    layers need no autograph; converting laplace_tf's code took seconds of a first fit)."""
+    rule = _RecordingRule()
+    monkeypatch.setitem(kron_layers.KRON_RULES, TracedDense, rule)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,), dtype=F64), TracedDense(2, dtype=F64)])
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    builder = make_builder("all", structure, testing.subset_of(model),
+                           get_likelihood("classification"))
+    fit_curvature(builder, Batches((x, np.array([0, 1, 1, 0])), dtype=tf.float64))
+    assert rule.callers and not any("autograph" in name for name in rule.callers), rule.callers
 
 
 def _shared_dense(n_outputs: int, seed: int = 0, n: int = 4):

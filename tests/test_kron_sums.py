@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from laplace_tf.curvature._kron_sums import (
+    gram,
     kron_block,
     kron_sum,
     packs_inputs,
@@ -59,3 +60,13 @@ def test_symmetric_sums_of_two_batches_add_up():
 def test_inputs_are_packed_only_when_outputs_are_many():
     assert packs_inputs(51, 50) and packs_inputs(4, 20)
     assert not packs_inputs(257, 10) and not packs_inputs(785, 5) and not packs_inputs(2, 2)
+
+
+@pytest.mark.parametrize("bands", [None, 1, 2, 3, 4, 9])
+@pytest.mark.parametrize(("n", "d"), [(1, 1), (5, 7), (9, 4), (3, 300)])
+def test_gram_from_upper_bands_equals_full_product(n, d, bands):
+    """Bands of unequal width (7 columns in 3 or 4), more bands than columns, and the default
+    (two bands of 150 columns for d = 300)."""
+    rows = np.random.default_rng(n + d).normal(size=(n, d))
+    np.testing.assert_allclose(gram(tf.constant(rows), bands).numpy(), rows.T @ rows,
+                               rtol=1e-12, atol=1e-12)

@@ -1,4 +1,5 @@
-"""Sums over examples of Kronecker products, ``sum_n (a_n b_n^T) ⊗ M_n``, as one matmul.
+"""Sums over examples of Kronecker products, ``sum_n (a_n b_n^T) ⊗ M_n``, as one matmul, and
+Gram matrices ``rows^T rows`` from their upper blocks (:func:`gram`).
 
 The dense curvature of layers with Kronecker structure is made of such sums: ``a_n``, ``b_n``
 are two layers' input rows, ``M_n [o, p]`` a per-example matrix over their outputs. Entry
@@ -88,6 +89,44 @@ def packs_inputs(d: int, o: int) -> bool:
     """
     d_pairs, o_pairs = d * (d + 1) // 2, o * (o + 1) // 2
     return d_pairs * o_pairs + INPUT_PAIR_COST * d * d < d * d * o_pairs
+
+
+GRAM_BLOCK = 128
+"""Columns per block of :func:`gram` (at most :data:`GRAM_BANDS` blocks): narrower products run
+too far below the matmul's peak rate to pay for the work they save."""
+
+GRAM_BANDS = 4
+"""The most column blocks :func:`gram` cuts (measured best for 512 to 1024 columns)."""
+
+
+def gram(rows: tf.Tensor, bands: int | None = None) -> tf.Tensor:
+    """``rows^T rows`` ``[d, d]`` for ``rows [n, d]``, from the products on and above the diagonal.
+
+    The columns are cut into ``bands`` blocks (default: blocks of at least :data:`GRAM_BLOCK`
+    columns, at most :data:`GRAM_BANDS`); band ``i`` is one matmul of block ``i`` with the
+    columns from block ``i`` on, the blocks below the diagonal are transposes. With ``q`` bands
+    this is ``(q + 1) / 2q`` of the full matmul's multiply-adds, and exactly symmetric. Measured
+    in float32 on one AVX-512 thread for ``[5120, 512]`` rows (a G factor: 20 outputs, 256
+    examples), 0.8 of the full matmul's time at ``q = 4`` (0.9 at ``q = 2``; narrower blocks
+    lose more to the matmul's rate than they save).
+
+    Example:
+        >>> x = tf.constant([[1.0, 2.0, 0.0], [3.0, -1.0, 2.0]])
+        >>> gram(x, bands=2).numpy().tolist()
+        [[10.0, -1.0, 6.0], [-1.0, 5.0, -2.0], [6.0, -2.0, 4.0]]
+    """
+    d = int(rows.shape[-1])
+    q = min(GRAM_BANDS, d // GRAM_BLOCK) if bands is None else min(bands, d)
+    if q < 2:
+        return tf.matmul(rows, rows, transpose_a=True)
+    size = -(-d // q)
+    band = [tf.matmul(rows[:, i * size:(i + 1) * size], rows[:, i * size:], transpose_a=True)
+            for i in range(q)]  # band i: [size, d - i size]
+    return tf.concat([
+        tf.concat([tf.transpose(band[j][:, (i - j) * size:(i - j + 1) * size]) for j in range(i)]
+                  + [band[i]], axis=1)
+        for i in range(q)
+    ], axis=0)
 
 
 def upper_triangle(m: tf.Tensor) -> tf.Tensor:

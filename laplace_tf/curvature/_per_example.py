@@ -322,7 +322,8 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
         locations[id(layer)].append(z.shape[1:].num_elements() // output_size(layer) if batched else 0)
         return z
 
-    traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record))
+    traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record),
+                         autograph=False)
     concrete = traced.get_concrete_function(any_batch_size(x))
     n_outputs = int(concrete.structured_outputs.shape[-1])
     once = [locations.get(id(s.layer)) == [1] for s in slices]
@@ -343,7 +344,8 @@ def batchless_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
             found.add(id(layer))
         return z
 
-    traced = tf.function(lambda inputs: logit_model(inputs, layers=layers, hook=record))
+    traced = tf.function(lambda inputs: logit_model(inputs, layers=layers, hook=record),
+                         autograph=False)
     traced.get_concrete_function(any_batch_size(x))
     return found
 
@@ -384,7 +386,7 @@ def _one_at_a_time(graph: tf.Graph) -> bool:
 
 def activations_per_example(logit_model: LogitModel, x) -> int:
     """Floating numbers per example in all tensors of one forward pass (from a trace, not run)."""
-    graph = tf.function(logit_model).get_concrete_function(any_batch_size(x)).graph
+    graph = tf.function(logit_model, autograph=False).get_concrete_function(any_batch_size(x)).graph
     return sum(
         t.shape[1:].num_elements() or 0
         for op in graph.get_operations() for t in op.outputs
@@ -424,8 +426,9 @@ def sum_over_chunks(fn, x, y: tf.Tensor, chunk: int):
     """``sum fn(x[i:j], y[i:j])[0]`` over chunks of ``chunk`` examples, one chunk at a time, and
     the concatenated second outputs (the logits ``[N, K]``). The sums may be nested structures
     of tensors; a batch of at most ``chunk`` examples is one call of ``fn``, with no loop.
-    ``fn`` is traced once (a nested ``tf.function``) for the first chunk and the loop."""
-    fn = tf.function(fn, reduce_retracing=True)
+    ``fn`` is traced once (a nested ``tf.function``, without autograph: see
+    :meth:`~laplace_tf.curvature.kron.KronBuilder.batch_sums`) for the first chunk and the loop."""
+    fn = tf.function(fn, reduce_retracing=True, autograph=False)
     n = tf.shape(y)[0]
     total, first_logits = fn(tf.nest.map_structure(lambda t: t[:chunk], x), y[:chunk])
     logits = tf.TensorArray(first_logits.dtype, size=0, dynamic_size=True, infer_shape=False)

@@ -36,6 +36,9 @@ class DiagBuilder(CurvatureBuilder):
     structure = "diag"
     kinds = ("ggn", "ef")
 
+    # traced as written: Keras 3 layers need no autograph (Keras' own steps skip it), and
+    # converting this code took seconds of a first fit
+    @tf.autograph.experimental.do_not_convert
     def batch_sums(self, x, y, w=None) -> tuple[list[DiagBlock], tf.Tensor]:
         diagonal, logits = summed_rows(self.logit_model, self.likelihood, self.kind, x, y, w)
         return [DiagBlock(diagonal)], logits

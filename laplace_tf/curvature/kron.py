@@ -137,6 +137,9 @@ class KronBuilder(CurvatureBuilder):
         self._diagonal_models: dict[tuple[int, ...], LogitModel] = {}
         self._logged = False
 
+    # traced as written: Keras 3 layers need no autograph (Keras' own steps skip it), and
+    # converting this code took seconds of a first fit
+    @tf.autograph.experimental.do_not_convert
     def batch_sums(self, x, y, w=None) -> tuple[list[Block], tf.Tensor]:
         """The blocks of every ``subset.slices`` entry in order (in sum form; one per kernel of
         the layer's rule, e.g. two for a separable convolution), and the logits.

@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.blocks import Block, DenseBlock, DiagBlock, KronBlock
+from laplace_tf.curvature._kron_sums import gram
 from laplace_tf.params import LayerSlice
 
 MAX_DENSE_WEIGHTS = 1024
@@ -155,7 +156,7 @@ def _kron_block(part: KronPart, shape: KronShape, w: tf.Tensor, reduce: bool) ->
         sizes = tf.shape(gradients)
         gradients = tf.reduce_sum(tf.reshape(gradients, [sizes[0], sizes[1], -1, dout]), axis=2)
     row_weights = _row_weights(w, tf.shape(a_rows)[0])
-    A = tf.matmul(a_rows * row_weights[:, None], a_rows, transpose_a=True)
+    A = gram(a_rows * tf.sqrt(row_weights)[:, None])  # weights are >= 0
     block = _outer_block(A, tf.reduce_sum(row_weights), gradients, dout)
     if groups == 1 or reduce:
         return block
@@ -166,8 +167,7 @@ def _kron_block(part: KronPart, shape: KronShape, w: tf.Tensor, reduce: bool) ->
 
 def _outer_block(A: tf.Tensor, n: tf.Tensor, gradients: tf.Tensor, dout: int) -> KronBlock:
     """``A`` (sum form) and ``G``, the sum of ``g g^T`` over all ``gradients`` rows."""
-    g_rows = tf.reshape(gradients, [-1, dout])
-    return KronBlock(A, tf.matmul(g_rows, g_rows, transpose_a=True), n)
+    return KronBlock(A, gram(tf.reshape(gradients, [-1, dout])), n)
 
 
 class _DenseRule(KronRule):
