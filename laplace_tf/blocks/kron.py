@@ -261,7 +261,12 @@ class PermutedKronBlock(NamedTuple):
         return tf.gather(tf.gather(self.kron.to_dense(), inverse, axis=0), inverse, axis=1)
 
     def rescaled(self, scales: tf.Tensor) -> PermutedKronBlock:
-        return self._with(self.kron.rescaled(scales))
+        """Refused: per-output noise rescales a last layer's block (a Dense layer's, never
+        permuted); in the flat order of a permuted block it is no Kronecker product."""
+        raise ValueError(
+            "sigma_noise: a per-output noise rescales the curvature of a last Dense layer; "
+            "a transposed convolution's Kronecker block cannot be rescaled per output. Use a "
+            "scalar sigma_noise.")
 
     @classmethod
     def combine(cls, blocks: Sequence[PermutedKronBlock], weights) -> PermutedKronBlock:
