@@ -21,6 +21,7 @@ from laplace_tf import testing
 from laplace_tf.blocks import KronBlock, PermutedKronBlock, blocks_to_dense
 from laplace_tf.curvature.kron import KronBuilder
 from laplace_tf.curvature.kron_layers import KRON_RULES, input_rows
+from laplace_tf.curvature.memory import estimate_memory
 from laplace_tf.likelihoods import get_likelihood
 
 EXACT = {"rtol": 1e-9, "atol": 1e-11}
@@ -123,3 +124,19 @@ def test_posterior_with_a_transposed_convolution_predicts_samples_and_saves(tmp_
     loaded = ltf.load(tmp_path / "posterior.npz", model)
     assert loaded.curvature.blocks[0].order.dtype == tf.int32
     np.testing.assert_allclose(loaded.posterior_precision.to_dense(), precision, rtol=1e-12)
+
+
+def test_memory_estimate_counts_the_transposed_convolution_and_batchnorm_outputs():
+    """Per batch: the transposed convolution's rows ``(k, cin) + 1`` and gradients at its
+    output pixels; BatchNorm's normalised inputs and ``K`` gradients of its whole output, and
+    its ``K`` weight-gradient rows."""
+    inputs = keras.Input((3, 3, 2), dtype=F64)
+    h = L.Conv2DTranspose(3, 3, strides=2, padding="same", dtype=F64)(inputs)  # 6 x 6 x 3
+    h = L.BatchNormalization(dtype=F64)(h)
+    model = keras.Model(inputs, L.Dense(3, dtype=F64)(L.Flatten(dtype=F64)(h)))
+    k, batch = 3, 5
+    estimate = estimate_memory(ltf.WeightSubset(model), "kron", k, batch)
+    factors = 19**2 + 3**2 + 6**2 + 109**2 + k**2
+    rows = 36 * (19 + k * 3) + ((1 + k) * 108 + k * 6) + (109 + k * k)
+    assert estimate.parts["curvature"] == factors * 8
+    assert estimate.parts["per_batch"] == batch * rows * 8
