@@ -9,11 +9,15 @@ batches of 128, float32; wall seconds, in one run, medians of three (warm: trace
   the fit runs them (one compiled step per batch: the forward pass with zero probes on every
   layer's pre-activation, then the vectorised Jacobian of the ``K`` scores with respect to
   the probes), nothing built from them;
+* **step**: the fit's compiled step (``KronBuilder.batch_sums``: the same passes, then every
+  layer's blocks), traced before, batch by batch;
 * **fit**: ``Laplace(model, "classification", "all", "kron").fit`` (a new object each time,
   so its step is traced again, as a user's fit is).
 
 ``passes / epoch`` is the floor of ``fit / epoch`` for any way of building the blocks from the
-same gradients.
+same gradients; ``step - passes`` is the blocks' work (rows, patches, ``A`` and ``G``
+products, BatchNorm's dense blocks), ``fit - step`` what a fit adds (tracing its step, the
+batch loop, the sums' additions, the eigendecompositions).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import laplace_tf as ltf  # noqa: E402
 from laplace_tf.curvature._per_example import output_cotangents  # noqa: E402
+from laplace_tf.curvature.kron import KronBuilder  # noqa: E402
 from laplace_tf.likelihoods import get_likelihood  # noqa: E402
 from laplace_tf.params import LogitModel, WeightSubset  # noqa: E402
 from tests.zoo import resnet  # noqa: E402
@@ -87,6 +92,15 @@ def main() -> None:
             step(*batch)
 
     passes = _median_seconds(run_passes)
+    builder = KronBuilder(LogitModel(model, WeightSubset(model)), get_likelihood("classification"))
+    sums = tf.function(builder.batch_sums, reduce_retracing=True)
+    sums(*batches[0])
+
+    def run_steps():
+        for batch in batches:
+            sums(*batch)
+
+    steps = _median_seconds(run_steps)
 
     def fit():
         ltf.Laplace(model, "classification", "all", "kron", progress=False).fit(
@@ -95,10 +109,10 @@ def main() -> None:
     fit()
     fitted = _median_seconds(fit)
     print(f"resnet, N = {N:,}, batch {BATCH}, float32; seconds (median of {REPEATS})")
-    print(f"{'epoch':>8}{'passes':>8}{'fit':>8}{'passes/epoch':>14}{'fit/epoch':>11}"
-          f"{'fit/passes':>12}")
-    print(f"{epoch:>8.3f}{passes:>8.3f}{fitted:>8.3f}{passes / epoch:>14.2f}"
-          f"{fitted / epoch:>11.2f}{fitted / passes:>12.2f}")
+    print(f"{'epoch':>8}{'passes':>8}{'step':>8}{'fit':>8}{'passes/epoch':>14}"
+          f"{'step/epoch':>12}{'fit/epoch':>11}")
+    print(f"{epoch:>8.3f}{passes:>8.3f}{steps:>8.3f}{fitted:>8.3f}{passes / epoch:>14.2f}"
+          f"{steps / epoch:>12.2f}{fitted / epoch:>11.2f}")
 
 
 if __name__ == "__main__":
