@@ -89,7 +89,9 @@ class KronRule:
     must have a ``kernel`` variable ``[..., dout]`` and a ``bias`` (``None`` without bias), as
     Keras Dense and convolution layers do; rules for other weights override :meth:`variables`
     and :meth:`shapes`; a layer with several kernels (a separable convolution) gets one block
-    per kernel: its rule overrides :meth:`shapes` and :meth:`parts` too. A rule whose weight
+    per kernel: its rule overrides :meth:`shapes` and :meth:`parts` too; a layer whose block
+    takes its weights in another order than the flat one (a transposed convolution's kernel
+    ``(k..., cout, cin)``) overrides :meth:`order`. A rule whose weight
     gradient is not a sum of outer products sets ``outer_product = False`` and overrides
     :meth:`blocks` (full and diagonal posteriors then take its per-example gradients by
     autodiff).
