@@ -17,10 +17,12 @@ from laplace_tf.blocks import (
     KronBlock,
     LayerJacobian,
     LowRankBlock,
+    PermutedKronBlock,
 )
 
 DIN, K = 2, 3
 SIZE = DIN * K
+ORDER = np.array([3, 0, 4, 1, 5, 2])  # a PermutedKronBlock's order: weight ORDER[i] at i
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 
 
@@ -37,6 +39,9 @@ def _example(name: str, seed: int, A=None):
     elif name == "KronBlock":
         A = _psd(rng, DIN) if A is None else A
         block = KronBlock(tf.constant(A), tf.constant(_psd(rng, K)), tf.constant(float(seed + 2), tf.float64))
+    elif name == "PermutedKronBlock":
+        kron = _example("KronBlock", seed, A)
+        block = PermutedKronBlock(*kron, tf.constant(ORDER, tf.int32))
     elif name == "LowRankBlock":  # rank 4 of 6: two zero eigenvalues
         block = LowRankBlock(tf.constant(rng.normal(size=(4, SIZE))))
     else:
@@ -50,6 +55,10 @@ def _dense(block) -> np.ndarray:
         return block.matrix.numpy()
     if isinstance(block, KronBlock):
         return np.kron(block.A.numpy(), block.G.numpy())
+    if isinstance(block, PermutedKronBlock):  # entry (ORDER[i], ORDER[j]) is kron's (i, j)
+        dense = np.zeros((SIZE, SIZE))
+        dense[np.ix_(ORDER, ORDER)] = np.kron(block.A.numpy(), block.G.numpy())
+        return dense
     if isinstance(block, LowRankBlock):
         return block.root.numpy().T @ block.root.numpy()
     return np.diag(block.diagonal.numpy())
@@ -59,7 +68,7 @@ NAMES = sorted(BLOCK_TYPES)
 
 
 def test_registry_holds_every_block_type_by_name():
-    assert NAMES == ["DenseBlock", "DiagBlock", "KronBlock", "LowRankBlock"]
+    assert NAMES == ["DenseBlock", "DiagBlock", "KronBlock", "LowRankBlock", "PermutedKronBlock"]
     for name, cls in BLOCK_TYPES.items():
         block = _example(name, 0)
         assert type(block) is cls and cls(*block) == block  # the fields are its arrays
@@ -73,11 +82,11 @@ def test_block_algebra_matches_dense(name):
     np.testing.assert_allclose(first.to_dense(), H1, **TIGHT)
     np.testing.assert_allclose(first.scaled(2.5).to_dense(), 2.5 * H1, **TIGHT)
     union = first.add(second)
-    if name == "KronBlock":  # A a mean over n rows, G a sum
+    if name in ("KronBlock", "PermutedKronBlock"):  # A a mean over n rows, G a sum
         n1, n2 = float(first.n), float(second.n)
         A = (n1 * first.A.numpy() + n2 * second.A.numpy()) / (n1 + n2)
-        expected = np.kron(A, first.G.numpy() + second.G.numpy())
-        summed = KronBlock(first.A * first.n, first.G, first.n)
+        expected = _dense(first._replace(A=tf.constant(A), G=first.G + second.G))
+        summed = first._replace(A=first.A * first.n)
         np.testing.assert_allclose(summed.from_sum_form().to_dense(), H1, **TIGHT)
     else:
         expected = H1 + H2
@@ -92,9 +101,14 @@ def test_noise_rescaling_and_weighted_sums_match_dense(name):
     first = _example(name, 0)
     scales = np.array([4.0, 0.25, 2.0])
     root = np.sqrt(np.tile(scales, DIN))  # outputs fastest
-    rescaled = first.rescaled(tf.constant(scales)).to_dense()
-    np.testing.assert_allclose(rescaled, root[:, None] * _dense(first) * root[None, :], **TIGHT)
-    shared_A = first.A.numpy() if name == "KronBlock" else None
+    if name == "PermutedKronBlock":  # never a last layer's: no per-output rescaling
+        with pytest.raises(ValueError, match="sigma_noise: a per-output noise"):
+            first.rescaled(tf.constant(scales))
+    else:
+        rescaled = first.rescaled(tf.constant(scales)).to_dense()
+        np.testing.assert_allclose(rescaled, root[:, None] * _dense(first) * root[None, :],
+                                   **TIGHT)
+    shared_A = first.A.numpy() if name in ("KronBlock", "PermutedKronBlock") else None
     second = _example(name, 1, A=shared_A)
     weights = [0.5, 0.2] if name == "LowRankBlock" else [0.5, -0.2]  # H = R^T R stays PSD
     combined = type(first).combine([first, second], tf.constant(weights, tf.float64))

@@ -313,7 +313,9 @@ def test_fallbacks_are_one_warning_per_builder(caplog):
     (L.Conv2D(4, 2, groups=2), (None, 6, 6, 4), None),
     (L.Conv2D(4, 2, data_format="channels_first"), (None, 4, 6, 6), "data_format="),
     (L.Conv3D(4, 2), (None, 6, 6, 6, 4), None),
-    (L.Conv2DTranspose(4, 2), (None, 6, 6, 4), "Conv2DTranspose has no Kronecker rule"),
+    (L.Conv2DTranspose(4, 2), (None, 6, 6, 4), None),
+    (L.Conv2DTranspose(4, 2, data_format="channels_first"), (None, 4, 6, 6), "data_format="),
+    (L.SimpleRNN(3), (None, 5, 4), "SimpleRNN has no Kronecker rule"),
     (L.LayerNormalization(rms_scaling=True), (None, 4), "rms_scaling=True"),
 ])
 def test_layer_routing(layer, input_shape, reason):

@@ -10,7 +10,14 @@ from laplace_tf.blocks.base import BLOCK_TYPES, Block, Covariance, Factor, block
 from laplace_tf.blocks.dense import DenseBlock, DenseCovariance, DenseFactor
 from laplace_tf.blocks.diag import DiagBlock, DiagCovariance, DiagFactor
 from laplace_tf.blocks.jacobian import LayerJacobian
-from laplace_tf.blocks.kron import KronBlock, KronCovariance, KronFactor
+from laplace_tf.blocks.kron import (
+    KronBlock,
+    KronCovariance,
+    KronFactor,
+    PermutedKronBlock,
+    PermutedKronCovariance,
+    PermutedKronFactor,
+)
 from laplace_tf.blocks.kron_operator import LinearOperatorKroneckerEigen
 from laplace_tf.blocks.lowrank import LowRankBlock, LowRankCovariance, LowRankFactor
 
@@ -18,5 +25,6 @@ __all__ = [
     "BLOCK_TYPES", "Block", "Covariance", "DenseBlock", "DenseCovariance", "DenseFactor",
     "DiagBlock", "DiagCovariance", "DiagFactor", "Factor", "KronBlock", "KronCovariance",
     "KronFactor", "LayerJacobian", "LinearOperatorKroneckerEigen", "LowRankBlock",
-    "LowRankCovariance", "LowRankFactor", "blocks_to_dense",
+    "LowRankCovariance", "LowRankFactor", "PermutedKronBlock", "PermutedKronCovariance",
+    "PermutedKronFactor", "blocks_to_dense",
 ]

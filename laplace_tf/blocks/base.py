@@ -21,7 +21,7 @@ Example:
     >>> import tensorflow as tf
     >>> import laplace_tf.blocks as blocks
     >>> sorted(blocks.BLOCK_TYPES)
-    ['DenseBlock', 'DiagBlock', 'KronBlock', 'LowRankBlock']
+    ['DenseBlock', 'DiagBlock', 'KronBlock', 'LowRankBlock', 'PermutedKronBlock']
     >>> blocks.DiagBlock(tf.constant([1.0, 2.0])).scaled(3.0).diagonal.numpy().tolist()
     [3.0, 6.0]
 """

@@ -61,7 +61,12 @@ class LayerJacobian(NamedTuple):
         """The explicit per-example Jacobian ``[N, K, size]``."""
         if self.a is None:
             return self.jacobian
-        jac = tf.einsum("nti,ntkj->nkij", self.a, self.g)
+        g = self.g
+        if g is None:  # the identity: the pre-activation is the logits
+            shape = tf.shape(self.a)
+            g = tf.broadcast_to(tf.eye(self.shape[1], dtype=self.a.dtype),
+                                [shape[0], shape[1], self.shape[1], self.shape[1]])
+        jac = tf.einsum("nti,ntkj->nkij", self.a, g)
         shape = tf.shape(jac)
         return tf.reshape(jac, [shape[0], shape[1], -1])
 

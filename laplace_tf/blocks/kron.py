@@ -42,7 +42,8 @@ from laplace_tf.blocks.base import (
 from laplace_tf.blocks.jacobian import LayerJacobian, factored_variance
 from laplace_tf.blocks.kron_operator import LinearOperatorKroneckerEigen
 
-__all__ = ["KronBlock", "KronCovariance", "KronFactor"]
+__all__ = ["KronBlock", "KronCovariance", "KronFactor", "PermutedKronBlock", "PermutedKronCovariance",
+           "PermutedKronFactor"]
 
 
 @register_block
@@ -212,3 +213,120 @@ class KronFactor(Factor):
     def scale(self, c, prior):
         # the symmetric root (Qa ⊗ Qg) diag(E^-1/2) (Qa ⊗ Qg)^T: same law, same structure
         return self._operator(c, prior).power(-0.5)
+
+
+@register_block
+class PermutedKronBlock(NamedTuple):
+    """``H = P^T (A ⊗ G) P``: a :class:`KronBlock` over the layer's weights taken in the order
+    ``order`` (``(P theta)[i] = theta[order[i]]``), for a layer whose flat weight order is not
+    its Kronecker order (a transposed convolution's kernel ``(k..., cout, cin)``: ``A`` is over
+    ``(k..., cin)``). Everything but the layout is the :class:`KronBlock`'s.
+
+    Example:
+        >>> import tensorflow as tf
+        >>> A, G = tf.constant([[1.0, 0.0], [0.0, 2.0]]), tf.constant([[1.0]])
+        >>> block = PermutedKronBlock(A, G, tf.constant(1.0), tf.constant([1, 0]))
+        >>> block.to_dense().numpy().tolist()
+        [[2.0, 0.0], [0.0, 1.0]]
+    """
+
+    A: tf.Tensor
+    G: tf.Tensor
+    n: tf.Tensor
+    order: tf.Tensor  # int32 [size]
+
+    @property
+    def kron(self) -> KronBlock:
+        return KronBlock(self.A, self.G, self.n)
+
+    @property
+    def size(self) -> int:
+        return self.kron.size
+
+    def _with(self, block: KronBlock) -> PermutedKronBlock:
+        return PermutedKronBlock(*block, self.order)
+
+    def add(self, other: PermutedKronBlock) -> PermutedKronBlock:
+        check_same_type(self, other)
+        return self._with(self.kron.add(other.kron))
+
+    def scaled(self, factor) -> PermutedKronBlock:
+        return self._with(self.kron.scaled(factor))
+
+    def from_sum_form(self) -> PermutedKronBlock:
+        return self._with(self.kron.from_sum_form())
+
+    def to_dense(self) -> tf.Tensor:
+        inverse = tf.math.invert_permutation(self.order)
+        return tf.gather(tf.gather(self.kron.to_dense(), inverse, axis=0), inverse, axis=1)
+
+    def rescaled(self, scales: tf.Tensor) -> PermutedKronBlock:
+        """Refused: per-output noise rescales a last layer's block (a Dense layer's, never
+        permuted); in the flat order of a permuted block it is no Kronecker product."""
+        raise ValueError(
+            "sigma_noise: a per-output noise rescales the curvature of a last Dense layer; "
+            "a transposed convolution's Kronecker block cannot be rescaled per output. Use a "
+            "scalar sigma_noise.")
+
+    @classmethod
+    def combine(cls, blocks: Sequence[PermutedKronBlock], weights) -> PermutedKronBlock:
+        return blocks[0]._with(KronBlock.combine([b.kron for b in blocks], weights))
+
+    def log_det_precision(self, c, prior) -> tf.Tensor:
+        return self.kron.log_det_precision(c, prior)
+
+    def spectrum(self, max_order: int) -> np.ndarray:
+        return self.kron.spectrum(max_order)
+
+    def factorize(self, clip: bool = False) -> PermutedKronFactor:
+        check_finite(self.kron)
+        return PermutedKronFactor(self, clip)
+
+    memory = KronBlock.memory
+
+
+class PermutedKronCovariance(NamedTuple):
+    """A :class:`KronCovariance` over the weights in the order ``order``; it contracts the
+    layer's explicit Jacobian (columns in the flat order)."""
+
+    covariance: KronCovariance
+    order: tf.Tensor
+
+    needs_one_factored_layer = True  # type: ignore[misc]  # a class constant in a NamedTuple
+
+    def to_dense(self) -> tf.Tensor:
+        inverse = tf.math.invert_permutation(self.order)
+        return tf.gather(tf.gather(self.covariance.to_dense(), inverse, axis=0), inverse, axis=1)
+
+    def for_logits_diagonal(self, shape: tuple[int, int]) -> PermutedKronCovariance:
+        return self  # a layer with a permuted block is never the factored logits layer
+
+    def contract(self, layers: Sequence[LayerJacobian], diagonal: bool) -> tf.Tensor:
+        layer = layers[0]
+        jacobian = tf.gather(layer.explicit(), self.order, axis=-1)
+        return self.covariance.contract([layer._replace(a=None, g=None, jacobian=jacobian)],
+                                        diagonal)
+
+
+class PermutedKronFactor(KronFactor):
+    """A :class:`PermutedKronBlock` eigendecomposed: the :class:`KronFactor` of ``A ⊗ G``, its
+    operators taken as ``P^T op P``."""
+
+    def __init__(self, block: PermutedKronBlock, clip: bool = False):
+        super().__init__(block.kron, clip)
+        self.order = block.order
+
+    def _permuted(self, operator: tf.linalg.LinearOperator) -> tf.linalg.LinearOperator:
+        P = tf.linalg.LinearOperatorPermutation(self.order, dtype=operator.dtype)
+        return tf.linalg.LinearOperatorComposition(
+            [P.adjoint(), operator, P], is_self_adjoint=True, is_positive_definite=True,
+            is_non_singular=True, is_square=True)
+
+    def precision(self, c, prior):
+        return self._permuted(super().precision(c, prior))
+
+    def covariance(self, c, prior):
+        return PermutedKronCovariance(super().covariance(c, prior), self.order)
+
+    def scale(self, c, prior):
+        return self._permuted(super().scale(c, prior))

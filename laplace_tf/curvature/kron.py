@@ -63,7 +63,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.arguments import choice, flag
-from laplace_tf.blocks import Block, DiagBlock
+from laplace_tf.blocks import Block, DiagBlock, PermutedKronBlock
 from laplace_tf.curvature._per_example import output_cotangents, summed_rows
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
 from laplace_tf.curvature.kron_layers import KRON_RULES, block_kind, fallback_reason
@@ -136,6 +136,7 @@ class KronBuilder(CurvatureBuilder):
         }
         self._diagonal_models: dict[tuple[int, ...], LogitModel] = {}
         self._logged = False
+        self._orders: dict[int, np.ndarray] = {}  # block position -> its weights' order
 
     # traced as written: Keras 3 layers need no autograph (Keras' own steps skip it), and
     # converting this code took seconds of a first fit
@@ -182,7 +183,19 @@ class KronBuilder(CurvatureBuilder):
             diagonal = self._diagonal_blocks(sorted(fallbacks), x, y, w)
             blocks.update((i, [block]) for i, block in zip(sorted(fallbacks), diagonal, strict=True))
         self._log_blocks(fallbacks)
-        return [block for i in range(len(slices)) for block in blocks[i]], logits
+        listed = [(i, block) for i in range(len(slices)) for block in blocks[i]]
+        orders = [KRON_RULES[type(slices[i].layer)].order(slices[i].layer) if i in kron else None
+                  for i, _ in listed]
+        self._orders = {j: order for j, order in enumerate(orders) if order is not None}
+        return [block for _, block in listed], logits
+
+    def finish(self, sums: list) -> list[Block]:
+        """The blocks added up; a layer whose Kronecker order is not its flat order (a
+        transposed convolution) gets its block as a :class:`PermutedKronBlock`."""
+        blocks = super().finish(sums)
+        for j, order in self._orders.items():
+            blocks[j] = PermutedKronBlock(*blocks[j], tf.constant(order, tf.int32))
+        return blocks
 
     def _cotangents(self, logits: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
         """``c [N, K, R]``: the pre-activation gradients of ``logits . c_r`` are the ``g``

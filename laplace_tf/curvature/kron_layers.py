@@ -90,7 +90,9 @@ class KronRule:
     must have a ``kernel`` variable ``[..., dout]`` and a ``bias`` (``None`` without bias), as
     Keras Dense and convolution layers do; rules for other weights override :meth:`variables`
     and :meth:`shapes`; a layer with several kernels (a separable convolution) gets one block
-    per kernel: its rule overrides :meth:`shapes` and :meth:`parts` too. A rule whose weight
+    per kernel: its rule overrides :meth:`shapes` and :meth:`parts` too; a layer whose block
+    takes its weights in another order than the flat one (a transposed convolution's kernel
+    ``(k..., cout, cin)``) overrides :meth:`order`. A rule whose weight
     gradient is not a sum of outer products sets ``outer_product = False`` and overrides
     :meth:`blocks` (full and diagonal posteriors then take its per-example gradients by
     autodiff).
@@ -117,6 +119,13 @@ class KronRule:
         """The kind of block :meth:`blocks` gives (``"kron"``, ``"dense"``, ``"diag"``) and,
         for a diagonal one, why."""
         return "kron", None
+
+    def order(self, layer: keras.layers.Layer) -> np.ndarray | None:
+        """The layer's weights in the order of its one block, when it is not the flat order:
+        position ``i`` of the block's row-major ``[din, dout]`` matrix holds the layer's weight
+        ``order[i]`` (kernel then bias, as flattened). None: the same order (every rule but
+        the transposed convolutions')."""
+        return None
 
     def rows(self, layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
         """The input rows ``[n, din]`` (without the bias column) of one call: example-major,
@@ -254,6 +263,43 @@ class _SeparableRule(KronRule):
         pointwise = tf.reshape(layer.pointwise_kernel, [cin * multiplier, -1])
         middle = tf.einsum("...o,po->...p", gradients, pointwise)
         return [KronPart(rows, middle), KronPart(_with_bias(u, layer), gradients)]
+
+
+class _TransposeConvRule(KronRule):
+    """Conv1DTranspose / Conv2DTranspose / Conv3DTranspose (channels_last): a convolution of
+    the input spread out by the strides, so the output at every location ``s`` is
+    ``z_s = a_s^T W`` with ``a_s [k..., cin]`` the inputs each kernel tap ``k`` brings to
+    ``s`` (zero where none), and ``W [(k..., cin), cout]`` the kernel.
+
+    Keras stores the kernel as ``(k..., cout, cin)``: the block ``A ⊗ G`` is over the weights
+    in the order ``(k..., cin, cout)`` then the bias (:meth:`KronRule.order`). The rows are the
+    layer's own ``conv_transpose`` with the identity kernel ``[k..., prod(k) cin, cin]``
+    (exact: each output channel copies the input one tap brings).
+    """
+
+    def unsupported(self, layer):
+        return _ConvRule().unsupported(layer)
+
+    def shapes(self, layer):
+        *window, cout, cin = layer.kernel.shape
+        return [KronShape(int(np.prod(window)) * int(cin) + _has_bias(layer), int(cout))]
+
+    def order(self, layer):
+        *window, cout, cin = (int(d) for d in layer.kernel.shape)
+        taps = int(np.prod(window))
+        kernel = np.arange(taps * cout * cin).reshape(taps, cout, cin).transpose(0, 2, 1)
+        return np.concatenate([kernel.ravel(), taps * cout * cin + np.arange(cout * _has_bias(layer))])
+
+    def rows(self, layer, inputs):
+        *window, _, cin = layer.kernel.shape
+        width = int(np.prod(window)) * int(cin)
+        identity = tf.transpose(tf.reshape(tf.eye(width, dtype=inputs.dtype), [*window, cin, width]),
+                                [*range(len(window)), len(window) + 1, len(window)])
+        rows = keras.ops.conv_transpose(
+            inputs, identity, strides=list(layer.strides), padding=layer.padding,
+            output_padding=layer.output_padding, dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format)
+        return tf.reshape(rows, [-1, width])
 
 
 def _depthwise_rows(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
@@ -475,6 +521,9 @@ KRON_RULES: dict[type, KronRule] = {
     keras.layers.DepthwiseConv2D: _DepthwiseRule(),
     keras.layers.SeparableConv1D: _SeparableRule(),
     keras.layers.SeparableConv2D: _SeparableRule(),
+    keras.layers.Conv1DTranspose: _TransposeConvRule(),
+    keras.layers.Conv2DTranspose: _TransposeConvRule(),
+    keras.layers.Conv3DTranspose: _TransposeConvRule(),
     keras.layers.Embedding: _EmbeddingRule(),
     keras.layers.EinsumDense: _EinsumDenseRule(),
     keras.layers.LayerNormalization: _ScaleAndShiftRule(),
@@ -569,14 +618,15 @@ def fallback_reason(layer_slice: LayerSlice) -> str | None:
 
 def is_factored(layer_slice: LayerSlice) -> bool:
     """Whether the layer's weight Jacobian is ``sum_t a_t g_t^T`` (a supported Kronecker rule
-    of one block without output groups): its rows are :func:`input_rows`, its pre-activation
+    of one block without output groups, in the flat order): its rows are :func:`input_rows`, its pre-activation
     gradients have :func:`output_size` columns (the form
     :mod:`~laplace_tf.curvature._per_example` and the GLM predictive factor)."""
     if fallback_reason(layer_slice) is not None:
         return False
     rule = KRON_RULES[type(layer_slice.layer)]
     shapes = rule.shapes(layer_slice.layer)
-    return rule.outer_product and len(shapes) == 1 and shapes[0].groups == 1
+    return (rule.outer_product and len(shapes) == 1 and shapes[0].groups == 1
+            and rule.order(layer_slice.layer) is None)
 
 
 def output_size(layer: keras.layers.Layer) -> int:

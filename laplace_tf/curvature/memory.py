@@ -92,7 +92,13 @@ from laplace_tf.curvature._per_example import (
 )
 from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
-from laplace_tf.curvature.kron_layers import block_kind, is_factored, kron_shapes, output_size
+from laplace_tf.curvature.kron_layers import (
+    block_kind,
+    fallback_reason,
+    is_factored,
+    kron_shapes,
+    output_size,
+)
 from laplace_tf.curvature.last_layer import full_example_numbers
 from laplace_tf.curvature.lowrank import DEFAULT_OVERSAMPLING, DEFAULT_RANK
 from laplace_tf.params import LayerSlice, WeightSubset
@@ -290,16 +296,32 @@ def _kron(slices, rows: int, batch_size: int) -> dict[str, int]:
     for layer_slice in slices:
         kind, _ = block_kind(layer_slice)
         if kind == "kron":  # every block: its q input rows a location and its gradients
-            layers = [_kron_layer(d, o, batch_size * _locations(layer_slice) * (q * d + rows * o))
+            layers = [_kron_layer(d, o, batch_size * _locations(layer_slice)
+                                  * (_row_numbers(layer_slice.layer, q * d) + rows * o))
                       for d, o, q in kron_shapes(layer_slice.layer)]
         elif kind == "dense":  # a scale-and-shift layer's exact block
-            layers = [_full(layer_slice.size, 2, batch_size * rows * layer_slice.size)]
+            layers = [_full(layer_slice.size, 2, _exact_rule_block(layer_slice, rows, batch_size))]
+        elif fallback_reason(layer_slice) is None:  # a rule's exact diagonal
+            layers = [_diag(layer_slice.size, _exact_rule_block(layer_slice, rows, batch_size))]
         else:
             layers = [_diag(layer_slice.size, batch_size * rows * layer_slice.size)]
         for layer in layers:
             for name, n in layer.items():
                 counts[name] = counts.get(name, 0) + n
     return counts
+
+
+def _row_numbers(layer: keras.layers.Layer, width: int) -> int:
+    """Numbers of a location's input rows: an Embedding's are its token (K-FAC-expand counts
+    tokens; only K-FAC-reduce forms one-hot rows), every other layer's their width."""
+    return 1 if type(layer) is keras.layers.Embedding else width
+
+
+def _exact_rule_block(layer_slice: LayerSlice, rows: int, batch_size: int) -> int:
+    """``per_batch`` of a rule's exact block (a scale-and-shift layer's, a large embedding's
+    diagonal): the gradients of the layer's whole output ``[R, B, ...]`` and its normalised
+    inputs (or tokens), then ``R`` gradient rows of the weights per example."""
+    return batch_size * ((1 + rows) * _output_numbers(layer_slice) + rows * layer_slice.size)
 
 
 def _kron_layer(d: int, o: int, per_batch: int) -> dict[str, int]:
@@ -375,11 +397,16 @@ def _locations(layer_slice: LayerSlice) -> int:
 
     A layer without a recorded output shape (a subclassed model) counts as one location.
     """
+    return max(1, _output_numbers(layer_slice) // output_size(layer_slice.layer))
+
+
+def _output_numbers(layer_slice: LayerSlice) -> int:
+    """Numbers in one example's output of the layer (0 without a recorded output shape)."""
     try:
         shape = layer_slice.layer.output.shape
     except (AttributeError, ValueError):
-        return 1
-    return int(np.prod([n or 1 for n in shape[1:]])) // output_size(layer_slice.layer)
+        return 0
+    return int(np.prod([n or 1 for n in shape[1:]]))
 
 
 def _per_example(

@@ -157,13 +157,18 @@ def _curvature(metadata: dict, arrays: dict, dtype: tf.DType) -> Curvature:
     blocks = []
     for i, name in enumerate(metadata["blocks"]):
         cls = _BLOCKS[name]
-        blocks.append(cls(*(tf.constant(arrays[f"block_{i}_{f}"], dtype) for f in cls._fields)))
+        blocks.append(cls(*(_array(arrays[f"block_{i}_{f}"], dtype) for f in cls._fields)))
     residual_ss = arrays.get("curvature_residual_ss")
     return Curvature(
         metadata["hessian_structure"], blocks, tf.constant(arrays["curvature_nll"], dtype),
         metadata["n_data"],  # an int, or the float sum of sample weights
         None if residual_ss is None else tf.constant(residual_ss, dtype),
     )
+
+
+def _array(values: np.ndarray, dtype: tf.DType) -> tf.Tensor:
+    """A saved block array in the model's dtype; integer arrays (a weight order) stay integer."""
+    return tf.constant(values, None if np.issubdtype(values.dtype, np.integer) else dtype)
 
 
 def load(cls, path, model):

@@ -770,7 +770,8 @@ class PosteriorLaplace:
         for s in self.subset.slices:
             index = next(i for i, (offset, size) in enumerate(fitted.block_ranges)
                          if offset <= s.offset < offset + size)
-            kinds[s.name] = type(fitted.curvature.blocks[index]).__name__.removesuffix("Block").lower()
+            name = type(fitted.curvature.blocks[index]).__name__.removesuffix("Block")
+            kinds[s.name] = name.removeprefix("Permuted").lower()  # a transposed conv's: "kron"
         return kinds
 
     def covariance_blocks(self) -> list[Covariance]:

@@ -37,7 +37,14 @@ from collections.abc import Sequence
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from laplace_tf.blocks import DenseBlock, DiagBlock, Factor, KronBlock, LowRankBlock
+from laplace_tf.blocks import (
+    DenseBlock,
+    DiagBlock,
+    Factor,
+    KronBlock,
+    LowRankBlock,
+    PermutedKronBlock,
+)
 from laplace_tf.curvature.base import Curvature
 from laplace_tf.posterior.prior import PRIOR_STRUCTURES
 
@@ -93,7 +100,7 @@ class FullStructure(Structure):
 
 class KronStructure(Structure):
     name = "kron"
-    blocks = (KronBlock, DenseBlock, DiagBlock)  # dense: scale-and-shift layers
+    blocks = (KronBlock, PermutedKronBlock, DenseBlock, DiagBlock)  # dense: scale-and-shift
     prior_structures = ("scalar", "layerwise")
 
     def distribution(self, mean, factors, c, priors):

@@ -247,7 +247,8 @@ class FunctionalVariance:
 def _explicit_jacobian(layer, inputs: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
     """The Jacobian ``[N, K, p]`` of the logits with respect to a layer's weights, from one
     call's inputs and pre-activation gradients ``[K, N, ..., dout]``, block by block
-    (:func:`~laplace_tf.curvature.kron_layers.kron_parts`). In a block with ``q`` output
+    (:func:`~laplace_tf.curvature.kron_layers.kron_parts`), in the flat order of its weights
+    (:meth:`~laplace_tf.curvature.kron_layers.KronRule.order`). In a block with ``q`` output
     groups, row ``(t, j)`` acts on group ``j``'s outputs only:
     ``M_k[:, group j] = sum_t a_{t,j} g_{t,k,group j}^T`` (no masked outer product is formed).
     """
@@ -259,7 +260,9 @@ def _explicit_jacobian(layer, inputs: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
         g = tf.reshape(part.grads, [shape[0], shape[1], -1, q, dout // q])
         jac = tf.einsum("ntji,kntjm->nkijm", a, g)
         pieces.append(tf.reshape(jac, [shape[1], shape[0], din * dout]))
-    return tf.concat(pieces, axis=-1)
+    order = KRON_RULES[type(layer)].order(layer)  # columns in the flat order
+    jacobian = tf.concat(pieces, axis=-1)
+    return jacobian if order is None else tf.gather(jacobian, np.argsort(order), axis=-1)
 
 
 def _vectorised_jacobian(tape: tf.GradientTape, target: tf.Tensor, sources: list) -> list:
