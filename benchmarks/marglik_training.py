@@ -94,8 +94,9 @@ def _run(name: str, task: dict, seed: int, decay: float | None):
                 if task["likelihood"] == "classification" else "mse")
         model.compile(optimizer, loss)
         model.fit(x, y, epochs=task["epochs"], batch_size=task["batch_size"], verbose=0)
-        residual = model.predict(x, verbose=0) - y
-        sigma = float(np.sqrt(np.mean(residual**2)))
+        sigma = None
+        if task["likelihood"] == "regression":
+            sigma = float(np.sqrt(np.mean((model.predict(x, verbose=0) - y) ** 2)))
         prior = decay
     seconds = time.perf_counter() - start
     nll = _test_nll(model, task["likelihood"], x_test, y_test, sigma)

@@ -274,8 +274,8 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
             ``prior_structure``, ``marglik_frequency``, ``n_hypersteps``, ...).
 
     Returns:
-        ``(model, la, trace)``: the trained model, the Laplace fitted at the last refit (its
-        prior precision and sigma_noise are the learned ones), and ``trace``, a dict of
+        ``(model, la, trace)``: the trained model, the Laplace fitted at its final weights
+        with the prior precision and sigma_noise of the last refit, and ``trace``, a dict of
         arrays with one entry per refit: ``epoch``, ``log_marginal_likelihood``,
         ``prior_precision`` (``[R, L]`` or ``[R, P]``) and ``sigma_noise`` (NaN unless
         regression).
@@ -309,6 +309,8 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
             f"epochs: no refit happened in {epochs} epochs (n_epochs_burnin="
             f"{callback.n_epochs_burnin}, marglik_frequency={callback.marglik_frequency}); "
             "train longer or refit more often.")
+    if callback.trace["epoch"][-1] != epochs:  # the posterior at the returned weights
+        callback.la.fit(train_data, progress=False)
     trace = {key: np.asarray(value) for key, value in callback.trace.items()}
     return model, callback.la, trace
 

@@ -120,11 +120,16 @@ def test_regression_learns_sigma_noise():
     assert 0.5 * residual < trace["sigma_noise"][-1] < 2 * residual < 0.5  # from 1 to ~0.1
 
 
-def test_marglik_training_is_reproducible():
+def test_marglik_training_is_reproducible_and_returns_the_final_posterior():
     x, y = _data("classification")
     runs = [ltf.marglik_training(_mlp("classification", seed=s), "classification", (x, y),
-                                 epochs=2, batch_size=8, seed=3, verbose=0, n_hypersteps=5)
+                                 epochs=3, batch_size=8, seed=3, verbose=0, n_hypersteps=5,
+                                 marglik_frequency=2)
             for s in (0, 0)]
+    model, la, trace = runs[0]
+    assert trace["epoch"].tolist() == [2]  # and the returned posterior is at the final weights
+    flat = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
+    np.testing.assert_allclose(np.asarray(la.mean), flat, rtol=1e-6)
     for a, b in zip(runs[0][0].get_weights(), runs[1][0].get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(runs[0][2]["prior_precision"], runs[1][2]["prior_precision"])
