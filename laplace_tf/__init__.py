@@ -25,6 +25,8 @@ _PUBLIC = {
     "WeightSubset": "laplace_tf.params",
     "get_likelihood": "laplace_tf.likelihoods",
     "register_kron_rule": "laplace_tf.curvature",
+    "MarginalLikelihoodCallback": "laplace_tf.training",
+    "marglik_training": "laplace_tf.training",
 }
 _SUBMODULES = ("calibration", "data", "models", "subnetwork", "testing")
 

@@ -1,0 +1,321 @@
+"""Marginal-likelihood training: learn the weight decay (and sigma_noise) during ``model.fit``.
+
+Immer et al. (2021), "Scalable marginal likelihood estimation for model selection in deep
+learning" (laplace-torch's ``marglik_training``): every ``marglik_frequency`` epochs after
+``n_epochs_burnin``, the Laplace posterior is refitted at the current weights on the training
+data and its hyperparameters (the prior precision ``lambda``, one per layer by default, and
+for regression ``sigma_noise``) are moved by ``n_hypersteps`` Adam steps up the Laplace
+evidence (:meth:`Laplace.optimize_prior_precision` with ``method="marglik"``). The learned prior
+is the L2 term of the training loss.
+
+**Loss convention.** Keras losses are means over the batch, so the training objective is
+the negative log joint divided by the number of training examples ``N`` (its minimiser is the
+MAP of the Laplace posterior, whose losses are sums)::
+
+    classification:  mean CE                + (T / N)             * 1/2 sum_l lambda_l ||theta_l||^2
+    binary (K outs): mean BCE over outputs   + (T / (N K))         * 1/2 sum_l lambda_l ||theta_l||^2
+    regression:      mean MSE over outputs   + (2 sigma^2 T/(N K)) * 1/2 sum_l lambda_l ||theta_l||^2
+
+The regression line is the Gaussian NLL with the learned ``sigma`` times ``2 sigma^2 / K``
+(the same minimiser; the constant factor leaves Adam's steps unchanged), as in laplace-torch.
+The terms are attached to the weights as Keras regularizers that read ``lambda`` and the factor
+from ``tf.Variable``s, so a refit changes them without retracing or recompiling the model;
+they are removed when ``fit`` ends.
+
+Example:
+    >>> import keras, numpy as np, laplace_tf as ltf
+    >>> keras.utils.set_random_seed(0)
+    >>> x = np.random.default_rng(0).normal(size=(40, 2)).astype("float32")
+    >>> y = (x[:, 0] > 0).astype("int32")
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    >>> model, la, trace = ltf.marglik_training(model, "classification", (x, y), epochs=2,
+    ...                                         hessian_structure="full", verbose=0)
+    >>> len(trace["log_marginal_likelihood"]), trace["prior_precision"].shape
+    (2, (2, 1))
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from laplace_tf.arguments import choice, flag, non_negative_int, positive_int, positive_number
+from laplace_tf.outputs import output_activation
+from laplace_tf.posterior.prior import PRIOR_STRUCTURES
+from laplace_tf.predictive import Laplace
+
+LIKELIHOODS = ("classification", "binary", "regression")
+_LOSSES = {  # the mean losses whose scale the L2 term is matched to
+    "classification": ("sparse_categorical_crossentropy", "categorical_crossentropy",
+                       keras.losses.SparseCategoricalCrossentropy,
+                       keras.losses.CategoricalCrossentropy),
+    "binary": ("binary_crossentropy", keras.losses.BinaryCrossentropy),
+    "regression": ("mse", "mean_squared_error", keras.losses.MeanSquaredError),
+}
+
+
+class _LearnedL2:
+    """``factor / 2 * sum lambda w^2``, ``lambda = lambdas[start]`` (one per layer) or
+    ``lambdas[start:stop]`` (one per weight), read from variables at every step."""
+
+    def __init__(self, lambdas: tf.Variable, factor: tf.Variable, start: int, stop: int | None):
+        self.lambdas, self.factor, self.start, self.stop = lambdas, factor, start, stop
+
+    def __call__(self, weight):
+        weight = tf.convert_to_tensor(weight)
+        if self.stop is None:
+            precision = self.lambdas[self.start]
+        else:
+            precision = tf.reshape(self.lambdas[self.start:self.stop], tf.shape(weight))
+        return 0.5 * self.factor * tf.reduce_sum(
+            tf.cast(precision, weight.dtype) * tf.square(weight))
+
+
+class MarginalLikelihoodCallback(keras.callbacks.Callback):
+    """Learn the prior precision (weight decay) and sigma_noise by the evidence during fit.
+
+    Args:
+        likelihood: ``"classification"``, ``"binary"`` or ``"regression"``; the model must be
+            compiled with the matching mean loss (sparse/categorical crossentropy, binary
+            crossentropy, mean squared error; default reduction) and an optimizer without
+            weight decay, its weights without regularizers (the callback supplies the L2 term).
+        train_data: the training data, ``(x, y)`` arrays or a finite ``tf.data.Dataset`` of
+            ``(x, y)`` batches (for the refits and ``N``).
+        subset_of_weights, hessian_structure: of the refitted :class:`~laplace_tf.Laplace`
+            (the learned L2 term regularises only that subset).
+        prior_structure: ``"scalar"``, ``"layerwise"`` (one per Keras layer) or ``"diag"``.
+        prior_precision, sigma_noise: initial values (``sigma_noise``: scalar, regression).
+        tune_sigma_noise: learn ``sigma_noise`` (regression).
+        n_epochs_burnin: epochs before the first refit.
+        marglik_frequency: refit after every ``marglik_frequency``-th epoch.
+        n_hypersteps, lr_hyp: Adam steps and step size on the log hyperparameters per refit.
+        temperature: the Laplace temperature ``T``.
+        **laplace_kwargs: more :class:`~laplace_tf.Laplace` arguments (``batch_size``, ...).
+
+    After each refit ``logs`` (the progress bar, ``History``) get ``log_marglik`` (and
+    ``sigma_noise``); ``self.la`` is the latest fitted Laplace, ``self.trace`` the values.
+    """
+
+    def __init__(self, likelihood: str, train_data, subset_of_weights: str = "all",
+                 hessian_structure: str = "kron", prior_structure: str = "layerwise",
+                 prior_precision: float = 1.0, sigma_noise: float = 1.0,
+                 tune_sigma_noise: bool = True, n_epochs_burnin: int = 0,
+                 marglik_frequency: int = 1, n_hypersteps: int = 100, lr_hyp: float = 0.1,
+                 temperature: float = 1.0, **laplace_kwargs):
+        super().__init__()
+        self.likelihood = choice(likelihood, "likelihood", LIKELIHOODS)
+        if not (isinstance(train_data, tf.data.Dataset) or (
+                isinstance(train_data, (tuple, list)) and len(train_data) == 2)):
+            raise TypeError(
+                "train_data: expected a tuple (x, y) of arrays or a tf.data.Dataset of (x, y) "
+                f"batches; got {type(train_data).__name__}.")
+        self.train_data = train_data
+        self.prior_structure = choice(prior_structure, "prior_structure", PRIOR_STRUCTURES)
+        self.prior_precision = positive_number(prior_precision, "prior_precision")
+        self.sigma_noise = positive_number(sigma_noise, "sigma_noise")
+        self.tune_sigma_noise = flag(tune_sigma_noise, "tune_sigma_noise") and \
+            self.likelihood == "regression"
+        self.n_epochs_burnin = non_negative_int(n_epochs_burnin, "n_epochs_burnin")
+        self.marglik_frequency = positive_int(marglik_frequency, "marglik_frequency")
+        self.n_hypersteps = positive_int(n_hypersteps, "n_hypersteps")
+        self.lr_hyp = positive_number(lr_hyp, "lr_hyp")
+        self.temperature = positive_number(temperature, "temperature")
+        self._laplace_args = dict(subset_of_weights=subset_of_weights,
+                                  hessian_structure=hessian_structure, **laplace_kwargs)
+        self.la: Laplace | None = None
+        self.trace: dict[str, list] = {"epoch": [], "log_marginal_likelihood": [],
+                                       "prior_precision": [], "sigma_noise": []}
+        self._attached: list = []
+
+    def set_model(self, model):
+        super().set_model(model)
+        if self.la is None or self.la.model is not model:
+            self._n_data = _count(self.train_data)
+            la = Laplace(model, self.likelihood, prior_precision=self.prior_precision,
+                         sigma_noise=self.sigma_noise, temperature=self.temperature,
+                         progress=False, **self._laplace_args)
+            if self.prior_structure not in la.structure.prior_structures:
+                raise ValueError(
+                    f"prior_structure: expected one of {la.structure.prior_structures} for "
+                    f"hessian_structure={la.hessian_structure!r}; got {self.prior_structure!r}.")
+            self.la = la
+            size = la.n_params if self.prior_structure == "diag" else len(la.subset.slices)
+            dtype = la.subset.dtype
+            self.lambdas = tf.Variable(tf.fill([size], tf.constant(self.prior_precision, dtype)),
+                                       trainable=False, name="marglik_prior_precision")
+            self.factor = tf.Variable(tf.constant(0.0, dtype), trainable=False,
+                                      name="marglik_l2_factor")
+            self._set_factor(self.sigma_noise)
+        self._attach(model)
+
+    def _set_factor(self, sigma: float) -> None:
+        shape = self.model.output_shape
+        outputs = int(shape[-1]) if len(shape) > 1 and shape[-1] is not None else 1
+        per_example = {"classification": 1.0, "binary": 1.0 / outputs,
+                       "regression": 2.0 * sigma**2 / outputs}[self.likelihood]
+        self.factor.assign(per_example * self.temperature / self._n_data)
+
+    def _attach(self, model) -> None:
+        _check_compiled(model, self.likelihood)
+        variables = [v for s in self.la.subset.slices for v in s.variables]
+        for variable in variables:
+            if variable.regularizer is not None and variable not in self._attached:
+                raise ValueError(
+                    f"model: the weight {variable.path!r} already has a regularizer; the "
+                    "marginal likelihood learns the weight decay: remove the layer's "
+                    "kernel_regularizer/bias_regularizer.")
+        offset = 0
+        for index, s in enumerate(self.la.subset.slices):
+            for variable in s.variables:
+                size = int(np.prod(variable.shape))
+                variable.regularizer = (
+                    _LearnedL2(self.lambdas, self.factor, offset, offset + size)
+                    if self.prior_structure == "diag" else
+                    _LearnedL2(self.lambdas, self.factor, index, None))
+                offset += size
+        self._attached = variables
+        model.train_function = model.test_function = None  # traced again, with the L2 terms
+
+    def on_train_end(self, logs=None):
+        for variable in self._attached:
+            variable.regularizer = None
+        self._attached = []
+        self.model.train_function = self.model.test_function = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if done % self.marglik_frequency or done < self.n_epochs_burnin:
+            return
+        la = self.la
+        la.fit(self.train_data, progress=False)
+        la.optimize_prior_precision(
+            method="marglik", prior_structure=self.prior_structure, n_steps=self.n_hypersteps,
+            lr=self.lr_hyp, tune_sigma_noise=self.tune_sigma_noise, progress=False)
+        prior = np.asarray(la.prior_precision, np.float64).reshape(-1)
+        if self.prior_structure == "scalar":
+            prior = np.full(self.lambdas.shape, prior[0])
+        self.lambdas.assign(prior.astype(self.lambdas.dtype.as_numpy_dtype))
+        sigma = float(la.sigma_noise) if self.likelihood == "regression" else float("nan")
+        if self.likelihood == "regression":
+            self._set_factor(sigma)
+        evidence = float(la.log_marginal_likelihood())
+        for key, value in (("epoch", done), ("log_marginal_likelihood", evidence),
+                           ("prior_precision", prior), ("sigma_noise", sigma)):
+            self.trace[key].append(value)
+        if logs is not None:
+            logs["log_marglik"] = evidence
+            if self.likelihood == "regression":
+                logs["sigma_noise"] = sigma
+
+
+def _count(data) -> int:
+    """The number of training examples ``N``."""
+    if isinstance(data, tf.data.Dataset):
+        n = 0
+        for batch in data:
+            n += int(tf.shape(tf.nest.flatten(batch[0])[0])[0])
+        if n == 0:
+            raise ValueError("train_data: the dataset is empty.")
+        return n
+    n = len(data[1])
+    if n == 0:
+        raise ValueError("train_data: expected at least one example; got an empty y.")
+    return n
+
+
+def _loss_name(loss) -> str:
+    return loss if isinstance(loss, str) else type(loss).__name__
+
+
+def _check_compiled(model, likelihood: str) -> None:
+    """The compiled loss and optimizer fit the L2 convention (see the module docstring)."""
+    if not getattr(model, "compiled", False) or model.optimizer is None:
+        raise ValueError("model: compile the model first (model.compile(optimizer, loss)).")
+    loss, allowed = model.loss, _LOSSES[likelihood]
+    names = [a if isinstance(a, str) else a.__name__ for a in allowed]
+    known = loss in allowed if isinstance(loss, str) else isinstance(
+        loss, tuple(a for a in allowed if not isinstance(a, str)))
+    if not known:
+        raise ValueError(
+            f"model: the compiled loss must be one of {names} for likelihood={likelihood!r} "
+            f"(the L2 term is scaled to its mean); got {_loss_name(loss)!r}.")
+    if not isinstance(loss, str) and loss.reduction != "sum_over_batch_size":
+        raise ValueError(
+            f"model: the compiled loss must average over the batch (reduction="
+            f"'sum_over_batch_size'); got reduction={loss.reduction!r}.")
+    decay = getattr(model.optimizer, "weight_decay", None)
+    if decay:
+        raise ValueError(
+            f"model: the optimizer has weight_decay={decay}; the marginal likelihood learns "
+            "the weight decay: use an optimizer without it (e.g. Adam instead of AdamW).")
+
+
+def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: int = 100,
+                     optimizer="adam", batch_size: int = 32, seed: int | None = None,
+                     verbose="auto", callbacks=None, **options):
+    """Train ``model`` with the weight decay (and sigma_noise) learned by the evidence.
+
+    Compiles ``model`` with ``optimizer`` and the mean loss of ``likelihood`` (crossentropy
+    on logits, or on probabilities when the model ends in a softmax/sigmoid; mean squared
+    error for regression), runs ``model.fit`` for ``epochs`` with a
+    :class:`MarginalLikelihoodCallback` and returns what it learned.
+
+    Args:
+        model: a Keras model (weights without regularizers).
+        likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
+        train_data: ``(x, y)`` arrays (shuffled in batches of ``batch_size``) or a
+            ``tf.data.Dataset`` of ``(x, y)`` batches.
+        epochs, optimizer, batch_size, verbose, callbacks: as in ``model.fit``/``compile``.
+        seed: seeds Keras (shuffling, dropout, ...) first: the same seed, the same result.
+        **options: :class:`MarginalLikelihoodCallback` arguments (``hessian_structure``,
+            ``prior_structure``, ``marglik_frequency``, ``n_hypersteps``, ...).
+
+    Returns:
+        ``(model, la, trace)``: the trained model, the Laplace fitted at its final weights
+        with the prior precision and sigma_noise of the last refit, and ``trace``, a dict of
+        arrays with one entry per refit: ``epoch``, ``log_marginal_likelihood``,
+        ``prior_precision`` (``[R, L]`` or ``[R, P]``) and ``sigma_noise`` (NaN unless
+        regression).
+    """
+    likelihood = choice(likelihood, "likelihood", LIKELIHOODS)
+    epochs = positive_int(epochs, "epochs")
+    batch_size = positive_int(batch_size, "batch_size")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed: expected an int or None; got {seed!r}.")
+        keras.utils.set_random_seed(int(seed))
+    callback = MarginalLikelihoodCallback(likelihood, train_data, **options)
+    from_logits = output_activation(model) is None
+    if likelihood == "regression":
+        loss = keras.losses.MeanSquaredError()
+    elif likelihood == "binary":
+        loss = keras.losses.BinaryCrossentropy(from_logits=from_logits)
+    elif _label_rank(train_data) <= 1:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    else:
+        loss = keras.losses.CategoricalCrossentropy(from_logits=from_logits)
+    model.compile(optimizer=optimizer, loss=loss)
+    if isinstance(train_data, tf.data.Dataset):
+        model.fit(train_data, epochs=epochs, verbose=verbose,
+                  callbacks=[callback, *(callbacks or [])])
+    else:
+        model.fit(*train_data, epochs=epochs, batch_size=batch_size, verbose=verbose,
+                  callbacks=[callback, *(callbacks or [])])
+    if not callback.trace["epoch"]:
+        raise ValueError(
+            f"epochs: no refit happened in {epochs} epochs (n_epochs_burnin="
+            f"{callback.n_epochs_burnin}, marglik_frequency={callback.marglik_frequency}); "
+            "train longer or refit more often.")
+    if callback.trace["epoch"][-1] != epochs:  # the posterior at the returned weights
+        callback.la.fit(train_data, progress=False)
+    trace = {key: np.asarray(value) for key, value in callback.trace.items()}
+    return model, callback.la, trace
+
+
+def _label_rank(data) -> int:
+    if isinstance(data, tf.data.Dataset):
+        return len(tf.nest.flatten(data.element_spec[1])[0].shape)
+    return np.ndim(data[1])

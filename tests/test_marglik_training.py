@@ -1,0 +1,173 @@
+"""Marginal-likelihood training: the learned prior is the evidence's, and it is the L2 term."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import laplace_tf as ltf
+
+N = 24
+
+
+def _data(likelihood, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, 3)).astype("float32")
+    if likelihood == "regression":
+        y = (x @ np.array([[1.0], [-0.5], [0.2]]) + 0.1 * rng.normal(size=(N, 1))).astype("float32")
+    else:
+        y = (x[:, 0] + 0.3 * x[:, 1] > 0).astype("int32")
+    return x, y
+
+
+def _mlp(likelihood, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "tanh"),
+                             keras.layers.Dense(1 if likelihood == "regression" else 2)])
+
+
+def _loss(likelihood):
+    return (keras.losses.MeanSquaredError() if likelihood == "regression"
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_refit_learns_what_the_evidence_gives_on_the_same_weights(likelihood):
+    x, y = _data(likelihood)
+    model, la, trace = ltf.marglik_training(
+        _mlp(likelihood), likelihood, (x, y), epochs=2, batch_size=8, seed=0, verbose=0,
+        n_epochs_burnin=2, n_hypersteps=30)
+    assert trace["epoch"].tolist() == [2]
+    independent = ltf.Laplace(model, likelihood, "all", "kron", progress=False)
+    independent.fit((x, y))
+    independent.optimize_prior_precision(method="marglik", prior_structure="layerwise",
+                                         n_steps=30, progress=False)
+    np.testing.assert_allclose(trace["prior_precision"][0],
+                               np.asarray(independent.prior_precision), rtol=1e-5)
+    np.testing.assert_allclose(trace["log_marginal_likelihood"][0],
+                               float(independent.log_marginal_likelihood()), rtol=1e-5)
+    assert not np.allclose(trace["prior_precision"][0], 1.0)  # it moved from the initial 1
+    if likelihood == "regression":
+        np.testing.assert_allclose(trace["sigma_noise"][0], float(independent.sigma_noise),
+                                   rtol=1e-5)
+    assert model.losses == []  # the L2 terms are removed when fit ends
+
+
+def _manual_step(model, weights, x, y, likelihood, prior, sigma, lr):
+    """One SGD step on mean loss + factor * 1/2 sum_l lambda_l ||theta_l||^2 (by hand)."""
+    variables = [tf.Variable(w) for w in weights]
+    factor = (2 * sigma**2 if likelihood == "regression" else 1.0) / N
+    with tf.GradientTape() as tape:
+        h = tf.tanh(x @ variables[0] + variables[1])
+        out = h @ variables[2] + variables[3]
+        if likelihood == "regression":
+            data = tf.reduce_mean(tf.square(out - y))
+        else:
+            data = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, out))
+        l2 = prior[0] * (tf.reduce_sum(variables[0] ** 2) + tf.reduce_sum(variables[1] ** 2)) \
+            + prior[1] * (tf.reduce_sum(variables[2] ** 2) + tf.reduce_sum(variables[3] ** 2))
+        loss = data + factor * 0.5 * l2
+    grads = tape.gradient(loss, variables)
+    return [(v - lr * g).numpy() for v, g in zip(variables, grads, strict=True)]
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_the_learned_prior_is_the_l2_term_of_the_next_step(likelihood):
+    x, y = _data(likelihood, seed=1)
+    model = _mlp(likelihood, seed=1)
+    lr = 0.5
+    model.compile(keras.optimizers.SGD(lr), _loss(likelihood))
+    callback = ltf.MarginalLikelihoodCallback(likelihood, (x, y), prior_precision=3.0,
+                                              n_hypersteps=20)
+    start = [w.numpy() for w in model.trainable_variables]
+    model.fit(x, y, batch_size=N, epochs=1, verbose=0, callbacks=[callback])
+    first = [w.numpy() for w in model.trainable_variables]
+    expected = _manual_step(model, start, x, y, likelihood, [3.0, 3.0], 1.0, lr)
+    for got, want in zip(first, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    prior, sigma = callback.trace["prior_precision"][0], callback.trace["sigma_noise"][0]
+    assert not np.allclose(prior, 3.0)
+    model.fit(x, y, batch_size=N, epochs=1, verbose=0, callbacks=[callback])  # learned prior
+    expected = _manual_step(model, first, x, y, likelihood, prior,
+                            sigma if likelihood == "regression" else 1.0, lr)
+    for got, want in zip(model.trainable_variables, expected, strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_refits_follow_burnin_and_frequency_and_log_to_keras():
+    x, y = _data("classification")
+    model = _mlp("classification")
+    model.compile("adam", _loss("classification"))
+    callback = ltf.MarginalLikelihoodCallback("classification", tf.data.Dataset.from_tensor_slices(
+        (x, y)).batch(8), hessian_structure="diag", n_epochs_burnin=2, marglik_frequency=2,
+        n_hypersteps=5)
+    history = model.fit(x, y, epochs=5, verbose=0, callbacks=[callback])
+    assert callback.trace["epoch"] == [2, 4]
+    assert len(callback.trace["log_marginal_likelihood"]) == 2
+    assert history.history["log_marglik"] == callback.trace["log_marginal_likelihood"]
+
+
+def test_regression_learns_sigma_noise():
+    x, y = _data("regression")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    _, la, trace = ltf.marglik_training(model, "regression", (x, y), epochs=20, batch_size=8,
+                                        optimizer=keras.optimizers.Adam(0.1), seed=0,
+                                        verbose=0, marglik_frequency=10)
+    residual = np.std(model.predict(x, verbose=0) - y)
+    assert len(trace["sigma_noise"]) == 2
+    assert float(la.sigma_noise) == pytest.approx(trace["sigma_noise"][-1])
+    assert 0.5 * residual < trace["sigma_noise"][-1] < 2 * residual < 0.5  # from 1 to ~0.1
+
+
+def test_marglik_training_is_reproducible_and_returns_the_final_posterior():
+    x, y = _data("classification")
+    runs = [ltf.marglik_training(_mlp("classification", seed=s), "classification", (x, y),
+                                 epochs=3, batch_size=8, seed=3, verbose=0, n_hypersteps=5,
+                                 marglik_frequency=2)
+            for s in (0, 0)]
+    model, la, trace = runs[0]
+    assert trace["epoch"].tolist() == [2]  # and the returned posterior is at the final weights
+    flat = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
+    np.testing.assert_allclose(np.asarray(la.mean), flat, rtol=1e-6)
+    for a, b in zip(runs[0][0].get_weights(), runs[1][0].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(runs[0][2]["prior_precision"], runs[1][2]["prior_precision"])
+
+
+def _compiled(loss=None, optimizer="sgd", regularizer=None):
+    model = keras.Sequential([keras.Input((3,)),
+                              keras.layers.Dense(2, kernel_regularizer=regularizer)])
+    model.compile(optimizer, loss or _loss("classification"))
+    return model
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: ltf.MarginalLikelihoodCallback("heteroscedastic", d), "likelihood"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d, marglik_frequency=0),
+     "marglik_frequency"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d, lr_hyp=-1.0), "lr_hyp"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d, prior_structure="layer"),
+     "prior_structure"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d, prior_structure="diag")
+     .set_model(_compiled()), "prior_structure"),
+    (lambda d: ltf.MarginalLikelihoodCallback("regression", d).set_model(_compiled()),
+     "compiled loss"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(
+        _compiled(keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum"))),
+     "reduction"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(
+        _compiled(optimizer="adamw")), "weight_decay"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(
+        _compiled(regularizer="l2")), "regularizer"),
+    (lambda d: ltf.marglik_training(_mlp("classification"), "classification", d, epochs=1,
+                                    n_epochs_burnin=3, verbose=0), "no refit"),
+])
+def test_bad_arguments_raise_value_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(_data("classification"))
+
+
+def test_train_data_must_be_arrays_or_a_dataset():
+    with pytest.raises(TypeError, match="train_data"):
+        ltf.MarginalLikelihoodCallback("classification", np.zeros((4, 3)))
