@@ -15,8 +15,9 @@ For every (subset, structure) in :data:`PAIRS` and every operation in :data:`OPE
 * ``cold``: its first call on a second fresh ``Laplace`` of the same pair and model;
 * ``warm``: the median of :data:`REPEATS` further calls on that second object;
 * ``arith``: the arithmetic, the same work as one compiled ``tf.function`` (warm, median):
-  the library call itself traced into one graph where it can be (``la(x)``, ``la.sample``,
-  ``la.log_marginal_likelihood``); for ``fit`` the builder's batch sums over all batches in
+  ``la.sample`` and ``la.log_marginal_likelihood`` traced into one graph; for the
+  predictives (``glm``, ``mc``, ``nn``) the compiled per-batch steps the call runs, with the
+  same inputs, all in one function; for ``fit`` the builder's batch sums over all batches in
   one function; for ``marglik`` the compiled Adam loop of the tuner alone; for
   ``gridsearch`` the grid's size times (GLM on the validation inputs + evidence).
 
@@ -38,6 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _device import device_scope  # noqa: E402
 
 import laplace_tf as ltf  # noqa: E402
 
@@ -113,18 +115,36 @@ def _fit_arithmetic(la, train):
     return run
 
 
+def _batch_arithmetic(la, call):
+    """The per-batch steps a predictive call runs (same compiled steps, same inputs), all in
+    one compiled function: what is left of the call without its Python and eager glue."""
+    recorded = []
+    over_batches = la._over_batches
+
+    def recording(x, batch_size, step):
+        def record(xb, index):
+            recorded.append((step, xb, index))
+            return step(xb, index)
+        return over_batches(x, batch_size, record)
+
+    la._over_batches = recording
+    try:
+        call()
+    finally:
+        del la._over_batches
+    return tf.function(lambda: [step(xb, index) for step, xb, index in recorded])
+
+
 def arithmetic(la, train, test) -> dict:
     """Compiled stand-ins of the operations (see the module docstring)."""
-    xt = tf.constant(test[0])
-    glm = tf.function(lambda: la(xt))
-    lml = tf.function(lambda: la.log_marginal_likelihood())
+    xt = test[0]
     fns = {
         "fit": _fit_arithmetic(la, train),
-        "lml": lml,
+        "lml": tf.function(lambda: la.log_marginal_likelihood()),
         "sample": tf.function(lambda: la.sample(100, seed=0)),
-        "glm": glm,
-        "mc": tf.function(lambda: la(xt, link_approx="mc", n_samples=100, seed=0)),
-        "nn": tf.function(lambda: la(xt, pred_type="nn", n_samples=20, seed=0)),
+        "glm": _batch_arithmetic(la, lambda: la(xt)),
+        "mc": _batch_arithmetic(la, lambda: la(xt, link_approx="mc", n_samples=100, seed=0)),
+        "nn": _batch_arithmetic(la, lambda: la(xt, pred_type="nn", n_samples=20, seed=0)),
     }
     out = {}
     for name, fn in fns.items():
@@ -149,7 +169,7 @@ def measure(name: str) -> list[dict]:
     model, train, test = problem(name)
     rows = []
     for subset, structure in PAIRS:
-        def fresh():
+        def fresh(subset=subset, structure=structure):
             return ltf.Laplace(model, "classification", subset_of_weights=subset,
                                hessian_structure=structure, batch_size=BATCH, progress=False)
 
@@ -195,20 +215,6 @@ def table(rows: list[dict]) -> str:
             f"{ms['warm'] - ms['arith']:.1f} | {ms['cold'] - ms['warm']:.1f} | {verdict(r)} |"
         )
     return "\n".join(lines)
-
-
-def device_scope(device: str | None):
-    """``tf.device(device)``, after checking that it exists (a clear error if not)."""
-    import contextlib
-
-    if device is None:
-        return contextlib.nullcontext()
-    kind, _, index = device.lstrip("/").upper().partition(":")
-    known = [d.name.replace("physical_device:", "") for d in tf.config.list_physical_devices()]
-    wanted = f"{kind}:{index or 0}"
-    if wanted not in known:
-        raise SystemExit(f"--device: {device!r} does not exist on this machine; found {known}.")
-    return tf.device(f"/{wanted}")
 
 
 def main(argv: list[str] | None = None) -> None:
