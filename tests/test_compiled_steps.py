@@ -53,3 +53,35 @@ def test_second_posterior_and_refit_reuse_the_traces_with_their_own_state(case):
         predicted, expected = (predicted,), (expected,)
     for got, want in zip(predicted, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", cases.table(("tanh_mlp", "classification", "all", "kron"),
+                                             ("small_cnn", "regression", "all", "diag")),
+                         indirect=True)
+def test_gridsearch_linearises_each_validation_batch_once(case):
+    """The grid's validation NLL equals brute force at every value, and the Jacobians of
+    each validation batch are computed once for the whole grid (not once per value)."""
+    grid = np.array([0.3, 3.0, 30.0])
+    model, x, y = case.build(n=12)
+    train, val = slice(0, 6), slice(6, 12)
+    la = ltf.Laplace(model, case.likelihood, case.subset, case.structure, batch_size=4,
+                     progress=False)
+    la.fit((cases.rows(x, train), y[train]))
+    linearised = []
+    over_batches = la._over_batches
+    la._over_batches = lambda *args: linearised.append(1) or over_batches(*args)
+    la.optimize_prior_precision(method="gridsearch", grid=grid, progress=False,
+                                val_data=(cases.rows(x, val), y[val]))
+    assert len(linearised) == 2  # 6 validation inputs in batches of 4
+
+    expected = []
+    for prior in grid:
+        precision = cases.reference_precision(case, model, cases.rows(x, train), y[train], prior)
+        predicted = cases.reference_glm(case, model, cases.rows(x, val), precision)
+        if case.likelihood == "regression":
+            mean, var = predicted
+            nll = 0.5 * np.sum((y[val] - mean) ** 2 / var + np.log(2 * np.pi * var), axis=1)
+        else:
+            nll = -np.log(predicted[np.arange(6), y[val]])
+        expected.append(np.mean(nll))
+    np.testing.assert_allclose(la.tuning_trace["val_nll"], expected, rtol=1e-9)
