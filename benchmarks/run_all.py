@@ -1,6 +1,7 @@
 """The benchmark suite: every (subset, structure) pair, its cost against plain Keras, and scaling.
 
-Run with ``python benchmarks/run_all.py`` (about 5-10 minutes on 2 cores). It writes
+Run with ``python benchmarks/run_all.py`` (about 5-10 minutes on 2 cores; ``--device /GPU:0``
+runs every measurement under ``tf.device``, and refuses a device the machine does not have). It writes
 ``benchmarks/results.json`` (every number) and the tables of ``benchmarks/README.md``.
 
 Set-up. Float32 MLPs ``64 -> H -> H -> 10`` (ReLU) with random weights (the timing does not
@@ -51,6 +52,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _device import device_scope
 from _peak_memory import reset_peak, status_kib
 
 HERE = Path(__file__).resolve().parent
@@ -145,8 +147,14 @@ def _per_input_cpu(times: dict[int, dict], small: int, large: int) -> float:
     return (times[large]["cpu"] - times[small]["cpu"]) / (large - small)
 
 
-def run_pair(subset: str, structure: str) -> dict:
-    """All measurements of one (subset, structure) pair, in this process."""
+def run_pair(subset: str, structure: str, device: str | None = None) -> dict:
+    """All measurements of one (subset, structure) pair, in this process (under
+    ``tf.device(device)`` when given)."""
+    with device_scope(device):
+        return _measure_pair(subset, structure)
+
+
+def _measure_pair(subset: str, structure: str) -> dict:
     from laplace_tf.curvature.memory import estimate_memory
 
     hidden = SMALL_HIDDEN if (subset, structure) == ("all", "full") else HIDDEN
@@ -185,11 +193,11 @@ def run_pair(subset: str, structure: str) -> dict:
     return result
 
 
-def _run_in_subprocess(subset: str, structure: str) -> dict:
+def _run_in_subprocess(subset: str, structure: str, device: str | None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "pair.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--pair", subset, structure,
-                   "--out", str(out)]
+                   "--out", str(out)] + (["--device", device] if device else [])
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
@@ -276,16 +284,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pair", nargs=2, metavar=("SUBSET", "STRUCTURE"),
                         help="measure one pair in this process (used by the suite itself)")
     parser.add_argument("--out", type=Path, help="where --pair writes its JSON")
+    parser.add_argument("--device", default=None,
+                        help="run under tf.device, e.g. /GPU:0 (default: TensorFlow's placement)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.pair:
-        args.out.write_text(json.dumps(run_pair(*args.pair)))
+        args.out.write_text(json.dumps(run_pair(*args.pair, device=args.device)))
         return
+    with device_scope(args.device):  # refuse an unknown device before any work
+        pass
     start = time.perf_counter()
     results = []
     for subset, structure in PAIRS:
         print(f"{subset} / {structure} ...", flush=True)
-        results.append(_run_in_subprocess(subset, structure))
+        results.append(_run_in_subprocess(subset, structure, args.device))
     import tensorflow as tf
 
     meta = {

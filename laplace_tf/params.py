@@ -22,6 +22,7 @@ import contextlib
 import copy
 import hashlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -168,12 +169,38 @@ class WeightSubset:
             for s in self.slices
         ]
 
+    def layout_key(self) -> tuple:
+        """What tells this subset's flat vector from another subset's of the same model: its
+        type, its variables and (subnetworks) the chosen entries; a key of :func:`model_cache`."""
+        chosen = getattr(self, "indices", None)
+        return (type(self).__name__, tuple(self._subset_ids),
+                None if chosen is None else np.asarray(chosen).tobytes())
+
     def fingerprint(self) -> str:
         """A SHA-256 of the current weights (float64 bytes), to recognise the MAP."""
         digest = hashlib.sha256()
         for v in self.variables:
             digest.update(np.ascontiguousarray(np.asarray(v.numpy(), np.float64)).tobytes())
         return digest.hexdigest()
+
+
+_MODEL_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_cache(model: keras.Model, key: tuple) -> dict:
+    """A dict kept as long as ``model`` lives, one per ``key``: compiled steps that posteriors
+    of the same model, weight subset and settings (``key``) share, so that a second posterior
+    does not trace them again.
+
+    Example:
+        >>> import keras
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> model_cache(model, ("a",)) is model_cache(model, ("a",))
+        True
+        >>> model_cache(model, ("a",)) is model_cache(model, ("b",))
+        False
+    """
+    return _MODEL_CACHES.setdefault(model, {}).setdefault(key, {})
 
 
 class SubnetworkSubset(WeightSubset):

@@ -83,7 +83,7 @@ def test_functional_variance_equals_explicit_jacobians(case):
 def test_last_layer_closed_form_equals_generic_path(case):
     la, x, _ = fitted(case)
     closed = la.functional_variance(x)
-    assert la._functional_cache[1].logits_layer, "the closed form was not used"
+    assert la._functional(la.covariance_blocks()).logits_layer, "the closed form was not used"
     blocks = la.covariance_blocks()
     generic = FunctionalVariance(la.logit_model, la.block_slices(),
                                  [type(b) for b in blocks], logits_layer=False)

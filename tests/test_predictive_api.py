@@ -83,7 +83,7 @@ def test_batches_reuse_one_compiled_step(classifier):
     (a full batch, then a relaxed shape for the remainder), never once per batch."""
     la, x = _fit("classification", subset_of_weights="all", hessian_structure="diag", n=30)
     before = la(x, batch_size=4)
-    [step] = [s for key, s in la._compiled_steps.items() if key[0] == "glm"]
+    [step] = [s for key, s in la._shared_steps().items() if key[0] == "glm"]
     traces = step.experimental_get_tracing_count()
     assert traces <= 2
     la.prior_precision = 50.0

@@ -184,16 +184,7 @@ def fit_curvature(
     if strategy is None and tf.distribute.has_strategy():
         strategy = tf.distribute.get_strategy()
 
-    @tf.function(reduce_retracing=True)
-    def step(x, y, w):
-        sums, logits = builder.batch_sums(x, y, w)
-        w = tf.cast(w, logits.dtype)
-        residual_ss = likelihood.data_statistics(logits, y, w)
-        if residual_ss is None:
-            residual_ss = tf.zeros([1], logits.dtype)
-        nll = tf.reduce_sum(w * likelihood.nll_per_example(logits, y))
-        return _Sums(list(sums), nll, residual_ss, tf.reduce_sum(tf.cast(w, tf.float64)))
-
+    step = _compiled_step(builder)
     def prepared():
         n_outputs = None
         for x, y, w in batches.weighted():
@@ -248,6 +239,27 @@ def fit_curvature(
                      total.residual_ss if likelihood.has_noise else None)
 
 
+def _compiled_step(builder: CurvatureBuilder):
+    """The builder's step (one batch -> :class:`_Sums`) as a ``tf.function``, built once per
+    builder: fits with the same builder reuse its traces (any batch size, one trace)."""
+    step = getattr(builder, "_compiled_step", None)
+    if step is None:
+        likelihood = builder.likelihood
+
+        @tf.function(reduce_retracing=True)
+        def step(x, y, w):
+            sums, logits = builder.batch_sums(x, y, w)
+            w = tf.cast(w, logits.dtype)
+            residual_ss = likelihood.data_statistics(logits, y, w)
+            if residual_ss is None:
+                residual_ss = tf.zeros([1], logits.dtype)
+            nll = tf.reduce_sum(w * likelihood.nll_per_example(logits, y))
+            return _Sums(list(sums), nll, residual_ss, tf.reduce_sum(tf.cast(w, tf.float64)))
+
+        builder._compiled_step = step
+    return step
+
+
 def _joined(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple]:
     """``(x, targets)`` batches, consecutive ones joined into steps of at most
     ``examples_per_step(x)`` examples (read from the first batch); a larger batch stays alone."""
@@ -277,11 +289,17 @@ def _join(batches: list[tuple]) -> tuple:
 
 
 def _add_in_place(total: _Sums | None, part: _Sums) -> _Sums:
-    """``total + part`` as numpy arrays, added in place: no allocation per step, and a few
-    microseconds for small sums, where an eager TensorFlow op costs about 0.1 ms a tensor."""
+    """``total + part``. On the CPU as numpy arrays, added in place: no allocation per step,
+    and a few microseconds for small sums, where an eager TensorFlow op costs about 0.1 ms a
+    tensor. Sums computed on another device (a GPU) stay there, added by TensorFlow: no copy
+    to the host per batch."""
     if total is None:
+        if "CPU" not in part.nll.device.upper():
+            return part
         return tf.nest.map_structure(lambda t: np.array(t), part)
-    return tf.nest.map_structure(lambda t, p: np.add(t, p, out=t), total, part)
+    if isinstance(total.nll, np.ndarray):
+        return tf.nest.map_structure(lambda t, p: np.add(t, p, out=t), total, part)
+    return tf.nest.map_structure(tf.add, total, part)
 
 
 def any_batch_size(tensors):

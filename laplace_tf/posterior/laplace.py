@@ -63,7 +63,7 @@ from laplace_tf.curvature.memory import (
 )
 from laplace_tf.inputs import InputCheck
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
-from laplace_tf.params import LogitModel, SubnetworkSubset, WeightSubset, leaf_layers
+from laplace_tf.params import LogitModel, SubnetworkSubset, WeightSubset, leaf_layers, model_cache
 from laplace_tf.posterior import io, marglik, output_noise
 from laplace_tf.posterior.prior import (
     as_float_tensor,
@@ -471,6 +471,26 @@ class PosteriorLaplace:
 
     # ------------------------------------------------------------------ fitting
     def _builder(self, likelihood=None):
+        """The curvature builder of this posterior's settings and ``likelihood`` (default: its
+        own). Builders that keep no state between fits (not ``"lowrank"``, ``"gp"`` or
+        ``stochastic``, whose random draws advance) are shared by the posteriors of one model,
+        weight subset and settings (:func:`~laplace_tf.params.model_cache`), and with them
+        their compiled step (:func:`~laplace_tf.curvature.base.fit_curvature`): a refit, or a
+        second posterior, does not trace it again."""
+        likelihood = likelihood or self.likelihood
+        if self.stochastic or self.hessian_structure in ("lowrank", "gp"):
+            return self._new_builder(likelihood)
+        sigma = getattr(likelihood, "sigma_noise", None)
+        shared = model_cache(self.model, (
+            "builder", self.subset.layout_key(), self.subset_of_weights, self.hessian_structure,
+            self.curvature_kind, self.kfac_approximation, self.memory_limit_bytes,
+            likelihood.name, None if sigma is None else np.asarray(sigma, np.float64).tobytes(),
+        ))
+        if "builder" not in shared:
+            shared["builder"] = self._new_builder(likelihood)
+        return shared["builder"]
+
+    def _new_builder(self, likelihood):
         options = {"memory_limit_bytes": self.memory_limit_bytes}
         if self.stochastic:
             options.update(stochastic=True, seed=self.seed)
@@ -482,7 +502,7 @@ class PosteriorLaplace:
             options.update(kfac_approximation=self.kfac_approximation)
         return make_builder(
             self.subset_of_weights, self.hessian_structure, self.logit_model,
-            likelihood or self.likelihood, curvature=self.curvature_kind, **options,
+            likelihood, curvature=self.curvature_kind, **options,
         )
 
     def memory_estimate(self, n_outputs: int | None = None, batch_size: int | None = None,

@@ -189,17 +189,8 @@ def _tune_marglik(la, prior_structure: str, n_steps: int, lr: float, tune_sigma:
     return _result(la)
 
 
-def _validation_nll(la, batches: Batches, kwargs: dict) -> float:
-    """Mean negative log-likelihood of the predictive ``la(x, **kwargs)`` on ``batches``."""
-    total, count = 0.0, 0
-    for x, y in batches:
-        total += la.likelihood.validation_nll(la(x, **kwargs), y)
-        count += len(y)
-    return total / count
-
-
 def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progress: bool) -> dict:
-    if not callable(la):
+    if not hasattr(la, "validation_scorer"):
         raise TypeError(
             "method='gridsearch' scores the predictive la(x, ...); use laplace_tf.Laplace (a "
             "PosteriorLaplace has no predictive) or method='marglik'."
@@ -220,6 +211,7 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
     if not la.likelihood.gaussian_predictive:
         kwargs["link_approx"] = link_approx
     original = la.prior_precision
+    score = la.validation_scorer(batches, kwargs)  # the mean validation NLL at the current prior
     nll, evidence = [], []
     try:
         for value in tqdm(grid, desc="prior grid", disable=not progress, leave=False):
@@ -229,7 +221,7 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
                 nll.append(np.inf)
                 evidence.append(np.nan)
                 continue
-            nll.append(_validation_nll(la, batches, kwargs))
+            nll.append(score())
             evidence.append(float(la.log_marginal_likelihood()))
         finite = np.isfinite(nll)
         if not finite.any():

@@ -152,7 +152,12 @@ class FunctionalVariance:
                 :meth:`prepare` beforehand to share that work between batches, or not).
             diagonal: return only ``diag(J Sigma J^T)`` (cheaper with many outputs).
         """
-        blocks = self.prepare(blocks, diagonal)
+        return self.contract(self.linearise(x, mean), blocks, diagonal)
+
+    def linearise(self, x, mean: tf.Tensor) -> tuple:
+        """The batch's logits and Jacobian pieces, which :meth:`contract` turns into the
+        variance under any covariance of this layout (the pieces do not depend on the prior:
+        a grid search over it linearises each batch once)."""
         if self._batchless is None:  # their Jacobian is taken explicitly
             self._batchless = batchless_layers(
                 self.logit_model, [p.slice.layer for p in self._hooked], x
@@ -163,7 +168,12 @@ class FunctionalVariance:
             self._hooked = [p for p in self._hooked if id(p.slice.layer) not in self._batchless]
             if self._generic:
                 self._one_at_a_time = one_example_at_a_time(self.logit_model, x)
-        logits, factors, jacobians = self._linearise(x, self.logit_model.subset.unflatten(mean))
+        return self._linearise(x, self.logit_model.subset.unflatten(mean))
+
+    def contract(self, pieces: tuple, blocks: Sequence, diagonal: bool):
+        """Logits and their covariance (as :meth:`__call__`) from :meth:`linearise`'s pieces."""
+        logits, factors, jacobians = pieces
+        blocks = self.prepare(blocks, diagonal)
         variance = None
         for parts, block in zip(self.plan, blocks, strict=True):
             layers = [_layer_jacobian(p, factors, jacobians) for p in parts]

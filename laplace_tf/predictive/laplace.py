@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import numbers
 import statistics
-from typing import Any
 
 import tensorflow as tf
 
@@ -41,6 +40,7 @@ from laplace_tf.arguments import choice, positive_int
 from laplace_tf.batches import iterate_inputs
 from laplace_tf.curvature.kron_layers import input_rows
 from laplace_tf.inputs import MODEL_ERRORS, InputCheck, explain_grouped_convolution
+from laplace_tf.params import model_cache
 from laplace_tf.posterior import PosteriorLaplace
 from laplace_tf.posterior.laplace import stateless_seed
 from laplace_tf.predictive import export as _export
@@ -190,7 +190,7 @@ class Laplace(PosteriorLaplace):
         """The plain network at the MAP: probabilities, or ``(mean, noise variance)``
         (``sigma_noise**2``, or the predicted ``exp(log-variance)`` for heteroscedastic)."""
         self._require_fit("map_predict")
-        step = self._compiled(("map",), self._map_step)
+        step = self._compiled(("map",), "_map_step")
         noise = self._noise_variance(self.subset.dtype)
         return _join(self._over_batches(x, batch_size, lambda xb, _: step(xb, self.mean, noise)),
                      axis=0)
@@ -229,9 +229,8 @@ class Laplace(PosteriorLaplace):
         fv = self._functional(blocks)
         prepared = fv.prepare(blocks, diagonal)
         noise = self._noise_variance(self.subset.dtype)
-        step = self._compiled(("glm", fv, mode, link, n_samples), functools.partial(
-            self._glm_step, fv, diagonal=diagonal, mode=mode, link=link, n_samples=n_samples,
-        ))
+        step = self._compiled(("glm", fv, mode, link, n_samples), "_glm_step", fv,
+                              diagonal=diagonal, mode=mode, link=link, n_samples=n_samples)
         outputs = self._over_batches(x, batch_size, lambda xb, index: step(
             xb, self.mean, prepared, noise, tf.random.experimental.stateless_fold_in(seed, index)
         ))
@@ -251,8 +250,8 @@ class Laplace(PosteriorLaplace):
         The samples of different inputs share their weights (joint draws of the network).
         """
         deltas = self._last_layer_deltas(n_samples, stateless_seed(seed))
-        step = self._compiled(("last_layer_samples", mode), functools.partial(
-            self._last_layer_samples_step, mode=mode))
+        step = self._compiled(("last_layer_samples", mode), "_last_layer_samples_step",
+                              mode=mode)
         outputs = self._over_batches(x, batch_size, lambda xb, _: step(xb, self.mean, deltas))
         return _join(outputs, axis=1 if mode == "samples" else 0)
 
@@ -280,38 +279,109 @@ class Laplace(PosteriorLaplace):
         """Run the compiled sampling step over the batches of ``x`` and join the results."""
         thetas = tf.convert_to_tensor(self.sample(n_samples, seed=seed))
         noise = self._noise_variance(thetas.dtype)
-        step = self._compiled(("nn", mode), functools.partial(self._nn_step, mode=mode))
+        step = self._compiled(("nn", mode), "_nn_step", mode=mode)
         outputs = self._over_batches(x, batch_size, lambda xb, _: step(xb, thetas, noise))
         return _join(outputs, axis=1 if mode == "samples" else 0)
 
     def _functional(self, blocks) -> FunctionalVariance:
-        """The :class:`FunctionalVariance` for the current block layout (built once).
+        """The :class:`FunctionalVariance` for the current block layout (built once, shared
+        as :meth:`_compiled`'s steps are).
 
         A last-layer posterior uses the closed forms in the features: its layer's
         pre-activation is the model output (checked by ``last_layer_features`` at fit time).
         """
         layout = (tuple(self.block_slices()), tuple(map(type, blocks)))
-        cached = getattr(self, "_functional_cache", None)
-        if cached is None or cached[0] != layout:
-            fv = FunctionalVariance(self.logit_model, layout[0], layout[1],
-                                    logits_layer=self.subset_of_weights == "last_layer")
-            self._functional_cache = cached = (layout, fv)
-        return cached[1]
+        shared = self._shared_steps()
+        key = ("functional", layout)
+        if key not in shared:
+            shared[key] = FunctionalVariance(self.logit_model, layout[0], layout[1],
+                                             logits_layer=self.subset_of_weights == "last_layer")
+        return shared[key]
 
-    def _compiled(self, key: tuple, fn):
-        """``tf.function(fn)``, built once per ``key`` (a GLM step's key holds its
-        :class:`FunctionalVariance`, one per block layout)."""
-        if not hasattr(self, "_compiled_steps"):
-            self._compiled_steps: dict[tuple, Any] = {}
-        steps = self._compiled_steps
-        if key not in steps:
-            steps[key] = tf.function(fn, reduce_retracing=True)
-        return steps[key]
+    def _shared_steps(self) -> dict:
+        """The compiled steps of every predictive of this model, likelihood and weight subset
+        (:func:`~laplace_tf.params.model_cache`): a second ``Laplace`` of the same model
+        reuses them instead of tracing them again. The steps are bound to ``"owner"``, a shell
+        with only the model-side attributes they read (the likelihood, for its link and
+        predictive; its ``sigma_noise`` reaches the steps as an input): the posterior's own
+        state always comes in as inputs, never captured."""
+        shared = model_cache(self.model, (type(self), self.likelihood_name,
+                                          self.subset.layout_key()))
+        if "owner" not in shared:
+            owner = object.__new__(type(self))
+            for name in ("model", "likelihood", "logit_model", "subset", "subset_of_weights"):
+                setattr(owner, name, getattr(self, name))
+            shared["owner"] = owner
+        return shared
+
+    def _compiled(self, key: tuple, method: str, *args, **kwargs):
+        """``tf.function`` of the step ``method`` (with ``args``, ``kwargs``), built once per
+        ``key`` for all posteriors that share :meth:`_shared_steps` (a GLM step's key holds
+        its :class:`FunctionalVariance`, one per block layout)."""
+        shared = self._shared_steps()
+        if key not in shared:
+            step = functools.partial(getattr(shared["owner"], method), *args, **kwargs)
+            shared[key] = tf.function(step, reduce_retracing=True)
+        return shared[key]
+
+    def validation_scorer(self, batches, kwargs: dict):
+        """``score()``: the mean validation NLL of ``la(x, **kwargs)`` over ``batches`` of
+        ``(x, y)`` at the posterior's current prior, for a grid search over the prior.
+
+        For the GLM predictive with a deterministic link (probit, bridge, regression), each
+        batch is linearised once (:meth:`FunctionalVariance.linearise`, batched as ``la(x)``
+        batches it) and every later ``score()`` only contracts the pieces with the new
+        covariance: the same numbers as ``la(x)``, without the Jacobians' cost per grid value.
+        Otherwise ``score()`` calls ``la(x, **kwargs)``.
+        """
+        link = kwargs.get("link_approx", "probit")
+        if kwargs.get("pred_type", "glm") != "glm" or link == "mc":
+            def score():
+                total, count = 0.0, 0
+                for x, y in batches:
+                    total += self.likelihood.validation_nll(self(x, **kwargs), y)
+                    count += len(y)
+                return total / count
+            return score
+        diagonal = not needs_full_covariance(link)
+        pieces: list[list] = []  # per validation batch: the pieces of its sub-batches
+
+        def score():
+            blocks = self.covariance_blocks()
+            fv = self._functional(blocks)
+            prepared = fv.prepare(blocks, diagonal)
+            noise = self._noise_variance(self.subset.dtype)
+            linearise = self._compiled(("linearise", fv), "_linearise_step", fv)
+            step = self._compiled(("glm_pieces", fv, link), "_glm_pieces_step", fv,
+                                  diagonal=diagonal, link=link)
+            total, count = 0.0, 0
+            for index, (x, y) in enumerate(batches):
+                if index == len(pieces):
+                    pieces.append(self._over_batches(x, None, lambda xb, _: linearise(
+                        xb, self.mean)))
+                outputs = _join([step(p, prepared, noise) for p in pieces[index]], axis=0)
+                total += self.likelihood.validation_nll(outputs, y)
+                count += len(y)
+            return total / count
+        return score
+
+    def _linearise_step(self, fv: FunctionalVariance, x, mean):
+        return fv.linearise(x, mean)
+
+    def _glm_pieces_step(self, fv: FunctionalVariance, pieces, blocks, noise, *, diagonal, link):
+        """A batch's GLM predictive from its linearisation (a deterministic link)."""
+        logits, variance = fv.contract(pieces, blocks, diagonal)
+        return self._glm_outputs(logits, variance, noise, None, mode="predict", link=link,
+                                 n_samples=1)
 
     def _glm_step(self, fv: FunctionalVariance, x, mean, blocks, noise, seed, *, diagonal, mode,
                   link, n_samples):
         """One batch of the GLM predictive (``mode``: predict, variance or samples)."""
         logits, variance = fv(x, mean, blocks, diagonal=diagonal)
+        return self._glm_outputs(logits, variance, noise, seed, mode=mode, link=link,
+                                 n_samples=n_samples)
+
+    def _glm_outputs(self, logits, variance, noise, seed, *, mode, link, n_samples):
         likelihood = self.likelihood
         if mode == "variance":
             return variance
