@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -40,6 +39,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _device import device_scope  # noqa: E402
+from _timing import median_seconds, seconds  # noqa: E402
 
 import laplace_tf as ltf  # noqa: E402
 
@@ -64,16 +64,6 @@ def problem(name: str):
         hidden, (x, y), (xt, yt) = (256, 256), (x[:4000], y[:4000]), (x[4000:], y[4000:])
     layers = [keras.Input((64,))] + [keras.layers.Dense(h, "relu") for h in hidden]
     return keras.Sequential([*layers, keras.layers.Dense(10)]), (x, y), (xt, yt)
-
-
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def median_seconds(fn, repeats: int = REPEATS) -> float:
-    return statistics.median(seconds(fn) for _ in range(repeats))
 
 
 def calls(la, train, test) -> dict:
@@ -150,7 +140,7 @@ def arithmetic(la, train, test) -> dict:
     for name, fn in fns.items():
         try:
             fn()
-            out[name] = median_seconds(fn)
+            out[name] = median_seconds(fn, REPEATS)
         except Exception as err:  # an operation that cannot be traced whole
             print(f"  ({name}: no compiled stand-in: {type(err).__name__})", file=sys.stderr)
             out[name] = float("nan")
@@ -158,7 +148,7 @@ def arithmetic(la, train, test) -> dict:
     if tuners:
         ascent = tuners[0][0]
         lr = tf.constant(0.1, la.subset.dtype)
-        out["marglik"] = median_seconds(lambda: ascent._run(tf.constant(101), lr))
+        out["marglik"] = median_seconds(lambda: ascent._run(tf.constant(101), lr), REPEATS)
     else:
         out["marglik"] = float("nan")
     out["gridsearch"] = GRID * (out["glm"] + out["lml"])
@@ -179,7 +169,7 @@ def measure(name: str) -> list[dict]:
         for op in OPERATIONS:
             first = seconds(first_calls[op])
             cold = seconds(cold_calls[op])
-            warm = median_seconds(cold_calls[op])
+            warm = median_seconds(cold_calls[op], REPEATS)
             times[op] = (first, cold, warm)
         la.prior_precision = 1.0
         arith = arithmetic(la, train, test)

@@ -13,26 +13,16 @@ fits (what a user waits for), the predictive is warmed up.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 import laplace_tf as ltf  # noqa: E402
 
-N, WIDTH, REPEATS = 4000, 256, 3
-
-
-def _median_seconds(run) -> float:
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+N, WIDTH = 4000, 256
 
 
 def main() -> None:
@@ -44,21 +34,21 @@ def main() -> None:
     y = rng.integers(0, 10, N)
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=256, epochs=1, verbose=0)  # warm-up
-    epoch = _median_seconds(lambda: model.fit(x, y, batch_size=256, epochs=1, verbose=0))
+    epoch = median_seconds(lambda: model.fit(x, y, batch_size=256, epochs=1, verbose=0))
     diagonal = ltf.Laplace(model, "classification", "all", "diag", progress=False)
-    rows = [("all / diag", diagonal.n_params, _median_seconds(lambda: diagonal.fit((x, y))),
+    rows = [("all / diag", diagonal.n_params, median_seconds(lambda: diagonal.fit((x, y))),
              diagonal)]
     for n in (100, 1000):
         indices = ltf.subnetwork.largest_variance(diagonal, n)
         la = ltf.Laplace(model, "classification", "subnetwork", "full", progress=False,
                          subnetwork_indices=indices)
-        rows.append((f"subnetwork {n:,}", n, _median_seconds(lambda la=la: la.fit((x, y))), la))
+        rows.append((f"subnetwork {n:,}", n, median_seconds(lambda la=la: la.fit((x, y))), la))
     print(f"one training epoch: {epoch:.2f} s (N = {N:,}, {diagonal.n_params:,} weights)")
     print("| posterior | weights | fit (s) | fit / epoch | GLM predictive (s) |")
     print("|---|---:|---:|---:|---:|")
     for name, n_params, fit, la in rows:
         la(x)  # warm-up
-        predict = _median_seconds(lambda la=la: la(x))
+        predict = median_seconds(lambda la=la: la(x))
         print(f"| {name} | {n_params:,} | {fit:.2f} | {fit / epoch:.1f} | {predict:.2f} |")
 
 

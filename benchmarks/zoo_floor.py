@@ -33,15 +33,15 @@ again.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _timing import median_seconds  # noqa: E402
 
 import laplace_tf as ltf  # noqa: E402
 from laplace_tf.curvature._per_example import output_cotangents  # noqa: E402
@@ -51,15 +51,6 @@ from laplace_tf.params import LogitModel, WeightSubset  # noqa: E402
 from tests.zoo import resnet  # noqa: E402
 
 N, BATCH, REPEATS = 16384, 128, 3
-
-
-def _median_seconds(run) -> float:
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def passes_step(model):
@@ -91,7 +82,7 @@ def main() -> None:
     model.compile(optimizer="adam",
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    epoch = _median_seconds(lambda: model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0))
+    epoch = median_seconds(lambda: model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0), REPEATS)
 
     step = passes_step(model)
     labels = tf.one_hot(y, 3)
@@ -102,7 +93,7 @@ def main() -> None:
         for batch in batches:
             step(*batch)
 
-    passes = _median_seconds(run_passes)
+    passes = median_seconds(run_passes, REPEATS)
     builder = KronBuilder(LogitModel(model, WeightSubset(model)), get_likelihood("classification"))
     sums = tf.function(builder.batch_sums, reduce_retracing=True)
     sums(*batches[0])
@@ -111,14 +102,14 @@ def main() -> None:
         for batch in batches:
             sums(*batch)
 
-    steps = _median_seconds(run_steps)
+    steps = median_seconds(run_steps, REPEATS)
 
     def fit():
         ltf.Laplace(model, "classification", "all", "kron", progress=False).fit(
             (x, y), batch_size=BATCH)
 
     fit()
-    fitted = _median_seconds(fit)
+    fitted = median_seconds(fit, REPEATS)
     print(f"resnet, N = {N:,}, batch {BATCH}, float32; seconds (median of {REPEATS})")
     print(f"{'epoch':>8}{'passes':>8}{'step':>8}{'fit':>8}{'passes/epoch':>14}"
           f"{'step/epoch':>12}{'fit/epoch':>11}")
