@@ -1,10 +1,11 @@
-"""The ``laplace-tf`` command: ``demo``, ``fit`` and ``report``.
+"""The ``laplace-tf`` command: ``demo``, ``fit``, ``report`` and ``shift``.
 
 ::
 
     laplace-tf demo [--out DIR] [--fast] [--quiet]
     laplace-tf fit [--config configs/NAME.yaml] [--hessian-structure diag ...] [--out DIR]
     laplace-tf report POSTERIOR.npz --model M.keras --test DATA.npz [--ood DATA.npz] [--out DIR]
+    laplace-tf shift --config configs/shift_digits.yaml [--out DIR] [--quiet]
 
 Every key of a run config (:mod:`laplace_tf.config`) is also a flag of ``fit``
 (``laplace.prior_precision`` -> ``--prior-precision``); flags override the file. Exit status:
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Post-hoc Laplace approximations for Keras models.")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of errors")
-    commands = parser.add_subparsers(dest="command", metavar="{demo,fit,report}",
+    commands = parser.add_subparsers(dest="command", metavar="{demo,fit,report,shift}",
                                      parser_class=_Parser)
 
     demo = commands.add_parser(
@@ -91,7 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="laplace_tf_out", help="output folder [laplace_tf_out]")
     _add_config_flags(report, _PREDICTIVE_KEYS)
 
-    for command in (demo, fit, report):
+    shift = commands.add_parser(
+        "shift", help="baselines and Laplace variants under dataset shift, from a YAML config",
+        description="Train the MAP network (and a deep ensemble), fit the config's Laplace "
+        "variants, evaluate every predictor on shifted test sets and write report.html, "
+        "shift.json and plots (see laplace_tf.shift_run).")
+    shift.add_argument("--config", required=True, help="a YAML shift config (see configs/)")
+    shift.add_argument("--out", default=None, help="output folder [the config's out]")
+
+    for command in (demo, fit, report, shift):
         command.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     return parser
 
@@ -145,7 +154,19 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"demo": _demo, "fit": _fit, "report": _report}
+def _shift(args: argparse.Namespace) -> int:
+    from laplace_tf import shift_run
+
+    config, section = shift_run.load_shift_config(args.config)
+    if args.out:
+        config = _config.override(config, {"out": args.out})
+    result = shift_run.run_shift(config, section, progress=not args.quiet, log=_echo(args.quiet))
+    print(shift_run.summary(result.table, next(iter(result.table.parameters))))
+    print(f"wrote {result.out} in {result.seconds:.0f} s")
+    return 0
+
+
+_COMMANDS = {"demo": _demo, "fit": _fit, "report": _report, "shift": _shift}
 
 
 def _one_line(error: BaseException) -> str:
