@@ -206,6 +206,42 @@ def run_shift(config: _config.RunConfig, section: Mapping[str, Any], progress: b
     return ShiftResult(table, rep, out, seconds)
 
 
+DEMO_ENSEMBLE = {"members": 5, "hidden": [64], "epochs": 60, "learning_rate": 0.003}
+"""The demo's deep ensemble: small MLPs (not the demo's larger network), trained like it."""
+
+
+def add_demo_shift(result: Any, log: _run.Log = print, fast: bool = False) -> _shift.ShiftTable:
+    """The demo's digits run under image shifts: its MAP network, MAP + temperature scaling,
+    a :data:`DEMO_ENSEMBLE` and its Laplace predictive; curves and tables added to its report."""
+    config = result.config
+    run_data = _run.load_run_data(config)
+    assert run_data.train is not None and run_data.val is not None
+    members = _config.override(config, {
+        "model.hidden": DEMO_ENSEMBLE["hidden"], "model.learning_rate":
+        DEMO_ENSEMBLE["learning_rate"], "model.epochs": max(1, DEMO_ENSEMBLE["epochs"] // (
+            _config.FAST_EPOCH_DIVISOR if fast else 1))}, where="demo ensemble")
+    log(f"training a deep ensemble of {DEMO_ENSEMBLE['members']} MLPs {DEMO_ENSEMBLE['hidden']}")
+    ensemble = train_ensemble(members, run_data.train, run_data.likelihood,
+                              DEMO_ENSEMBLE["members"])
+    predictors = {
+        "MAP": _shift.map_predictor(result.model),
+        "MAP + temperature": _shift.temperature_predictor(result.model, run_data.val.x,
+                                                          run_data.val.y),
+        f"ensemble of {len(ensemble)} (MLP {DEMO_ENSEMBLE['hidden']})":
+            _shift.ensemble_predictor(ensemble),
+        "Laplace": _predict_laplace(result.la, config.predictive, config.seed),
+    }
+    log("evaluating MAP, temperature scaling, the ensemble and Laplace under shift")
+    test = run_data.test
+    shifts = _shift.image_shifts(config.seed)
+    table = _shift.evaluate(predictors, test.x, test.y, shifts,
+                            ood=None if run_data.ood is None else run_data.ood.x)
+    figures = shift_figures(table, predictors, test.x, test.y, shifts[0], [0, 2, 6], None)
+    result.report.figures.update(figures)
+    result.report.metrics["shift"] = table.to_dict()
+    return table
+
+
 def summary(table: _shift.ShiftTable, shift: str, metric: str = "nll") -> str:
     """A plain-text table of one metric: a row per predictor, a column per level."""
     levels = sorted({r["level"] for r in table.select(shift=shift)})
