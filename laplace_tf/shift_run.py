@@ -14,6 +14,16 @@ A shift config is a run config (:mod:`laplace_tf.config`: ``data``, ``model``, `
 :func:`run_shift` trains the MAP network (and the ensemble), fits every variant, evaluates all
 predictors with :func:`laplace_tf.calibration.shift.evaluate` and writes ``report.html``,
 ``shift.json`` (the tidy table) and ``plots/*.png`` into ``out``.
+
+Example:
+    :func:`summary` prints one metric of a table, a column per level:
+
+    >>> t = _shift.ShiftTable([{"predictor": "MAP", "shift": "noise", "severity": s,
+    ...                         "level": v, "metric": "nll", "value": 0.1 + v}
+    ...                        for s, v in enumerate((0.0, 0.5))], {"noise": "std"}, "classification")
+    >>> print(summary(t, "noise"))
+    noise nll       0     0.5
+    MAP         0.100   0.600
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Depends on numpy, scipy and matplotlib only (not TensorFlow): pass numpy arrays, lists or
 eager tensors. See :mod:`~laplace_tf.calibration.metrics` (classification and OOD),
 :mod:`~laplace_tf.calibration.regression` (Gaussian regression) and
-:mod:`~laplace_tf.calibration.plots` for the input conventions.
+:mod:`~laplace_tf.calibration.plots` for the input conventions;
+:mod:`~laplace_tf.calibration.shift` evaluates predictors on shifted test sets and
+:mod:`~laplace_tf.calibration.temperature` fits temperature scaling.
 """
 
 from laplace_tf.calibration.metrics import (
