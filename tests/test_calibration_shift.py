@@ -157,3 +157,20 @@ def test_cli_shift_end_to_end_on_a_tiny_config(tmp_path, capsys):
     assert "Shift: rotation" in page and "Shift: out-of-distribution detection" in page
     assert (tmp_path / "out" / "plots" / "shift_nll.png").is_file()
     assert "rotation nll" in capsys.readouterr().out
+
+
+def test_shift_curves_draw_each_predictor_against_the_levels():
+    from laplace_tf.calibration import plots
+
+    rows = [{"predictor": p, "shift": s, "severity": k, "level": level, "metric": "nll",
+             "value": 10 * i + k} for i, p in enumerate(("MAP", "LA"))
+            for s, levels in (("noise", (0.0, 0.3)), ("blur", (0.0, 1.0, 2.0)))
+            for k, level in enumerate(levels)]
+    fig = plots.shift_curves(shift.ShiftTable(rows, {"noise": "std", "blur": "sigma"}, ""), "nll")
+    blur_lines = fig.axes[1].get_lines()
+    assert [line.get_label() for line in blur_lines] == ["MAP", "LA"]
+    np.testing.assert_array_equal(blur_lines[1].get_xdata(), [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(blur_lines[1].get_ydata(), [10, 11, 12])
+    assert fig.axes[1].get_xlabel() == "sigma"
+    with pytest.raises(ValueError, match="metric"):
+        plots.shift_curves(shift.ShiftTable(rows, {"noise": "std"}, ""), "ece")

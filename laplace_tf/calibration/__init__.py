@@ -33,6 +33,7 @@ from laplace_tf.calibration.plots import (
     regression_calibration_plot,
     reliability_comparison,
     reliability_diagram,
+    shift_curves,
 )
 from laplace_tf.calibration.regression import (
     crps_gaussian,
@@ -83,4 +84,5 @@ __all__ = [
     "report",
     "rmse",
     "sharpness",
+    "shift_curves",
 ]
