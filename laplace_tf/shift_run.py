@@ -6,6 +6,7 @@ A shift config is a run config (:mod:`laplace_tf.config`: ``data``, ``model``, `
     shift:
       ensemble: 5             # deep ensemble of M networks trained like the MAP one (0: none)
       temperature: true       # MAP + temperature scaling fitted on the validation split
+                              # (classification; regression baselines use sigma_noise)
       shifts: [rotation, noise, blur, shuffle]   # image shifts; covariate, extrapolation: tabular
       reliability_at: [0, 4]  # severities of the first shift shown as reliability diagrams
       variants:               # Laplace predictors: sections merged over the run config
@@ -189,6 +190,14 @@ def run_shift(config: _config.RunConfig, section: Mapping[str, Any], progress: b
             log(f"training a deep ensemble of {section['ensemble']} networks")
             members = train_ensemble(config, run_data.train, likelihood, int(section["ensemble"]))
             predictors[f"ensemble of {section['ensemble']}"] = _shift.ensemble_predictor(members)
+    else:
+        noise_var = config.laplace.sigma_noise ** 2
+        predictors["MAP"] = _shift.gaussian_predictor([model], noise_var)
+        if section["ensemble"]:
+            log(f"training a deep ensemble of {section['ensemble']} networks")
+            members = train_ensemble(config, run_data.train, likelihood, int(section["ensemble"]))
+            predictors[f"ensemble of {section['ensemble']}"] = _shift.gaussian_predictor(
+                members, noise_var)
     for label, variant in section["variants"]:
         la = _run.fit_laplace(model, variant, run_data, progress, log)
         predictors[label] = _predict_laplace(la, variant.predictive, variant.seed)

@@ -16,7 +16,8 @@ Shifts (all seeded, inputs as numpy arrays): images ``[N, H, W]`` or flat square
 collected with their severities by :func:`image_shifts`; tabular inputs ``[N, D]``:
 :func:`covariate_shift` along a direction and :func:`extrapolate` beyond the training range,
 collected by :func:`tabular_shifts`. Baselines: :func:`map_predictor`,
-:func:`temperature_predictor`, :func:`ensemble_predictor`; Laplace: :func:`laplace_predictor`.
+:func:`temperature_predictor`, :func:`ensemble_predictor` (regression: :func:`gaussian_predictor`);
+Laplace: :func:`laplace_predictor`.
 
 Example:
     >>> x, y = np.eye(4)[[0, 1, 2, 3]], np.array([0, 1, 2, 3])
@@ -332,6 +333,26 @@ def ensemble_predictor(models: Sequence[Callable[[Any], Any]]) -> Predictor:
     return lambda x: np.mean([_softmax(m(x)) for m in models], axis=0)
 
 
+def gaussian_predictor(models: Sequence[Callable[[Any], Any]], noise_var: float) -> Predictor:
+    """Regression baseline: MAP (one model) or an ensemble's Gaussian moment match.
+
+    ``mean = mean_m f_m(x)``, ``variance = noise_var + var_m f_m(x)`` (population variance).
+
+    Example:
+        >>> predict = gaussian_predictor([lambda x: x, lambda x: x + 2.0], noise_var=0.5)
+        >>> [a.tolist() for a in predict(np.array([[0.0]]))]
+        [[[1.0]], [[1.5]]]
+    """
+    if not models:
+        raise ValueError("models: expected at least one network")
+
+    def predict(x: Any) -> tuple[np.ndarray, np.ndarray]:
+        means = np.stack([np.asarray(m(x), dtype=np.float64) for m in models])
+        return means.mean(axis=0), noise_var + means.var(axis=0)
+
+    return predict
+
+
 def laplace_predictor(la: Any, **options: Any) -> Predictor:
     """``la(x, **options)`` as numpy: probabilities, or ``(mean, variance)`` for regression.
 
@@ -348,6 +369,7 @@ def laplace_predictor(la: Any, **options: Any) -> Predictor:
 
 
 __all__ = ["Shift", "ShiftTable", "blur", "classification_scores", "covariate_shift",
-           "ensemble_predictor", "evaluate", "extrapolate", "gaussian_noise", "image_shifts",
+           "ensemble_predictor", "evaluate", "extrapolate", "gaussian_noise", "gaussian_predictor",
+           "image_shifts",
            "laplace_predictor", "map_predictor", "pixel_permutation", "regression_scores",
            "rotate", "shuffle_pixels", "tabular_shifts", "temperature_predictor"]
