@@ -99,21 +99,19 @@ def load_shift_config(path: str | Path) -> tuple[_config.RunConfig, dict[str, An
     return _config.from_dict(base, str(path)), section
 
 
-def _shifts(names: Any, likelihood: str, x_train: np.ndarray, seed: int) -> list[_shift.Shift]:
-    image = likelihood != "regression" and x_train.ndim in (2, 3)
-    available = {s.name: s for s in _shift.tabular_shifts(x_train.reshape(len(x_train), -1))}
-    if image:
-        try:
-            available.update({s.name: s for s in _shift.image_shifts(seed)})
-            _shift._images(x_train[:1])
-        except ValueError:
-            available = {k: v for k, v in available.items() if k in ("covariate",
-                                                                     "extrapolation")}
+def _shifts(names: Any, x_train: np.ndarray, seed: int) -> list[_shift.Shift]:
+    """The named shifts that fit the inputs: tabular for ``[N, D]``, image for square images."""
+    available = {s.name: s for s in _shift.tabular_shifts(x_train)} if x_train.ndim == 2 else {}
+    try:
+        _shift._images(x_train[:1])
+        available.update({s.name: s for s in _shift.image_shifts(seed)})
+    except ValueError:
+        pass  # not images: tabular shifts only
     names = list(available) if names is None else list(names)
     for name in names:
         if name not in available:
-            raise ValueError(f"shift.shifts: unknown or unsuitable shift {name!r} for this data; "
-                             f"expected some of {', '.join(available)}")
+            raise ValueError(f"shift.shifts: {name!r} does not fit inputs of shape "
+                             f"{x_train.shape[1:]}; expected some of {', '.join(available)}")
     return [available[name] for name in names]
 
 
@@ -176,6 +174,13 @@ def run_shift(config: _config.RunConfig, section: Mapping[str, Any], progress: b
     likelihood = run_data.likelihood
     task = "regression" if likelihood == "regression" else "classification"
     assert run_data.train is not None
+    shifts = _shifts(section["shifts"], run_data.train.x, config.seed)
+    severities = list(section["reliability_at"])
+    n_levels = len(shifts[0].levels) if shifts else 0
+    if not shifts or not all(isinstance(k, int) and 0 <= k < n_levels for k in severities):
+        raise ValueError(f"shift.reliability_at: expected severities of the first shift "
+                         f"(integers 0 to {n_levels - 1}) and at least one shift; got "
+                         f"{severities} and shifts {[s.name for s in shifts]}")
     model = _run.map_network(config, run_data, progress, log)
     predictors: dict[str, Any] = {}
     if task == "classification":
@@ -201,15 +206,13 @@ def run_shift(config: _config.RunConfig, section: Mapping[str, Any], progress: b
     for label, variant in section["variants"]:
         la = _run.fit_laplace(model, variant, run_data, progress, log)
         predictors[label] = _predict_laplace(la, variant.predictive, variant.seed)
-    shifts = _shifts(section["shifts"], likelihood, run_data.train.x, config.seed)
     test, ood = run_data.test, None if run_data.ood is None else run_data.ood.x
     log(f"evaluating {len(predictors)} predictors on {len(shifts)} shifts")
     table = _shift.evaluate(predictors, test.x, test.y, shifts, task=task,
                             ood=ood if task == "classification" else None)
     figures = {}
     if task == "classification":
-        figures = shift_figures(table, predictors, test.x, test.y, shifts[0],
-                                list(section["reliability_at"]), ood)
+        figures = shift_figures(table, predictors, test.x, test.y, shifts[0], severities, ood)
     else:
         figures = {f"shift_{m}": plots.shift_curves(table, m) for m in ("nll", "rmse")}
     seconds = time.perf_counter() - start

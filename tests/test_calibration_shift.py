@@ -174,3 +174,14 @@ def test_shift_curves_draw_each_predictor_against_the_levels():
     assert fig.axes[1].get_xlabel() == "sigma"
     with pytest.raises(ValueError, match="metric"):
         plots.shift_curves(shift.ShiftTable(rows, {"noise": "std"}, ""), "ece")
+
+
+def test_cli_shift_rejects_a_severity_the_first_shift_lacks_before_training(tmp_path, capsys):
+    from laplace_tf.cli import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: {dataset: digits}\nshift:\n  shifts: [noise]\n"
+                      "  reliability_at: [6]\n")
+    assert main(["shift", "--config", str(config), "--quiet"]) == 2
+    assert "shift.reliability_at: expected severities of the first shift (integers 0 to 5)" in (
+        capsys.readouterr().err)
