@@ -276,6 +276,8 @@ def evaluate(predictors: Mapping[str, Predictor], x: Any, y: Any, shifts: Sequen
         raise ValueError(f"task: expected 'classification' or 'regression'; got {task!r}")
     if not predictors:
         raise ValueError("predictors: expected at least one name -> predictor")
+    if ood is not None and task != "classification":
+        raise ValueError("ood: OOD AUROC rows are for classification; pass ood=None")
     x = np.asarray(x)
     rows: list[dict[str, Any]] = []
     clean = {}
@@ -292,8 +294,6 @@ def evaluate(predictors: Mapping[str, Predictor], x: Any, y: Any, shifts: Sequen
                           "level": float(level), "metric": key, "value": value}
                          for key, value in scores.items()]
     if ood is not None:
-        if task != "classification":
-            raise ValueError("ood: OOD AUROC rows are for classification; pass ood=None")
         for name, predict in predictors.items():
             p_in = clean[name] if name in clean else predict(x)
             rows += _ood_rows(name, p_in, predict(np.asarray(ood)))
