@@ -1,4 +1,4 @@
-"""The ``laplace-tf`` command: ``demo``, ``fit``, ``report`` and ``export``.
+"""The ``laplace-tf`` command: ``demo``, ``fit``, ``report``, ``export`` and ``shift``.
 
 ::
 
@@ -6,6 +6,7 @@
     laplace-tf fit [--config configs/NAME.yaml] [--hessian-structure diag ...] [--out DIR]
     laplace-tf report POSTERIOR.npz --model M.keras --test DATA.npz [--ood DATA.npz] [--out DIR]
     laplace-tf export POSTERIOR.npz --model M.keras --out DIR [--pred-type nn ...]
+    laplace-tf shift --config configs/shift_digits.yaml [--out DIR] [--quiet]
 
 Every key of a run config (:mod:`laplace_tf.config`) is also a flag of ``fit``
 (``laplace.prior_precision`` -> ``--prior-precision``); flags override the file. Exit status:
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Post-hoc Laplace approximations for Keras models.")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of errors")
-    commands = parser.add_subparsers(dest="command", metavar="{demo,fit,report,export}",
+    commands = parser.add_subparsers(dest="command", metavar="{demo,fit,report,export,shift}",
                                      parser_class=_Parser)
 
     demo = commands.add_parser(
@@ -107,7 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-bytes", type=int, default=None,
                         help="refuse a SavedModel estimated larger than this [2 GiB]")
 
-    for command in (demo, fit, report, export):
+    shift = commands.add_parser(
+        "shift", help="baselines and Laplace variants under dataset shift, from a YAML config",
+        description="Train the MAP network (and a deep ensemble), fit the config's Laplace "
+        "variants, evaluate every predictor on shifted test sets and write report.html, "
+        "shift.json and plots (see laplace_tf.shift_run).")
+    shift.add_argument("--config", required=True, help="a YAML shift config (see configs/)")
+    shift.add_argument("--out", default=None, help="output folder [the config's out]")
+
+    for command in (demo, fit, report, export, shift):
         command.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     return parser
 
@@ -179,7 +188,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"demo": _demo, "fit": _fit, "report": _report, "export": _export}
+def _shift(args: argparse.Namespace) -> int:
+    from laplace_tf import shift_run
+
+    config, section = shift_run.load_shift_config(args.config)
+    if args.out:
+        config = _config.override(config, {"out": args.out})
+    result = shift_run.run_shift(config, section, progress=False if args.quiet else None, log=_echo(args.quiet))
+    print(shift_run.summary(result.table, next(iter(result.table.parameters))))
+    print(f"wrote {result.out} in {result.seconds:.0f} s")
+    return 0
+
+
+_COMMANDS = {"demo": _demo, "fit": _fit, "report": _report, "export": _export, "shift": _shift}
 
 
 def _one_line(error: BaseException) -> str:
@@ -198,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
     if args.command is None:
-        print(f"{PROG}: error: choose a command: demo, fit, report or export (see {PROG} --help)",
+        print(f"{PROG}: error: choose a command: demo, fit, report, export or shift (see {PROG} --help)",
               file=sys.stderr)
         return 2
     if not args.debug:

@@ -9,7 +9,8 @@ and Laplace side by side with :func:`laplace_tf.calibration.report`. :func:`writ
 
 :func:`run_config` is ``fit``; :func:`run_demo` runs the two demo configs
 (:data:`laplace_tf.config.DEMO_CONFIGS`) into one folder (the regression files start with
-``regression_``) with one combined ``report.html`` and ``metrics.json``; :func:`report_saved`
+``regression_``) with one combined ``report.html`` and ``metrics.json``, the digits run also
+under dataset shift (:func:`laplace_tf.shift_run.add_demo_shift`); :func:`report_saved`
 reports on new data from a saved posterior.
 
 Example:
@@ -307,6 +308,10 @@ def run_demo(out: Path, fast: bool = False, progress: bool | None = None, log: L
         log(f"== {task}")
         config = _config.override(_config.demo_config(task, fast), {"out": str(out)})
         results[task] = execute(config, progress, log)
+        if task == "classification":
+            from laplace_tf.shift_run import add_demo_shift
+
+            add_demo_shift(results[task], log, fast)
         write_run(results[task], out, prefix)
     write_reports({task: r.report for task, r in results.items()}, out, "laplace-tf demo")
     return DemoResult(results, out, time.perf_counter() - start)

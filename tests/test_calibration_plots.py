@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from laplace_tf import calibration as cal
 from laplace_tf.calibration import plots as plots_module
+from laplace_tf.calibration.shift import ShiftTable
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -298,6 +299,9 @@ NEW_FIGURES = {
         {"prior_precision": [0.1, 1.0], "log_marginal_likelihood": [-2.0, -1.0]}
     ),
     "eigenvalue_spectrum": lambda: cal.eigenvalue_spectrum([3.0, 2.0]),
+    "shift_curves": lambda: cal.shift_curves(ShiftTable(
+        [{"predictor": "MAP", "shift": "noise", "severity": 0, "level": 0.0, "metric": "nll",
+          "value": 0.5}], {"noise": "std"}, "classification"), "nll"),
 }
 
 

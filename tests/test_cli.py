@@ -41,7 +41,7 @@ def saved(tmp_path_factory):
 
 
 USAGE_ERRORS = [
-    ([], "laplace-tf: error: choose a command: demo, fit, report or export"),
+    ([], "laplace-tf: error: choose a command: demo, fit, report, export or shift"),
     (["demo", "--bogus"], "laplace-tf: error: unrecognized arguments: --bogus"),
     (["report", "p.npz"], "the following arguments are required: --model, --test"),
     (["fit", "--dataset", "digits", "--hessian-structure", "dense"],
@@ -114,11 +114,13 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
                  "regression_model.keras", "regression_posterior.npz", "config.yaml",
                  "plots/reliability_comparison.png", "plots/ood_histograms.png",
                  "plots/regression_band.png", "plots/evidence.png",
-                 "plots/regression_evidence.png"):
+                 "plots/regression_evidence.png", "plots/shift_nll.png"):
         assert (out / name).is_file(), name
     metrics = _metrics(out)
     assert set(metrics) == {"classification", "regression"}
     assert metrics["classification"]["ood"]["laplace"]["auroc_entropy"] is not None
+    assert {r["predictor"] for r in metrics["classification"]["shift"]["rows"]} >= {
+        "MAP", "MAP + temperature", "Laplace"}
     html_text = (out / "report.html").read_text()
     assert html_text.count("<img") >= 5 and "demo_regression" in html_text
     table = capsys.readouterr().out

@@ -3,7 +3,9 @@
 Depends on numpy, scipy and matplotlib only (not TensorFlow): pass numpy arrays, lists or
 eager tensors. See :mod:`~laplace_tf.calibration.metrics` (classification and OOD),
 :mod:`~laplace_tf.calibration.regression` (Gaussian regression) and
-:mod:`~laplace_tf.calibration.plots` for the input conventions.
+:mod:`~laplace_tf.calibration.plots` for the input conventions;
+:mod:`~laplace_tf.calibration.shift` evaluates predictors on shifted test sets and
+:mod:`~laplace_tf.calibration.temperature` fits temperature scaling.
 """
 
 from laplace_tf.calibration.metrics import (
@@ -31,6 +33,7 @@ from laplace_tf.calibration.plots import (
     regression_calibration_plot,
     reliability_comparison,
     reliability_diagram,
+    shift_curves,
 )
 from laplace_tf.calibration.regression import (
     crps_gaussian,
@@ -81,4 +84,5 @@ __all__ = [
     "report",
     "rmse",
     "sharpness",
+    "shift_curves",
 ]

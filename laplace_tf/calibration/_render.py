@@ -215,6 +215,29 @@ def _tables(metrics: Mapping[str, Any]) -> list[_Table]:
         tables.append(
             _Table("ECE binning (test set)", ["model", "binning", "bins", "ECE"], rows)
         )
+    if metrics.get("shift"):
+        tables += _shift_tables(metrics["shift"])
+    return tables
+
+
+def _shift_tables(table: Mapping[str, Any]) -> list[_Table]:
+    """Per shift: a row per (predictor, metric), a column per level; then the OOD AUROCs."""
+    rows = table["rows"]
+    tables = []
+    for name, parameter in table["parameters"].items():
+        mine = [r for r in rows if r["shift"] == name]
+        levels = sorted({r["level"] for r in mine})
+        cells = {(r["predictor"], r["metric"], r["level"]): r["value"] for r in mine}
+        keys = list(dict.fromkeys((r["predictor"], r["metric"]) for r in mine))
+        tables.append(_Table(
+            f"Shift: {name}", ["predictor", "metric", *(f"{level:g}" for level in levels)],
+            [[p, m, *(_fmt(cells.get((p, m, level))) for level in levels)] for p, m in keys],
+            note=f"columns: {parameter}; severity 0 is the clean test set"))
+    ood = [r for r in rows if r["shift"] == "ood"]
+    if ood:
+        tables.append(_Table("Shift: out-of-distribution detection", ["predictor", "metric",
+                             "value"], [[r["predictor"], r["metric"], _fmt(r["value"])]
+                                        for r in ood]))
     return tables
 
 

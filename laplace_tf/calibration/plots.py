@@ -590,3 +590,33 @@ def eigenvalue_spectrum(eigenvalues: Any | Mapping[str, Any], ax: Axes | None = 
     ax.set(xlabel="index (descending order)", ylabel="eigenvalue", title="Curvature spectrum")
     ax.legend(loc="best")
     return fig
+
+
+def shift_curves(table: Any, metric: str) -> Figure:
+    """One metric against the shift severity, a panel per shift, a line per predictor.
+
+    Args:
+        table: a :class:`~laplace_tf.calibration.shift.ShiftTable`.
+        metric: one of its metrics, e.g. ``"nll"``, ``"ece_15bins"``, ``"accuracy"``.
+
+    Example:
+        >>> from laplace_tf.calibration import shift
+        >>> t = shift.ShiftTable([{"predictor": "MAP", "shift": "rotation", "severity": 0,
+        ...                        "level": 0.0, "metric": "nll", "value": 0.1}],
+        ...                      {"rotation": "angle (degrees)"}, "classification")
+        >>> shift_curves(t, "nll").axes[0].get_xlabel()
+        'angle (degrees)'
+    """
+    if metric not in table.metrics:
+        raise ValueError(f"metric: expected one of {', '.join(table.metrics)}; got {metric!r}")
+    shifts = [name for name in table.parameters if table.select(shift=name, metric=metric)]
+    fig = InlineFigure(figsize=(4.0 * len(shifts), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(shifts), squeeze=False)[0])
+    for ax, name in zip(axes, shifts, strict=True):
+        for predictor in table.predictors:
+            levels, values = table.curve(predictor, name, metric)
+            ax.plot(levels, values, marker="o", markersize=3, label=predictor)
+        ax.set(xlabel=table.parameters[name], ylabel=metric, title=f"{metric}: {name}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize="small")
+    return fig
