@@ -171,31 +171,32 @@ class DenseFactor(Factor):
         self._clip = clip
         self._eigen: tuple[tf.Tensor, int, float] | None = None  # values as used, n_negative, most_negative
         self._factor: tuple[bytes, tf.Tensor, list] | None = None  # (c, prior) key, L, [S] once computed
-        self._lower_bound = None
+        self._psd = False  # positive semi-definite up to round-off, found without eigenvalues
+        self._clipped = False
         if clip:  # eigendecomposed (and clipped) only if H has eigenvalues clearly below zero
             tol = self.size * np.finfo(self.matrix.dtype.as_numpy_dtype).eps * float(
                 tf.reduce_max(tf.reduce_sum(tf.abs(self.matrix), axis=1)))  # >= n eps max|e|
             shifted = tf.linalg.cholesky(self.matrix + tol * tf.eye(self.size, dtype=self.matrix.dtype))
-            if _finite_diagonal(shifted):
-                self._lower_bound = -tol
-            else:
-                self._eigendecomposition()
+            self._psd = _finite_diagonal(shifted)
+            if not self._psd:
+                self._clip_negative()
 
     # ------------------------------------------------------------------ eigenvalues, on demand
     def _eigendecomposition(self) -> tuple[tf.Tensor, int, float]:
         if self._eigen is None:
             with tf.init_scope():  # computed eagerly once, even when first asked in a trace
-                if self._clip:
-                    values, vectors = eigh(self.matrix)
-                else:
-                    values = eigh(self.matrix, vectors=False)
-                n_negative, most_negative = negatives(values)
-                if self._clip and most_negative < 0:
-                    values = tf.maximum(values, 0)
-                    self.matrix = symmetric(tf.matmul(vectors * values, vectors, transpose_b=True))
-                    self._factor = None
-                self._eigen = (values, n_negative, most_negative)
+                values = eigh(self.matrix, vectors=False)
+                self._eigen = (tf.maximum(values, 0) if self._clip else values, *negatives(values))
         return self._eigen
+
+    def _clip_negative(self) -> None:
+        """Rebuild ``H`` from its eigendecomposition with negative eigenvalues set to zero."""
+        with tf.init_scope():
+            values, vectors = eigh(self.matrix)
+            n_negative, most_negative = negatives(values)
+            values = tf.maximum(values, 0)
+            self.matrix = symmetric(tf.matmul(vectors * values, vectors, transpose_b=True))
+            self._eigen, self._factor, self._clipped = (values, n_negative, most_negative), None, True
 
     @property
     def eigenvalues(self) -> tf.Tensor:
@@ -204,20 +205,20 @@ class DenseFactor(Factor):
 
     @property
     def n_negative(self) -> int:  # type: ignore[override]
-        return 0 if self._eigen is None and self._lower_bound is not None else \
-            self._eigendecomposition()[1]
+        return 0 if self._psd else self._eigendecomposition()[1]
 
     @property
     def most_negative(self) -> float:  # type: ignore[override]
-        return 0.0 if self._eigen is None and self._lower_bound is not None else \
-            self._eigendecomposition()[2]
+        return 0.0 if self._psd else self._eigendecomposition()[2]
 
     @property
     def min_curvature_eigenvalue(self) -> tf.Tensor:  # type: ignore[override]
-        """The smallest eigenvalue of ``H`` as used, or a lower bound (``-n eps |H|``, no
-        decomposition) for a block found positive semi-definite up to round-off."""
-        if self._eigen is None and self._lower_bound is not None:
-            return tf.constant(self._lower_bound, self.matrix.dtype)
+        """The smallest eigenvalue of ``H`` as used; for a block to clip found positive
+        semi-definite up to round-off, 0, a lower bound without a decomposition (its clipped
+        eigenvalues are >= 0; should the round-off break a Cholesky factorisation of the
+        precision, it is clipped then)."""
+        if self._psd and not self._clipped:
+            return tf.zeros([], self.matrix.dtype)
         return tf.reduce_min(self.eigenvalues)
 
     # ------------------------------------------------------------------ the Cholesky factor
@@ -237,8 +238,8 @@ class DenseFactor(Factor):
         key = np.asarray(c).tobytes() + np.asarray(prior).tobytes()
         if self._factor is None or self._factor[0] != key:
             chol = tf.linalg.cholesky(tf.reverse(self.precision_matrix(c, prior), [0, 1]))
-            if self._clip and self._eigen is None and not _finite_diagonal(chol):
-                self._eigendecomposition()  # negative round-off above the prior: clip it
+            if self._clip and not self._clipped and not _finite_diagonal(chol):
+                self._clip_negative()  # negative round-off above the prior: clip it
                 chol = tf.linalg.cholesky(tf.reverse(self.precision_matrix(c, prior), [0, 1]))
             if not _finite_diagonal(chol):
                 raise ValueError(
