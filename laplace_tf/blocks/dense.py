@@ -96,33 +96,35 @@ class DenseBlock(NamedTuple):
 
 
 class DenseCovariance(NamedTuple):
-    """``Sigma = matrix [p, p]``."""
+    """``Sigma = root root^T``, ``root [p, p]`` lower triangular (:meth:`DenseFactor.scale`):
+    the variances ``J Sigma J^T = (J root)(J root)^T`` need no ``Sigma``, and the same-output
+    blocks of a last layer cost ``p^3 / K`` from the root, where ``Sigma`` costs ``p^3``."""
 
-    matrix: tf.Tensor
+    root: tf.Tensor
 
     needs_one_factored_layer = False  # type: ignore[misc]  # a class constant in a NamedTuple
 
     def to_dense(self) -> tf.Tensor:
-        return self.matrix
+        return symmetric(tf.matmul(self.root, self.root, transpose_b=True))
 
     def for_logits_diagonal(self, shape: tuple[int, int]) -> _SameOutput:
         din, n_outputs = shape
-        blocks = tf.reshape(self.matrix, [din, n_outputs, din, n_outputs])
-        return _SameOutput(tf.linalg.diag_part(tf.transpose(blocks, [0, 2, 1, 3])))
+        rows = tf.transpose(tf.reshape(self.root, [din, n_outputs, -1]), [1, 0, 2])  # [K, din, p]
+        blocks = tf.matmul(rows, rows, transpose_b=True)  # [K, din, din]
+        return _SameOutput(tf.transpose(blocks, [1, 2, 0]))
 
     def contract(self, layers: Sequence[LayerJacobian], diagonal: bool) -> tf.Tensor:
         first = layers[0]
-        if first.a is not None and first.g is None:  # pre-activation = logits, full V
+        if first.a is not None and first.g is None:  # pre-activation = logits: J = a^T ⊗ I
             a = first.a[:, 0]
             din = int(a.shape[-1])
-            n_outputs = int(self.matrix.shape[0]) // din
-            blocks = tf.reshape(self.matrix, [din, n_outputs, din, n_outputs])
-            return tf.einsum("nkjl,nj->nkl", tf.einsum("ni,ikjl->nkjl", a, blocks), a)
-        jac = tf.concat([layer.explicit() for layer in layers], axis=-1)
-        left = tf.einsum("nkp,pq->nkq", jac, self.matrix)
+            left = tf.einsum("ni,ikq->nkq", a, tf.reshape(self.root, [din, -1, self.root.shape[-1]]))
+        else:
+            left = tf.einsum("nkp,pq->nkq", tf.concat([layer.explicit() for layer in layers], -1),
+                             self.root)
         if diagonal:
-            return tf.reduce_sum(left * jac, axis=-1)
-        return tf.matmul(left, jac, transpose_b=True)
+            return tf.reduce_sum(tf.square(left), axis=-1)
+        return tf.matmul(left, left, transpose_b=True)
 
 
 class _SameOutput(NamedTuple):
@@ -275,8 +277,7 @@ class DenseFactor(Factor):
         return tf.reduce_min(tf.linalg.eigvalsh(self.precision_matrix(c, prior)))
 
     def covariance(self, c, prior):
-        scale = self._scale_matrix(c, prior)
-        return DenseCovariance(symmetric(tf.matmul(scale, scale, transpose_b=True)))
+        return DenseCovariance(self._scale_matrix(c, prior))
 
     def scale(self, c, prior):
         return tf.linalg.LinearOperatorLowerTriangular(
