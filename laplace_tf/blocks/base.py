@@ -28,13 +28,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import scipy.linalg
 import tensorflow as tf
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["BLOCK_TYPES", "Block", "Covariance", "Factor", "blocks_to_dense", "register_block"]
 
@@ -197,10 +198,16 @@ def eigh(matrix: tf.Tensor, vectors: bool = True):
     spinning, which collapses when the cores are shared: hence the erratic 2-35 s of the
     default threading, and one thread is both faster and steady there.
     """
-    with threadpool_limits(1, user_api="blas"):
+    with _blas_threads().limit(limits=1, user_api="blas"):
         result = scipy.linalg.eigh(matrix.numpy(), eigvals_only=not vectors, driver="evd",
                                    check_finite=False)
     return tuple(map(tf.constant, result)) if vectors else tf.constant(result)
+
+
+@functools.cache
+def _blas_threads() -> ThreadpoolController:
+    """The BLAS thread pools, found once (a search costs milliseconds, a limit 0.1 ms)."""
+    return ThreadpoolController()
 
 
 def negatives(eigenvalues: tf.Tensor) -> tuple[int, float]:
