@@ -20,6 +20,7 @@ from models import F64, MODELS, targets
 
 from laplace_tf import testing
 from laplace_tf.batches import Batches
+from laplace_tf.curvature import last_layer
 from laplace_tf.curvature.base import fit_curvature
 from laplace_tf.curvature.last_layer import (
     LastLayerBuilder,
@@ -110,6 +111,17 @@ def test_full_and_diag_equal_the_brute_force_block(model_name, likelihood_name, 
     if structure == "diag":
         expected = np.diag(np.diag(expected))
     block = _block(_case(model_name, likelihood_name), kind, structure)
+    np.testing.assert_allclose(block.to_dense().numpy(), expected, **EXACT)
+
+
+@pytest.mark.parametrize("row_block", [1, 2, 3])
+@pytest.mark.parametrize("likelihood_name", ["classification", "regression_per_output"])
+def test_full_sums_by_blocks_of_input_rows_equal_the_brute_force_block(
+        monkeypatch, likelihood_name, row_block):
+    # tanh_mlp: 4 features + the bias's 1 = 5 input rows, in blocks of 1, 2 (+ a ragged 1), 3 + 2
+    monkeypatch.setattr(last_layer, "_ROW_BLOCK", row_block)
+    expected = _brute_force_block("tanh_mlp", likelihood_name, "ggn")
+    block = _block(_case("tanh_mlp", likelihood_name), "ggn", "full")
     np.testing.assert_allclose(block.to_dense().numpy(), expected, **EXACT)
 
 

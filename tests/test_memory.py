@@ -65,12 +65,12 @@ def test_last_layer_per_batch_is_features_and_output_hessians():
 
 
 def test_last_layer_full_per_batch_is_a_joined_step():
-    """Full joins batches into steps of STEP_EXAMPLES: features, M_n, and the outputs' packed
-    pairs scaled by the 5 inputs (with the bias's 1) for each example."""
+    """Full joins batches into steps of STEP_EXAMPLES: features, M_n, its packed pairs and the
+    products of the 5 inputs (with the bias's 1) in one block of input rows, for each example."""
     estimate = estimate_memory(_subset(last_layer=True), "full", K, BATCH,
                                subset_of_weights="last_layer")
     pairs = K * (K + 1) // 2
-    assert estimate.parts["per_batch"] == STEP_EXAMPLES * (5 + K * K + 6 * pairs) * F64
+    assert estimate.parts["per_batch"] == STEP_EXAMPLES * (5 + K * K + pairs + 5 * 5) * F64
 
 
 @pytest.mark.parametrize("structure", ["full", "diag"])

@@ -22,7 +22,9 @@ from laplace_tf.blocks import (
     KronBlock,
     LinearOperatorKroneckerEigen,
     blocks_to_dense,
+    dense,
 )
+from laplace_tf.blocks.base import eigh
 from laplace_tf.curvature.base import Curvature
 from laplace_tf.posterior import PosteriorLaplace
 from laplace_tf.testing import finite_difference_gradient
@@ -191,6 +193,26 @@ def test_samples_have_the_posterior_moments(structure):
     assert np.all(np.abs(np.cov(samples.T) - covariance) < 5.5 * se)
     np.testing.assert_array_equal(la.sample(5, seed=7), la.sample(5, seed=7))
     assert not np.allclose(la.sample(5, seed=7), la.sample(5, seed=8))
+
+
+def test_full_posterior_uses_no_eigendecomposition_until_tuning_asks(monkeypatch):
+    calls = []
+
+    def counting_eigh(matrix, vectors=True):
+        calls.append(vectors)
+        return eigh(matrix, vectors)
+
+    monkeypatch.setattr(dense, "eigh", counting_eigh)
+    la = make("full", "all", "classification", blocks="full", prior_precision=0.8)
+    covariance = np.linalg.inv(dense_precision(la))
+    np.testing.assert_allclose(la.posterior_covariance, covariance, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(la.posterior.stddev(), np.sqrt(np.diag(covariance)), rtol=1e-9)
+    la.sample(3, seed=0)
+    assert calls == []  # fit, covariance and sampling: Cholesky factorisations only
+    for prior in (0.8, 2.5):  # a scalar prior's log-determinant: the eigenvalues, once
+        np.testing.assert_allclose(la.log_marginal_likelihood(prior), dense_evidence(la, prior),
+                                   rtol=1e-10)
+    assert calls == [False]
 
 
 # ---------------------------------------------------------------------------- evidence

@@ -28,12 +28,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import scipy.linalg
 import tensorflow as tf
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["BLOCK_TYPES", "Block", "Covariance", "Factor", "blocks_to_dense", "register_block"]
 
@@ -186,11 +188,26 @@ def symmetric(matrix: tf.Tensor) -> tf.Tensor:
 
 
 def eigh(matrix: tf.Tensor, vectors: bool = True):
-    """Ascending eigenvalues (and eigenvectors if ``vectors``) of a symmetric matrix, by LAPACK's
-    divide and conquer (scipy): several times faster on CPU than ``tf.linalg.eigh``, which
-    matters for the one large eigendecomposition of a full posterior (13 s -> 2 s, P = 3466)."""
-    result = scipy.linalg.eigh(matrix.numpy(), eigvals_only=not vectors, driver="evd")
+    """Ascending eigenvalues (and eigenvectors if ``vectors``) of a symmetric matrix.
+
+    LAPACK's divide and conquer (scipy, ``driver="evd"``) on ONE OpenBLAS thread. Measured on 2
+    shared cores (load 3-5), float32, P = 3,500, seconds of 3 runs: eigenvalues only, one
+    thread 1.8-2.1, two threads 4.7-5.3, ``tf.linalg.eigvalsh`` 3.4-4.2; with eigenvectors, one
+    thread 4.4-8.3, two threads 17-30, ``driver="evr"`` one thread 28-32, ``tf.linalg.eigh``
+    10-27 (a Cholesky factorisation: 0.3-0.6). OpenBLAS's threads wait for each other by
+    spinning, which collapses when the cores are shared: hence the erratic 2-35 s of the
+    default threading, and one thread is both faster and steady there.
+    """
+    with _blas_threads().limit(limits=1, user_api="blas"):
+        result = scipy.linalg.eigh(matrix.numpy(), eigvals_only=not vectors, driver="evd",
+                                   check_finite=False)
     return tuple(map(tf.constant, result)) if vectors else tf.constant(result)
+
+
+@functools.cache
+def _blas_threads() -> ThreadpoolController:
+    """The BLAS thread pools, found once (a search costs milliseconds, a limit 0.1 ms)."""
+    return ThreadpoolController()
 
 
 def negatives(eigenvalues: tf.Tensor) -> tuple[int, float]:

@@ -1,9 +1,10 @@
 """The dense block ``H [p, p]``: a full posterior.
 
-The factor keeps the eigenvalues ``e`` of ``H`` (and its eigenvectors when clipping); the
-precision and covariance go through a Cholesky factorisation (never a naive inverse), the
-log-determinant is ``sum log(c e + lambda)`` for a scalar prior (a Cholesky factorisation for
-one per weight), so prior tuning with a scalar prior costs no new decomposition.
+The factor is a Cholesky factorisation of the precision ``c H + diag(lambda)`` (never a naive
+inverse, never an eigendecomposition to fit, sample or predict); the eigenvalues ``e`` of ``H``
+are computed on first use, once, for prior tuning: the log-determinant is
+``sum log(c e + lambda)`` for any scalar prior (a Cholesky factorisation for one per layer or
+weight), so tuning a scalar prior costs no decomposition a step.
 
 Example:
     >>> import tensorflow as tf
@@ -95,33 +96,35 @@ class DenseBlock(NamedTuple):
 
 
 class DenseCovariance(NamedTuple):
-    """``Sigma = matrix [p, p]``."""
+    """``Sigma = root root^T``, ``root [p, p]`` lower triangular (:meth:`DenseFactor.scale`):
+    the variances ``J Sigma J^T = (J root)(J root)^T`` need no ``Sigma``, and the same-output
+    blocks of a last layer cost ``p^3 / K`` from the root, where ``Sigma`` costs ``p^3``."""
 
-    matrix: tf.Tensor
+    root: tf.Tensor
 
     needs_one_factored_layer = False  # type: ignore[misc]  # a class constant in a NamedTuple
 
     def to_dense(self) -> tf.Tensor:
-        return self.matrix
+        return symmetric(tf.matmul(self.root, self.root, transpose_b=True))
 
     def for_logits_diagonal(self, shape: tuple[int, int]) -> _SameOutput:
         din, n_outputs = shape
-        blocks = tf.reshape(self.matrix, [din, n_outputs, din, n_outputs])
-        return _SameOutput(tf.linalg.diag_part(tf.transpose(blocks, [0, 2, 1, 3])))
+        rows = tf.transpose(tf.reshape(self.root, [din, n_outputs, -1]), [1, 0, 2])  # [K, din, p]
+        blocks = tf.matmul(rows, rows, transpose_b=True)  # [K, din, din]
+        return _SameOutput(tf.transpose(blocks, [1, 2, 0]))
 
     def contract(self, layers: Sequence[LayerJacobian], diagonal: bool) -> tf.Tensor:
         first = layers[0]
-        if first.a is not None and first.g is None:  # pre-activation = logits, full V
+        if first.a is not None and first.g is None:  # pre-activation = logits: J = a^T ⊗ I
             a = first.a[:, 0]
             din = int(a.shape[-1])
-            n_outputs = int(self.matrix.shape[0]) // din
-            blocks = tf.reshape(self.matrix, [din, n_outputs, din, n_outputs])
-            return tf.einsum("nkjl,nj->nkl", tf.einsum("ni,ikjl->nkjl", a, blocks), a)
-        jac = tf.concat([layer.explicit() for layer in layers], axis=-1)
-        left = tf.einsum("nkp,pq->nkq", jac, self.matrix)
+            left = tf.einsum("ni,ikq->nkq", a, tf.reshape(self.root, [din, -1, self.root.shape[-1]]))
+        else:
+            left = tf.einsum("nkp,pq->nkq", tf.concat([layer.explicit() for layer in layers], -1),
+                             self.root)
         if diagonal:
-            return tf.reduce_sum(left * jac, axis=-1)
-        return tf.matmul(left, jac, transpose_b=True)
+            return tf.reduce_sum(tf.square(left), axis=-1)
+        return tf.matmul(left, left, transpose_b=True)
 
 
 class _SameOutput(NamedTuple):
@@ -143,34 +146,121 @@ _PD = dict(is_self_adjoint=True, is_positive_definite=True, is_non_singular=True
 
 
 class DenseFactor(Factor):
-    """A :class:`DenseBlock` and its eigenvalues (eigenvectors too when clipping).
+    """A :class:`DenseBlock` for the posterior ``c H + diag(prior)``, by Cholesky factorisation.
 
-    Negative eigenvalues of ``H`` (an exact Hessian away from a minimum) are set to zero when
-    ``clip``, by rebuilding ``H`` from its eigendecomposition.
+    Covariance, sampling scale and (for a per-layer or per-weight prior) log-determinant come
+    from one Cholesky factorisation of the precision (``P^3 / 3`` multiply-adds), taken in
+    reversed order, ``R (c H + diag(prior)) R = L L^T`` with ``R`` the order-reversing
+    permutation, so that ``S = R L^-T R`` is *lower* triangular with ``S S^T`` the covariance:
+    the sampling scale (``theta = mean + S z``) and the covariance ``S S^T`` need one
+    triangular solve more, no second factorisation. The factorisation of the current
+    ``(c, prior)`` is kept (eager calls only).
+
+    The eigenvalues of ``H`` are computed on first use only, once: by prior tuning (the
+    log-determinant for any scalar prior is ``sum log(c e + prior)``, no factorisation a
+    step) or by the positive-definiteness check of a curvature that is not clipped (an exact
+    Hessian). ``clip`` sets negative eigenvalues of ``H`` to zero by rebuilding ``H`` from its
+    eigendecomposition, but only when there are any clearly below zero: a Cholesky
+    factorisation of ``H + n eps |H| I`` at construction tells (a GGN or EF is positive
+    semi-definite by construction, its negative eigenvalues are round-off and it is used as it
+    is; should that round-off still break the Cholesky factorisation of the precision at a
+    tiny prior, it is clipped then).
     """
 
     def __init__(self, block: DenseBlock, clip: bool = False):
-        matrix = symmetric(tf.convert_to_tensor(block.matrix))
-        if clip:
-            eigenvalues, eigenvectors = eigh(matrix)
-        else:  # eigenvalues only: a few times cheaper than with eigenvectors
-            eigenvalues = eigh(matrix, vectors=False)
-        self.size = int(matrix.shape[0])
-        self.n_eigenvalues = self.size
-        self.n_negative, self.most_negative = negatives(eigenvalues)
-        if clip:
-            eigenvalues = tf.maximum(eigenvalues, 0)
-            matrix = symmetric(tf.matmul(eigenvectors * eigenvalues, eigenvectors, transpose_b=True))
-        self.matrix = matrix
-        self.eigenvalues = eigenvalues
-        self.min_curvature_eigenvalue = tf.reduce_min(eigenvalues)
+        self.matrix = symmetric(tf.convert_to_tensor(block.matrix))
+        self.size = self.n_eigenvalues = int(self.matrix.shape[0])
+        self._clip = clip
+        self._eigen: tuple[tf.Tensor, int, float] | None = None  # values as used, n_negative, most_negative
+        self._factor: tuple[bytes, tf.Tensor, list] | None = None  # (c, prior) key, L, [S] once computed
+        self._psd = False  # positive semi-definite up to round-off, found without eigenvalues
+        self._clipped = False
+        if clip:  # eigendecomposed (and clipped) only if H has eigenvalues clearly below zero
+            tol = self.size * np.finfo(self.matrix.dtype.as_numpy_dtype).eps * float(
+                tf.reduce_max(tf.reduce_sum(tf.abs(self.matrix), axis=1)))  # >= n eps max|e|
+            shifted = tf.linalg.cholesky(self.matrix + tol * tf.eye(self.size, dtype=self.matrix.dtype))
+            self._psd = _finite_diagonal(shifted)
+            if not self._psd:
+                self._clip_negative()
 
+    # ------------------------------------------------------------------ eigenvalues, on demand
+    def _eigendecomposition(self) -> tuple[tf.Tensor, int, float]:
+        if self._eigen is None:
+            with tf.init_scope():  # computed eagerly once, even when first asked in a trace
+                values = eigh(self.matrix, vectors=False)
+                self._eigen = (tf.maximum(values, 0) if self._clip else values, *negatives(values))
+        return self._eigen
+
+    def _clip_negative(self) -> None:
+        """Rebuild ``H`` from its eigendecomposition with negative eigenvalues set to zero."""
+        with tf.init_scope():
+            values, vectors = eigh(self.matrix)
+            n_negative, most_negative = negatives(values)
+            values = tf.maximum(values, 0)
+            self.matrix = symmetric(tf.matmul(vectors * values, vectors, transpose_b=True))
+            self._eigen, self._factor, self._clipped = (values, n_negative, most_negative), None, True
+
+    @property
+    def eigenvalues(self) -> tf.Tensor:
+        """The eigenvalues of ``H`` as used (clipped at 0 if ``clip``), computed on first use."""
+        return self._eigendecomposition()[0]
+
+    @property
+    def n_negative(self) -> int:  # type: ignore[override]
+        return 0 if self._psd else self._eigendecomposition()[1]
+
+    @property
+    def most_negative(self) -> float:  # type: ignore[override]
+        return 0.0 if self._psd else self._eigendecomposition()[2]
+
+    @property
+    def min_curvature_eigenvalue(self) -> tf.Tensor:  # type: ignore[override]
+        """The smallest eigenvalue of ``H`` as used; for a block to clip found positive
+        semi-definite up to round-off, 0, a lower bound without a decomposition (its clipped
+        eigenvalues are >= 0; should the round-off break a Cholesky factorisation of the
+        precision, it is clipped then)."""
+        if self._psd and not self._clipped:
+            return tf.zeros([], self.matrix.dtype)
+        return tf.reduce_min(self.eigenvalues)
+
+    # ------------------------------------------------------------------ the Cholesky factor
     def precision_matrix(self, c, prior) -> tf.Tensor:
         """The dense precision block ``c H + diag(prior)``."""
         return c * self.matrix + tf.linalg.diag(prior * tf.ones([self.size], self.matrix.dtype))
 
-    def _cholesky(self, c, prior) -> tf.Tensor:
-        return tf.linalg.cholesky(self.precision_matrix(c, prior))
+    def _reversed_cholesky(self, c, prior) -> tf.Tensor:
+        """``L`` with ``R (c H + diag(prior)) R = L L^T``; kept for the last eager ``(c, prior)``.
+
+        A precision that is not numerically positive definite gives NaN (TensorFlow's Cholesky
+        does not raise): a block to be clipped is then eigendecomposed, clipped and factored
+        again; else, or if that fails too, a ValueError says what to do.
+        """
+        if not tf.executing_eagerly():
+            return tf.linalg.cholesky(tf.reverse(self.precision_matrix(c, prior), [0, 1]))
+        key = np.asarray(c).tobytes() + np.asarray(prior).tobytes()
+        if self._factor is None or self._factor[0] != key:
+            chol = tf.linalg.cholesky(tf.reverse(self.precision_matrix(c, prior), [0, 1]))
+            if self._clip and not self._clipped and not _finite_diagonal(chol):
+                self._clip_negative()  # negative round-off above the prior: clip it
+                chol = tf.linalg.cholesky(tf.reverse(self.precision_matrix(c, prior), [0, 1]))
+            if not _finite_diagonal(chol):
+                raise ValueError(
+                    "The posterior precision H / temperature + prior_precision is not "
+                    "numerically positive definite (its Cholesky factorisation failed): the "
+                    "prior precision is too small against the round-off of the curvature. "
+                    "Raise prior_precision, or fit in float64."
+                )
+            self._factor = (key, chol, [])
+        return self._factor[1]
+
+    def _scale_matrix(self, c, prior) -> tf.Tensor:
+        """``S = R L^-T R``, lower triangular, ``S S^T`` = the covariance block."""
+        chol = self._reversed_cholesky(c, prior)
+        cached = self._factor[2] if tf.executing_eagerly() and self._factor is not None else []
+        if not cached:
+            inverse = tf.linalg.triangular_solve(chol, tf.eye(self.size, dtype=chol.dtype))
+            cached.append(tf.reverse(tf.transpose(inverse), [0, 1]))
+        return cached[0]
 
     def precision(self, c, prior):
         return tf.linalg.LinearOperatorFullMatrix(self.precision_matrix(c, prior), **_PD)
@@ -178,20 +268,21 @@ class DenseFactor(Factor):
     def log_det(self, c, prior):
         if prior.shape.rank == 0:
             return tf.reduce_sum(tf.math.log(c * self.eigenvalues + prior))
-        return 2.0 * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(self._cholesky(c, prior))))
+        chol = tf.linalg.cholesky(self.precision_matrix(c, prior))  # differentiable: not kept
+        return 2.0 * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)))
 
     def smallest_precision_eigenvalue(self, c, prior):
         if prior.shape.rank == 0:
-            return c * self.min_curvature_eigenvalue + prior
+            return c * tf.reduce_min(self.eigenvalues) + prior
         return tf.reduce_min(tf.linalg.eigvalsh(self.precision_matrix(c, prior)))
 
     def covariance(self, c, prior):
-        chol = self._cholesky(c, prior)
-        identity = tf.eye(self.size, dtype=chol.dtype)
-        return DenseCovariance(symmetric(tf.linalg.cholesky_solve(chol, identity)))
+        return DenseCovariance(self._scale_matrix(c, prior))
 
     def scale(self, c, prior):
         return tf.linalg.LinearOperatorLowerTriangular(
-            tf.linalg.cholesky(self.covariance(c, prior).matrix), is_non_singular=True,
-            is_square=True,
-        )
+            self._scale_matrix(c, prior), is_non_singular=True, is_square=True)
+
+
+def _finite_diagonal(chol: tf.Tensor) -> bool:
+    return bool(tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(chol))))

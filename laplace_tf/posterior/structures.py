@@ -4,8 +4,9 @@ A structure (``"full"``, ``"kron"``, ``"diag"``, ``"lowrank"``, ``"gp"``) says w
 blocks it accepts, which prior shapes it supports, and which TensorFlow Probability
 distribution represents the posterior ``N(mean, (c H + diag(lambda))^-1)``:
 
-* full -> ``tfd.MultivariateNormalTriL``, ``scale_tril`` the Cholesky factor of the covariance
-  obtained by Cholesky solves with the precision (never a naive inverse);
+* full -> ``tfd.MultivariateNormalTriL``, ``scale_tril`` a lower-triangular root of the
+  covariance from one Cholesky factorisation of the precision and a triangular solve
+  (:class:`~laplace_tf.blocks.dense.DenseFactor`; never a naive inverse);
 * kron -> ``tfd.MultivariateNormalLinearOperator`` whose scale is block-diagonal over layers,
   each block :class:`~laplace_tf.blocks.kron_operator.LinearOperatorKroneckerEigen` (or diagonal for
   layers without a Kronecker rule, or a small dense block for a scale-and-shift layer): no

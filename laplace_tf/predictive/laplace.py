@@ -227,7 +227,8 @@ class Laplace(PosteriorLaplace):
         diagonal = mode == "predict" and not needs_full_covariance(link)
         blocks = self.covariance_blocks()
         fv = self._functional(blocks)
-        prepared = fv.prepare(blocks, diagonal)
+        prepared = self._cached(f"prepared_blocks_{diagonal}",  # shared work: once a state
+                                lambda: fv.prepare(blocks, diagonal))
         noise = self._noise_variance(self.subset.dtype)
         step = self._compiled(("glm", fv, mode, link, n_samples), "_glm_step", fv,
                               diagonal=diagonal, mode=mode, link=link, n_samples=n_samples)
