@@ -203,6 +203,43 @@ def model_cache(model: keras.Model, key: tuple) -> dict:
     return _MODEL_CACHES.setdefault(model, {}).setdefault(key, {})
 
 
+class compiled_per_rank:  # noqa: N801 (used like tf.function)
+    """``tf.function(fn, reduce_retracing=True)``, one per structure of the arguments' ranks.
+
+    Across calls with several batch sizes a function traced with ``reduce_retracing`` relaxes
+    its input shapes; across ranks (a model fitted on ``[N]`` and on ``[N, 1]`` inputs, as
+    Keras allows) it would relax them to an unknown rank, which Keras layers cannot call.
+
+    Example:
+        >>> import tensorflow as tf
+        >>> double = compiled_per_rank(lambda x: 2 * x)
+        >>> double(tf.ones([2])).shape, double(tf.ones([3, 1])).shape
+        (TensorShape([2]), TensorShape([3, 1]))
+        >>> double.experimental_get_tracing_count()
+        2
+    """
+
+    def __init__(self, fn):
+        self._fn, self._steps = fn, {}
+
+    def __call__(self, *args, **kwargs):
+        return self._step(args, kwargs)(*args, **kwargs)
+
+    def get_concrete_function(self, *args, **kwargs):
+        """The concrete function for these arguments or ``tf.TensorSpec``s (of known ranks)."""
+        return self._step(args, kwargs).get_concrete_function(*args, **kwargs)
+
+    def _step(self, args, kwargs):
+        key = tuple(len(getattr(t, "shape", ())) for t in tf.nest.flatten((args, kwargs)))
+        if key not in self._steps:
+            self._steps[key] = tf.function(self._fn, reduce_retracing=True)
+        return self._steps[key]
+
+    def experimental_get_tracing_count(self) -> int:
+        """Traces over all ranks (as ``tf.function``'s method)."""
+        return sum(step.experimental_get_tracing_count() for step in self._steps.values())
+
+
 class SubnetworkSubset(WeightSubset):
     """Some weights of a Keras model, chosen by their flat indices: a subnetwork.
 

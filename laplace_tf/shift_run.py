@@ -231,7 +231,7 @@ def run_shift(config: _config.RunConfig, section: Mapping[str, Any],
     return ShiftResult(table, rep, out, seconds)
 
 
-DEMO_ENSEMBLE = {"members": 5, "hidden": [64], "epochs": 60, "learning_rate": 0.003}
+DEMO_ENSEMBLE: dict[str, Any] = {"members": 5, "hidden": [64], "epochs": 60, "learning_rate": 0.003}
 """The demo's deep ensemble: small MLPs (not the demo's larger network), trained like it."""
 
 

@@ -160,6 +160,7 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
 
     def _attach(self, model) -> None:
         _check_compiled(model, self.likelihood)
+        assert self.la is not None  # made by the caller for this model
         variables = [v for s in self.la.subset.slices for v in s.variables]
         for variable in variables:
             if variable.regularizer is not None and variable not in self._attached:
@@ -309,6 +310,7 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
             f"epochs: no refit happened in {epochs} epochs (n_epochs_burnin="
             f"{callback.n_epochs_burnin}, marglik_frequency={callback.marglik_frequency}); "
             "train longer or refit more often.")
+    assert callback.la is not None  # a refit happened
     if callback.trace["epoch"][-1] != epochs:  # the posterior at the returned weights
         callback.la.fit(train_data, progress=False)
     trace = {key: np.asarray(value) for key, value in callback.trace.items()}

@@ -17,16 +17,28 @@ def _with(section: str, **values) -> dict:
     return {**DIGITS, section: values} if section != "data" else {"data": {**DIGITS["data"], **values}}
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.stem.startswith("shift_"))
+SHIFT_CONFIGS = sorted(CONFIGS.glob("shift_*.yaml"))  # a run config plus a shift: section
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
 def test_every_shipped_config_is_valid_and_names_itself(path):
     config = cfg.load_config(path)
     assert config.name == path.stem
     assert cfg.from_dict(cfg.to_dict(config)) == config  # round trip through plain dicts
 
 
+@pytest.mark.parametrize("path", SHIFT_CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_shift_config_is_valid_and_names_itself(path):
+    from laplace_tf.shift_run import load_shift_config
+
+    config, section = load_shift_config(path)
+    assert config.name == path.stem and section["shifts"]
+
+
 def test_one_example_config_per_subset_and_structure():
     pairs = {(c.laplace.subset_of_weights, c.laplace.hessian_structure)
-             for c in map(cfg.load_config, CONFIGS.glob("*.yaml"))}
+             for c in map(cfg.load_config, RUN_CONFIGS)}
     assert pairs == {(s, h) for s in ("last_layer", "all") for h in ("kron", "full", "diag")} | {
         ("all", "lowrank"), ("subnetwork", "full")}
 

@@ -214,7 +214,7 @@ class DenseFactor(Factor):
         return 0.0 if self._psd else self._eigendecomposition()[2]
 
     @property
-    def min_curvature_eigenvalue(self) -> tf.Tensor:  # type: ignore[override]
+    def min_curvature_eigenvalue(self) -> tf.Tensor:
         """The smallest eigenvalue of ``H`` as used; for a block to clip found positive
         semi-definite up to round-off, 0, a lower bound without a decomposition (its clipped
         eigenvalues are >= 0; should the round-off break a Cholesky factorisation of the

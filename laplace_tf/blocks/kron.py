@@ -244,7 +244,7 @@ class PermutedKronBlock(NamedTuple):
         return self.kron.size
 
     def _with(self, block: KronBlock) -> PermutedKronBlock:
-        return PermutedKronBlock(*block, self.order)
+        return PermutedKronBlock(block.A, block.G, block.n, self.order)
 
     def add(self, other: PermutedKronBlock) -> PermutedKronBlock:
         check_same_type(self, other)
@@ -282,7 +282,10 @@ class PermutedKronBlock(NamedTuple):
         check_finite(self.kron)
         return PermutedKronFactor(self, clip)
 
-    memory = KronBlock.memory
+    @staticmethod
+    def memory(din: int, dout: int) -> dict[str, int]:
+        """As :meth:`KronBlock.memory`: the permutation costs no extra numbers."""
+        return KronBlock.memory(din, dout)
 
 
 class PermutedKronCovariance(NamedTuple):

@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -41,7 +41,7 @@ from laplace_tf.blocks import Block
 from laplace_tf.inputs import InputCheck, explain_grouped_convolution
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import check_output_op, check_output_values
-from laplace_tf.params import LogitModel
+from laplace_tf.params import LogitModel, compiled_per_rank
 
 CURVATURES = ("ggn", "ef", "hessian")
 STRUCTURES = ("full", "kron", "diag", "lowrank", "gp")
@@ -99,6 +99,8 @@ class CurvatureBuilder:
     keeps_examples: bool = False
     """Whether :meth:`observe` keeps examples for :meth:`finish` (then the curvature is not a
     sum over batches, and cannot be all-reduced over workers)."""
+    _compiled_step: Callable | None = None
+    """The compiled batch step, built at the first fit (:func:`_compiled_step`)."""
 
     def __init__(self, logit_model: LogitModel, likelihood: Likelihood, kind: str = "ggn"):
         if kind not in self.kinds:
@@ -242,11 +244,11 @@ def fit_curvature(
 def _compiled_step(builder: CurvatureBuilder):
     """The builder's step (one batch -> :class:`_Sums`) as a ``tf.function``, built once per
     builder: fits with the same builder reuse its traces (any batch size, one trace)."""
-    step = getattr(builder, "_compiled_step", None)
+    step = builder._compiled_step
     if step is None:
         likelihood = builder.likelihood
 
-        @tf.function(reduce_retracing=True)
+        @compiled_per_rank
         def step(x, y, w):
             sums, logits = builder.batch_sums(x, y, w)
             w = tf.cast(w, logits.dtype)

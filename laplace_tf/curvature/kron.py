@@ -63,7 +63,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf.arguments import choice, flag
-from laplace_tf.blocks import Block, DiagBlock, PermutedKronBlock
+from laplace_tf.blocks import Block, DiagBlock, KronBlock, PermutedKronBlock
 from laplace_tf.curvature._per_example import output_cotangents, summed_rows
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
 from laplace_tf.curvature.kron_layers import KRON_RULES, block_kind, fallback_reason
@@ -194,7 +194,9 @@ class KronBuilder(CurvatureBuilder):
         transposed convolution) gets its block as a :class:`PermutedKronBlock`."""
         blocks = super().finish(sums)
         for j, order in self._orders.items():
-            blocks[j] = PermutedKronBlock(*blocks[j], tf.constant(order, tf.int32))
+            block = blocks[j]
+            assert isinstance(block, KronBlock)
+            blocks[j] = PermutedKronBlock(block.A, block.G, block.n, tf.constant(order, tf.int32))
         return blocks
 
     def _cotangents(self, logits: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tf.Tensor:

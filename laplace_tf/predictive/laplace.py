@@ -40,7 +40,7 @@ from laplace_tf.arguments import choice, positive_int
 from laplace_tf.batches import iterate_inputs
 from laplace_tf.curvature.kron_layers import input_rows
 from laplace_tf.inputs import MODEL_ERRORS, InputCheck, explain_grouped_convolution
-from laplace_tf.params import model_cache
+from laplace_tf.params import compiled_per_rank, model_cache
 from laplace_tf.posterior import PosteriorLaplace
 from laplace_tf.posterior.laplace import stateless_seed
 from laplace_tf.predictive import export as _export
@@ -322,7 +322,7 @@ class Laplace(PosteriorLaplace):
         shared = self._shared_steps()
         if key not in shared:
             step = functools.partial(getattr(shared["owner"], method), *args, **kwargs)
-            shared[key] = tf.function(step, reduce_retracing=True)
+            shared[key] = compiled_per_rank(step)
         return shared[key]
 
     def validation_scorer(self, batches, kwargs: dict):
@@ -337,13 +337,13 @@ class Laplace(PosteriorLaplace):
         """
         link = kwargs.get("link_approx", "probit")
         if kwargs.get("pred_type", "glm") != "glm" or link == "mc":
-            def score():
+            def predicted_score():
                 total, count = 0.0, 0
                 for x, y in batches:
                     total += self.likelihood.validation_nll(self(x, **kwargs), y)
                     count += len(y)
                 return total / count
-            return score
+            return predicted_score
         diagonal = not needs_full_covariance(link)
         pieces: list[list] = []  # per validation batch: the pieces of its sub-batches
 
