@@ -89,7 +89,9 @@ class DenseBlock(NamedTuple):
     def memory(size: int) -> dict[str, int]:
         """Numbers a block of ``size`` weights keeps (``curvature``) and its factor and
         covariance allocate: the symmetrised copy, eigenvectors and eigenvalues, the Cholesky
-        factor of the precision, the identity it is solved from and the covariance."""
+        factor of the precision, the identity it is solved from and the covariance. An upper
+        bound: the factor takes eigenvalues (no eigenvectors) only when tuning or an exact
+        Hessian's check asks for them, or eigenvectors to clip an indefinite block."""
         square = size * size
         return {"curvature": square, "eigendecomposition": 2 * square + size,
                 "cholesky": square, "covariance": 2 * square}
