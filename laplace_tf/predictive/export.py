@@ -55,7 +55,7 @@ import tensorflow as tf
 
 from laplace_tf.arguments import choice, positive_int
 from laplace_tf.predictive.jacobians import FunctionalVariance
-from laplace_tf.predictive.links import PRED_TYPES, bridge, needs_full_covariance
+from laplace_tf.predictive.links import PRED_TYPES, needs_full_covariance
 
 logger = logging.getLogger("laplace_tf")
 
@@ -138,8 +138,9 @@ class _Predictive(tf.Module):
             logits, covariance = self._functional(x, self.mean, self.blocks,
                                                   diagonal=self._diagonal)
             variance = covariance if self._diagonal else tf.linalg.diag_part(covariance)
-            predictive = (bridge(logits, covariance) if self.link_approx == "bridge"
-                          else likelihood.glm_predictive(logits, variance, self.noise))
+            predictive = self._la._glm_outputs(logits, covariance, self.noise, None,
+                                               mode="predict", link=self.link_approx,
+                                               n_samples=1)
         values = (*(predictive if isinstance(predictive, tuple) else (predictive,)), variance)
         return {name: tf.cast(value, self._output_dtype)
                 for name, value in zip(self.outputs, values, strict=True)}
