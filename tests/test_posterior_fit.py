@@ -7,6 +7,7 @@ checked on tiny float64 models.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import keras
@@ -299,3 +300,25 @@ def test_float32_posterior_is_close_to_float64(structure):
     np.testing.assert_allclose(cov32, cov64, rtol=2e-3, atol=2e-4)
     np.testing.assert_allclose(z32, z64, rtol=1e-4)
     assert s32.shape == s64.shape  # random streams differ between dtypes
+
+
+def test_tuning_many_posteriors_in_a_row_logs_no_retracing_warning():
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    model, x, y = _data("classification", 8, seed=2)
+    records = Records()
+    tf.get_logger().addHandler(records)
+    try:
+        for _ in range(7):  # TensorFlow warns when 5 of its last 10 calls of one code traced
+            la = Laplace(model, "classification", "last_layer", "diag", progress=False)
+            la.fit((x, y))
+            la.optimize_prior_precision(method="marglik", n_steps=3, progress=False)
+    finally:
+        tf.get_logger().removeHandler(records)
+    assert not [m for m in records.messages if "retracing" in m]

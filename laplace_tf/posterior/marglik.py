@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -80,6 +81,15 @@ def _indefinite_error(detail: str) -> ValueError:
     )
 
 
+def _adam_loop(body, variables: list[tf.Variable], n, lr):
+    """``n`` steps of ``body`` in one ``tf.while_loop``: the objective and variables per step."""
+    dtype = variables[0].dtype
+    values = tf.TensorArray(dtype, size=n)
+    points = [tf.TensorArray(dtype, size=n, element_shape=v.shape) for v in variables]
+    loop = tf.while_loop(lambda i, *_: i < n, body, (0, lr, values, points))
+    return loop[2].stack(), [p.stack() for p in loop[3]]
+
+
 class _AdamAscent:
     """Maximise ``objective()`` over ``variables`` with Adam, in one compiled loop.
 
@@ -110,14 +120,9 @@ class _AdamAscent:
                 v.assign_add(lr * m_hat / (tf.sqrt(s_hat) + eps))
             return i + 1, lr, values, points
 
-        @tf.function(autograph=False)
-        def run(n, lr):
-            values = tf.TensorArray(dtype, size=n)
-            points = [tf.TensorArray(dtype, size=n, element_shape=v.shape) for v in variables]
-            loop = tf.while_loop(lambda i, *_: i < n, body, (0, lr, values, points))
-            return loop[2].stack(), [p.stack() for p in loop[3]]
-
-        self._run = run
+        # A partial, not a closure: TensorFlow counts traces per Python code object and warns
+        # of "retracing" when many instances each trace their loop once, as they must.
+        self._run = tf.function(functools.partial(_adam_loop, body, variables), autograph=False)
 
     def __call__(self, n_steps: int, lr: float, progress: bool
                  ) -> tuple[list[float], list[list[np.ndarray]]]:
