@@ -42,11 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy import ndimage, optimize, special, stats  # noqa: E402
+from scipy import special, stats  # noqa: E402
 
 import laplace_tf as ltf  # noqa: E402
 from laplace_tf import data  # noqa: E402
-from laplace_tf.calibration import metrics  # noqa: E402
+from laplace_tf.calibration import metrics, temperature  # noqa: E402
+from laplace_tf.calibration.shift import rotate  # noqa: E402
 from laplace_tf.predictive.links import bridge  # noqa: E402
 
 TEMPERATURES = np.logspace(-3, 0, 31)
@@ -54,14 +55,6 @@ TEMPERATURES = np.logspace(-3, 0, 31)
 PRIOR_GRID = np.logspace(-2, 4, 25)
 """The gridsearch grid of prior precisions."""
 N_MC = 100
-
-
-def rotate(x: np.ndarray, angle: float) -> np.ndarray:
-    """Rotate flat 8x8 digits by ``angle`` degrees (bilinear, zero padding, clipped to [0, 1])."""
-    if angle == 0:
-        return x
-    images = ndimage.rotate(x.reshape(-1, 8, 8), angle, axes=(1, 2), reshape=False, order=1)
-    return np.clip(images, 0.0, 1.0).reshape(-1, 64).astype(x.dtype)
 
 
 def train(x, y, xv, yv, hidden, n_out, loss, weight_decay=0.0, epochs=300, early_stop=False,
@@ -82,17 +75,14 @@ def train(x, y, xv, yv, hidden, n_out, loss, weight_decay=0.0, epochs=300, early
     return model
 
 
-def fit_temperature(nll_of_scale) -> float:
-    """The scale ``t`` in ``[e^-4, e^4]`` minimising ``nll_of_scale(t)`` (bounded Brent on log t)."""
-    res = optimize.minimize_scalar(lambda lt: nll_of_scale(np.exp(lt)), bounds=(-4, 4),
-                                   method="bounded")
-    return float(np.exp(res.x))
+def probit_logits(mu, var, scale=1.0):
+    """``mu / sqrt(1 + pi/8 scale diag V)`` (``var`` ``[N, K, K]``): the probit link's logits."""
+    return mu / np.sqrt(1 + np.pi / 8 * scale * np.diagonal(var, axis1=1, axis2=2))
 
 
 def softmax_probit(mu, var, scale=1.0):
-    """``softmax(mu / sqrt(1 + pi/8 scale diag V))`` (``var`` ``[N, K, K]``)."""
-    diag = np.diagonal(var, axis1=1, axis2=2)
-    return special.softmax(mu / np.sqrt(1 + np.pi / 8 * scale * diag), -1)
+    """``softmax(mu / sqrt(1 + pi/8 scale diag V))``."""
+    return special.softmax(probit_logits(mu, var, scale), -1)
 
 
 def softmax_mc(mu, var, seed=0):
@@ -122,8 +112,8 @@ def digits_rows(ds, angles, weight_decay, epochs, early_stop, seed=0):
 
     rows, notes = {}, {}
     rows["MAP"] = score(lambda k: special.softmax(logits[k], -1))
-    tau = fit_temperature(lambda t: metrics.nll(special.softmax(logits["val"] / t, -1), yv))
-    rows["MAP + temperature"] = score(lambda k: special.softmax(logits[k] / tau, -1))
+    tau = temperature.fit_temperature(logits["val"], yv)
+    rows["MAP + temperature"] = score(lambda k: temperature.scaled_probs(logits[k], tau))
     notes["temperature"] = tau
     start = weight_decay or 1.0
     for subset in ("all", "last_layer"):
@@ -168,6 +158,16 @@ def digits_rows(ds, angles, weight_decay, epochs, early_stop, seed=0):
                                     progress=False)
         notes["all gridsearch lambda"] = float(la.prior_precision)
         rows["LA all gridsearch probit"] = score(lambda k: np.asarray(la(sets[k])))
+        adjusted = {k: probit_logits(logits[k], var[k]) for k in sets}
+        tau_la = temperature.fit_temperature(adjusted["val"], yv)
+        rows["LA all marglik probit + TS"] = score(
+            lambda k: temperature.scaled_probs(adjusted[k], tau_la))
+        notes["all marglik probit + TS temperature"] = tau_la
+        la.prior_precision = start
+        la.optimize_prior_precision(method="marglik", prior_structure="layerwise",
+                                    progress=False)
+        notes["all layerwise marglik lambda"] = la.prior_precision.numpy()
+        rows["LA all layerwise marglik probit"] = score(lambda k: np.asarray(la(sets[k])))
     return rows, notes
 
 
@@ -202,7 +202,7 @@ def breast_cancer_table(shifts):
         return metrics.nll(np.clip(p, 0, 1), yy)
 
     rows = {"MAP": {k: nll(special.expit(logits[k]), labels[k]) for k in sets}}
-    tau = fit_temperature(lambda t: nll(special.expit(logits["val"] / t), yv))
+    tau = temperature.fit_temperature(logits["val"], yv)
     rows["MAP + temperature"] = {k: nll(special.expit(logits[k] / tau), labels[k]) for k in sets}
     la = ltf.Laplace(model, "binary", "all", "kron", progress=False)
     la.fit((x, y))
