@@ -84,3 +84,24 @@ def test_float32_samples_have_the_brute_force_moments(case):
     assert samples.dtype == np.float32
     testing.assert_gaussian_moments(np.asarray(samples)[:, None, :], theta[None],
                                     np.linalg.inv(precision)[None], k=5)
+
+
+@pytest.mark.parametrize("case", cases.select(models=("tanh_mlp",), likelihoods=("binary",),
+                                              subsets=("all",), structures=("kron",)),
+                         indirect=True)
+def test_samples_are_compiled_once_per_posterior_state(case):
+    """``sample`` is one compiled draw of the posterior distribution per fitted state: any
+    ``n`` and seed reuse it, a new prior precision builds a new one, and its values are the
+    distribution's own (eager TensorFlow Probability, same stateless seed)."""
+    model, x, y = case.build(n=8)
+    la = ltf.Laplace(model, case.likelihood, case.subset, case.structure, progress=False)
+    la.fit((x, y))
+    for prior in (1.0, 3.0):
+        la.prior_precision = prior
+        first, second = la.sample(5, seed=3), la.sample(9, seed=4)
+        assert la._cache["draw"].experimental_get_tracing_count() == 1
+        for drawn, n, seed in ((first, 5, 3), (second, 9, 4)):
+            eager = la.posterior.sample(n, seed=ltf.posterior.laplace.stateless_seed(seed))
+            np.testing.assert_allclose(drawn, eager, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(np.std(np.asarray(la.sample(4000, seed=1)), axis=0),
+                                   np.asarray(la.posterior.stddev()), rtol=0.1)

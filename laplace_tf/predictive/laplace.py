@@ -260,7 +260,7 @@ class Laplace(PosteriorLaplace):
         """``dW_s = W_s - W* ~ N(0, Sigma)`` ``[S, din (+1), K]`` (the row-major weight matrix),
         from the posterior's own sampler (structured: Kronecker ``Qa (Z / sqrt(E)) Qg^T``)."""
         n_outputs = int(self.subset.slices[0].variables[0].shape[-1])
-        samples = self.posterior.sample(n_samples, seed=seed) - self.mean
+        samples = self._draws(n_samples, seed) - self.mean
         return tf.reshape(samples, [n_samples, self.n_params // n_outputs, n_outputs])
 
     def _last_layer_samples_step(self, x, mean, deltas, *, mode):
