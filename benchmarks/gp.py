@@ -6,7 +6,7 @@ timing does not depend on training), fitted on 2 000 random examples; the GP's c
 ``n_context = 1 000`` of them (``10 000`` root rows). Timed: the GLM predictive (probit) of
 1 000 inputs in batches of 256, best of ``--repeats`` after a warm-up, and each fit once.
 
-* At ``P ~ 3.5k`` (``h = 81``) the GP against ``hessian_structure="full"`` (target of issue 13:
+* At ``P ~ 3.5k`` (``h = 81``) the GP against ``hessian_structure="full"`` (target:
   predictive <= 10x the full structure's). Here ``n_context K > P``: the GP keeps the
   ``P x P`` QR factor of its rows, so its predictive works with ``P`` directions, as the full
   one.

@@ -4,7 +4,7 @@ Run with ``python benchmarks/overheads.py`` (a few minutes on 2 cores; ``--quick
 small case only, ``--device /GPU:0`` to run under ``tf.device``). Two float32 problems:
 
 * ``small``: MLP 64-50-10 (ReLU) on scikit-learn's digits, 1,200 training and 597 test
-  inputs (the issue's case; random weights, the timing does not depend on training);
+  inputs (the reference case; random weights, the timing does not depend on training);
 * ``bench``: the benchmark suite's MLP 64-256-256-10 (``run_all.py``), 4,000 random training
   and 1,000 test inputs.
 
@@ -22,7 +22,7 @@ For every (subset, structure) in :data:`PAIRS` and every operation in :data:`OPE
   ``gridsearch`` the grid's size times (GLM on the validation inputs + evidence).
 
 Printed per row: the four times (ms), ``warm - arith`` and ``cold - warm``, against the
-targets of issue 17: warm <= arith + 10 ms, cold <= warm + 250 ms, marglik (scalar prior,
+targets: warm <= arith + 10 ms, cold <= warm + 250 ms, marglik (scalar prior,
 100 steps) <= 20 ms for diag, kron and last-layer structures.
 """
 

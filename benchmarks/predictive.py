@@ -13,7 +13,7 @@ on 2 000 random examples (fit time not measured), predicting ``N = 5 000`` input
 Every predictive runs over the inputs in batches of 256; the reference is the plain network
 (``LogitModel``, compiled) over the same batches of the same inputs. Ratios are medians of
 repeated, warmed-up timings, interleaved with the reference so that machine load affects
-both alike. Targets (issue 5): last-layer GLM <= 2x (Kronecker and diagonal posteriors), all-
+both alike. Targets: last-layer GLM <= 2x (Kronecker and diagonal posteriors), all-
 weights Kronecker GLM <= 20x, nn with 100 samples <= 120x.
 
 A dense last-layer covariance is reported without a target: ``diag(J Sigma J^T)`` needs the

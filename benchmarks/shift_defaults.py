@@ -12,7 +12,7 @@ with the MAP network and MAP + temperature scaling on shifted test sets:
 * a 1-D regression ``y = sin(3x) + noise`` trained on ``[-2, 2]``, tested inside and beyond.
 
 Every choice (temperature, prior precision, posterior temperature) is made on the validation
-split only; the shifted sets are only evaluated. The "issue 16 target" column checks, for the
+split only; the shifted sets are only evaluated. The "target" column checks, for the
 digits: NLL at least 20% below both MAP and MAP + temperature scaling at every rotation
 >= 30 degrees, and in-distribution NLL at most 5% above MAP's.
 

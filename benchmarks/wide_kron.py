@@ -1,7 +1,7 @@
 """Benchmark: all-weights Kronecker and diagonal GGN fits of a wide MLP, old code against new.
 
 Run with ``python benchmarks/wide_kron.py`` (about 3 minutes on 2 cores; ``--small`` for a
-quick check with 2,000 inputs). The case of issue 17: MLP 256-512-512-20 (ReLU, 404,500
+quick check with 2,000 inputs). The case: MLP 256-512-512-20 (ReLU, 404,500
 weights), N = 20,000 random inputs, batch 256, float32, softmax likelihood, fitted with
 ``ltf.Laplace(model, "classification", "all", structure).fit(...)``:
 
