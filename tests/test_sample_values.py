@@ -87,12 +87,13 @@ def test_float32_samples_have_the_brute_force_moments(case):
 
 
 @pytest.mark.parametrize("case", cases.select(models=("tanh_mlp",), likelihoods=("binary",),
-                                              subsets=("all",), structures=("kron",)),
+                                              subsets=("all",), structures=("kron", "full")),
                          indirect=True)
 def test_samples_are_compiled_once_per_posterior_state(case):
     """``sample`` is one compiled draw of the posterior distribution per fitted state: any
     ``n`` and seed reuse it, a new prior precision builds a new one, and its values are the
-    distribution's own (eager TensorFlow Probability, same stateless seed)."""
+    distribution's own (eager TensorFlow Probability, same stateless seed; the compiled draw
+    applies the scale to all samples in one product, up to round-off the same numbers)."""
     model, x, y = case.build(n=8)
     la = ltf.Laplace(model, case.likelihood, case.subset, case.structure, progress=False)
     la.fit((x, y))
