@@ -60,7 +60,9 @@ def test_second_posterior_and_refit_reuse_the_traces_with_their_own_state(case):
                          indirect=True)
 def test_gridsearch_linearises_each_validation_batch_once(case):
     """The grid's validation NLL equals brute force at every value, and the Jacobians of
-    each validation batch are computed once for the whole grid (not once per value)."""
+    each validation batch are computed once for the whole grid (not once per value); the
+    whole grid is one compiled call, traced once for any grid (a second search traces
+    nothing), whose evidence is ``la.log_marginal_likelihood`` at each value."""
     grid = np.array([0.3, 3.0, 30.0])
     model, x, y = case.build(n=12)
     train, val = slice(0, 6), slice(6, 12)
@@ -85,3 +87,10 @@ def test_gridsearch_linearises_each_validation_batch_once(case):
             nll = -np.log(predicted[np.arange(6), y[val]])
         expected.append(np.mean(nll))
     np.testing.assert_allclose(la.tuning_trace["val_nll"], expected, rtol=1e-9)
+
+    la.optimize_prior_precision(method="gridsearch", grid=grid[:2] * 2, progress=False,
+                                val_data=(cases.rows(x, val), y[val]))
+    compiled = [f for key, f in la._tuners.items() if key[0] == "gridsearch"]
+    assert len(compiled) == 1  # one concrete function: calls with other grids trace nothing
+    evidence = [float(la.log_marginal_likelihood(prior)) for prior in grid[:2] * 2]
+    np.testing.assert_allclose(la.tuning_trace["log_marginal_likelihood"], evidence, rtol=1e-10)

@@ -216,18 +216,23 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
     if not la.likelihood.gaussian_predictive:
         kwargs["link_approx"] = link_approx
     original = la.prior_precision
-    score = la.validation_scorer(batches, kwargs)  # the mean validation NLL at the current prior
-    nll, evidence = [], []
+    scores = la.validation_scorer(batches, kwargs)  # mean validation NLL and evidence at priors
+    nll, evidence = np.full(grid.size, np.inf), np.full(grid.size, np.nan)
     try:
-        for value in tqdm(grid, desc="prior grid", disable=not progress, leave=False):
+        accepted = []
+        for index, value in enumerate(grid):
             try:
-                la.prior_precision = value
-            except ValueError:  # not positive definite at this value
-                nll.append(np.inf)
-                evidence.append(np.nan)
+                la.prior_precision = value  # checks that the precision is positive definite
+                accepted.append(index)
+            except ValueError:  # not positive definite at this value: left at inf
                 continue
-            nll.append(score())
-            evidence.append(float(la.log_marginal_likelihood()))
+        chunk = -(-len(accepted) // 20) if progress else max(len(accepted), 1)
+        with tqdm(total=grid.size, desc="prior grid", disable=not progress, leave=False) as bar:
+            bar.update(grid.size - len(accepted))
+            for start in range(0, len(accepted), chunk):
+                chosen = accepted[start:start + chunk]
+                nll[chosen], evidence[chosen] = scores(grid[chosen])
+                bar.update(len(chosen))
         finite = np.isfinite(nll)
         if not finite.any():
             raise ValueError(
@@ -242,8 +247,8 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
     _warn_at_edge(grid, best)
     la.tuning_trace = {
         "prior_precision": grid.copy(),
-        "log_marginal_likelihood": np.array(evidence),
-        "val_nll": np.array(nll),
+        "log_marginal_likelihood": evidence,
+        "val_nll": nll,
     }
     return _result(la)
 
