@@ -17,7 +17,8 @@ For every (subset, structure) in :data:`PAIRS` and every operation in :data:`OPE
 * ``arith``: the arithmetic, the same work as one compiled ``tf.function`` (warm, median):
   ``la.sample`` and ``la.log_marginal_likelihood`` traced into one graph; for the
   predictives (``glm``, ``mc``, ``nn``) the compiled per-batch steps the call runs, with the
-  same inputs, all in one function; for ``fit`` the builder's batch sums over all batches in
+  same inputs, all in one function, plus the weight draws the call takes (``nn``, and ``mc``
+  of a last-layer posterior: ``la.sample`` compiled, as above); for ``fit`` the builder's batch sums over all batches in
   one function; for ``marglik`` the compiled Adam loop of the tuner alone; for
   ``gridsearch`` the grid's size times (GLM on the validation inputs + evidence).
 
@@ -144,7 +145,14 @@ def arithmetic(la, train, test) -> dict:
         except Exception as err:  # an operation that cannot be traced whole
             print(f"  ({name}: no compiled stand-in: {type(err).__name__})", file=sys.stderr)
             out[name] = float("nan")
-    tuners = list(la._tuners.values())
+    draws = {n: tf.function(lambda n=n: la.sample(n, seed=0)) for n in (20, 100)}
+    for n, fn in draws.items():
+        fn()
+        draws[n] = median_seconds(fn, REPEATS)
+    out["nn"] += draws[20]
+    if la.subset_of_weights == "last_layer":
+        out["mc"] += draws[100]
+    tuners = [t for key, t in la._tuners.items() if key[0] != "gridsearch"]
     if tuners:
         ascent = tuners[0][0]
         lr = tf.constant(0.1, la.subset.dtype)
