@@ -359,9 +359,12 @@ class Laplace(PosteriorLaplace):
             return eager_scores
         diagonal = not needs_full_covariance(link)
         targets, pieces = [], []  # per validation batch: its targets, its sub-batches' pieces
+        layout: list[FunctionalVariance] = []  # the same for every prior: found once
 
         def scores(priors):
-            fv = self._functional(self.covariance_blocks())
+            if not layout:
+                layout.append(self._functional(self.covariance_blocks()))
+            fv = layout[0]
             if not pieces:
                 linearise = self._compiled(("linearise", fv), "_linearise_step", fv)
                 for x, y in batches:
