@@ -11,7 +11,9 @@ labels, batches of 256, wall seconds:
   ``cholesky`` (one ``tf.linalg.cholesky`` of a ``P x P`` precision), ``predict`` (GLM probit on
   500 inputs, first call after the fit, then ``warm``), ``sample`` (100 weight samples),
   ``tune`` (100 steps of marglik tuning of a scalar prior, first call, then ``again``).
-  Target: fit <= 1.5 (curvature + cholesky).
+  Target: fit <= 1.5 (curvature + cholesky). The first tuning's floor: ``eigvalsh_1thread``
+  and ``eigvalsh_2thread`` (eigenvalues only, ``evd``), ``gemm_gflops`` (one P x P matmul)
+  and ``tridiagonal_floor`` (the reduction's 4/3 P^3 flops at that rate).
 * ``wide``: the last layer of an MLP ``256 -> 512 -> 512 -> 20`` (P = 10,260), N =
   ``--n-wide``: the same figures but one fit, and the floor: ``gemm`` (one compiled matmul per
   2,048 examples doing the multiply-adds of the packed sums, ``N d (d + 1) / 2 K (K + 1) / 2``)
@@ -87,6 +89,18 @@ def run_case(name: str, n: int) -> dict[str, float]:
     matrix = la.curvature.blocks[0].matrix + tf.eye(la.n_params)
     tf.linalg.cholesky(matrix)  # warm-up
     out["cholesky"] = _seconds(lambda: tf.linalg.cholesky(matrix).numpy())
+    if name == "small":  # the first tuning's floor: eigenvalues only, and the GEMM rate
+        import scipy.linalg
+        from threadpoolctl import threadpool_limits
+
+        h = la.curvature.blocks[0].matrix.numpy()
+        for threads in (1, 2):
+            with threadpool_limits(threads, user_api="blas"):
+                out[f"eigvalsh_{threads}thread"] = _seconds(lambda: scipy.linalg.eigh(
+                    h, eigvals_only=True, driver="evd", check_finite=False))
+        square = np.asarray(h, np.float32)
+        out["gemm_gflops"] = 2 * h.shape[0] ** 3 / _seconds(lambda: square @ square) / 1e9
+        out["tridiagonal_floor"] = 4 / 3 * h.shape[0] ** 3 / (out["gemm_gflops"] * 1e9)
     if name == "wide":
         d, k = spec["hidden"][-1] + 1, spec["classes"]
         pairs = tf.random.normal([d * (d + 1) // 2, STEP])
