@@ -1,4 +1,4 @@
-"""Calibration under shift: can any posterior temperature meet the issue-16 target at all?
+"""Calibration under shift: can any posterior temperature meet the shift target at all?
 
 For each of the six digits networks of ``shift_defaults.py`` (seeds 0 and 1; 300 epochs without
 weight decay, early stopping without weight decay, 300 epochs with weight decay 0.5) and each
