@@ -93,10 +93,15 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         marglik_frequency: refit after every ``marglik_frequency``-th epoch.
         n_hypersteps, lr_hyp: Adam steps and step size on the log hyperparameters per refit.
         temperature: the Laplace temperature ``T``.
+        restore_best_weights: when fit ends, put back the weights, prior and sigma_noise of
+            the refit with the highest evidence and refit ``self.la`` there (as Keras'
+            ``EarlyStopping`` and laplace-torch's ``marglik_training``, which returns the
+            best-evidence model): the evidence, a training-data criterion, selects the epoch.
         **laplace_kwargs: more :class:`~laplace_tf.Laplace` arguments (``batch_size``, ...).
 
     After each refit ``logs`` (the progress bar, ``History``) get ``log_marglik`` (and
-    ``sigma_noise``); ``self.la`` is the latest fitted Laplace, ``self.trace`` the values.
+    ``sigma_noise``); ``self.la`` is the latest fitted Laplace, ``self.trace`` the values,
+    ``self.best_epoch`` the refit with the highest evidence.
     """
 
     def __init__(self, likelihood: str, train_data, subset_of_weights: str = "all",
@@ -104,7 +109,8 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
                  prior_precision: float = 1.0, sigma_noise: float = 1.0,
                  tune_sigma_noise: bool = True, n_epochs_burnin: int = 0,
                  marglik_frequency: int = 1, n_hypersteps: int = 100, lr_hyp: float = 0.1,
-                 temperature: float = 1.0, **laplace_kwargs):
+                 temperature: float = 1.0, restore_best_weights: bool = False,
+                 **laplace_kwargs):
         super().__init__()
         self.likelihood = choice(likelihood, "likelihood", LIKELIHOODS)
         if not (isinstance(train_data, tf.data.Dataset) or (
@@ -123,6 +129,10 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         self.n_hypersteps = positive_int(n_hypersteps, "n_hypersteps")
         self.lr_hyp = positive_number(lr_hyp, "lr_hyp")
         self.temperature = positive_number(temperature, "temperature")
+        self.restore_best_weights = flag(restore_best_weights, "restore_best_weights")
+        self.best_epoch: int | None = None
+        self._best: tuple | None = None  # (evidence, weights, lambdas, sigma)
+        self._epochs_done = 0
         self._laplace_args = dict(subset_of_weights=subset_of_weights,
                                   hessian_structure=hessian_structure, **laplace_kwargs)
         self.la: Laplace | None = None
@@ -185,9 +195,19 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
             variable.regularizer = None
         self._attached = []
         self.model.train_function = self.model.test_function = None
+        if self.restore_best_weights and self._best is not None \
+                and self.best_epoch != self._epochs_done:
+            _, weights, lambdas, sigma = self._best
+            self.model.set_weights(weights)
+            self.lambdas.assign(lambdas)
+            self.la.fit(self.train_data, progress=False)
+            self.la.prior_precision = lambdas if self.prior_structure != "scalar" else lambdas[0]
+            if self.likelihood == "regression":
+                self._set_factor(sigma)
+                self.la.sigma_noise = sigma
 
     def on_epoch_end(self, epoch, logs=None):
-        done = epoch + 1
+        done = self._epochs_done = epoch + 1
         if done % self.marglik_frequency or done < self.n_epochs_burnin:
             return
         la = self.la
@@ -203,6 +223,9 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         if self.likelihood == "regression":
             self._set_factor(sigma)
         evidence = float(la.log_marginal_likelihood())
+        if self._best is None or evidence > self._best[0]:
+            self.best_epoch = done
+            self._best = (evidence, self.model.get_weights(), self.lambdas.numpy(), sigma)
         for key, value in (("epoch", done), ("log_marginal_likelihood", evidence),
                            ("prior_precision", prior), ("sigma_noise", sigma)):
             self.trace[key].append(value)
@@ -272,11 +295,13 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
         epochs, optimizer, batch_size, verbose, callbacks: as in ``model.fit``/``compile``.
         seed: seeds Keras (shuffling, dropout, ...) first: the same seed, the same result.
         **options: :class:`MarginalLikelihoodCallback` arguments (``hessian_structure``,
-            ``prior_structure``, ``marglik_frequency``, ``n_hypersteps``, ...).
+            ``prior_structure``, ``marglik_frequency``, ``n_hypersteps``, ...);
+            ``restore_best_weights`` defaults to ``True`` here (laplace-torch's choice).
 
     Returns:
-        ``(model, la, trace)``: the trained model, the Laplace fitted at its final weights
-        with the prior precision and sigma_noise of the last refit, and ``trace``, a dict of
+        ``(model, la, trace)``: the model with the weights of the refit with the highest
+        evidence (``restore_best_weights=False``: the final weights), the Laplace fitted at
+        those weights with that refit's prior precision and sigma_noise, and ``trace``, a dict of
         arrays with one entry per refit: ``epoch``, ``log_marginal_likelihood``,
         ``prior_precision`` (``[R, L]`` or ``[R, P]``) and ``sigma_noise`` (NaN unless
         regression).
@@ -288,6 +313,7 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed: expected an int or None; got {seed!r}.")
         keras.utils.set_random_seed(int(seed))
+    options.setdefault("restore_best_weights", True)
     callback = MarginalLikelihoodCallback(likelihood, train_data, **options)
     from_logits = output_activation(model) is None
     if likelihood == "regression":
@@ -311,8 +337,8 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
             f"{callback.n_epochs_burnin}, marglik_frequency={callback.marglik_frequency}); "
             "train longer or refit more often.")
     assert callback.la is not None  # a refit happened
-    if callback.trace["epoch"][-1] != epochs:  # the posterior at the returned weights
-        callback.la.fit(train_data, progress=False)
+    if not callback.restore_best_weights and callback.trace["epoch"][-1] != epochs:
+        callback.la.fit(train_data, progress=False)  # the posterior at the returned weights
     trace = {key: np.asarray(value) for key, value in callback.trace.items()}
     return model, callback.la, trace
 

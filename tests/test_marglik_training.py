@@ -113,7 +113,8 @@ def test_regression_learns_sigma_noise():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     _, la, trace = ltf.marglik_training(model, "regression", (x, y), epochs=20, batch_size=8,
                                         optimizer=keras.optimizers.Adam(0.1), seed=0,
-                                        verbose=0, marglik_frequency=10)
+                                        verbose=0, marglik_frequency=10,
+                                        restore_best_weights=False)  # the last refit
     residual = np.std(model.predict(x, verbose=0) - y)
     assert len(trace["sigma_noise"]) == 2
     assert float(la.sigma_noise) == pytest.approx(trace["sigma_noise"][-1])
@@ -127,12 +128,32 @@ def test_marglik_training_is_reproducible_and_returns_the_final_posterior():
                                  marglik_frequency=2)
             for s in (0, 0)]
     model, la, trace = runs[0]
-    assert trace["epoch"].tolist() == [2]  # and the returned posterior is at the final weights
+    assert trace["epoch"].tolist() == [2]  # and the returned posterior is at the returned weights
     flat = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
     np.testing.assert_allclose(np.asarray(la.mean), flat, rtol=1e-6)
     for a, b in zip(runs[0][0].get_weights(), runs[1][0].get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(runs[0][2]["prior_precision"], runs[1][2]["prior_precision"])
+
+
+def test_marglik_training_returns_the_refit_with_the_highest_evidence():
+    x, y = _data("regression")
+    model, saved = _mlp("regression"), []
+    keep = keras.callbacks.LambdaCallback(  # the weights each refit saw
+        on_epoch_end=lambda epoch, logs: saved.append(model.get_weights()))
+    model, la, trace = ltf.marglik_training(
+        model, "regression", (x, y), epochs=6, batch_size=8, verbose=0, seed=0,
+        optimizer=keras.optimizers.Adam(0.05), n_hypersteps=5, callbacks=[keep])
+    best = int(np.argmax(trace["log_marginal_likelihood"]))
+    assert best < 5  # not the last epoch: the weights went back
+    for got, want in zip(model.get_weights(), saved[best], strict=True):
+        np.testing.assert_array_equal(got, want)
+    flat = np.concatenate([w.ravel() for w in saved[best]])
+    np.testing.assert_allclose(np.asarray(la.mean), flat, rtol=1e-6)
+    np.testing.assert_allclose(la.prior_precision, trace["prior_precision"][best], rtol=1e-6)
+    np.testing.assert_allclose(float(la.sigma_noise), trace["sigma_noise"][best], rtol=1e-6)
+    np.testing.assert_allclose(float(la.log_marginal_likelihood()),  # refitted there
+                               trace["log_marginal_likelihood"][best], rtol=1e-5)
 
 
 def _compiled(loss=None, optimizer="sgd", regularizer=None):
