@@ -358,7 +358,8 @@ class Laplace(PosteriorLaplace):
         if kwargs.get("pred_type", "glm") != "glm" or link == "mc":
             return eager_scores
         diagonal = not needs_full_covariance(link)
-        targets, pieces = [], []  # per validation batch: its targets, its sub-batches' pieces
+        targets: list = []  # per validation batch: its targets
+        pieces: list[list] = []  # ... and the pieces of its sub-batches
         layout: list[FunctionalVariance] = []  # the same for every prior: found once
 
         def scores(priors):
