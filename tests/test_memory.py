@@ -112,6 +112,40 @@ def test_kron_sums_the_factor_sizes(case):
     assert estimate.parts["per_batch"] == BATCH * per_batch * F64
 
 
+def test_kron_counts_the_forward_pass_kept_for_the_backward_passes():
+    """tanh_mlp: the input (3) and each layer's output (4, K), and once more the outputs of
+    the layers the fit probes (z + probe: 4, K); the eigendecomposition's workspace is one
+    matrix as large as the largest factor (5 x 5)."""
+    estimate = estimate_memory(_subset(), "kron", K, BATCH)
+    assert estimate.parts["activations"] == BATCH * (3 + 2 * (4 + K)) * F64
+    assert estimate.parts["attention"] == 0
+    assert estimate.parts["eigh_workspace"] == 5**2 * F64
+
+
+def _attention_model() -> WeightSubset:
+    """Input [T=3, 4] -> MultiHeadAttention(2 heads, key_dim 2)(x, x) -> pooling -> Dense K."""
+    inputs = keras.Input((3, 4), dtype="float64")
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2, dtype="float64")(inputs, inputs)
+    h = keras.layers.GlobalAveragePooling1D(dtype="float64")(h)
+    return WeightSubset(keras.Model(inputs, keras.layers.Dense(K, dtype="float64")(h)))
+
+
+def test_kron_counts_attention_scores_and_projections_at_every_position():
+    """Each projection (query, key, value: [T, heads, key_dim] = 12 numbers; output: [T, 4])
+    has T = 3 locations of D = 5 inputs and O = 4 outputs; the attention's scores and
+    probabilities [heads, T, S] = 18 numbers an example, and 3 such tensors per row in the
+    backward passes."""
+    estimate = estimate_memory(_attention_model(), "kron", K, BATCH)
+    projections = 4 * 3 * (5 + K * 4)
+    assert estimate.parts["per_batch"] == BATCH * (projections + 5 + K * K) * F64
+    forward = 3 * 4 + 4 * 12 + 4 + K  # input, projections, pooling, Dense
+    probed = 4 * 12 + K
+    assert estimate.parts["activations"] == BATCH * (forward + probed) * F64
+    assert estimate.parts["attention"] == BATCH * (2 + 3 * K) * 2 * 3 * 3 * F64
+    ef = estimate_memory(_attention_model(), "kron", K, BATCH, curvature="ef")
+    assert ef.parts["attention"] == BATCH * (2 + 3) * 2 * 3 * 3 * F64
+
+
 def test_last_layer_kron_is_two_factors_and_their_eigendecompositions():
     estimate = estimate_memory(_subset(last_layer=True), "kron", K, BATCH,
                                subset_of_weights="last_layer")
