@@ -61,7 +61,7 @@ so the transformer and the mobilenet never hold all of them at once (0.56 and 0.
 estimate's growth per example; at batch 256 the transformer's estimate is 1.4 times the
 measured peak). In a one-layer model they are all alive: Input ``[48, 64]`` ->
 MultiHeadAttention(4 heads, key_dim 4) -> pooling -> Dense(K) grows by 0.92 (K = 2) and 1.01
-(K = 10) times the estimate's growth per example (the attention's backward measured at 3.5
+(K = 10) times the estimate's growth per example (the attention's backward measured at 3.2
 ``H T S`` tensors a row against the 3 counted), Dense(64) -> Dense(64) instead by 0.96 and
 0.99; at batch 256 both measure 1.05 to 1.13 times the estimate.
 
