@@ -123,27 +123,28 @@ def test_kron_counts_the_forward_pass_kept_for_the_backward_passes():
 
 
 def _attention_model() -> WeightSubset:
-    """Input [T=3, 4] -> MultiHeadAttention(2 heads, key_dim 2)(x, x) -> pooling -> Dense K."""
-    inputs = keras.Input((3, 4), dtype="float64")
-    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2, dtype="float64")(inputs, inputs)
+    """Queries [T=2, 4], values [S=3, 4] -> MultiHeadAttention(2 heads, key_dim 2) ->
+    pooling -> Dense K."""
+    queries, values = keras.Input((2, 4), dtype="float64"), keras.Input((3, 4), dtype="float64")
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2, dtype="float64")(queries, values)
     h = keras.layers.GlobalAveragePooling1D(dtype="float64")(h)
-    return WeightSubset(keras.Model(inputs, keras.layers.Dense(K, dtype="float64")(h)))
+    return WeightSubset(keras.Model([queries, values], keras.layers.Dense(K, dtype="float64")(h)))
 
 
 def test_kron_counts_attention_scores_and_projections_at_every_position():
-    """Each projection (query, key, value: [T, heads, key_dim] = 12 numbers; output: [T, 4])
-    has T = 3 locations of D = 5 inputs and O = 4 outputs; the attention's scores and
-    probabilities [heads, T, S] = 18 numbers an example, and 3 such tensors per row in the
-    backward passes."""
+    """Each projection has D = 5 inputs and O = 4 outputs at T = 2 (query, output) or S = 3
+    (key, value) locations; its output is [T or S, heads, key_dim] (query 8, key and value 12
+    numbers) or [T, 4] (output, 8). The attention's scores and probabilities are
+    [heads, T, S] = 12 numbers an example, with 3 such tensors per row in the backward passes."""
     estimate = estimate_memory(_attention_model(), "kron", K, BATCH)
-    projections = 4 * 3 * (5 + K * 4)
+    projections = (2 + 3 + 3 + 2) * (5 + K * 4)
     assert estimate.parts["per_batch"] == BATCH * (projections + 5 + K * K) * F64
-    forward = 3 * 4 + 4 * 12 + 4 + K  # input, projections, pooling, Dense
-    probed = 4 * 12 + K
+    forward = 2 * 4 + 3 * 4 + (8 + 12 + 12 + 8) + 4 + K  # inputs, projections, pooling, Dense
+    probed = 8 + 12 + 12 + 8 + K
     assert estimate.parts["activations"] == BATCH * (forward + probed) * F64
-    assert estimate.parts["attention"] == BATCH * (2 + 3 * K) * 2 * 3 * 3 * F64
+    assert estimate.parts["attention"] == BATCH * (2 + 3 * K) * 2 * 2 * 3 * F64
     ef = estimate_memory(_attention_model(), "kron", K, BATCH, curvature="ef")
-    assert ef.parts["attention"] == BATCH * (2 + 3) * 2 * 3 * 3 * F64
+    assert ef.parts["attention"] == BATCH * (2 + 3) * 2 * 2 * 3 * F64
 
 
 def test_last_layer_kron_is_two_factors_and_their_eigendecompositions():
