@@ -355,13 +355,14 @@ def _forward_numbers(model: keras.Model) -> int:
 
 def _attention_scores(layer: keras.layers.MultiHeadAttention) -> int:
     """``H T S``: one example's attention scores (as many probabilities), from the layer's
-    heads and the query and value shapes it was built with (0 if it was not built)."""
+    heads and the query and value shapes it was built with (0 if it was not built). ``T``:
+    the query's positions (with any axes not attended over), ``S``: the attended values'."""
     shapes = getattr(layer, "_build_shapes_dict", None) or {}
     query, value = shapes.get("query_shape"), shapes.get("value_shape")
     if query is None or value is None:
         return 0
     axes = layer._attention_axes or tuple(range(1, len(query) - 1))
-    return layer.num_heads * int(np.prod([query[a] or 1 for a in axes])) * int(
+    return layer.num_heads * int(np.prod([n or 1 for n in query[1:-1]])) * int(
         np.prod([value[a] or 1 for a in axes]))
 
 
