@@ -112,6 +112,41 @@ def test_kron_sums_the_factor_sizes(case):
     assert estimate.parts["per_batch"] == BATCH * per_batch * F64
 
 
+def test_kron_counts_the_forward_pass_kept_for_the_backward_passes():
+    """tanh_mlp: the input (3) and each layer's output (4, K), and once more the outputs of
+    the layers the fit probes (z + probe: 4, K); the eigendecomposition's workspace is one
+    matrix as large as the largest factor (5 x 5)."""
+    estimate = estimate_memory(_subset(), "kron", K, BATCH)
+    assert estimate.parts["activations"] == BATCH * (3 + 2 * (4 + K)) * F64
+    assert estimate.parts["attention"] == 0
+    assert estimate.parts["eigh_workspace"] == 5**2 * F64
+
+
+def _attention_model() -> WeightSubset:
+    """Queries [T=2, 4], values [S=3, 4] -> MultiHeadAttention(2 heads, key_dim 2) ->
+    pooling -> Dense K."""
+    queries, values = keras.Input((2, 4), dtype="float64"), keras.Input((3, 4), dtype="float64")
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2, dtype="float64")(queries, values)
+    h = keras.layers.GlobalAveragePooling1D(dtype="float64")(h)
+    return WeightSubset(keras.Model([queries, values], keras.layers.Dense(K, dtype="float64")(h)))
+
+
+def test_kron_counts_attention_scores_and_projections_at_every_position():
+    """Each projection has D = 5 inputs and O = 4 outputs at T = 2 (query, output) or S = 3
+    (key, value) locations; its output is [T or S, heads, key_dim] (query 8, key and value 12
+    numbers) or [T, 4] (output, 8). The attention's scores and probabilities are
+    [heads, T, S] = 12 numbers an example, with 3 such tensors per row in the backward passes."""
+    estimate = estimate_memory(_attention_model(), "kron", K, BATCH)
+    projections = (2 + 3 + 3 + 2) * (5 + K * 4)
+    assert estimate.parts["per_batch"] == BATCH * (projections + 5 + K * K) * F64
+    forward = 2 * 4 + 3 * 4 + (8 + 12 + 12 + 8) + 4 + K  # inputs, projections, pooling, Dense
+    probed = 8 + 12 + 12 + 8 + K
+    assert estimate.parts["activations"] == BATCH * (forward + probed) * F64
+    assert estimate.parts["attention"] == BATCH * (2 + 3 * K) * 2 * 2 * 3 * F64
+    ef = estimate_memory(_attention_model(), "kron", K, BATCH, curvature="ef")
+    assert ef.parts["attention"] == BATCH * (2 + 3) * 2 * 2 * 3 * F64
+
+
 def test_last_layer_kron_is_two_factors_and_their_eigendecompositions():
     estimate = estimate_memory(_subset(last_layer=True), "kron", K, BATCH,
                                subset_of_weights="last_layer")

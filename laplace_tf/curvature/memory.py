@@ -24,7 +24,16 @@ kron       per layer with a Kronecker rule, with ``D`` inputs (+1 for the bias),
            ``eigendecomposition`` D² + O² + D + O + D O (eigenvectors and eigenvalues
            of the factors, eigenvalues of the precision). A layer of ``p`` weights
            without a rule (a diagonal block): p, 2 p, B R p (its per-example
-           Jacobian), and ``posterior`` 2 p (as diag)
+           Jacobian), and ``posterior`` 2 p (as diag). Over all weights, for the
+           model: ``activations`` B (its inputs + every layer's output + once more
+           the outputs of the layers with a rule: the forward pass the R backward
+           passes use, and each probed output ``z + probe``); ``attention`` B (2 +
+           3 R) H T S per MultiHeadAttention of H heads, T queries and S values
+           (scores and probabilities; the softmax's backward intermediates, per
+           row); ``eigh_workspace`` the largest factor's D² or O² (the
+           eigendecomposition's scratch copy, one factor at a time). A
+           MultiHeadAttention's projections have T (query, output) or S (key,
+           value) locations
 diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
            ``posterior`` 2 P (precision and variances)
 lowrank    with rank ``k`` and ``m = min(k + 10, P)`` sketch vectors: ``curvature`` P k;
@@ -53,9 +62,10 @@ block type's own parts (``curvature`` and those of its factor and covariance) co
 (over all weights or the last layer) joins batches into steps of up to ``STEP_EXAMPLES``
 (2048) examples within a chunk, so its ``per_batch`` counts such a step.
 
-Not counted: the model's own weights, the activations of a forward/backward pass (as for a
-training step), TensorFlow's runtime and traced graphs, and the GLM predictive, which works
-batch by batch on the order of ``per_batch``. The parts are summed as if all were alive at
+Not counted: the model's own weights, TensorFlow's runtime and traced graphs (tens to
+hundreds of MiB, fixed: ``benchmarks/memory_rules.py``), the activations of the forward and
+backward passes of full, diag, lowrank and gp, and the GLM predictive, which works batch by
+batch on the order of ``per_batch``. The parts are summed as if all were alive at
 once: an upper bound on the peak, since the fit workspace is free before the posterior's
 parts are allocated (and the allocator reuses it). Measured (``tests/test_memory.py``): the
 peak resident memory of ``Laplace(..., "full").fit`` and one GLM prediction grows by about
@@ -74,6 +84,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import keras
@@ -106,6 +117,12 @@ from laplace_tf.params import LayerSlice, WeightSubset
 _ALL_WEIGHTS_FIT_COPIES = 6  # P x P buffers of a fit besides the curvature (module docstring)
 _LAST_LAYER_FIT_COPIES = 3
 _LOWRANK_FIT_COPIES = 10  # float64 [P, m] buffers of a low-rank fit (module docstring)
+# a MultiHeadAttention's [H, T, S] tensors an example: the forward pass's scores and
+# probabilities; the backward's, per row (measured: benchmarks/memory_rules.py)
+_ATTENTION_FORWARD = 2
+_ATTENTION_BACKWARD = 3
+# a MultiHeadAttention's projection -> its output numbers an example (_note_projections)
+_PROJECTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # (structure, subset_of_weights) -> what needs less memory
 _CHEAPER = {
     ("full", "all"): "hessian_structure='kron' or hessian_structure='diag', or "
@@ -216,6 +233,7 @@ def estimate_memory(
     if not weights_dtype.is_floating:
         raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {weights_dtype.name}.")
     rows = 1 if curvature == "ef" else n_outputs
+    _note_projections(subset.model)
     if structure == "lowrank":
         rank = min(positive_int(rank, "rank"), subset.n_params)
         counts = _lowrank(subset, rows, rank, batch_size, weights_dtype.size)
@@ -232,7 +250,7 @@ def estimate_memory(
         per_batch = _per_example(subset, rows, True, batch_size, weights_dtype.size)
         counts = _full(subset.n_params, _ALL_WEIGHTS_FIT_COPIES, per_batch)
     elif structure == "kron":
-        counts = _kron(subset.slices, rows, batch_size)
+        counts = _kron(subset, rows, batch_size)
     else:
         counts = _diag(subset.n_params, _per_example(subset, rows, False, batch_size, weights_dtype.size))
     return MemoryEstimate(
@@ -291,10 +309,13 @@ def _full(p: int, fit_copies: int, per_batch: int) -> dict[str, int]:
             "per_batch": per_batch, **block}
 
 
-def _kron(slices, rows: int, batch_size: int) -> dict[str, int]:
+def _kron(subset: WeightSubset, rows: int, batch_size: int) -> dict[str, int]:
     counts = dict.fromkeys(("curvature", "fit_workspace", "per_batch", "eigendecomposition"), 0)
-    for layer_slice in slices:
+    hooked = 0  # output numbers of the layers whose outputs the fit probes
+    for layer_slice in subset.slices:
         kind, _ = block_kind(layer_slice)
+        if fallback_reason(layer_slice) is None:
+            hooked += _output_numbers(layer_slice.layer)
         if kind == "kron":  # every block: its q input rows a location and its gradients
             layers = [_kron_layer(d, o, batch_size * _locations(layer_slice)
                                   * (_row_numbers(layer_slice.layer, q * d) + rows * o))
@@ -308,7 +329,41 @@ def _kron(slices, rows: int, batch_size: int) -> dict[str, int]:
         for layer in layers:
             for name, n in layer.items():
                 counts[name] = counts.get(name, 0) + n
+    counts["activations"] = batch_size * (_forward_numbers(subset.model) + hooked)
+    counts["attention"] = batch_size * (_ATTENTION_FORWARD + _ATTENTION_BACKWARD * rows) * sum(
+        _attention_scores(layer) for layer in _layers(subset.model)
+        if isinstance(layer, keras.layers.MultiHeadAttention))
+    counts["eigh_workspace"] = max(
+        (max(d, o) ** 2 for s in subset.slices if block_kind(s)[0] == "kron"
+         for d, o, _ in kron_shapes(s.layer)), default=0)
     return counts
+
+
+def _layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer of ``model`` (nested models and a MultiHeadAttention's sub-layers walked)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def _forward_numbers(model: keras.Model) -> int:
+    """Numbers of one example's forward pass kept for the backward passes: the model's inputs
+    and the output of every layer that has no sub-layers (a MultiHeadAttention's projections
+    through :func:`_output_numbers`)."""
+    inputs = sum(int(np.prod([n or 1 for n in x.shape[1:]])) for x in model.inputs)
+    return inputs + sum(_output_numbers(layer) for layer in _layers(model)
+                        if not layer._layers and not isinstance(layer, keras.layers.InputLayer))
+
+
+def _attention_scores(layer: keras.layers.MultiHeadAttention) -> int:
+    """``H T S``: one example's attention scores (as many probabilities), from the layer's
+    heads and the query and value shapes it was built with (0 if it was not built). ``T``:
+    the query's positions (with any axes not attended over), ``S``: the attended values'."""
+    shapes = getattr(layer, "_build_shapes_dict", None) or {}
+    query, value = shapes.get("query_shape"), shapes.get("value_shape")
+    if query is None or value is None:
+        return 0
+    axes = layer._attention_axes or tuple(range(1, len(query) - 1))
+    return layer.num_heads * int(np.prod([n or 1 for n in query[1:-1]])) * int(
+        np.prod([value[a] or 1 for a in axes]))
 
 
 def _row_numbers(layer: keras.layers.Layer, width: int) -> int:
@@ -321,7 +376,8 @@ def _exact_rule_block(layer_slice: LayerSlice, rows: int, batch_size: int) -> in
     """``per_batch`` of a rule's exact block (a scale-and-shift layer's, a large embedding's
     diagonal): the gradients of the layer's whole output ``[R, B, ...]`` and its normalised
     inputs (or tokens), then ``R`` gradient rows of the weights per example."""
-    return batch_size * ((1 + rows) * _output_numbers(layer_slice) + rows * layer_slice.size)
+    return batch_size * ((1 + rows) * _output_numbers(layer_slice.layer)
+                         + rows * layer_slice.size)
 
 
 def _kron_layer(d: int, o: int, per_batch: int) -> dict[str, int]:
@@ -397,16 +453,38 @@ def _locations(layer_slice: LayerSlice) -> int:
 
     A layer without a recorded output shape (a subclassed model) counts as one location.
     """
-    return max(1, _output_numbers(layer_slice) // output_size(layer_slice.layer))
+    return max(1, _output_numbers(layer_slice.layer) // output_size(layer_slice.layer))
 
 
-def _output_numbers(layer_slice: LayerSlice) -> int:
-    """Numbers in one example's output of the layer (0 without a recorded output shape)."""
+def _output_numbers(layer: keras.layers.Layer) -> int:
+    """Numbers in one example's output of the layer (0 without a recorded output shape; a
+    MultiHeadAttention's projections from the shapes the attention layer was built with)."""
     try:
-        shape = layer_slice.layer.output.shape
+        shape = layer.output.shape
     except (AttributeError, ValueError):
-        return 0
+        return _PROJECTIONS.get(layer, 0)
     return int(np.prod([n or 1 for n in shape[1:]]))
+
+
+def _note_projections(model: keras.Model) -> None:
+    """Record for each MultiHeadAttention projection (an EinsumDense called inside the
+    attention layer, which records no output) its output numbers an example: ``T H key_dim``
+    (query), ``S H key_dim`` (key), ``S H value_dim`` (value), ``T width`` (output)."""
+    for layer in _layers(model):
+        shapes = getattr(layer, "_build_shapes_dict", None) or {}
+        if not isinstance(layer, keras.layers.MultiHeadAttention) or "query_shape" not in shapes:
+            continue
+        query, value = shapes["query_shape"], shapes["value_shape"]
+        key = shapes.get("key_shape") or value
+        t, s_key, s_value = (int(np.prod([n or 1 for n in x[1:-1]])) for x in (query, key, value))
+        width = layer._output_shape or query[-1]
+        width = int(np.prod(width)) if isinstance(width, tuple | list) else int(width)
+        heads = layer.num_heads
+        for sub, n in ((layer._query_dense, t * heads * layer.key_dim),
+                       (layer._key_dense, s_key * heads * layer.key_dim),
+                       (layer._value_dense, s_value * heads * layer.value_dim),
+                       (layer._output_dense, t * width)):
+            _PROJECTIONS[sub] = n
 
 
 def _per_example(
