@@ -347,8 +347,10 @@ def _layers(model: keras.Model) -> list[keras.layers.Layer]:
 def _forward_numbers(model: keras.Model) -> int:
     """Numbers of one example's forward pass kept for the backward passes: the model's inputs
     and the output of every layer that has no sub-layers (a MultiHeadAttention's projections
-    through :func:`_output_numbers`)."""
-    inputs = sum(int(np.prod([n or 1 for n in x.shape[1:]])) for x in model.inputs)
+    through :func:`_output_numbers`). A subclassed model records neither its inputs nor its
+    layers' outputs: 0 for them."""
+    inputs = sum(int(np.prod([n or 1 for n in x.shape[1:]]))
+                 for x in getattr(model, "inputs", None) or [])
     return inputs + sum(_output_numbers(layer) for layer in _layers(model)
                         if not layer._layers and not isinstance(layer, keras.layers.InputLayer))
 
