@@ -358,33 +358,27 @@ class Laplace(PosteriorLaplace):
         if kwargs.get("pred_type", "glm") != "glm" or link == "mc":
             return eager_scores
         diagonal = not needs_full_covariance(link)
+        fv = self._functional(self.covariance_blocks())  # the layout, the same for every prior
+        linearise = self._compiled(("linearise", fv), "_linearise_step", fv)
         targets: list = []  # per validation batch: its targets
         pieces: list[list] = []  # ... and the pieces of its sub-batches
-        layout: list[FunctionalVariance] = []  # the same for every prior: found once
+        for x, y in batches:
+            targets.append(y)
+            pieces.append(self._over_batches(x, None, lambda xb, _: linearise(xb, self.mean)))
+        count = sum(len(y) for y in targets)
+        specs = tf.nest.map_structure(  # any grid, any validation batch sizes: one trace
+            lambda t: None if t is None else tf.TensorSpec([None, *t.shape[1:]], t.dtype), pieces)
+        noise = self._noise_variance(self.subset.dtype)
+        run = self.tuner(
+            ("gridsearch", fv, link, tuple(map(len, pieces)), tuple(tf.nest.flatten(specs))),
+            lambda: tf.function(functools.partial(
+                self._grid_outputs, fv, diagonal, link), autograph=False,
+            ).get_concrete_function(tf.TensorSpec([None], self.subset.dtype), specs, noise,
+                                    self.sigma_noise))
 
         def scores(priors):
-            if not layout:
-                layout.append(self._functional(self.covariance_blocks()))
-            fv = layout[0]
-            if not pieces:
-                linearise = self._compiled(("linearise", fv), "_linearise_step", fv)
-                for x, y in batches:
-                    targets.append(y)
-                    pieces.append(self._over_batches(x, None, lambda xb, _: linearise(
-                        xb, self.mean)))
-            specs = tf.nest.map_structure(  # any grid, any validation batch sizes: one trace
-                lambda t: None if t is None else tf.TensorSpec([None, *t.shape[1:]], t.dtype),
-                pieces)
-            noise = self._noise_variance(self.subset.dtype)
-            run = self.tuner(
-                ("gridsearch", fv, link, tuple(map(len, pieces)), tuple(tf.nest.flatten(specs))),
-                lambda: tf.function(functools.partial(
-                    self._grid_outputs, fv, diagonal, link), autograph=False,
-                ).get_concrete_function(tf.TensorSpec([None], self.subset.dtype), specs, noise,
-                                        self.sigma_noise))
             outputs, evidence = run(tf.constant(priors, self.subset.dtype), pieces, noise,
                                     self.sigma_noise)
-            count = sum(len(y) for y in targets)
             nll = np.array([sum(
                 self.likelihood.validation_nll(_value(out, g), y)
                 for out, y in zip(outputs, targets, strict=True)) / count
