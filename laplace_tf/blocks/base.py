@@ -198,15 +198,10 @@ def eigh(matrix: tf.Tensor, vectors: bool = True):
     spinning, which collapses when the cores are shared: hence the erratic 2-35 s of the
     default threading, and one thread is both faster and steady there.
 
-    Eigenvalues only (what tuning needs) is the same work for every driver: LAPACK reduces to
-    tridiagonal form (``sytrd``, 4/3 P^3 flops, half of it matrix-vector bound) and then runs
-    ``sterf``, so ``evd``, ``ev``, ``evr`` and ``evx`` differ by noise only. Re-measured on the
-    P = 3,466 GGN of benchmarks/full_structure.py, float64, load 2.5-3.5, seconds: one thread
-    evd 4.1-4.8, evr 4.1-4.3, ev 2.8-4.3, evx 2.6, numpy 2.7, ``tf.linalg.eigvalsh`` 6.7-7.0,
-    with eigenvectors 5.8; two threads, 5 runs each, evd 1.4 1.4 1.4 6.9 10.0, evr 1.4 (4x)
-    8.2, evx 1.4 (4x) 15.9, ``tf`` 6.5-6.6, with eigenvectors 14.6; float32 one thread 1.2.
-    Two threads win 3 runs in 4 and lose 5-10x in the fourth; once TensorFlow has run ops in
-    the process they took 19-23 s every time (float32, benchmarks/README.md), so one thread stays.
+    Eigenvalues only (what tuning needs) is the same work for every driver (``sytrd`` to
+    tridiagonal form, 4/3 P^3 flops, half of it matrix-vector bound, then ``sterf``): their
+    times differ by noise. Two threads win on an idle machine but took 19-23 s once TensorFlow
+    had run ops in the process (P = 3,466, float32; benchmarks/README.md), so one thread stays.
     """
     with _blas_threads().limit(limits=1, user_api="blas"):
         result = scipy.linalg.eigh(matrix.numpy(), eigvals_only=not vectors, driver="evd",
