@@ -5,25 +5,27 @@ CNN with BatchNormalization on 8 x 8 x 3 images; a transformer encoder over 6 to
 MultiHeadAttention and LayerNormalization), with ``N`` = 2,048 and 16,384 random inputs and labels, batches of
 128, float32. Measured in one run, wall seconds:
 
-* **epoch**: one warmed-up ``model.fit`` epoch (Adam), the median of three;
+* **epoch**: one warmed-up ``model.fit`` epoch (Adam), the median of three; **1st epoch**:
+  the model's first ``model.fit`` epoch (Keras' tracing included);
 * **fit cold**: the first ``Laplace(model, "classification", "all", "kron").fit`` of the
   process (tracing included); **fit warm**: the median of three more fits of new ``Laplace``
-  objects on the same model;
-* the ratios fit / epoch, and the block each layer got (``la.block_kinds()``).
+  objects on the same model (they share the compiled step: nothing is traced);
+* the ratios fit / epoch (cold fit against the first epoch too: both pay their tracing), and
+  the block each layer got (``la.block_kinds()``).
 
-Measured 2026-11-28 on 2 CPUs (one other job running):
+Measured 2026-11-29 on 2 CPUs (one other job running; the README has a quiet-machine run):
 
-| model | N | epoch s | fit cold | fit warm | cold / epoch | warm / epoch | blocks |
-|---|---:|---:|---:|---:|---:|---:|---|
-| resnet | 2,048 | 0.167 | 2.89 | 0.60 | 17.3 | 3.6 | 4 kron, 3 dense |
-| resnet | 16,384 | 0.485 | 2.27 | 1.88 | 4.7 | 3.9 | 4 kron, 3 dense |
-| transformer | 2,048 | 0.087 | 0.98 | 0.69 | 11.2 | 7.9 | 9 kron, 2 dense |
-| transformer | 16,384 | 0.651 | 1.07 | 1.06 | 1.6 | 1.6 | 9 kron, 2 dense |
+| model | N | epoch s | 1st epoch s | fit cold | fit warm | cold / epoch | warm / epoch | cold / 1st epoch | blocks |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---|
+| resnet | 2,048 | 0.167 | 0.94 | 1.83 | 0.21 | 11.0 | 1.3 | 2.0 | 4 kron, 3 dense |
+| resnet | 16,384 | 0.540 | 1.32 | 1.81 | 1.60 | 3.4 | 3.0 | 1.4 | 4 kron, 3 dense |
+| transformer | 2,048 | 0.187 | 1.19 | 0.69 | 0.08 | 3.7 | 0.4 | 0.6 | 9 kron, 2 dense |
+| transformer | 16,384 | 0.351 | 1.41 | 1.50 | 0.47 | 4.3 | 1.3 | 1.1 | 9 kron, 2 dense |
 
-A warm fit still traces its step anew (each ``Laplace`` compiles its own): at 2,048 inputs
-that fixed cost dominates. The GGN needs one backward pass per output (K = 3) where a
-training step takes one: the floor is about ``(1 + 2 K) / 3 = 2.3`` epochs of flops, which
-the residual CNN's 3.9 is within 2x of.
+The GGN needs one backward pass per output (K = 3) where a training step takes one;
+``benchmarks/zoo_floor.py`` times the forward pass and the K backward passes alone at
+0.66-0.84 of an epoch for the residual CNN. Below a few thousand inputs the first fit's
+tracing dominates, as the first epoch's does.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _seconds(run) -> float:
 def measure(name: str, build, n: int) -> dict:
     model, x, y = build(n=n)
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)  # warm-up (tracing)
+    first_epoch = _seconds(lambda: model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0))
     epoch = statistics.median(
         _seconds(lambda: model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)) for _ in range(REPEATS))
 
@@ -66,19 +68,20 @@ def measure(name: str, build, n: int) -> dict:
     cold = _seconds(fit)
     warm = statistics.median(_seconds(fit) for _ in range(REPEATS))
     kinds = Counter(fit().block_kinds().values())
-    return {"model": name, "n": n, "weights": model.count_params(), "epoch": epoch, "cold": cold,
-            "warm": warm, "kinds": dict(kinds)}
+    return {"model": name, "n": n, "weights": model.count_params(), "epoch": epoch,
+            "first_epoch": first_epoch, "cold": cold, "warm": warm, "kinds": dict(kinds)}
 
 
 def main() -> None:
     print(f"batch {BATCH}, float32, all-weights Kronecker GGN fit")
-    print(f"{'model':<12}{'N':>7}{'weights':>9}{'epoch s':>9}{'fit cold':>10}{'fit warm':>10}"
-          f"{'cold/epoch':>12}{'warm/epoch':>12}  blocks")
+    print(f"{'model':<12}{'N':>7}{'weights':>9}{'epoch s':>9}{'1st epoch':>10}{'fit cold':>10}"
+          f"{'fit warm':>10}{'cold/epoch':>12}{'warm/epoch':>12}{'cold/1st':>10}  blocks")
     for (name, build), n in itertools.product((("resnet", resnet), ("transformer", transformer)), SIZES):
         r = measure(name, build, n)
-        print(f"{r['model']:<12}{r['n']:>7}{r['weights']:>9,}{r['epoch']:>9.3f}{r['cold']:>10.2f}"
-              f"{r['warm']:>10.2f}{r['cold'] / r['epoch']:>12.1f}{r['warm'] / r['epoch']:>12.1f}"
-              f"  {r['kinds']}")
+        print(f"{r['model']:<12}{r['n']:>7}{r['weights']:>9,}{r['epoch']:>9.3f}"
+              f"{r['first_epoch']:>10.2f}{r['cold']:>10.2f}{r['warm']:>10.2f}"
+              f"{r['cold'] / r['epoch']:>12.1f}{r['warm'] / r['epoch']:>12.1f}"
+              f"{r['cold'] / r['first_epoch']:>10.1f}  {r['kinds']}")
 
 
 if __name__ == "__main__":
