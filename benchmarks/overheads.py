@@ -18,11 +18,14 @@ For every (subset, structure) in :data:`PAIRS` and every operation in :data:`OPE
   ``la.sample`` and ``la.log_marginal_likelihood`` traced into one graph; for the
   predictives (``glm``, ``mc``, ``nn``) the compiled per-batch steps the call runs, with the
   same inputs, all in one function, plus the weight draws the call takes (``nn``, and ``mc``
-  of a last-layer posterior: ``la.sample`` compiled, as above); for ``fit`` the builder's batch sums over all batches in
-  one function; for ``marglik`` the compiled Adam loop of the tuner alone; for
-  ``gridsearch`` the grid's size times (covariance at a new prior + GLM on the validation
-  inputs + evidence): the covariance is formed anew for every value (for the full structure
-  a Cholesky factorisation and a triangular inverse of the precision, the grid's floor).
+  of a last-layer posterior: ``la.sample`` compiled, as above); for ``fit`` the builder's
+  batch sums over all batches in one function, plus the factorisation of the summed
+  curvature that the fit makes (``la._factorize``: the Kronecker factors'
+  eigendecompositions, the full structure's Cholesky check of positive semi-definiteness);
+  for ``marglik`` the compiled Adam loop of the tuner alone; for ``gridsearch`` the grid's
+  size times (covariance at a new prior + GLM on the validation inputs + evidence): the
+  covariance is formed anew for every value (for the full structure a Cholesky
+  factorisation and a triangular inverse of the precision, the grid's floor).
 
 Printed per row: the four times (ms), ``warm - arith`` and ``cold - warm``, against the
 targets: warm <= arith + 10 ms, cold <= warm + 250 ms, marglik (scalar prior,
@@ -177,6 +180,7 @@ def arithmetic(la, train, test) -> dict:
         out["marglik"] = median_seconds(lambda: ascent._run(tf.constant(101), lr), REPEATS)
     else:
         out["marglik"] = float("nan")
+    out["fit"] += median_seconds(lambda: la._factorize(la.curvature), REPEATS)
     out["gridsearch"] = GRID * (out["glm"] + out["lml"] + _covariance_arithmetic(la))
     return out
 
