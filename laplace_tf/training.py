@@ -102,7 +102,8 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         n_epochs_burnin: epochs before the first refit.
         marglik_frequency: refit after every ``marglik_frequency``-th epoch.
         n_hypersteps, lr_hyp: Adam steps per refit and step size on the log hyperparameters
-            (one Adam run across all refits, as laplace-torch).
+            (one Adam run across all refits; the defaults, a refit after every epoch from the
+            first with 10 steps of size 0.1, are laplace-torch's).
         temperature: the Laplace temperature ``T``.
         restore_best_weights: when fit ends, put back the weights, prior and sigma_noise of
             the refit with the highest evidence and refit ``self.la`` there (as Keras'
@@ -119,7 +120,7 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
                  hessian_structure: str = "kron", prior_structure: str = "layerwise",
                  prior_precision: float = 1.0, sigma_noise: float = 1.0,
                  tune_sigma_noise: bool = True, n_epochs_burnin: int = 0,
-                 marglik_frequency: int = 1, n_hypersteps: int = 100, lr_hyp: float = 0.1,
+                 marglik_frequency: int = 1, n_hypersteps: int = 10, lr_hyp: float = 0.1,
                  temperature: float = 1.0, restore_best_weights: bool = False,
                  **laplace_kwargs):
         super().__init__()

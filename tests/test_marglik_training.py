@@ -190,7 +190,7 @@ def test_regression_learns_sigma_noise():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     _, la, trace = ltf.marglik_training(model, "regression", (x, y), epochs=20, batch_size=8,
                                         optimizer=keras.optimizers.Adam(0.1), seed=0,
-                                        verbose=0, marglik_frequency=10,
+                                        verbose=0, marglik_frequency=10, n_hypersteps=100,
                                         restore_best_weights=False)  # the last refit
     residual = np.std(model.predict(x, verbose=0) - y)
     assert len(trace["sigma_noise"]) == 2
