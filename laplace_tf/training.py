@@ -51,7 +51,7 @@ import tensorflow as tf
 
 from laplace_tf.arguments import choice, flag, non_negative_int, positive_int, positive_number
 from laplace_tf.outputs import output_activation
-from laplace_tf.posterior.marglik import _AdamAscent, adam_state
+from laplace_tf.posterior.marglik import AdamAscent, adam_state
 from laplace_tf.predictive import Laplace
 
 LIKELIHOODS = ("classification", "binary", "regression")
@@ -226,11 +226,11 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         self.model.train_function = self.model.test_function = None
         if self.restore_best_weights and self._best is not None \
                 and self.best_epoch != self._epochs_done:
-            _, weights, lambdas, sigma, _ = self._best
+            _, weights, lambdas, sigma, hyper = self._best
             self.model.set_weights(weights)
             self.lambdas.assign(lambdas)
             self.la.fit(self.train_data, progress=False)
-            self.la.prior_precision = self._posterior_prior(self._best[4])
+            self.la.prior_precision = self._posterior_prior(hyper)
             if self.likelihood == "regression":
                 self._set_factor(sigma)
                 self.la.sigma_noise = sigma
@@ -247,7 +247,7 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
                                    tf.exp(self._log_sigma))
 
         # n_hypersteps - 1 more steps after the first evaluation: n_hypersteps Adam steps
-        values, points = _AdamAscent(objective, self._hyper, self._adam)(
+        values, points = AdamAscent(objective, self._hyper, self._adam)(
             self.n_hypersteps - 1, self.lr_hyp, progress=False, reset=False)
         hyper = np.exp(self._log_prior.numpy())
         sigma = float(np.exp(self._log_sigma.numpy())) if self.likelihood == "regression" \

@@ -90,7 +90,7 @@ def _adam_loop(body, variables: list[tf.Variable], n, lr):
     return loop[2].stack(), [p.stack() for p in loop[3]]
 
 
-class _AdamAscent:
+class AdamAscent:
     """Maximise ``objective()`` over ``variables`` with Adam, in one compiled loop.
 
     The steps run inside one ``tf.while_loop`` (in chunks when a progress bar is shown); the
@@ -170,7 +170,7 @@ def adam_state(variables: list[tf.Variable]) -> tuple[list, tf.Variable]:
     return moments, tf.Variable(tf.zeros([], variables[0].dtype))
 
 
-def _evidence_ascent(la, prior_structure: str, tune_sigma: bool) -> tuple[_AdamAscent, tf.Variable]:
+def _evidence_ascent(la, prior_structure: str, tune_sigma: bool) -> tuple[AdamAscent, tf.Variable]:
     """Adam on ``log lambda`` (and ``log sigma``) of ``la``'s evidence, and the sigma input."""
     prior_shape = {"scalar": [], "layerwise": [len(la.subset.slices)], "diag": [la.n_params]}
     log_prior = tf.Variable(tf.zeros(prior_shape[prior_structure], la.subset.dtype))
@@ -179,7 +179,7 @@ def _evidence_ascent(la, prior_structure: str, tune_sigma: bool) -> tuple[_AdamA
     def objective():
         return la.log_evidence(tf.exp(log_prior), tf.exp(log_sigma))
 
-    return _AdamAscent(objective, [log_prior, log_sigma] if tune_sigma else [log_prior]), log_sigma
+    return AdamAscent(objective, [log_prior, log_sigma] if tune_sigma else [log_prior]), log_sigma
 
 
 def _tune_marglik(la, prior_structure: str, n_steps: int, lr: float, tune_sigma: bool,
