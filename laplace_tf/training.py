@@ -4,9 +4,16 @@ Immer et al. (2021), "Scalable marginal likelihood estimation for model selectio
 learning" (laplace-torch's ``marglik_training``): every ``marglik_frequency`` epochs after
 ``n_epochs_burnin``, the Laplace posterior is refitted at the current weights on the training
 data and its hyperparameters (the prior precision ``lambda``, one per layer by default, and
-for regression ``sigma_noise``) are moved by ``n_hypersteps`` Adam steps up the Laplace
-evidence (:meth:`Laplace.optimize_prior_precision` with ``method="marglik"``). The learned prior
-is the L2 term of the training loss.
+for regression ``sigma_noise``) are moved by ``n_hypersteps`` Adam steps (on ``log lambda``,
+``log sigma``) up the Laplace evidence. As in laplace-torch, one Adam run continues across the
+refits (its moments and step count are kept), so the hyperparameters move as under a single
+optimizer that takes ``n_hypersteps`` steps after each refit. The learned prior is the L2 term
+of the training loss.
+
+Prior structures: ``"scalar"``, ``"layerwise"`` (one per Keras layer, the kernel and bias of a
+layer share it), ``"tensorwise"`` (one per weight tensor: kernel and bias apart, laplace-torch's
+``"layerwise"``, which has one per ``nn.Parameter``; a per-weight prior of the posterior, so
+``hessian_structure`` ``"full"`` or ``"diag"``) and ``"diag"`` (one per weight).
 
 **Loss convention.** Keras losses are means over the batch, so the training objective is
 the negative log joint divided by the number of training examples ``N`` (its minimiser is the
@@ -44,10 +51,11 @@ import tensorflow as tf
 
 from laplace_tf.arguments import choice, flag, non_negative_int, positive_int, positive_number
 from laplace_tf.outputs import output_activation
-from laplace_tf.posterior.prior import PRIOR_STRUCTURES
+from laplace_tf.posterior.marglik import AdamAscent, adam_state
 from laplace_tf.predictive import Laplace
 
 LIKELIHOODS = ("classification", "binary", "regression")
+PRIOR_STRUCTURES = ("scalar", "layerwise", "tensorwise", "diag")
 _LOSSES = {  # the mean losses whose scale the L2 term is matched to
     "classification": ("sparse_categorical_crossentropy", "categorical_crossentropy",
                        keras.losses.SparseCategoricalCrossentropy,
@@ -58,8 +66,8 @@ _LOSSES = {  # the mean losses whose scale the L2 term is matched to
 
 
 class _LearnedL2:
-    """``factor / 2 * sum lambda w^2``, ``lambda = lambdas[start]`` (one per layer) or
-    ``lambdas[start:stop]`` (one per weight), read from variables at every step."""
+    """``factor / 2 * sum lambda w^2``, ``lambda = lambdas[start]`` (one per layer or tensor)
+    or ``lambdas[start:stop]`` (one per weight), read from variables at every step."""
 
     def __init__(self, lambdas: tf.Variable, factor: tf.Variable, start: int, stop: int | None):
         self.lambdas, self.factor, self.start, self.stop = lambdas, factor, start, stop
@@ -86,12 +94,16 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
             ``(x, y)`` batches (for the refits and ``N``).
         subset_of_weights, hessian_structure: of the refitted :class:`~laplace_tf.Laplace`
             (the learned L2 term regularises only that subset).
-        prior_structure: ``"scalar"``, ``"layerwise"`` (one per Keras layer) or ``"diag"``.
+        prior_structure: ``"scalar"``, ``"layerwise"`` (one per Keras layer),
+            ``"tensorwise"`` (one per weight tensor, laplace-torch's ``"layerwise"``; needs
+            ``hessian_structure`` ``"full"`` or ``"diag"``) or ``"diag"`` (one per weight).
         prior_precision, sigma_noise: initial values (``sigma_noise``: scalar, regression).
         tune_sigma_noise: learn ``sigma_noise`` (regression).
         n_epochs_burnin: epochs before the first refit.
         marglik_frequency: refit after every ``marglik_frequency``-th epoch.
-        n_hypersteps, lr_hyp: Adam steps and step size on the log hyperparameters per refit.
+        n_hypersteps, lr_hyp: Adam steps per refit and step size on the log hyperparameters
+            (one Adam run across all refits; the defaults, a refit after every epoch from the
+            first with 10 steps of size 0.1, are laplace-torch's).
         temperature: the Laplace temperature ``T``.
         restore_best_weights: when fit ends, put back the weights, prior and sigma_noise of
             the refit with the highest evidence and refit ``self.la`` there (as Keras'
@@ -108,7 +120,7 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
                  hessian_structure: str = "kron", prior_structure: str = "layerwise",
                  prior_precision: float = 1.0, sigma_noise: float = 1.0,
                  tune_sigma_noise: bool = True, n_epochs_burnin: int = 0,
-                 marglik_frequency: int = 1, n_hypersteps: int = 100, lr_hyp: float = 0.1,
+                 marglik_frequency: int = 1, n_hypersteps: int = 10, lr_hyp: float = 0.1,
                  temperature: float = 1.0, restore_best_weights: bool = False,
                  **laplace_kwargs):
         super().__init__()
@@ -147,15 +159,32 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
             la = Laplace(model, self.likelihood, prior_precision=self.prior_precision,
                          sigma_noise=self.sigma_noise, temperature=self.temperature,
                          progress=False, **self._laplace_args)
-            if self.prior_structure not in la.structure.prior_structures:
+            per_weight = self.prior_structure in ("tensorwise", "diag")
+            if per_weight and "diag" not in la.structure.prior_structures:
                 raise ValueError(
-                    f"prior_structure: expected one of {la.structure.prior_structures} for "
-                    f"hessian_structure={la.hessian_structure!r}; got {self.prior_structure!r}.")
+                    f"prior_structure: {self.prior_structure!r} is a per-weight prior of the "
+                    f"posterior, which hessian_structure={la.hessian_structure!r} does not have "
+                    "(a Kronecker block shares one precision per layer); use 'scalar' or "
+                    "'layerwise', or hessian_structure='full' or 'diag'.")
             self.la = la
-            size = la.n_params if self.prior_structure == "diag" else len(la.subset.slices)
+            self._sizes = {"scalar": [la.n_params],
+                           "layerwise": [s.size for s in la.subset.slices],
+                           "tensorwise": [int(np.prod(v.shape)) for v in la.subset.variables],
+                           "diag": [1] * la.n_params}[self.prior_structure]
+            if sum(self._sizes) != la.n_params:
+                raise ValueError(
+                    "prior_structure: 'tensorwise' needs whole weight tensors; this weight "
+                    "subset takes parts of some (a subnetwork): use 'layerwise' or 'diag'.")
             dtype = la.subset.dtype
+            size = len(la.subset.slices) if self.prior_structure == "scalar" else len(self._sizes)
             self.lambdas = tf.Variable(tf.fill([size], tf.constant(self.prior_precision, dtype)),
                                        trainable=False, name="marglik_prior_precision")
+            self._log_prior = tf.Variable(
+                tf.fill([len(self._sizes)], tf.constant(np.log(self.prior_precision), dtype)))
+            self._log_sigma = tf.Variable(tf.math.log(tf.cast(la.sigma_noise, dtype)))
+            self._hyper = [self._log_prior, self._log_sigma] if self.tune_sigma_noise \
+                else [self._log_prior]
+            self._adam = adam_state(self._hyper)
             self.factor = tf.Variable(tf.constant(0.0, dtype), trainable=False,
                                       name="marglik_l2_factor")
             self._set_factor(self.sigma_noise)
@@ -178,15 +207,15 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
                     f"model: the weight {variable.path!r} already has a regularizer; the "
                     "marginal likelihood learns the weight decay: remove the layer's "
                     "kernel_regularizer/bias_regularizer.")
-        offset = 0
+        offset, tensor = 0, 0
         for index, s in enumerate(self.la.subset.slices):
             for variable in s.variables:
                 size = int(np.prod(variable.shape))
-                variable.regularizer = (
-                    _LearnedL2(self.lambdas, self.factor, offset, offset + size)
-                    if self.prior_structure == "diag" else
-                    _LearnedL2(self.lambdas, self.factor, index, None))
-                offset += size
+                variable.regularizer = {
+                    "diag": _LearnedL2(self.lambdas, self.factor, offset, offset + size),
+                    "tensorwise": _LearnedL2(self.lambdas, self.factor, tensor, None),
+                }.get(self.prior_structure, _LearnedL2(self.lambdas, self.factor, index, None))
+                offset, tensor = offset + size, tensor + 1
         self._attached = variables
         model.train_function = model.test_function = None  # traced again, with the L2 terms
 
@@ -197,11 +226,11 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         self.model.train_function = self.model.test_function = None
         if self.restore_best_weights and self._best is not None \
                 and self.best_epoch != self._epochs_done:
-            _, weights, lambdas, sigma = self._best
+            _, weights, lambdas, sigma, hyper = self._best
             self.model.set_weights(weights)
             self.lambdas.assign(lambdas)
             self.la.fit(self.train_data, progress=False)
-            self.la.prior_precision = lambdas if self.prior_structure != "scalar" else lambdas[0]
+            self.la.prior_precision = self._posterior_prior(hyper)
             if self.likelihood == "regression":
                 self._set_factor(sigma)
                 self.la.sigma_noise = sigma
@@ -212,27 +241,50 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
             return
         la = self.la
         la.fit(self.train_data, progress=False)
-        la.optimize_prior_precision(
-            method="marglik", prior_structure=self.prior_structure, n_steps=self.n_hypersteps,
-            lr=self.lr_hyp, tune_sigma_noise=self.tune_sigma_noise, progress=False)
-        prior = np.asarray(la.prior_precision, np.float64).reshape(-1)
-        if self.prior_structure == "scalar":
-            prior = np.full(self.lambdas.shape, prior[0])
+
+        def objective():
+            return la.log_evidence(self._posterior_prior(tf.exp(self._log_prior)),
+                                   tf.exp(self._log_sigma))
+
+        # n_hypersteps - 1 more steps after the first evaluation: n_hypersteps Adam steps
+        values, points = AdamAscent(objective, self._hyper, self._adam)(
+            self.n_hypersteps - 1, self.lr_hyp, progress=False, reset=False)
+        hyper = np.exp(self._log_prior.numpy())
+        sigma = float(np.exp(self._log_sigma.numpy())) if self.likelihood == "regression" \
+            else float("nan")
+        la.update(prior=self._posterior_prior(hyper),
+                  sigma=sigma if self.tune_sigma_noise else None)
+        la.tuning_trace = {"prior_precision": np.exp([p[0] for p in points]),
+                           "log_marginal_likelihood": np.array(values)}
+        if self.tune_sigma_noise:
+            la.tuning_trace["sigma_noise"] = np.exp([p[1] for p in points])
+        prior = np.full(self.lambdas.shape, hyper[0]) if self.prior_structure == "scalar" \
+            else hyper
         self.lambdas.assign(prior.astype(self.lambdas.dtype.as_numpy_dtype))
-        sigma = float(la.sigma_noise) if self.likelihood == "regression" else float("nan")
         if self.likelihood == "regression":
             self._set_factor(sigma)
         evidence = float(la.log_marginal_likelihood())
         if self._best is None or evidence > self._best[0]:
             self.best_epoch = done
-            self._best = (evidence, self.model.get_weights(), self.lambdas.numpy(), sigma)
+            self._best = (evidence, self.model.get_weights(), self.lambdas.numpy(), sigma, hyper)
         for key, value in (("epoch", done), ("log_marginal_likelihood", evidence),
-                           ("prior_precision", prior), ("sigma_noise", sigma)):
+                           ("prior_precision", hyper if self.prior_structure != "scalar"
+                            else prior), ("sigma_noise", sigma)):
             self.trace[key].append(value)
         if logs is not None:
             logs["log_marglik"] = evidence
             if self.likelihood == "regression":
                 logs["sigma_noise"] = sigma
+
+
+    def _posterior_prior(self, hyper):
+        """The posterior's prior precision (``[]``, ``[L]`` or ``[P]``) from the learned
+        values (one, one per layer, per tensor or per weight)."""
+        if self.prior_structure == "scalar":
+            return hyper[0]
+        if self.prior_structure == "tensorwise":
+            return tf.repeat(hyper, self._sizes)
+        return hyper
 
 
 def _count(data) -> int:

@@ -54,7 +54,9 @@ def test_refit_learns_what_the_evidence_gives_on_the_same_weights(likelihood):
 
 
 def _manual_step(model, weights, x, y, likelihood, prior, sigma, lr):
-    """One SGD step on mean loss + factor * 1/2 sum_l lambda_l ||theta_l||^2 (by hand)."""
+    """One SGD step on mean loss + factor * 1/2 sum_l lambda_l ||theta_l||^2 (by hand);
+    ``prior``: one per layer, or one per tensor (kernel, bias, kernel, bias)."""
+    prior = list(prior) if len(prior) == 4 else [prior[0], prior[0], prior[1], prior[1]]
     variables = [tf.Variable(w) for w in weights]
     factor = (2 * sigma**2 if likelihood == "regression" else 1.0) / N
     with tf.GradientTape() as tape:
@@ -64,8 +66,7 @@ def _manual_step(model, weights, x, y, likelihood, prior, sigma, lr):
             data = tf.reduce_mean(tf.square(out - y))
         else:
             data = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, out))
-        l2 = prior[0] * (tf.reduce_sum(variables[0] ** 2) + tf.reduce_sum(variables[1] ** 2)) \
-            + prior[1] * (tf.reduce_sum(variables[2] ** 2) + tf.reduce_sum(variables[3] ** 2))
+        l2 = sum(p * tf.reduce_sum(v**2) for p, v in zip(prior, variables, strict=True))
         loss = data + factor * 0.5 * l2
     grads = tape.gradient(loss, variables)
     return [(v - lr * g).numpy() for v, g in zip(variables, grads, strict=True)]
@@ -94,6 +95,82 @@ def test_the_learned_prior_is_the_l2_term_of_the_next_step(likelihood):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
+def _adam_by_hand(posteriors, log_prior, n_steps, lr, sizes=None):
+    """Adam ascent of the evidence in log lambda, ``n_steps`` per posterior, its moments and
+    step count carried from one posterior to the next; the log prior after each posterior.
+    ``sizes``: the prior is one value per tensor of these sizes (repeated per weight)."""
+    log_prior = np.array(log_prior, np.float64)
+    m, v, t, points = np.zeros_like(log_prior), np.zeros_like(log_prior), 0, []
+    for la in posteriors:
+        for _ in range(n_steps):
+            variable = tf.Variable(log_prior.astype(np.float32))
+            with tf.GradientTape() as tape:
+                prior = tf.exp(variable)
+                evidence = la.log_marginal_likelihood(
+                    prior if sizes is None else tf.repeat(prior, sizes))
+            g = tape.gradient(evidence, variable).numpy().astype(np.float64)
+            t += 1
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+            log_prior = log_prior + lr * (m / (1 - 0.9**t)) / (
+                np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        points.append(log_prior)
+    return points
+
+
+def test_one_adam_run_continues_across_refits():
+    """As laplace-torch's single hyper-optimizer: the second refit's steps start from the
+    Adam moments and step count the first left (a fresh Adam there lands elsewhere)."""
+    x, y = _data("classification", seed=2)
+    model = _mlp("classification", seed=2)
+    model.compile(keras.optimizers.SGD(0.5), _loss("classification"))
+    saved = []
+    keep = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: saved.append(model.get_weights()))
+    callback = ltf.MarginalLikelihoodCallback("classification", (x, y), n_hypersteps=4,
+                                              lr_hyp=0.2)
+    model.fit(x, y, batch_size=N, epochs=2, verbose=0, callbacks=[callback, keep])
+    posteriors = []
+    for weights in saved:
+        copy = _mlp("classification", seed=2)
+        copy.set_weights(weights)
+        la = ltf.Laplace(copy, "classification", "all", "kron", progress=False)
+        la.fit((x, y))
+        posteriors.append(la)
+    start = np.zeros(2)
+    continued = _adam_by_hand(posteriors, start, 4, 0.2)
+    fresh = _adam_by_hand(posteriors[1:], continued[0], 4, 0.2)[0]
+    got = np.log(np.array(callback.trace["prior_precision"]))
+    np.testing.assert_allclose(got, np.array(continued), rtol=1e-4, atol=1e-5)
+    assert np.max(np.abs(fresh - continued[1])) > 1e-2  # the test can tell the two apart
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_tensorwise_prior_is_learned_per_tensor_and_is_the_l2_term(likelihood):
+    """One precision per weight tensor (laplace-torch's 'layerwise'): the evidence's optimum
+    over the four tensors' precisions, then the L2 term of the next step, tensor by tensor."""
+    x, y = _data(likelihood, seed=3)
+    model = _mlp(likelihood, seed=3)
+    lr = 0.5
+    model.compile(keras.optimizers.SGD(lr), _loss(likelihood))
+    callback = ltf.MarginalLikelihoodCallback(
+        likelihood, (x, y), hessian_structure="full", prior_structure="tensorwise",
+        n_hypersteps=15, tune_sigma_noise=False)
+    model.fit(x, y, batch_size=N, epochs=1, verbose=0, callbacks=[callback])
+    first = [w.numpy() for w in model.trainable_variables]
+    sizes = [w.size for w in first]
+    la = ltf.Laplace(model, likelihood, "all", "full", progress=False)
+    la.fit((x, y))
+    want = np.exp(_adam_by_hand([la], np.zeros(4), 15, 0.1, sizes)[0])
+    prior = callback.trace["prior_precision"][0]
+    assert prior.shape == (4,) and np.ptp(np.log(prior)) > 0.1  # four different values
+    np.testing.assert_allclose(prior, want, rtol=1e-4)
+    np.testing.assert_allclose(callback.la.prior_precision, np.repeat(want, sizes), rtol=1e-4)
+    model.fit(x, y, batch_size=N, epochs=1, verbose=0, callbacks=[callback])
+    expected = _manual_step(model, first, x, y, likelihood, prior, 1.0, lr)
+    for got, wanted in zip(model.trainable_variables, expected, strict=True):
+        np.testing.assert_allclose(got.numpy(), wanted, rtol=1e-5, atol=1e-6)
+
+
 def test_refits_follow_burnin_and_frequency_and_log_to_keras():
     x, y = _data("classification")
     model = _mlp("classification")
@@ -113,7 +190,7 @@ def test_regression_learns_sigma_noise():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     _, la, trace = ltf.marglik_training(model, "regression", (x, y), epochs=20, batch_size=8,
                                         optimizer=keras.optimizers.Adam(0.1), seed=0,
-                                        verbose=0, marglik_frequency=10,
+                                        verbose=0, marglik_frequency=10, n_hypersteps=100,
                                         restore_best_weights=False)  # the last refit
     residual = np.std(model.predict(x, verbose=0) - y)
     assert len(trace["sigma_noise"]) == 2
@@ -172,6 +249,8 @@ def _compiled(loss=None, optimizer="sgd", regularizer=None):
      "prior_structure"),
     (lambda d: ltf.MarginalLikelihoodCallback("classification", d, prior_structure="diag")
      .set_model(_compiled()), "prior_structure"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d, prior_structure="tensorwise")
+     .set_model(_compiled()), "Kronecker"),
     (lambda d: ltf.MarginalLikelihoodCallback("regression", d).set_model(_compiled()),
      "compiled loss"),
     (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(

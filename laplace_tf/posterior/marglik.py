@@ -90,20 +90,20 @@ def _adam_loop(body, variables: list[tf.Variable], n, lr):
     return loop[2].stack(), [p.stack() for p in loop[3]]
 
 
-class _AdamAscent:
+class AdamAscent:
     """Maximise ``objective()`` over ``variables`` with Adam, in one compiled loop.
 
     The steps run inside one ``tf.while_loop`` (in chunks when a progress bar is shown); the
     loop is traced once per instance, so an instance is reused while the objective's captured
-    state (the factored curvature) stays the same.
+    state (the factored curvature) stays the same. ``state`` (from :func:`adam_state`) holds
+    Adam's moments and step count: passing the same one to the ascents of successive refits,
+    with ``reset=False``, continues one Adam run across them.
     """
 
-    def __init__(self, objective, variables: list[tf.Variable]):
+    def __init__(self, objective, variables: list[tf.Variable], state=None):
         self.variables = variables
+        self._moments, self._count = adam_state(variables) if state is None else state
         dtype = variables[0].dtype
-        self._moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v)))
-                         for v in variables]
-        self._count = tf.Variable(0.0, dtype=dtype)
         b1, b2, eps = (tf.constant(_ADAM[k], dtype) for k in ("beta1", "beta2", "eps"))
 
         def body(i, lr, values, points):
@@ -124,17 +124,19 @@ class _AdamAscent:
         # of "retracing" when many instances each trace their loop once, as they must.
         self._run = tf.function(functools.partial(_adam_loop, body, variables), autograph=False)
 
-    def __call__(self, n_steps: int, lr: float, progress: bool
+    def __call__(self, n_steps: int, lr: float, progress: bool, reset: bool = True
                  ) -> tuple[list[float], list[list[np.ndarray]]]:
-        """Fresh Adam state, ``n_steps`` steps from the variables' current values.
+        """``n_steps`` steps from the variables' current values, from a fresh Adam state
+        (``reset=False``: from the moments and step count left by the last call).
 
         Returns the objective and the variables' values at every visited point
         (``n_steps + 1``; the last is the result).
         """
-        for m, s in self._moments:
-            m.assign(tf.zeros_like(m))
-            s.assign(tf.zeros_like(s))
-        self._count.assign(0.0)
+        if reset:
+            for m, s in self._moments:
+                m.assign(tf.zeros_like(m))
+                s.assign(tf.zeros_like(s))
+            self._count.assign(0.0)
         lr = tf.constant(lr, self._count.dtype)
         total = n_steps + 1
         chunk = -(-total // 20) if progress else total
@@ -162,7 +164,13 @@ class _AdamAscent:
         return values, points
 
 
-def _evidence_ascent(la, prior_structure: str, tune_sigma: bool) -> tuple[_AdamAscent, tf.Variable]:
+def adam_state(variables: list[tf.Variable]) -> tuple[list, tf.Variable]:
+    """Adam's first and second moments for ``variables`` and its step count, all zero."""
+    moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v))) for v in variables]
+    return moments, tf.Variable(tf.zeros([], variables[0].dtype))
+
+
+def _evidence_ascent(la, prior_structure: str, tune_sigma: bool) -> tuple[AdamAscent, tf.Variable]:
     """Adam on ``log lambda`` (and ``log sigma``) of ``la``'s evidence, and the sigma input."""
     prior_shape = {"scalar": [], "layerwise": [len(la.subset.slices)], "diag": [la.n_params]}
     log_prior = tf.Variable(tf.zeros(prior_shape[prior_structure], la.subset.dtype))
@@ -171,7 +179,7 @@ def _evidence_ascent(la, prior_structure: str, tune_sigma: bool) -> tuple[_AdamA
     def objective():
         return la.log_evidence(tf.exp(log_prior), tf.exp(log_sigma))
 
-    return _AdamAscent(objective, [log_prior, log_sigma] if tune_sigma else [log_prior]), log_sigma
+    return AdamAscent(objective, [log_prior, log_sigma] if tune_sigma else [log_prior]), log_sigma
 
 
 def _tune_marglik(la, prior_structure: str, n_steps: int, lr: float, tune_sigma: bool,
