@@ -13,14 +13,14 @@ MultiHeadAttention and LayerNormalization), with ``N`` = 2,048 and 16,384 random
 * the ratios fit / epoch (cold fit against the first epoch too: both pay their tracing), and
   the block each layer got (``la.block_kinds()``).
 
-Measured 2026-11-29 on 2 CPUs (one other job running; the README has a quiet-machine run):
+Measured 2026-11-29 on 2 quiet CPUs:
 
 | model | N | epoch s | 1st epoch s | fit cold | fit warm | cold / epoch | warm / epoch | cold / 1st epoch | blocks |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---|
-| resnet | 2,048 | 0.167 | 0.94 | 1.83 | 0.21 | 11.0 | 1.3 | 2.0 | 4 kron, 3 dense |
-| resnet | 16,384 | 0.540 | 1.32 | 1.81 | 1.60 | 3.4 | 3.0 | 1.4 | 4 kron, 3 dense |
-| transformer | 2,048 | 0.187 | 1.19 | 0.69 | 0.08 | 3.7 | 0.4 | 0.6 | 9 kron, 2 dense |
-| transformer | 16,384 | 0.351 | 1.41 | 1.50 | 0.47 | 4.3 | 1.3 | 1.1 | 9 kron, 2 dense |
+| resnet | 2,048 | 0.086 | 0.76 | 1.48 | 0.12 | 17.2 | 1.4 | 1.9 | 4 kron, 3 dense |
+| resnet | 16,384 | 0.424 | 1.07 | 1.20 | 0.85 | 2.8 | 2.0 | 1.1 | 4 kron, 3 dense |
+| transformer | 2,048 | 0.076 | 1.10 | 0.67 | 0.06 | 8.9 | 0.8 | 0.6 | 9 kron, 2 dense |
+| transformer | 16,384 | 0.280 | 1.29 | 1.34 | 0.33 | 4.8 | 1.2 | 1.0 | 9 kron, 2 dense |
 
 The GGN needs one backward pass per output (K = 3) where a training step takes one;
 ``benchmarks/zoo_floor.py`` times the forward pass and the K backward passes alone at
