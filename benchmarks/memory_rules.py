@@ -85,7 +85,11 @@ Dense(10) on 32 inputs; MiB):
 For six of the eight models the part not counted is 13 to 16 KiB per node of the traced step
 (1.3 to 2.0 MiB per layer); text (about 20 MiB more) and convs (about 55 MiB more) have a
 further fixed part that the node count does not explain (for text, of the order of one more
-``V x V`` factor copy, V = 2,000; for convs not found). The serialized graph itself is small
+``V x V`` factor copy, V = 2,000; for convs not found). Ruled out for them, each by one run
+with the switch (first-fit growth, text and convs, MiB): Grappler's constant folding off
+(103, 110), glibc's mmap threshold fixed at 128 KiB (103, 105), one malloc arena (101, 99),
+oneDNN off (114, 115). With the threshold fixed, text's second fit grows by 80 against the
+estimate's 76: its extra part too belongs to the first fit only. The serialized graph itself is small
 (0.05 MiB text, 2.8 MiB mobilenet). The part is a one-time cost of the first fit, kept for the
 life of the process: of mobilenet's 239 MiB growth all 239 stay resident after the fit, and a
 second fit with the same ``Laplace`` (the step's trace reused) grows by 5 MiB (text 86 of 103
