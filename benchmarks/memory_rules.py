@@ -83,7 +83,7 @@ Dense(10) on 32 inputs; MiB):
 | dense32 | 34 | 4,816 | 1.4 | 63.1 | 61.7 | 13.1 | 1.82 |
 
 For six of the eight models the part not counted is 13 to 16 KiB per node of the traced step
-(1.3 to 2.0 MiB per layer); text (about 20 MiB more) and convs (about 55 MiB more) have a
+(1.3 to 2.0 MiB per layer; the resnet 10.8 to 15.3 KiB between runs, the others within 1); text (about 20 MiB more) and convs (about 55 MiB more) have a
 further fixed part that the node count does not explain (for text, of the order of one more
 ``V x V`` factor copy, V = 2,000; for convs not found). Ruled out for them, each by one run
 with the switch (first-fit growth, text and convs, MiB): Grappler's constant folding off
@@ -207,7 +207,7 @@ def measure(name: str, batch: int) -> dict:
     la.posterior_precision  # noqa: B018  (the factors: eigendecompositions)
     growth = (_kib("VmHWM") - before) * 1024
     return {"model": name, "weights": model.count_params(), "batch": batch,
-            "estimate": estimate.total_bytes, "measured": growth,
+            "estimate": estimate.total_bytes, "measured": growth, "nodes": _traced_nodes(la),
             "parts": {k: v for k, v in estimate.parts.items() if v}}
 
 
@@ -230,26 +230,14 @@ def main() -> None:
               + ", ".join(f"{k} {v / mib:.1f}" for k, v in parts))
 
 
-def fixed(name: str, batch: int = 4) -> dict:
-    """:func:`measure` at a small batch, and the traced fit step's graph size (its nodes and
-    those of its function library): where the growth not counted comes from."""
-    import laplace_tf as ltf
-
-    fitted = []
-    original = ltf.Laplace.fit
-
-    def fit(self, *args, **kwargs):
-        fitted.append(self)
-        return original(self, *args, **kwargs)
-
-    ltf.Laplace.fit = fit
-    result = measure(name, batch)
+def _traced_nodes(la) -> int:
+    """Nodes of the fit step's traced graphs, their function libraries' included."""
     nodes = 0
-    for step in fitted[-1]._builder()._compiled_step._steps.values():
+    for step in la._builder()._compiled_step._steps.values():
         for concrete in step._list_all_concrete_functions():
             graph = concrete.graph.as_graph_def()
             nodes += len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
-    return {**result, "nodes": nodes}
+    return nodes
 
 
 def main_fixed() -> None:
@@ -272,7 +260,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["fixed"]:
         sys.path.insert(0, str(ROOT))
         if len(sys.argv) == 3:
-            print(json.dumps(fixed(sys.argv[2])))
+            print(json.dumps(measure(sys.argv[2], 4)))
         else:
             main_fixed()
     elif len(sys.argv) == 3:
