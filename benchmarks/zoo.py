@@ -24,6 +24,14 @@ A warm fit still traces its step anew (each ``Laplace`` compiles its own): at 2,
 that fixed cost dominates. The GGN needs one backward pass per output (K = 3) where a
 training step takes one: the floor is about ``(1 + 2 K) / 3 = 2.3`` epochs of flops, which
 the residual CNN's 3.9 is within 2x of.
+
+Where the transformer's cold fit goes (cProfile of the first fit on 128 inputs, after a
+throwaway fit of a one-layer model; 1.64 s under the profiler, 2026-11-29): tracing the step
+1.17 s, of which the per-example Jacobian ``tape.jacobian`` 0.67 (its ``vectorized_map``/pfor
+conversion 0.42, the backward pass it converts 0.19), the per-layer block builders 0.20,
+automatic control dependencies 0.16 (2,139 graph nodes, 741 of them constants); the first
+call of the traced step (Grappler and the run) 0.31 s; the model's own forward pass under
+0.15 s. Not reduced yet.
 """
 
 from __future__ import annotations
