@@ -90,6 +90,10 @@ def _adam_loop(body, variables: list[tf.Variable], n, lr):
     return loop[2].stack(), [p.stack() for p in loop[3]]
 
 
+# Adam's first and second moments per variable, and its step count
+AdamState = tuple[list[tuple[tf.Variable, tf.Variable]], tf.Variable]
+
+
 class AdamAscent:
     """Maximise ``objective()`` over ``variables`` with Adam, in one compiled loop.
 
@@ -100,7 +104,7 @@ class AdamAscent:
     with ``reset=False``, continues one Adam run across them.
     """
 
-    def __init__(self, objective, variables: list[tf.Variable], state=None):
+    def __init__(self, objective, variables: list[tf.Variable], state: AdamState | None = None):
         self.variables = variables
         self._moments, self._count = adam_state(variables) if state is None else state
         dtype = variables[0].dtype
@@ -164,7 +168,7 @@ class AdamAscent:
         return values, points
 
 
-def adam_state(variables: list[tf.Variable]) -> tuple[list, tf.Variable]:
+def adam_state(variables: list[tf.Variable]) -> AdamState:
     """Adam's first and second moments for ``variables`` and its step count, all zero."""
     moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v))) for v in variables]
     return moments, tf.Variable(tf.zeros([], variables[0].dtype))
