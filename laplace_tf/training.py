@@ -276,7 +276,6 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
             if self.likelihood == "regression":
                 logs["sigma_noise"] = sigma
 
-
     def _posterior_prior(self, hyper):
         """The posterior's prior precision (``[]``, ``[L]`` or ``[P]``) from the learned
         values (one, one per layer, per tensor or per weight)."""
