@@ -1,7 +1,7 @@
 """Benchmark of the full (dense) structure: this code against an older commit, side by side.
 
 Run with ``python benchmarks/full_structure.py`` (a few minutes; ``--n-wide 20000`` for the
-issue's full size, ``--old-commit ''`` to skip the old code). Each (code, case) runs in a
+wide case at N = 20,000, ``--old-commit ''`` to skip the old code). Each (code, case) runs in a
 fresh Python process, the old code from ``git archive`` of ``--old-commit`` on
 ``PYTHONPATH``. Float32, random weights (the timing does not depend on training), random
 labels, batches of 256, wall seconds:
