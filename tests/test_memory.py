@@ -245,9 +245,9 @@ def test_last_layer_needs_one_dense_layer_with_the_model_outputs():
 def test_unknown_locations_count_as_one():
     model, _ = MODELS["subclassed"](K)  # layers of a subclassed model record no output
     subset = WeightSubset(model)
-    assert [memory._locations(s) for s in subset.slices] == [1, 1]
+    assert [memory._locations(s, {}) for s in subset.slices] == [1, 1]
     cnn = _subset("small_cnn")
-    assert [memory._locations(s) for s in cnn.slices] == [9, 1]
+    assert [memory._locations(s, {}) for s in cnn.slices] == [9, 1]
 
 
 def test_fit_refuses_exactly_above_the_estimate_and_gives_its_figure():

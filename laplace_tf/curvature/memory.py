@@ -84,7 +84,6 @@ Example:
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import keras
@@ -121,8 +120,6 @@ _LOWRANK_FIT_COPIES = 10  # float64 [P, m] buffers of a low-rank fit (module doc
 # probabilities; the backward's, per row (measured: benchmarks/memory_rules.py)
 _ATTENTION_FORWARD = 2
 _ATTENTION_BACKWARD = 3
-# a MultiHeadAttention's projection -> its output numbers an example (_note_projections)
-_PROJECTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # (structure, subset_of_weights) -> what needs less memory
 _CHEAPER = {
     ("full", "all"): "hessian_structure='kron' or hessian_structure='diag', or "
@@ -233,7 +230,6 @@ def estimate_memory(
     if not weights_dtype.is_floating:
         raise ValueError(f"dtype: expected a floating dtype such as 'float32'; got {weights_dtype.name}.")
     rows = 1 if curvature == "ef" else n_outputs
-    _note_projections(subset.model)
     if structure == "lowrank":
         rank = min(positive_int(rank, "rank"), subset.n_params)
         counts = _lowrank(subset, rows, rank, batch_size, weights_dtype.size)
@@ -311,25 +307,26 @@ def _full(p: int, fit_copies: int, per_batch: int) -> dict[str, int]:
 
 def _kron(subset: WeightSubset, rows: int, batch_size: int) -> dict[str, int]:
     counts = dict.fromkeys(("curvature", "fit_workspace", "per_batch", "eigendecomposition"), 0)
+    projections = _projection_outputs(subset.model)
     hooked = 0  # output numbers of the layers whose outputs the fit probes
     for layer_slice in subset.slices:
         kind, _ = block_kind(layer_slice)
         if fallback_reason(layer_slice) is None:
-            hooked += _output_numbers(layer_slice.layer)
+            hooked += _output_numbers(layer_slice.layer, projections)
         if kind == "kron":  # every block: its q input rows a location and its gradients
-            layers = [_kron_layer(d, o, batch_size * _locations(layer_slice)
+            layers = [_kron_layer(d, o, batch_size * _locations(layer_slice, projections)
                                   * (_row_numbers(layer_slice.layer, q * d) + rows * o))
                       for d, o, q in kron_shapes(layer_slice.layer)]
         elif kind == "dense":  # a scale-and-shift layer's exact block
-            layers = [_full(layer_slice.size, 2, _exact_rule_block(layer_slice, rows, batch_size))]
+            layers = [_full(layer_slice.size, 2, _exact_rule_block(layer_slice, rows, batch_size, projections))]
         elif fallback_reason(layer_slice) is None:  # a rule's exact diagonal
-            layers = [_diag(layer_slice.size, _exact_rule_block(layer_slice, rows, batch_size))]
+            layers = [_diag(layer_slice.size, _exact_rule_block(layer_slice, rows, batch_size, projections))]
         else:
             layers = [_diag(layer_slice.size, batch_size * rows * layer_slice.size)]
         for layer in layers:
             for name, n in layer.items():
                 counts[name] = counts.get(name, 0) + n
-    counts["activations"] = batch_size * (_forward_numbers(subset.model) + hooked)
+    counts["activations"] = batch_size * (_forward_numbers(subset.model, projections) + hooked)
     counts["attention"] = batch_size * (_ATTENTION_FORWARD + _ATTENTION_BACKWARD * rows) * sum(
         _attention_scores(layer) for layer in _layers(subset.model)
         if isinstance(layer, keras.layers.MultiHeadAttention))
@@ -344,14 +341,14 @@ def _layers(model: keras.Model) -> list[keras.layers.Layer]:
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
-def _forward_numbers(model: keras.Model) -> int:
+def _forward_numbers(model: keras.Model, projections: dict) -> int:
     """Numbers of one example's forward pass kept for the backward passes: the model's inputs
     and the output of every layer that has no sub-layers (a MultiHeadAttention's projections
     through :func:`_output_numbers`). A subclassed model records neither its inputs nor its
     layers' outputs: 0 for them."""
     inputs = sum(int(np.prod([n or 1 for n in x.shape[1:]]))
                  for x in getattr(model, "inputs", None) or [])
-    return inputs + sum(_output_numbers(layer) for layer in _layers(model)
+    return inputs + sum(_output_numbers(layer, projections) for layer in _layers(model)
                         if not layer._layers and not isinstance(layer, keras.layers.InputLayer))
 
 
@@ -374,11 +371,12 @@ def _row_numbers(layer: keras.layers.Layer, width: int) -> int:
     return 1 if type(layer) is keras.layers.Embedding else width
 
 
-def _exact_rule_block(layer_slice: LayerSlice, rows: int, batch_size: int) -> int:
+def _exact_rule_block(layer_slice: LayerSlice, rows: int, batch_size: int,
+                      projections: dict) -> int:
     """``per_batch`` of a rule's exact block (a scale-and-shift layer's, a large embedding's
     diagonal): the gradients of the layer's whole output ``[R, B, ...]`` and its normalised
     inputs (or tokens), then ``R`` gradient rows of the weights per example."""
-    return batch_size * ((1 + rows) * _output_numbers(layer_slice.layer)
+    return batch_size * ((1 + rows) * _output_numbers(layer_slice.layer, projections)
                          + rows * layer_slice.size)
 
 
@@ -449,29 +447,31 @@ def _factor_sizes(layer_slice: LayerSlice) -> tuple[int, int]:
     return layer_slice.size // o, o
 
 
-def _locations(layer_slice: LayerSlice) -> int:
+def _locations(layer_slice: LayerSlice, projections: dict) -> int:
     """Output positions per example of a layer with a Kronecker rule (1 for Dense on
     ``[N, din]``), from the layer's output.
 
     A layer without a recorded output shape (a subclassed model) counts as one location.
     """
-    return max(1, _output_numbers(layer_slice.layer) // output_size(layer_slice.layer))
+    return max(1, _output_numbers(layer_slice.layer, projections)
+               // output_size(layer_slice.layer))
 
 
-def _output_numbers(layer: keras.layers.Layer) -> int:
+def _output_numbers(layer: keras.layers.Layer, projections: dict) -> int:
     """Numbers in one example's output of the layer (0 without a recorded output shape; a
-    MultiHeadAttention's projections from the shapes the attention layer was built with)."""
+    MultiHeadAttention's projections from ``projections``, :func:`_projection_outputs`)."""
     try:
         shape = layer.output.shape
     except (AttributeError, ValueError):
-        return _PROJECTIONS.get(layer, 0)
+        return projections.get(layer, 0)
     return int(np.prod([n or 1 for n in shape[1:]]))
 
 
-def _note_projections(model: keras.Model) -> None:
-    """Record for each MultiHeadAttention projection (an EinsumDense called inside the
-    attention layer, which records no output) its output numbers an example: ``T H key_dim``
-    (query), ``S H key_dim`` (key), ``S H value_dim`` (value), ``T width`` (output)."""
+def _projection_outputs(model: keras.Model) -> dict:
+    """Each MultiHeadAttention projection of ``model`` (an EinsumDense called inside the
+    attention layer, which records no output) -> its output numbers an example: ``T H
+    key_dim`` (query), ``S H key_dim`` (key), ``S H value_dim`` (value), ``T width`` (output)."""
+    projections = {}
     for layer in _layers(model):
         shapes = getattr(layer, "_build_shapes_dict", None) or {}
         if not isinstance(layer, keras.layers.MultiHeadAttention) or "query_shape" not in shapes:
@@ -486,7 +486,8 @@ def _note_projections(model: keras.Model) -> None:
                        (layer._key_dense, s_key * heads * layer.key_dim),
                        (layer._value_dense, s_value * heads * layer.value_dim),
                        (layer._output_dense, t * width)):
-            _PROJECTIONS[sub] = n
+            projections[sub] = n
+    return projections
 
 
 def _per_example(
@@ -511,7 +512,8 @@ def _slice_dims(subset: WeightSubset) -> list[tuple[int, int] | int]:
     it (a layer with a Kronecker rule and one location per example), else its size (some of
     such a layer's weights: its rows are formed at those only; of another layer: its rows
     are formed whole, then gathered)."""
-    once = [is_factored(s) and _locations(s) == 1 for s in subset.slices]
+    projections = _projection_outputs(subset.model)
+    once = [is_factored(s) and _locations(s, projections) == 1 for s in subset.slices]
     return [(_factor_dims(s) if s.columns is None else s.size) if one else s.layer_size
             for s, one in zip(subset.slices, once, strict=True)]
 
@@ -523,10 +525,6 @@ def _as_dtype(dtype) -> tf.DType:
         raise TypeError(
             f"dtype: expected a TensorFlow dtype or its name, e.g. 'float32'; got {dtype!r}."
         ) from None
-
-
-
-
 
 
 def format_bytes(n: int) -> str:
