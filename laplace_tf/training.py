@@ -66,18 +66,20 @@ _LOSSES = {  # the mean losses whose scale the L2 term is matched to
 
 
 class _LearnedL2:
-    """``factor / 2 * sum lambda w^2``, ``lambda = lambdas[start]`` (one per layer or tensor)
-    or ``lambdas[start:stop]`` (one per weight), read from variables at every step."""
+    """``factor / 2 * sum lambda w^2``, ``lambda = exp(log_prior[start])`` (one for all, one
+    per layer or tensor) or ``exp(log_prior[start:stop])`` (one per weight), read from the
+    learned variables at every step."""
 
-    def __init__(self, lambdas: tf.Variable, factor: tf.Variable, start: int, stop: int | None):
-        self.lambdas, self.factor, self.start, self.stop = lambdas, factor, start, stop
+    def __init__(self, log_prior: tf.Variable, factor: tf.Variable, start: int,
+                 stop: int | None):
+        self.log_prior, self.factor, self.start, self.stop = log_prior, factor, start, stop
 
     def __call__(self, weight):
         weight = tf.convert_to_tensor(weight)
         if self.stop is None:
-            precision = self.lambdas[self.start]
+            precision = tf.exp(self.log_prior[self.start])
         else:
-            precision = tf.reshape(self.lambdas[self.start:self.stop], tf.shape(weight))
+            precision = tf.reshape(tf.exp(self.log_prior[self.start:self.stop]), tf.shape(weight))
         return 0.5 * self.factor * tf.reduce_sum(
             tf.cast(precision, weight.dtype) * tf.square(weight))
 
@@ -143,7 +145,7 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         self.temperature = positive_number(temperature, "temperature")
         self.restore_best_weights = flag(restore_best_weights, "restore_best_weights")
         self.best_epoch: int | None = None
-        self._best: tuple | None = None  # (evidence, weights, lambdas, sigma)
+        self._best: tuple | None = None  # (evidence, weights, sigma, log prior)
         self._epochs_done = 0
         self._laplace_args = dict(subset_of_weights=subset_of_weights,
                                   hessian_structure=hessian_structure, **laplace_kwargs)
@@ -176,11 +178,9 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
                     "prior_structure: 'tensorwise' needs whole weight tensors; this weight "
                     "subset takes parts of some (a subnetwork): use 'layerwise' or 'diag'.")
             dtype = la.subset.dtype
-            size = len(la.subset.slices) if self.prior_structure == "scalar" else len(self._sizes)
-            self.lambdas = tf.Variable(tf.fill([size], tf.constant(self.prior_precision, dtype)),
-                                       trainable=False, name="marglik_prior_precision")
-            self._log_prior = tf.Variable(
-                tf.fill([len(self._sizes)], tf.constant(np.log(self.prior_precision), dtype)))
+            self._log_prior = tf.Variable(  # the learned prior: the L2 terms read it
+                tf.fill([len(self._sizes)], tf.constant(np.log(self.prior_precision), dtype)),
+                name="marglik_log_prior_precision")
             self._log_sigma = tf.Variable(tf.math.log(tf.cast(la.sigma_noise, dtype)))
             self._hyper = [self._log_prior, self._log_sigma] if self.tune_sigma_noise \
                 else [self._log_prior]
@@ -211,10 +211,10 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         for index, s in enumerate(self.la.subset.slices):
             for variable in s.variables:
                 size = int(np.prod(variable.shape))
-                variable.regularizer = {
-                    "diag": _LearnedL2(self.lambdas, self.factor, offset, offset + size),
-                    "tensorwise": _LearnedL2(self.lambdas, self.factor, tensor, None),
-                }.get(self.prior_structure, _LearnedL2(self.lambdas, self.factor, index, None))
+                start, stop = {"scalar": (0, None), "layerwise": (index, None),
+                               "tensorwise": (tensor, None),
+                               "diag": (offset, offset + size)}[self.prior_structure]
+                variable.regularizer = _LearnedL2(self._log_prior, self.factor, start, stop)
                 offset, tensor = offset + size, tensor + 1
         self._attached = variables
         model.train_function = model.test_function = None  # traced again, with the L2 terms
@@ -226,11 +226,11 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         self.model.train_function = self.model.test_function = None
         if self.restore_best_weights and self._best is not None \
                 and self.best_epoch != self._epochs_done:
-            _, weights, lambdas, sigma, hyper = self._best
+            _, weights, sigma, log_prior = self._best
             self.model.set_weights(weights)
-            self.lambdas.assign(lambdas)
+            self._log_prior.assign(log_prior)
             self.la.fit(self.train_data, progress=False)
-            self.la.prior_precision = self._posterior_prior(hyper)
+            self.la.prior_precision = self._posterior_prior(np.exp(log_prior))
             if self.likelihood == "regression":
                 self._set_factor(sigma)
                 self.la.sigma_noise = sigma
@@ -249,7 +249,8 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         # n_hypersteps - 1 more steps after the first evaluation: n_hypersteps Adam steps
         values, points = AdamAscent(objective, self._hyper, self._adam)(
             self.n_hypersteps - 1, self.lr_hyp, progress=False, reset=False)
-        hyper = np.exp(self._log_prior.numpy())
+        log_prior = self._log_prior.numpy()
+        hyper = np.exp(log_prior)
         sigma = float(np.exp(self._log_sigma.numpy())) if self.likelihood == "regression" \
             else float("nan")
         la.update(prior=self._posterior_prior(hyper),
@@ -258,18 +259,16 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
                            "log_marginal_likelihood": np.array(values)}
         if self.tune_sigma_noise:
             la.tuning_trace["sigma_noise"] = np.exp([p[1] for p in points])
-        prior = np.full(self.lambdas.shape, hyper[0]) if self.prior_structure == "scalar" \
-            else hyper
-        self.lambdas.assign(prior.astype(self.lambdas.dtype.as_numpy_dtype))
         if self.likelihood == "regression":
             self._set_factor(sigma)
         evidence = float(la.log_marginal_likelihood())
         if self._best is None or evidence > self._best[0]:
             self.best_epoch = done
-            self._best = (evidence, self.model.get_weights(), self.lambdas.numpy(), sigma, hyper)
+            self._best = (evidence, self.model.get_weights(), sigma, log_prior)
+        if self.prior_structure == "scalar":  # the trace has one per layer
+            hyper = np.full(len(la.subset.slices), hyper[0])
         for key, value in (("epoch", done), ("log_marginal_likelihood", evidence),
-                           ("prior_precision", hyper if self.prior_structure != "scalar"
-                            else prior), ("sigma_noise", sigma)):
+                           ("prior_precision", hyper), ("sigma_noise", sigma)):
             self.trace[key].append(value)
         if logs is not None:
             logs["log_marglik"] = evidence
