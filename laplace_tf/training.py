@@ -51,7 +51,7 @@ import tensorflow as tf
 
 from laplace_tf.arguments import choice, flag, non_negative_int, positive_int, positive_number
 from laplace_tf.outputs import output_activation
-from laplace_tf.posterior.marglik import AdamAscent, adam_state
+from laplace_tf.posterior.marglik import AdamAscent, adam_state, ascent_trace
 from laplace_tf.predictive import Laplace
 
 LIKELIHOODS = ("classification", "binary", "regression")
@@ -255,10 +255,7 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
             else float("nan")
         la.update(prior=self._posterior_prior(hyper),
                   sigma=sigma if self.tune_sigma_noise else None)
-        la.tuning_trace = {"prior_precision": np.exp([p[0] for p in points]),
-                           "log_marginal_likelihood": np.array(values)}
-        if self.tune_sigma_noise:
-            la.tuning_trace["sigma_noise"] = np.exp([p[1] for p in points])
+        la.tuning_trace = ascent_trace(values, points, self.tune_sigma_noise)
         if self.likelihood == "regression":
             self._set_factor(sigma)
         evidence = float(la.log_marginal_likelihood())

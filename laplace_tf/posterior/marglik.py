@@ -186,6 +186,16 @@ def _evidence_ascent(la, prior_structure: str, tune_sigma: bool) -> tuple[AdamAs
     return AdamAscent(objective, [log_prior, log_sigma] if tune_sigma else [log_prior]), log_sigma
 
 
+def ascent_trace(values: list[float], points: list[list[np.ndarray]], tune_sigma: bool) -> dict:
+    """An evidence ascent's ``tuning_trace``: the prior precision (and sigma_noise) at every
+    visited point, from the log values an :class:`AdamAscent` returns, and the evidence."""
+    trace = {"prior_precision": np.exp(np.array([p[0] for p in points])),
+             "log_marginal_likelihood": np.array(values)}
+    if tune_sigma:
+        trace["sigma_noise"] = np.exp(np.array([p[1] for p in points]))
+    return trace
+
+
 def _tune_marglik(la, prior_structure: str, n_steps: int, lr: float, tune_sigma: bool,
                   progress: bool) -> dict:
     ascent, log_sigma = la.tuner((prior_structure, tune_sigma),
@@ -194,12 +204,7 @@ def _tune_marglik(la, prior_structure: str, n_steps: int, lr: float, tune_sigma:
     ascent.variables[0].assign(tf.math.log(reshape_prior(la.prior_precision, sizes, prior_structure)))
     log_sigma.assign(tf.math.log(la.sigma_noise))
     values, points = ascent(n_steps, lr, progress)
-    trace = {
-        "prior_precision": np.exp(np.array([p[0] for p in points])),
-        "log_marginal_likelihood": np.array(values),
-    }
-    if tune_sigma:
-        trace["sigma_noise"] = np.exp(np.array([p[1] for p in points]))
+    trace = ascent_trace(values, points, tune_sigma)
     la.update(prior=trace["prior_precision"][-1],
               sigma=trace["sigma_noise"][-1] if tune_sigma else None)
     la.tuning_trace = trace
