@@ -153,6 +153,36 @@ def _convs(keras, size=16):
     return keras.Model(inputs, L.Dense(N_CLASSES)(L.GlobalAveragePooling2D()(h)))
 
 
+def _one_rule(keras, name: str):
+    """Input -> the rule's layer -> global average pooling -> Dense(10), at sizes where the
+    rule's buffers are most of the fit's memory (``RULES``)."""
+    L = keras.layers
+    shape, layer = RULES[name](L)
+    inputs = keras.Input(shape, dtype="int32" if name == "embedding" else "float32")
+    h = layer(inputs, inputs) if isinstance(layer, L.MultiHeadAttention) else layer(inputs)
+    pool = {3: L.GlobalAveragePooling1D, 4: L.GlobalAveragePooling2D,
+            5: L.GlobalAveragePooling3D}[len(h.shape)]
+    return keras.Model(inputs, L.Dense(N_CLASSES)(pool()(h)))
+
+
+RULES = {  # name -> (input shape, layer)
+    "embedding": lambda L: ((64,), L.Embedding(2000, 64)),
+    "einsum_dense": lambda L: ((128, 128), L.EinsumDense("abc,cd->abd", (128, 128), bias_axes="d")),
+    "attention": lambda L: ((48, 64), L.MultiHeadAttention(4, 16)),
+    "layer_norm": lambda L: ((64, 256), L.LayerNormalization()),
+    "batch_norm": lambda L: ((24, 24, 64), L.BatchNormalization()),
+    "depthwise_1d": lambda L: ((256, 64), L.DepthwiseConv1D(5, depth_multiplier=2)),
+    "depthwise_2d": lambda L: ((24, 24, 32), L.DepthwiseConv2D(3, depth_multiplier=2)),
+    "separable_1d": lambda L: ((256, 64), L.SeparableConv1D(64, 5)),
+    "separable_2d": lambda L: ((24, 24, 32), L.SeparableConv2D(64, 3)),
+    "grouped_conv_2d": lambda L: ((24, 24, 32), L.Conv2D(64, 3, groups=4)),
+    "conv_2d": lambda L: ((24, 24, 32), L.Conv2D(64, 3)),
+    "conv_3d": lambda L: ((8, 16, 16, 8), L.Conv3D(32, 3)),
+    "conv_1d_transpose": lambda L: ((128, 32), L.Conv1DTranspose(32, 3, strides=2)),
+    "conv_2d_transpose": lambda L: ((16, 16, 32), L.Conv2DTranspose(32, 3, strides=2)),
+}
+
+
 def _problem(name: str, batch: int):
     """``(model, x, y)`` with ``2 batch`` inputs."""
     import keras
@@ -169,6 +199,10 @@ def _problem(name: str, batch: int):
     elif name == "text":
         model, _, _ = zoo.text(length=64, vocabulary=2000)
         x = rng.integers(0, 2000, (n, 64)).astype("int32")
+    elif name in RULES:
+        model = _one_rule(keras, name)
+        x = (rng.integers(0, 2000, (n, 64)).astype("int32") if name == "embedding"
+             else rng.normal(size=(n, *model.input_shape[1:])).astype("float32"))
     elif name == "mobilenet":
         model, _, _ = zoo.mobilenet()
         x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
@@ -211,12 +245,12 @@ def measure(name: str, batch: int) -> dict:
             "parts": {k: v for k, v in estimate.parts.items() if v}}
 
 
-def main() -> None:
+def main(models=MODELS) -> None:
     batch = int(os.environ.get("BATCH", "128"))
     print(f"all-weights Kronecker GGN fit, float32, 2 batches of {batch}; MiB")
     print(f"{'model':<12}{'weights':>9}{'estimate':>10}{'measured':>10}{'measured/est':>14}"
           "  largest parts of the estimate")
-    for name in MODELS:
+    for name in models:
         done = subprocess.run([sys.executable, __file__, name, str(batch)], capture_output=True,
                               text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if done.returncode != 0:
@@ -257,7 +291,9 @@ def main_fixed() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["fixed"]:
+    if sys.argv[1:] == ["rules"]:
+        main(tuple(RULES))
+    elif sys.argv[1:2] == ["fixed"]:
         sys.path.insert(0, str(ROOT))
         if len(sys.argv) == 3:
             print(json.dumps(measure(sys.argv[2], 4)))

@@ -85,9 +85,9 @@ def test_rows_reproduce_the_preactivation(name):
     parts = kron_parts(layer, x, tf.zeros([1, *layer(x).shape], tf.float64))
     matrices = _weight_matrices(layer)
     groups = [q for *_, q in kron_shapes(layer)]
-    out = _grouped_product(parts[0].rows.numpy(), matrices[0], groups[0])
+    out = _grouped_product(parts[0].biased_rows().numpy(), matrices[0], groups[0])
     if len(parts) == 2:  # depthwise then pointwise: the first block's output is the rows
-        rows = parts[1].rows.numpy()
+        rows = parts[1].biased_rows().numpy()
         np.testing.assert_allclose(rows[:, :out.shape[1]], out, rtol=1e-12, atol=1e-12)
         out = _grouped_product(rows, matrices[1], groups[1])
     assert len(parts[0].rows) == z.shape[0] * groups[0] and groups[0] == EXPECTED_GROUPS[name]
@@ -180,7 +180,7 @@ def test_grouped_block_equals_its_definition(name, approximation):
 
     ((din, dout, groups),) = kron_shapes(layer)
     probe = tf.zeros([1, *layer(x).shape], tf.float64)
-    rows = kron_parts(layer, x, probe)[0].rows.numpy()  # with the 1 for a bias; checked above
+    rows = kron_parts(layer, x, probe)[0].biased_rows().numpy()  # with the 1 for a bias; checked above
     rows = rows.reshape(2, -1, din)  # [N, locations * groups, din]
     jac = testing.brute_force_preactivation_jacobians(logit_model, layer, x)
     jac = jac.reshape(2, 3, -1, dout)  # [N, K, locations, dout]

@@ -128,8 +128,8 @@ def test_posterior_with_a_transposed_convolution_predicts_samples_and_saves(tmp_
 
 def test_memory_estimate_counts_the_transposed_convolution_and_batchnorm_outputs():
     """Per batch: the transposed convolution's rows ``(k, cin) + 1`` and gradients at its
-    output pixels; BatchNorm's normalised inputs and ``K`` gradients of its whole output, and
-    its ``K`` weight-gradient rows."""
+    output pixels; BatchNorm's normalised inputs, ``K`` gradients of its whole output and two
+    products of the two, and its ``K`` weight-gradient rows."""
     inputs = keras.Input((3, 3, 2), dtype=F64)
     h = L.Conv2DTranspose(3, 3, strides=2, padding="same", dtype=F64)(inputs)  # 6 x 6 x 3
     h = L.BatchNormalization(dtype=F64)(h)
@@ -137,6 +137,6 @@ def test_memory_estimate_counts_the_transposed_convolution_and_batchnorm_outputs
     k, batch = 3, 5
     estimate = estimate_memory(ltf.WeightSubset(model), "kron", k, batch)
     factors = 19**2 + 3**2 + 6**2 + 109**2 + k**2
-    rows = 36 * (19 + k * 3) + ((1 + k) * 108 + k * 6) + (109 + k * k)
+    rows = 36 * (19 + k * 3) + ((3 + k) * 108 + k * 6) + (109 + k * k)
     assert estimate.parts["curvature"] == factors * 8
     assert estimate.parts["per_batch"] == batch * rows * 8

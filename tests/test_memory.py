@@ -97,9 +97,10 @@ KRON_CASES = {
     "small_cnn-ef": ("small_cnn", "ef", 19**2 + 3**2 + 28**2 + K**2,
                      9 * (19 + 3) + (28 + K)),
     "with_batchnorm-ggn": ("with_batchnorm", "ggn", 4**2 + 4**2 + 8**2 + 5**2 + K**2,
-                           # BatchNorm: its normalised inputs and K output gradients (4
-                           # channels), then K gradient rows of its 8 weights
-                           (4 + K * 4) + (1 + K) * 4 + K * 8 + (5 + K * K)),
+                           # BatchNorm: its normalised inputs, K output gradients and two
+                           # products of the two (4 channels), then K gradient rows of its
+                           # 8 weights
+                           (4 + K * 4) + (3 + K) * 4 + K * 8 + (5 + K * K)),
 }
 
 

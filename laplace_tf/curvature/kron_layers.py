@@ -78,8 +78,17 @@ class KronShape(NamedTuple):
 class KronPart(NamedTuple):
     """One Kronecker block's rows and gradients from one call of its layer."""
 
-    rows: tf.Tensor  # [n, din]: example-major, the same number per example, bias column included
+    rows: tf.Tensor  # [n, din - bias]: example-major, the same number per example
     grads: tf.Tensor  # [R, N, locations..., dout]: gradients of the block's pre-activation
+    bias: bool  # the block's last input is a bias: a constant 1 after each row
+    columns: np.ndarray | None = None  # the kernel input of each column of rows (None: in order)
+
+    def biased_rows(self) -> tf.Tensor:
+        """``rows`` in the kernel's order, with the constant 1 of a bias appended (copies:
+        the fit forms neither)."""
+        rows = self.rows if self.columns is None else tf.gather(
+            self.rows, np.argsort(self.columns), axis=1)
+        return _ones_appended(rows) if self.bias else rows
 
 
 class KronRule:
@@ -136,7 +145,7 @@ class KronRule:
               gradients: tf.Tensor) -> list[KronPart]:
         """Each block's :class:`KronPart` from one call's ``inputs`` and the gradients
         ``[R, N, locations..., dout]`` of the layer's pre-activation output."""
-        return [KronPart(input_rows(layer, inputs), gradients)]
+        return [KronPart(self.rows(layer, inputs), gradients, bool(_has_bias(layer)))]
 
     def blocks(self, layer: keras.layers.Layer, inputs: tf.Tensor, gradients: tf.Tensor,
                w: tf.Tensor, reduce: bool = False) -> list[Block]:
@@ -158,20 +167,40 @@ def _kron_block(part: KronPart, shape: KronShape, w: tf.Tensor, reduce: bool) ->
     row ``(t, j)`` is ``g_t`` on group ``j``'s outputs, zero elsewhere (``G`` block-diagonal
     over the groups). ``reduce``: each example's rows are first averaged and its gradients summed over its
     locations (and groups: the masked gradients of the groups sum to ``g_t``)."""
-    a_rows, gradients = part
+    a_rows, gradients, bias, columns = part
     dout, groups = shape.dout, shape.groups
     if reduce:
         a_rows = tf.reduce_mean(tf.reshape(a_rows, [tf.shape(w)[0], -1, a_rows.shape[-1]]), axis=1)
         sizes = tf.shape(gradients)
         gradients = tf.reduce_sum(tf.reshape(gradients, [sizes[0], sizes[1], -1, dout]), axis=2)
     row_weights = _row_weights(w, tf.shape(a_rows)[0])
-    A = gram(a_rows * tf.sqrt(row_weights)[:, None])  # weights are >= 0
-    block = _outer_block(A, tf.reduce_sum(row_weights), gradients, dout)
+    block = _outer_block(_input_factor(a_rows, row_weights, bias, columns),
+                         tf.reduce_sum(row_weights), gradients, dout)
     if groups == 1 or reduce:
         return block
     size = dout // groups
     mask = np.kron(np.eye(groups), np.ones((size, size))).astype(block.G.dtype.as_numpy_dtype)
     return KronBlock(block.A, block.G * mask, block.n)
+
+
+def _input_factor(rows: tf.Tensor, row_weights: tf.Tensor, bias: bool,
+                  columns: np.ndarray | None) -> tf.Tensor:
+    """``A = sum_t w_t a_t a_t^T`` (sum form) with ``a_t = [rows_t, 1]`` for a bias, in the
+    kernel's order, without copying the rows (they are the largest buffer of a convolution's
+    block): the bias row and column are the weighted sums of the rows, the rows are scaled by
+    ``sqrt(w)`` (weights are >= 0) only when some weight is not 1, and rows whose ``columns``
+    are not in the kernel's order get ``A`` permuted instead."""
+    A = tf.cond(tf.reduce_all(tf.equal(row_weights, 1)), lambda: gram(rows),
+                lambda: gram(rows * tf.sqrt(row_weights)[:, None]))
+    if bias:
+        column = tf.linalg.matvec(rows, row_weights, transpose_a=True)[:, None]
+        corner = tf.reduce_sum(row_weights)[None, None]
+        A = tf.concat([tf.concat([A, column], axis=1),
+                       tf.concat([tf.transpose(column), corner], axis=1)], axis=0)
+    if columns is None:
+        return A
+    order = np.concatenate([np.argsort(columns), np.arange(len(columns), len(columns) + bias)])
+    return tf.gather(tf.gather(A, order), order, axis=1)
 
 
 def _outer_block(A: tf.Tensor, n: tf.Tensor, gradients: tf.Tensor, dout: int) -> KronBlock:
@@ -203,12 +232,24 @@ class _ConvRule(KronRule):
         (shape,) = super().shapes(layer)
         return [shape._replace(groups=layer.groups)]
 
+    def parts(self, layer, inputs, gradients):
+        """A grouped Conv1D / Conv2D's rows from :func:`_channel_patches` (a depthwise
+        convolution: a grouped one is two transposed copies in TensorFlow), channel-major
+        within a group: column ``c k + i`` is kernel input ``i cin / q + c``."""
+        if layer.groups == 1 or layer.rank == 3:
+            return super().parts(layer, inputs, gradients)
+        window, per_group = int(np.prod(layer.kernel_size)), int(inputs.shape[-1]) // layer.groups
+        rows = tf.reshape(_channel_patches(layer, inputs), [-1, window * per_group])
+        columns = np.arange(window * per_group).reshape(window, per_group).T.ravel()
+        return [KronPart(rows, gradients, bool(_has_bias(layer)), columns)]
+
     def rows(self, layer, inputs):
-        patches = _patches(layer, inputs)  # [N, locations..., k, cin]
-        q = layer.groups
-        channels = int(inputs.shape[-1])
-        patches = tf.reshape(patches, [-1, int(np.prod(layer.kernel_size)), q, channels // q])
-        return tf.reshape(tf.transpose(patches, [0, 2, 1, 3]), [-1, _n_inputs(layer)])
+        if layer.rank == 3:
+            return tf.reshape(_identity_convolution(layer, inputs), [-1, _n_inputs(layer)])
+        if layer.groups == 1:
+            return tf.reshape(_patches(layer, inputs), [-1, _n_inputs(layer)])
+        part = self.parts(layer, inputs, None)[0]
+        return tf.gather(part.rows, np.argsort(part.columns), axis=1)
 
 
 class _DepthwiseRule(KronRule):
@@ -254,15 +295,15 @@ class _SeparableRule(KronRule):
                 KronShape(middle + _has_bias(layer), int(layer.pointwise_kernel.shape[-1]))]
 
     def parts(self, layer, inputs, gradients):
-        *window, cin, multiplier = layer.depthwise_kernel.shape
-        window = int(np.prod(window))
+        *_, cin, multiplier = layer.depthwise_kernel.shape
         rows = _depthwise_rows(layer, inputs)  # [N * T * cin, window]
-        depthwise = tf.reshape(layer.depthwise_kernel, [window, cin, multiplier])
-        u = tf.einsum("tck,kcm->tcm", tf.reshape(rows, [-1, cin, window]), depthwise)
+        u = keras.ops.depthwise_conv(  # the layer's own depthwise output: no copy of the rows
+            inputs, layer.depthwise_kernel, strides=layer.strides, padding=layer.padding,
+            data_format=layer.data_format, dilation_rate=layer.dilation_rate)
         u = tf.reshape(u, [-1, cin * multiplier])
         pointwise = tf.reshape(layer.pointwise_kernel, [cin * multiplier, -1])
         middle = tf.einsum("...o,po->...p", gradients, pointwise)
-        return [KronPart(rows, middle), KronPart(_with_bias(u, layer), gradients)]
+        return [KronPart(rows, middle, False), KronPart(u, gradients, bool(_has_bias(layer)))]
 
 
 class _TransposeConvRule(KronRule):
@@ -304,43 +345,60 @@ class _TransposeConvRule(KronRule):
 
 def _depthwise_rows(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
     """``[N * T * cin, prod(k)]``: the patch of every input channel at every location."""
-    patches = _patches(layer, inputs)  # [N, locations..., k, cin]
-    patches = tf.reshape(patches, [-1, int(np.prod(layer.kernel_size)), inputs.shape[-1]])
-    return tf.reshape(tf.transpose(patches, [0, 2, 1]), [-1, patches.shape[1]])
+    return tf.reshape(_channel_patches(layer, inputs), [-1, int(np.prod(layer.kernel_size))])
+
+
+def _channel_patches(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
+    """``[N, locations..., cin prod(k)]``: the patch of each input channel at every location
+    of a 1-D or 2-D convolution, channel-major, by a depthwise convolution with the layer's
+    padding, strides and dilation and the identity kernel ``[k..., cin, prod(k)]`` (output
+    channel ``c prod(k) + i`` copies channel ``c`` at tap ``i``; ``prod(k)^2 cin``
+    multiply-adds a location)."""
+    window = int(np.prod(layer.kernel_size))
+    channels = int(inputs.shape[-1])
+    identity = np.tile(np.eye(window).reshape(*layer.kernel_size, 1, window), (channels, 1))
+    inputs, padding = _causal_padded(layer, inputs)
+    return keras.ops.depthwise_conv(
+        inputs, tf.constant(identity, inputs.dtype), strides=layer.strides, padding=padding,
+        data_format=layer.data_format, dilation_rate=layer.dilation_rate)
+
+
+def _causal_padded(layer: keras.layers.Layer, inputs: tf.Tensor) -> tuple[tf.Tensor, str]:
+    """The inputs and padding of a convolution, a 'causal' one's as Keras' Conv1D does it:
+    left padding, then 'valid'."""
+    if layer.padding != "causal":
+        return inputs, layer.padding
+    left = (layer.kernel_size[0] - 1) * layer.dilation_rate[0]
+    return tf.pad(inputs, [[0, 0], [left, 0], [0, 0]]), "valid"
+
+
+def _identity_convolution(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
+    """The rows of a Conv3D ``[N, locations..., q prod(k) cin / q]`` (group-major, then kernel
+    order), by the layer's own convolution with the identity kernel
+    ``[k..., cin / q, q prod(k) cin / q]`` (exact: each output channel copies one input; there
+    is no dilated patch op in 3-D). It costs ``prod(k)^2 cin^2 / q`` multiply-adds a location."""
+    window = int(np.prod(layer.kernel_size))
+    per_group = int(inputs.shape[-1]) // layer.groups
+    identity = np.eye(window * per_group).reshape(*layer.kernel_size, per_group, window * per_group)
+    return keras.ops.conv(
+        inputs, tf.constant(np.tile(identity, layer.groups), inputs.dtype),
+        strides=list(layer.strides), padding=layer.padding, dilation_rate=layer.dilation_rate,
+        data_format=layer.data_format)
 
 
 def _patches(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
-    """The patches of a channels_last convolution ``[N, locations..., prod(k), cin]``, in the
-    layer's own padding, strides and dilation.
-
-    Conv1D and Conv2D use ``tf.image.extract_patches`` (a Conv1D on ``[N, 1, L, C]`` images,
-    with 'causal' padding done by hand as Keras does: left padding, then 'valid'). Conv3D has
-    no dilated patch op: the patches are a convolution with the identity kernel
-    ``[k..., cin, prod(k) cin]`` (exact: each output channel copies one input).
-    """
+    """The patches of a channels_last Conv1D or Conv2D ``[N, locations..., prod(k) cin]``, in
+    the kernel's order and the layer's own padding, strides and dilation, by
+    ``tf.image.extract_patches`` (a Conv1D's on ``[N, 1, L, C]`` images)."""
     sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate
-    padding = layer.padding
-    channels = int(inputs.shape[-1])
-    window = int(np.prod(sizes))
-    if layer.rank == 3:
-        identity = tf.reshape(tf.eye(window * channels, dtype=inputs.dtype),
-                              [*sizes, channels, window * channels])
-        patches = tf.nn.convolution(inputs, identity, strides=strides, padding=padding.upper(),
-                                    dilations=rates)
-        return tf.reshape(patches, [*tf.unstack(tf.shape(patches)[:-1]), window, channels])
-    images = inputs
+    images, padding = _causal_padded(layer, inputs)
     if layer.rank == 1:
-        images = inputs[:, None]
+        images = images[:, None]
         sizes, strides, rates = (1, *sizes), (1, *strides), (1, *rates)
-        if padding == "causal":
-            left = (sizes[1] - 1) * rates[1]
-            images = tf.pad(images, [[0, 0], [0, 0], [left, 0], [0, 0]])
-            padding = "valid"
-    patches = tf.image.extract_patches(
+    return tf.image.extract_patches(
         images, sizes=[1, *sizes, 1], strides=[1, *strides, 1], rates=[1, *rates, 1],
         padding=padding.upper(),
     )
-    return tf.reshape(patches, [*tf.unstack(tf.shape(patches)[:-1]), window, channels])
 
 
 class _EmbeddingRule(KronRule):
@@ -487,8 +545,10 @@ class _ScaleAndShiftRule(KronRule):
         g = tf.transpose(gradients, [0, 1, *(a + 1 for a in others), *(a + 1 for a in axes)])
         g = tf.reshape(g, [tf.shape(g)[0], tf.shape(g)[1], -1, channels])  # [R, N, T, C]
         parts = []
-        if layer.gamma is not None:
-            parts.append(tf.einsum("ntc,rntc->rnc", xhat, g))
+        if layer.gamma is not None:  # row by row of g: an einsum or a product copies all of g
+            parts.append(tf.map_fn(lambda r: tf.reduce_sum(xhat * g[r], axis=1),
+                                   tf.range(tf.shape(g)[0]), fn_output_signature=xhat.dtype,
+                                   parallel_iterations=2))
         if layer.beta is not None:
             parts.append(tf.reduce_sum(g, axis=2))
         rows = tf.reshape(tf.concat(parts, axis=-1), [-1, len(parts) * channels])
@@ -585,10 +645,8 @@ def _has_bias(layer: keras.layers.Layer) -> int:
     return int(getattr(layer, "bias", None) is not None)
 
 
-def _with_bias(rows: tf.Tensor, layer: keras.layers.Layer) -> tf.Tensor:
-    """``rows`` with the constant 1 appended if ``layer`` has a bias."""
-    if not _has_bias(layer):
-        return rows
+def _ones_appended(rows: tf.Tensor) -> tf.Tensor:
+    """``rows`` with a constant 1 column appended (a bias's input)."""
     return tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
 
 
@@ -657,4 +715,5 @@ def block_kind(layer_slice: LayerSlice) -> tuple[str, str | None]:
 
 def input_rows(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
     """Rows ``a_t`` ``[n, din (+1)]`` of one call, with the constant 1 appended for a bias."""
-    return _with_bias(KRON_RULES[type(layer)].rows(layer, inputs), layer)
+    rows = KRON_RULES[type(layer)].rows(layer, inputs)
+    return _ones_appended(rows) if _has_bias(layer) else rows

@@ -374,9 +374,10 @@ def _row_numbers(layer: keras.layers.Layer, width: int) -> int:
 def _exact_rule_block(layer_slice: LayerSlice, rows: int, batch_size: int,
                       projections: dict) -> int:
     """``per_batch`` of a rule's exact block (a scale-and-shift layer's, a large embedding's
-    diagonal): the gradients of the layer's whole output ``[R, B, ...]`` and its normalised
-    inputs (or tokens), then ``R`` gradient rows of the weights per example."""
-    return batch_size * ((1 + rows) * _output_numbers(layer_slice.layer, projections)
+    diagonal): the gradients of the layer's whole output ``[R, B, ...]``, its normalised
+    inputs (or tokens) and two products of them with one row of the gradients (formed row by
+    row, two at a time), then ``R`` gradient rows of the weights per example."""
+    return batch_size * ((3 + rows) * _output_numbers(layer_slice.layer, projections)
                          + rows * layer_slice.size)
 
 

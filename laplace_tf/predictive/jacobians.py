@@ -266,7 +266,7 @@ def _explicit_jacobian(layer, inputs: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
     for part, (din, dout, q) in zip(kron_parts(layer, inputs, grads), kron_shapes(layer),
                                     strict=True):
         shape = tf.shape(part.grads)  # [K, N, ...]
-        a = tf.reshape(part.rows, [shape[1], -1, q, din])
+        a = tf.reshape(part.biased_rows(), [shape[1], -1, q, din])
         g = tf.reshape(part.grads, [shape[0], shape[1], -1, q, dout // q])
         jac = tf.einsum("ntji,kntjm->nkijm", a, g)
         pieces.append(tf.reshape(jac, [shape[1], shape[0], din * dout]))
