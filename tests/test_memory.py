@@ -115,12 +115,29 @@ def test_kron_sums_the_factor_sizes(case):
 
 def test_kron_counts_the_forward_pass_kept_for_the_backward_passes():
     """tanh_mlp: the input (3) and each layer's output (4, K), and once more the outputs of
-    the layers the fit probes (z + probe: 4, K); the eigendecomposition's workspace is one
-    matrix as large as the largest factor (5 x 5)."""
+    the layers the fit probes (z + probe: 4, K); the eigendecomposition's workspace is three
+    matrices as large as the largest factor (5 x 5)."""
     estimate = estimate_memory(_subset(), "kron", K, BATCH)
     assert estimate.parts["activations"] == BATCH * (3 + 2 * (4 + K)) * F64
     assert estimate.parts["attention"] == 0
-    assert estimate.parts["eigh_workspace"] == 5**2 * F64
+    assert estimate.parts["eigh_workspace"] == 3 * 5**2 * F64
+
+
+def test_kron_counts_the_copies_of_a_grouped_convolution():
+    """Input [6, 6, 4] -> Conv2D(4, 3, groups=2) [4, 4, 4] -> pooling -> Dense K: the
+    forward pass holds the input (144), the convolution's output (64) and TensorFlow's
+    group-major copies of both (144 + 64), the pooled (4) and the logits (K), and the probed
+    outputs once more (64 + K); without groups, no copies."""
+    def subset(groups):
+        inputs = keras.Input((6, 6, 4), dtype="float64")
+        h = keras.layers.Conv2D(4, 3, groups=groups, dtype="float64")(inputs)
+        h = keras.layers.GlobalAveragePooling2D(dtype="float64")(h)
+        return WeightSubset(keras.Model(inputs, keras.layers.Dense(K, dtype="float64")(h)))
+
+    plain = 144 + 64 + 4 + K + (64 + K)
+    for groups, forward in ((1, plain), (2, plain + 144 + 64)):
+        estimate = estimate_memory(subset(groups), "kron", K, BATCH)
+        assert estimate.parts["activations"] == BATCH * forward * F64
 
 
 def _attention_model() -> WeightSubset:
@@ -136,16 +153,16 @@ def test_kron_counts_attention_scores_and_projections_at_every_position():
     """Each projection has D = 5 inputs and O = 4 outputs at T = 2 (query, output) or S = 3
     (key, value) locations; its output is [T or S, heads, key_dim] (query 8, key and value 12
     numbers) or [T, 4] (output, 8). The attention's scores and probabilities are
-    [heads, T, S] = 12 numbers an example, with 3 such tensors per row in the backward passes."""
+    [heads, T, S] = 12 numbers an example, with 4 such tensors per row in the backward passes."""
     estimate = estimate_memory(_attention_model(), "kron", K, BATCH)
     projections = (2 + 3 + 3 + 2) * (5 + K * 4)
     assert estimate.parts["per_batch"] == BATCH * (projections + 5 + K * K) * F64
     forward = 2 * 4 + 3 * 4 + (8 + 12 + 12 + 8) + 4 + K  # inputs, projections, pooling, Dense
     probed = 8 + 12 + 12 + 8 + K
     assert estimate.parts["activations"] == BATCH * (forward + probed) * F64
-    assert estimate.parts["attention"] == BATCH * (2 + 3 * K) * 2 * 2 * 3 * F64
+    assert estimate.parts["attention"] == BATCH * (2 + 4 * K) * 2 * 2 * 3 * F64
     ef = estimate_memory(_attention_model(), "kron", K, BATCH, curvature="ef")
-    assert ef.parts["attention"] == BATCH * (2 + 3) * 2 * 2 * 3 * F64
+    assert ef.parts["attention"] == BATCH * (2 + 4) * 2 * 2 * 3 * F64
 
 
 def test_last_layer_kron_is_two_factors_and_their_eigendecompositions():

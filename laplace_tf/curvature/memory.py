@@ -28,10 +28,11 @@ kron       per layer with a Kronecker rule, with ``D`` inputs (+1 for the bias),
            model: ``activations`` B (its inputs + every layer's output + once more
            the outputs of the layers with a rule: the forward pass the R backward
            passes use, and each probed output ``z + probe``); ``attention`` B (2 +
-           3 R) H T S per MultiHeadAttention of H heads, T queries and S values
-           (scores and probabilities; the softmax's backward intermediates, per
-           row); ``eigh_workspace`` the largest factor's D² or O² (the
-           eigendecomposition's scratch copy, one factor at a time). A
+           4 R) H T S per MultiHeadAttention of H heads, T queries and S values
+           (scores and probabilities; per row, their gradient and the softmax's
+           backward intermediates); ``eigh_workspace`` 3 times the largest factor's D² or O² (one factor
+           at a time: its symmetrised copy, and the 2 n² workspace of LAPACK's divide
+           and conquer, :func:`~laplace_tf.blocks.base.eigh`). A
            MultiHeadAttention's projections have T (query, output) or S (key,
            value) locations
 diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
@@ -116,10 +117,12 @@ from laplace_tf.params import LayerSlice, WeightSubset
 _ALL_WEIGHTS_FIT_COPIES = 6  # P x P buffers of a fit besides the curvature (module docstring)
 _LAST_LAYER_FIT_COPIES = 3
 _LOWRANK_FIT_COPIES = 10  # float64 [P, m] buffers of a low-rank fit (module docstring)
+_EIGH_WORKSPACE = 3  # n x n buffers of a factor's eigendecomposition besides its eigenvectors
 # a MultiHeadAttention's [H, T, S] tensors an example: the forward pass's scores and
-# probabilities; the backward's, per row (measured: benchmarks/memory_rules.py)
+# probabilities; per row of the backward passes, the probabilities' gradient and the three
+# intermediates of the softmax's backward (measured: benchmarks/memory_rules.py)
 _ATTENTION_FORWARD = 2
-_ATTENTION_BACKWARD = 3
+_ATTENTION_BACKWARD = 4
 # (structure, subset_of_weights) -> what needs less memory
 _CHEAPER = {
     ("full", "all"): "hessian_structure='kron' or hessian_structure='diag', or "
@@ -330,7 +333,7 @@ def _kron(subset: WeightSubset, rows: int, batch_size: int) -> dict[str, int]:
     counts["attention"] = batch_size * (_ATTENTION_FORWARD + _ATTENTION_BACKWARD * rows) * sum(
         _attention_scores(layer) for layer in _layers(subset.model)
         if isinstance(layer, keras.layers.MultiHeadAttention))
-    counts["eigh_workspace"] = max(
+    counts["eigh_workspace"] = _EIGH_WORKSPACE * max(
         (max(d, o) ** 2 for s in subset.slices if block_kind(s)[0] == "kron"
          for d, o, _ in kron_shapes(s.layer)), default=0)
     return counts
@@ -344,12 +347,30 @@ def _layers(model: keras.Model) -> list[keras.layers.Layer]:
 def _forward_numbers(model: keras.Model, projections: dict) -> int:
     """Numbers of one example's forward pass kept for the backward passes: the model's inputs
     and the output of every layer that has no sub-layers (a MultiHeadAttention's projections
-    through :func:`_output_numbers`). A subclassed model records neither its inputs nor its
-    layers' outputs: 0 for them."""
-    inputs = sum(int(np.prod([n or 1 for n in x.shape[1:]]))
-                 for x in getattr(model, "inputs", None) or [])
-    return inputs + sum(_output_numbers(layer, projections) for layer in _layers(model)
-                        if not layer._layers and not isinstance(layer, keras.layers.InputLayer))
+    through :func:`_output_numbers`), and the group-major copies of a grouped convolution's
+    input and output that TensorFlow's CPU kernel makes. A subclassed model records neither
+    its inputs nor its layers' outputs: 0 for them."""
+    inputs = sum(_numbers(x) for x in getattr(model, "inputs", None) or [])
+    layers = [layer for layer in _layers(model)
+              if not layer._layers and not isinstance(layer, keras.layers.InputLayer)]
+    return inputs + sum(_output_numbers(layer, projections) + _grouped_copies(layer)
+                        for layer in layers)
+
+
+def _numbers(x) -> int:
+    """Numbers in one example of a symbolic tensor (unknown axes count as 1)."""
+    return int(np.prod([n or 1 for n in x.shape[1:]]))
+
+
+def _grouped_copies(layer: keras.layers.Layer) -> int:
+    """A grouped convolution's input and output numbers (TensorFlow's CPU kernel copies both
+    group-major); 0 for other layers and for layers without a recorded input and output."""
+    if getattr(layer, "groups", 1) == 1:
+        return 0
+    try:
+        return _numbers(layer.input) + _numbers(layer.output)
+    except (AttributeError, ValueError):
+        return 0
 
 
 def _attention_scores(layer: keras.layers.MultiHeadAttention) -> int:
@@ -462,10 +483,9 @@ def _output_numbers(layer: keras.layers.Layer, projections: dict) -> int:
     """Numbers in one example's output of the layer (0 without a recorded output shape; a
     MultiHeadAttention's projections from ``projections``, :func:`_projection_outputs`)."""
     try:
-        shape = layer.output.shape
+        return _numbers(layer.output)
     except (AttributeError, ValueError):
         return projections.get(layer, 0)
-    return int(np.prod([n or 1 for n in shape[1:]]))
 
 
 def _projection_outputs(model: keras.Model) -> dict:
