@@ -210,11 +210,13 @@ def fit_curvature(
         total = None
         for x, targets, w in _joined(prepared(), builder.examples_per_step):
             builder.observe(x, targets, w)
+            weighted = batches.is_weighted
             if run is step and strategy is None:  # one trace for all batch sizes (a short last),
-                run = step.get_concrete_function(*any_batch_size([x, targets, w]))  # called directly
+                run = step.get_concrete_function(  # called directly
+                    *any_batch_size([x, targets, w]), weighted)
             try:
-                parts = ([run(x, targets, w)] if strategy is None
-                         else _replica_steps(strategy, step, x, targets, w))
+                parts = ([run(x, targets, w, weighted)] if strategy is None
+                         else _replica_steps(strategy, step, weighted, x, targets, w))
             except tf.errors.InvalidArgumentError as err:
                 explain_grouped_convolution(builder.logit_model.model, err)
                 raise
@@ -249,8 +251,8 @@ def _compiled_step(builder: CurvatureBuilder):
         likelihood = builder.likelihood
 
         @compiled_per_rank
-        def step(x, y, w):
-            sums, logits = builder.batch_sums(x, y, w)
+        def step(x, y, w, weighted=True):  # weighted=False: all w are 1 (not read)
+            sums, logits = builder.batch_sums(x, y, w if weighted else None)
             w = tf.cast(w, logits.dtype)
             residual_ss = likelihood.data_statistics(logits, y, w)
             if residual_ss is None:
@@ -319,7 +321,7 @@ def _n_local_replicas(strategy) -> int:
     return len(strategy.extended.worker_devices)
 
 
-def _replica_steps(strategy, step, *batch) -> list:
+def _replica_steps(strategy, step, weighted: bool, *batch) -> list:
     """Run ``step`` on each local replica's share of one batch; the local results.
 
     A batch with fewer examples than local replicas runs on one device instead: an empty
@@ -328,14 +330,14 @@ def _replica_steps(strategy, step, *batch) -> list:
     """
     n_replicas = _n_local_replicas(strategy)
     if int(tf.shape(batch[1])[0]) < n_replicas:
-        return [step(*batch)]
+        return [step(*batch, weighted)]
 
     def values(context):
         index = context.replica_id_in_sync_group % n_replicas
         return tf.nest.map_structure(lambda t: _shard(t, index, n_replicas), batch)
 
     shards = strategy.experimental_distribute_values_from_function(values)
-    per_replica = strategy.run(lambda parts: step(*parts), args=(shards,))
+    per_replica = strategy.run(lambda parts: step(*parts, weighted), args=(shards,))
     return list(strategy.experimental_local_results(per_replica))
 
 

@@ -159,8 +159,8 @@ class KronBuilder(CurvatureBuilder):
                 return z + probe
 
             logits = self.logit_model(x, layers=hooked, hook=hook)
-            w = weights_or_ones(w, logits)
-            scores = tf.einsum("nk,nkr->r", logits, self._cotangents(logits, y, w))
+            weights = weights_or_ones(w, logits)
+            scores = tf.einsum("nk,nkr->r", logits, self._cotangents(logits, y, weights))
 
         fallbacks = dict(self._fallbacks)
         for i, s in enumerate(slices):
@@ -174,9 +174,10 @@ class KronBuilder(CurvatureBuilder):
         probes = [calls[id(slices[i].layer)][0][1] for i in kron]
         gradients = tape.jacobian(scores, probes, experimental_use_pfor=True) if kron else []
         reduce = self.kfac_approximation == "reduce"
+        row_weights = None if w is None else weights  # None: all 1, the rows are not scaled
         blocks: dict[int, list[Block]] = {
             i: KRON_RULES[type(slices[i].layer)].blocks(
-                slices[i].layer, calls[id(slices[i].layer)][0][0], grad, w, reduce)
+                slices[i].layer, calls[id(slices[i].layer)][0][0], grad, row_weights, reduce)
             for i, grad in zip(kron, gradients, strict=True)
         }
         if fallbacks:

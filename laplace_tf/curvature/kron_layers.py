@@ -60,6 +60,11 @@ MAX_DENSE_WEIGHTS = 1024
 """Scale-and-shift layers with at most this many weights get a dense block, larger ones the
 exact diagonal (a dense block costs the square of the weights, its factor their cube)."""
 
+ROW_CHUNKS = 10
+"""A scale-and-shift block multiplies its normalised inputs with the output gradients in at
+most this many chunks of the ``R`` rows (one row at a time for 10 classes): one product of
+all rows would be as large as the gradients themselves."""
+
 MAX_VOCABULARY = 2048
 """Embeddings with a larger vocabulary get the exact diagonal of their block instead of
 ``A ⊗ G`` (whose factor ``A`` over the vocabulary is ``V x V``, eigendecomposed)."""
@@ -148,21 +153,24 @@ class KronRule:
         return [KronPart(self.rows(layer, inputs), gradients, bool(_has_bias(layer)))]
 
     def blocks(self, layer: keras.layers.Layer, inputs: tf.Tensor, gradients: tf.Tensor,
-               w: tf.Tensor, reduce: bool = False) -> list[Block]:
+               w: tf.Tensor | None, reduce: bool = False) -> list[Block]:
         """The blocks of one call in sum form, one per :meth:`shapes` entry: ``A`` the
-        ``w``-weighted sum of ``a a^T`` over each part's rows, ``G`` the sum of ``g g^T`` over
-        its gradients (already weighted), block-diagonal over its output groups; ``reduce``:
-        K-FAC-reduce (see the module docstring)."""
+        ``w``-weighted sum of ``a a^T`` over each part's rows (``w [N]``; None: all 1), ``G``
+        the sum of ``g g^T`` over its gradients (already weighted), block-diagonal over its
+        output groups; ``reduce``: K-FAC-reduce (see the module docstring)."""
         return [_kron_block(part, shape, w, reduce) for part, shape in
                 zip(self.parts(layer, inputs, gradients), self.shapes(layer), strict=True)]
 
 
-def _row_weights(w: tf.Tensor, n_rows) -> tf.Tensor:
-    """Each example's weight repeated over its rows (example-major)."""
+def _row_weights(w: tf.Tensor | None, n_rows, dtype) -> tf.Tensor:
+    """Each example's weight repeated over its rows (example-major); ones for ``w=None``."""
+    if w is None:
+        return tf.ones([n_rows], dtype)
     return tf.repeat(w, n_rows // tf.maximum(tf.shape(w)[0], 1))
 
 
-def _kron_block(part: KronPart, shape: KronShape, w: tf.Tensor, reduce: bool) -> KronBlock:
+def _kron_block(part: KronPart, shape: KronShape, w: tf.Tensor | None,
+                reduce: bool) -> KronBlock:
     """The block of one part in sum form. With ``shape.groups`` output groups the gradient of
     row ``(t, j)`` is ``g_t`` on group ``j``'s outputs, zero elsewhere (``G`` block-diagonal
     over the groups). ``reduce``: each example's rows are first averaged and its gradients summed over its
@@ -170,12 +178,13 @@ def _kron_block(part: KronPart, shape: KronShape, w: tf.Tensor, reduce: bool) ->
     a_rows, gradients, bias, columns = part
     dout, groups = shape.dout, shape.groups
     if reduce:
-        a_rows = tf.reduce_mean(tf.reshape(a_rows, [tf.shape(w)[0], -1, a_rows.shape[-1]]), axis=1)
         sizes = tf.shape(gradients)
+        a_rows = tf.reduce_mean(tf.reshape(a_rows, [sizes[1], -1, a_rows.shape[-1]]), axis=1)
         gradients = tf.reduce_sum(tf.reshape(gradients, [sizes[0], sizes[1], -1, dout]), axis=2)
-    row_weights = _row_weights(w, tf.shape(a_rows)[0])
-    block = _outer_block(_input_factor(a_rows, row_weights, bias, columns),
-                         tf.reduce_sum(row_weights), gradients, dout)
+    row_weights = None if w is None else _row_weights(w, tf.shape(a_rows)[0], a_rows.dtype)
+    n = (tf.cast(tf.shape(a_rows)[0], a_rows.dtype) if row_weights is None
+         else tf.reduce_sum(row_weights))
+    block = _outer_block(_input_factor(a_rows, row_weights, bias, columns), n, gradients, dout)
     if groups == 1 or reduce:
         return block
     size = dout // groups
@@ -183,18 +192,21 @@ def _kron_block(part: KronPart, shape: KronShape, w: tf.Tensor, reduce: bool) ->
     return KronBlock(block.A, block.G * mask, block.n)
 
 
-def _input_factor(rows: tf.Tensor, row_weights: tf.Tensor, bias: bool,
+def _input_factor(rows: tf.Tensor, row_weights: tf.Tensor | None, bias: bool,
                   columns: np.ndarray | None) -> tf.Tensor:
     """``A = sum_t w_t a_t a_t^T`` (sum form) with ``a_t = [rows_t, 1]`` for a bias, in the
     kernel's order, without copying the rows (they are the largest buffer of a convolution's
     block): the bias row and column are the weighted sums of the rows, the rows are scaled by
-    ``sqrt(w)`` (weights are >= 0) only when some weight is not 1, and rows whose ``columns``
-    are not in the kernel's order get ``A`` permuted instead."""
-    A = tf.cond(tf.reduce_all(tf.equal(row_weights, 1)), lambda: gram(rows),
-                lambda: gram(rows * tf.sqrt(row_weights)[:, None]))
+    ``sqrt(w)`` (weights are >= 0) only for ``row_weights`` given (None: all 1), and rows whose
+    ``columns`` are not in the kernel's order get ``A`` permuted instead."""
+    A = gram(rows if row_weights is None else rows * tf.sqrt(row_weights)[:, None])
     if bias:
-        column = tf.linalg.matvec(rows, row_weights, transpose_a=True)[:, None]
-        corner = tf.reduce_sum(row_weights)[None, None]
+        if row_weights is None:
+            column = tf.reduce_sum(rows, axis=0)[:, None]
+            corner = tf.cast(tf.shape(rows)[0], rows.dtype)[None, None]
+        else:
+            column = tf.linalg.matvec(rows, row_weights, transpose_a=True)[:, None]
+            corner = tf.reduce_sum(row_weights)[None, None]
         A = tf.concat([tf.concat([A, column], axis=1),
                        tf.concat([tf.transpose(column), corner], axis=1)], axis=0)
     if columns is None:
@@ -429,7 +441,7 @@ class _EmbeddingRule(KronRule):
                                               layer.output_dim))]
         if reduce:
             return super().blocks(layer, inputs, gradients, w, reduce)
-        row_weights = _row_weights(w, tf.shape(tokens)[0])
+        row_weights = _row_weights(w, tf.shape(tokens)[0], layer.embeddings.dtype)
         counts = tf.math.unsorted_segment_sum(row_weights, tokens, layer.input_dim)
         return [_outer_block(tf.linalg.diag(counts), tf.reduce_sum(row_weights), gradients,
                              layer.output_dim)]
@@ -545,10 +557,9 @@ class _ScaleAndShiftRule(KronRule):
         g = tf.transpose(gradients, [0, 1, *(a + 1 for a in others), *(a + 1 for a in axes)])
         g = tf.reshape(g, [tf.shape(g)[0], tf.shape(g)[1], -1, channels])  # [R, N, T, C]
         parts = []
-        if layer.gamma is not None:  # row by row of g: an einsum or a product copies all of g
-            parts.append(tf.map_fn(lambda r: tf.reduce_sum(xhat * g[r], axis=1),
-                                   tf.range(tf.shape(g)[0]), fn_output_signature=xhat.dtype,
-                                   parallel_iterations=2))
+        if layer.gamma is not None:  # by chunks of g's rows: an einsum would copy all of g
+            chunks = tf.split(g, _chunk_sizes(g.shape[0]))
+            parts.append(tf.concat([tf.reduce_sum(xhat * c, axis=2) for c in chunks], axis=0))
         if layer.beta is not None:
             parts.append(tf.reduce_sum(g, axis=2))
         rows = tf.reshape(tf.concat(parts, axis=-1), [-1, len(parts) * channels])
@@ -561,6 +572,11 @@ class _ScaleAndShiftRule(KronRule):
         if size > MAX_DENSE_WEIGHTS:
             return "diag", f"{size} weights > MAX_DENSE_WEIGHTS={MAX_DENSE_WEIGHTS}"
         return "dense", None
+
+
+def _chunk_sizes(n: int) -> list[int]:
+    """``n`` split into at most :data:`ROW_CHUNKS` near-equal sizes."""
+    return np.diff(np.linspace(0, n, min(n, ROW_CHUNKS) + 1).astype(int)).tolist()
 
 
 def _normalised(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:

@@ -104,6 +104,7 @@ from laplace_tf.curvature._per_example import (
 from laplace_tf.curvature.base import CURVATURES, STRUCTURES
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.curvature.kron_layers import (
+    ROW_CHUNKS,
     block_kind,
     fallback_reason,
     is_factored,
@@ -396,9 +397,11 @@ def _exact_rule_block(layer_slice: LayerSlice, rows: int, batch_size: int,
                       projections: dict) -> int:
     """``per_batch`` of a rule's exact block (a scale-and-shift layer's, a large embedding's
     diagonal): the gradients of the layer's whole output ``[R, B, ...]``, its normalised
-    inputs (or tokens) and two products of them with one row of the gradients (formed row by
-    row, two at a time), then ``R`` gradient rows of the weights per example."""
-    return batch_size * ((3 + rows) * _output_numbers(layer_slice.layer, projections)
+    inputs (or tokens) and two products of them with a chunk of the gradients' rows
+    (:data:`~laplace_tf.curvature.kron_layers.ROW_CHUNKS`), then ``R`` gradient rows of the
+    weights per example."""
+    chunk = -(-rows // min(rows, ROW_CHUNKS))
+    return batch_size * ((1 + 2 * chunk + rows) * _output_numbers(layer_slice.layer, projections)
                          + rows * layer_slice.size)
 
 
