@@ -366,12 +366,12 @@ def _channel_patches(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
     padding, strides and dilation and the identity kernel ``[k..., cin, prod(k)]`` (output
     channel ``c prod(k) + i`` copies channel ``c`` at tap ``i``; ``prod(k)^2 cin``
     multiply-adds a location)."""
-    window = int(np.prod(layer.kernel_size))
-    channels = int(inputs.shape[-1])
-    identity = np.tile(np.eye(window).reshape(*layer.kernel_size, 1, window), (channels, 1))
+    window, rank = int(np.prod(layer.kernel_size)), len(layer.kernel_size)
+    identity = tf.reshape(tf.eye(window, dtype=inputs.dtype), [*layer.kernel_size, 1, window])
+    identity = tf.tile(identity, [1] * rank + [int(inputs.shape[-1]), 1])
     inputs, padding = _causal_padded(layer, inputs)
     return keras.ops.depthwise_conv(
-        inputs, tf.constant(identity, inputs.dtype), strides=layer.strides, padding=padding,
+        inputs, identity, strides=layer.strides, padding=padding,
         data_format=layer.data_format, dilation_rate=layer.dilation_rate)
 
 
@@ -389,11 +389,12 @@ def _identity_convolution(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Te
     order), by the layer's own convolution with the identity kernel
     ``[k..., cin / q, q prod(k) cin / q]`` (exact: each output channel copies one input; there
     is no dilated patch op in 3-D). It costs ``prod(k)^2 cin^2 / q`` multiply-adds a location."""
-    window = int(np.prod(layer.kernel_size))
+    window, rank = int(np.prod(layer.kernel_size)), len(layer.kernel_size)
     per_group = int(inputs.shape[-1]) // layer.groups
-    identity = np.eye(window * per_group).reshape(*layer.kernel_size, per_group, window * per_group)
+    identity = tf.reshape(tf.eye(window * per_group, dtype=inputs.dtype),
+                          [*layer.kernel_size, per_group, window * per_group])
     return keras.ops.conv(
-        inputs, tf.constant(np.tile(identity, layer.groups), inputs.dtype),
+        inputs, tf.tile(identity, [1] * (rank + 1) + [layer.groups]),
         strides=list(layer.strides), padding=layer.padding, dilation_rate=layer.dilation_rate,
         data_format=layer.data_format)
 
