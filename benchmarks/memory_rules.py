@@ -178,7 +178,7 @@ RULES = {  # name -> (input shape, layer)
     "grouped_conv_2d": lambda L: ((24, 24, 32), L.Conv2D(64, 3, groups=4)),
     "conv_2d": lambda L: ((24, 24, 32), L.Conv2D(64, 3)),
     "conv_3d": lambda L: ((8, 16, 16, 8), L.Conv3D(32, 3)),
-    "conv_1d_transpose": lambda L: ((128, 32), L.Conv1DTranspose(32, 3, strides=2)),
+    "conv_1d_transpose": lambda L: ((256, 32), L.Conv1DTranspose(32, 3, strides=2)),
     "conv_2d_transpose": lambda L: ((16, 16, 32), L.Conv2DTranspose(32, 3, strides=2)),
 }
 

@@ -204,13 +204,12 @@ def fit_curvature(
             f"strategy: hessian_structure={builder.structure!r} keeps examples of the data "
             "(not sums), which a multi-worker strategy cannot all-reduce; fit on one worker."
         )
-    run, total = step, None
+    run, total, weighted = step, None, batches.is_weighted
     for _ in range(builder.passes):
         builder.start_pass(None if total is None else total.blocks)
         total = None
         for x, targets, w in _joined(prepared(), builder.examples_per_step):
             builder.observe(x, targets, w)
-            weighted = batches.is_weighted
             if run is step and strategy is None:  # one trace for all batch sizes (a short last),
                 run = step.get_concrete_function(  # called directly
                     *any_batch_size([x, targets, w]), weighted)
