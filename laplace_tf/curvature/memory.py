@@ -27,14 +27,15 @@ kron       per layer with a Kronecker rule, with ``D`` inputs (+1 for the bias),
            Jacobian), and ``posterior`` 2 p (as diag). Over all weights, for the
            model: ``activations`` B (its inputs + every layer's output + once more
            the outputs of the layers with a rule: the forward pass the R backward
-           passes use, and each probed output ``z + probe``); ``attention`` B (2 +
-           4 R) H T S per MultiHeadAttention of H heads, T queries and S values
-           (scores and probabilities; per row, their gradient and the softmax's
-           backward intermediates); ``eigh_workspace`` 3 times the largest factor's D² or O² (one factor
-           at a time: its symmetrised copy, and the 2 n² workspace of LAPACK's divide
-           and conquer, :func:`~laplace_tf.blocks.base.eigh`). A
-           MultiHeadAttention's projections have T (query, output) or S (key,
-           value) locations
+           passes use, and each probed output ``z + probe``; a grouped
+           convolution's input and output once more, TensorFlow's group-major
+           copies); ``attention`` B (2 + 4 R) H T S per MultiHeadAttention of H
+           heads, T queries and S values (scores and probabilities; per row, their
+           gradient and the softmax's backward intermediates); ``eigh_workspace``
+           3 times the largest factor's D² or O² (one factor at a time: its
+           symmetrised copy, and the 2 n² workspace of LAPACK's divide and conquer,
+           :func:`~laplace_tf.blocks.base.eigh`). A MultiHeadAttention's
+           projections have T (query, output) or S (key, value) locations
 diag       ``curvature`` P; ``fit_workspace`` 2 P; ``per_batch`` (below);
            ``posterior`` 2 P (precision and variances)
 lowrank    with rank ``k`` and ``m = min(k + 10, P)`` sketch vectors: ``curvature`` P k;
