@@ -13,14 +13,17 @@ MultiHeadAttention and LayerNormalization), with ``N`` = 2,048 and 16,384 random
 * the ratios fit / epoch (cold fit against the first epoch too: both pay their tracing), and
   the block each layer got (``la.block_kinds()``).
 
-Measured 2026-11-29 on 2 quiet CPUs:
+Measured 2026-11-29 on 2 quiet CPUs (after the Kronecker blocks stopped copying their rows):
 
 | model | N | epoch s | 1st epoch s | fit cold | fit warm | cold / epoch | warm / epoch | cold / 1st epoch | blocks |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---|
-| resnet | 2,048 | 0.086 | 0.76 | 1.48 | 0.12 | 17.2 | 1.4 | 1.9 | 4 kron, 3 dense |
-| resnet | 16,384 | 0.424 | 1.07 | 1.20 | 0.85 | 2.8 | 2.0 | 1.1 | 4 kron, 3 dense |
-| transformer | 2,048 | 0.076 | 1.10 | 0.67 | 0.06 | 8.9 | 0.8 | 0.6 | 9 kron, 2 dense |
-| transformer | 16,384 | 0.280 | 1.29 | 1.34 | 0.33 | 4.8 | 1.2 | 1.0 | 9 kron, 2 dense |
+| resnet | 2,048 | 0.086 | 0.76 | 1.38 | 0.11 | 16.1 | 1.3 | 1.8 | 4 kron, 3 dense |
+| resnet | 16,384 | 0.648 | 1.09 | 1.01 | 0.70 | 1.6 | 1.1 | 0.9 | 4 kron, 3 dense |
+| transformer | 2,048 | 0.079 | 1.12 | 0.63 | 0.06 | 7.9 | 0.8 | 0.6 | 9 kron, 2 dense |
+| transformer | 16,384 | 0.254 | 1.28 | 1.23 | 0.31 | 4.9 | 1.2 | 1.0 | 9 kron, 2 dense |
+
+(The resnet's warmed-up epoch at 16,384 inputs took 0.424 s in the run before, where the
+warm fit took 0.85 s: warm fit / epoch 2.0.)
 
 The GGN needs one backward pass per output (K = 3) where a training step takes one;
 ``benchmarks/zoo_floor.py`` times the forward pass and the K backward passes alone at

@@ -169,18 +169,15 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
                     "(a Kronecker block shares one precision per layer); use 'scalar' or "
                     "'layerwise', or hessian_structure='full' or 'diag'.")
             self.la = la
-            self._sizes = {"scalar": [la.n_params],
-                           "layerwise": [s.size for s in la.subset.slices],
-                           "tensorwise": [int(np.prod(v.shape)) for v in la.subset.variables],
-                           "diag": [1] * la.n_params}[self.prior_structure]
-            if sum(self._sizes) != la.n_params:
+            self._tensor_sizes = [int(np.prod(v.shape)) for v in la.subset.variables]
+            if self.prior_structure == "tensorwise" and sum(self._tensor_sizes) != la.n_params:
                 raise ValueError(
                     "prior_structure: 'tensorwise' needs whole weight tensors; this weight "
                     "subset takes parts of some (a subnetwork): use 'layerwise' or 'diag'.")
             dtype = la.subset.dtype
+            start = tf.constant(np.log(self.prior_precision), dtype)
             self._log_prior = tf.Variable(  # the learned prior: the L2 terms read it
-                tf.fill([len(self._sizes)], tf.constant(np.log(self.prior_precision), dtype)),
-                name="marglik_log_prior_precision")
+                tf.fill([self._n_hyperparameters(la)], start), name="marglik_log_prior_precision")
             self._log_sigma = tf.Variable(tf.math.log(tf.cast(la.sigma_noise, dtype)))
             self._hyper = [self._log_prior, self._log_sigma] if self.tune_sigma_noise \
                 else [self._log_prior]
@@ -278,8 +275,13 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         if self.prior_structure == "scalar":
             return hyper[0]
         if self.prior_structure == "tensorwise":
-            return tf.repeat(hyper, self._sizes)
+            return tf.repeat(hyper, self._tensor_sizes)
         return hyper
+
+    def _n_hyperparameters(self, la: Laplace) -> int:
+        """The number of learned prior precisions for ``la``'s weights."""
+        return {"scalar": 1, "layerwise": len(la.subset.slices),
+                "tensorwise": len(self._tensor_sizes), "diag": la.n_params}[self.prior_structure]
 
 
 def _count(data) -> int:
