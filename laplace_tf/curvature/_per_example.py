@@ -62,7 +62,7 @@ from laplace_tf.curvature._kron_sums import (
 from laplace_tf.curvature.base import any_batch_size, weights_or_ones
 from laplace_tf.curvature.kron_layers import input_rows, is_factored, output_size
 from laplace_tf.likelihoods import Likelihood
-from laplace_tf.params import LayerSlice, LogitModel
+from laplace_tf.params import LayerSlice, LogitModel, model_cache
 
 CHUNK_BYTES = 256 * 2**20
 """Memory budget for the per-example intermediates of one chunk of examples."""
@@ -385,13 +385,19 @@ def _one_at_a_time(graph: tf.Graph) -> bool:
 
 
 def activations_per_example(logit_model: LogitModel, x) -> int:
-    """Floating numbers per example in all tensors of one forward pass (from a trace, not run)."""
-    graph = tf.function(logit_model, autograph=False).get_concrete_function(any_batch_size(x)).graph
-    return sum(
-        t.shape[1:].num_elements() or 0
-        for op in graph.get_operations() for t in op.outputs
-        if t.dtype.is_floating and t.shape.rank and t.shape[0] is None
-    )
+    """Floating numbers per example in all tensors of one forward pass (from a trace, not run;
+    one trace per model and input signature)."""
+    specs = any_batch_size(x)
+    counts = model_cache(logit_model.model, ("activations_per_example",
+                                             logit_model.stripped is not None))
+    if repr(specs) not in counts:
+        graph = tf.function(logit_model, autograph=False).get_concrete_function(specs).graph
+        counts[repr(specs)] = sum(
+            t.shape[1:].num_elements() or 0
+            for op in graph.get_operations() for t in op.outputs
+            if t.dtype.is_floating and t.shape.rank and t.shape[0] is None
+        )
+    return counts[repr(specs)]
 
 
 def _example_width(slice_dims: Sequence[tuple[int, int] | int], n_rows: int, outer: bool) -> int:

@@ -44,6 +44,10 @@ from laplace_tf.outputs import check_output_op, check_output_values
 from laplace_tf.params import LogitModel, compiled_per_rank
 
 CURVATURES = ("ggn", "ef", "hessian")
+BATCHES_PER_CALL = 32
+"""The most batches one call of the compiled fit step sums (in a graph loop)."""
+CHUNK_INPUT_BYTES = 16 * 2**20
+"""The most input bytes joined into one call (unless one batch alone has more)."""
 STRUCTURES = ("full", "kron", "diag", "lowrank", "gp")
 
 
@@ -171,9 +175,9 @@ def fit_curvature(
     batch, and by the op that computes them in the traced step
     (:func:`~laplace_tf.outputs.check_output_values`, :func:`~laplace_tf.outputs.check_output_op`).
 
-    A dense builder joins consecutive batches into steps of up to
-    :meth:`CurvatureBuilder.examples_per_step` examples; every other builder takes one step a
-    batch. A builder with several :attr:`~CurvatureBuilder.passes` sees the data that many
+    Consecutive batches are joined into chunks, each summed by one call of the compiled step
+    in steps of one batch's size (a dense builder's steps: up to
+    :meth:`CurvatureBuilder.examples_per_step` examples, if more). A builder with several :attr:`~CurvatureBuilder.passes` sees the data that many
     times (its :meth:`~CurvatureBuilder.start_pass` takes each pass's sums); the last pass's
     sums are the result.
 
@@ -208,14 +212,14 @@ def fit_curvature(
     for _ in range(builder.passes):
         builder.start_pass(None if total is None else total.blocks)
         total = None
-        for x, targets, w in _joined(prepared(), builder.examples_per_step):
+        for (x, targets, w), rows in _chunks(prepared(), builder.examples_per_step):
             builder.observe(x, targets, w)
-            if run is step and strategy is None:  # one trace for all batch sizes (a short last),
+            if run is step and strategy is None:  # one trace for all chunk sizes (a short last),
                 run = step.get_concrete_function(  # called directly
-                    *any_batch_size([x, targets, w]), weighted)
+                    *any_batch_size([x, targets, w]), rows, weighted)
             try:
-                parts = ([run(x, targets, w, weighted)] if strategy is None
-                         else _replica_steps(strategy, step, weighted, x, targets, w))
+                parts = ([run(x, targets, w, rows, weighted)] if strategy is None
+                         else _replica_steps(strategy, step, weighted, rows, x, targets, w))
             except tf.errors.InvalidArgumentError as err:
                 explain_grouped_convolution(builder.logit_model.model, err)
                 raise
@@ -243,14 +247,17 @@ def fit_curvature(
 
 
 def _compiled_step(builder: CurvatureBuilder):
-    """The builder's step (one batch -> :class:`_Sums`) as a ``tf.function``, built once per
-    builder: fits with the same builder reuse its traces (any batch size, one trace)."""
+    """The builder's step as a ``tf.function``, built once per builder: fits with the same
+    builder reuse its traces (any chunk size, one trace).
+
+    The step takes a chunk of joined batches and adds up its sums ``rows`` examples at a time
+    in a graph loop (one at a time: the memory of one step of ``rows`` examples), so a fit
+    pays the cost of a call once per chunk, not once per batch."""
     step = builder._compiled_step
     if step is None:
         likelihood = builder.likelihood
 
-        @compiled_per_rank
-        def step(x, y, w, weighted=True):  # weighted=False: all w are 1 (not read)
+        def sums_of(x, y, w, weighted):  # weighted=False: all w are 1 (not read)
             sums, logits = builder.batch_sums(x, y, w if weighted else None)
             w = tf.cast(w, logits.dtype)
             residual_ss = likelihood.data_statistics(logits, y, w)
@@ -259,33 +266,68 @@ def _compiled_step(builder: CurvatureBuilder):
             nll = tf.reduce_sum(w * likelihood.nll_per_example(logits, y))
             return _Sums(list(sums), nll, residual_ss, tf.reduce_sum(tf.cast(w, tf.float64)))
 
+        @compiled_per_rank
+        def step(x, y, w, rows, weighted=True):
+            part = tf.function(lambda x, y, w: sums_of(x, y, w, weighted), autograph=False
+                               ).get_concrete_function(
+                *any_batch_size([x, y, w]))  # traced once, called in the loop
+            shapes = tf.nest.map_structure(lambda t: t.shape, part.structured_outputs)
+
+            def add_next(start, total):
+                sums = part(*tf.nest.map_structure(lambda t: t[start:start + rows], (x, y, w)))
+                return start + rows, tf.nest.map_structure(
+                    lambda t, s: _added(t, s, start == 0), total, sums)
+
+            _, total = tf.while_loop(
+                lambda start, _: start < tf.shape(w)[0], add_next,
+                (0, tf.nest.map_structure(_zeros, part.structured_outputs)),
+                shape_invariants=(tf.TensorShape([]), shapes), parallel_iterations=1)
+            return total
+
         builder._compiled_step = step
     return step
 
 
-def _joined(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple]:
-    """``(x, targets)`` batches, consecutive ones joined into steps of at most
-    ``examples_per_step(x)`` examples (read from the first batch); a larger batch stays alone."""
+def _zeros(spec: tf.Tensor) -> tf.Tensor:
+    """Zeros like ``spec``, its unknown dimensions as 0 (see :func:`_added`)."""
+    return tf.zeros([0 if d is None else d for d in spec.shape.as_list()], spec.dtype)
+
+
+def _added(total: tf.Tensor, new: tf.Tensor, first) -> tf.Tensor:
+    """``total + new``, or ``new`` alone at the ``first`` step if ``total``'s shape is not
+    known statically (its zeros are empty then)."""
+    if total.shape.is_fully_defined():
+        return total + new
+    return tf.cond(first, lambda: new, lambda: total + new)
+
+
+def _chunks(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple[tuple, tf.Tensor]]:
+    """``((x, targets, w), rows)``: consecutive batches joined into chunks of at most
+    :data:`BATCHES_PER_CALL` batches and :data:`CHUNK_INPUT_BYTES` of inputs, each summed
+    ``rows`` examples at a time. ``rows`` is read from the first batch: its size, or
+    ``examples_per_step(x)`` if larger (a dense builder's steps join batches)."""
     pending: list[tuple] = []
-    held, limit = 0, None
+    held, limit, rows = 0, 0, None
     for batch in batches:
-        if limit is None:
-            limit = examples_per_step(batch[0])
-        rows = int(batch[1].shape[0])
-        if pending and held + rows > limit:
-            yield _join(pending)
+        n_rows = int(batch[2].shape[0])
+        if rows is None:
+            rows = max(n_rows, int(examples_per_step(batch[0])))
+            example_bytes = sum(t.shape[1:].num_elements() * t.dtype.size
+                                for t in tf.nest.flatten(batch[0]))
+            limit = max(rows, min(BATCHES_PER_CALL * rows,
+                                  CHUNK_INPUT_BYTES // max(example_bytes, 1)))
+            rows_tensor = tf.constant(rows)
+        if pending and held + n_rows > limit:
+            yield _join(pending), rows_tensor
             pending, held = [], 0
         pending.append(batch)
-        held += rows
-        if held >= limit:
-            yield _join(pending)
-            pending, held = [], 0
+        held += n_rows
     if pending:
-        yield _join(pending)
+        yield _join(pending), rows_tensor
 
 
 def _join(batches: list[tuple]) -> tuple:
-    """One ``(x, targets)`` of several, concatenated along the examples."""
+    """One ``(x, targets, w)`` of several, concatenated along the examples."""
     if len(batches) == 1:
         return batches[0]
     return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
@@ -320,8 +362,8 @@ def _n_local_replicas(strategy) -> int:
     return len(strategy.extended.worker_devices)
 
 
-def _replica_steps(strategy, step, weighted: bool, *batch) -> list:
-    """Run ``step`` on each local replica's share of one batch; the local results.
+def _replica_steps(strategy, step, weighted: bool, rows, *batch) -> list:
+    """Run ``step`` on each local replica's share of one chunk; the local results.
 
     A batch with fewer examples than local replicas runs on one device instead: an empty
     shard would reach the builders as a batch of zero examples, which not all of them accept
@@ -329,14 +371,14 @@ def _replica_steps(strategy, step, weighted: bool, *batch) -> list:
     """
     n_replicas = _n_local_replicas(strategy)
     if int(tf.shape(batch[1])[0]) < n_replicas:
-        return [step(*batch, weighted)]
+        return [step(*batch, rows, weighted)]
 
     def values(context):
         index = context.replica_id_in_sync_group % n_replicas
         return tf.nest.map_structure(lambda t: _shard(t, index, n_replicas), batch)
 
     shards = strategy.experimental_distribute_values_from_function(values)
-    per_replica = strategy.run(lambda parts: step(*parts, weighted), args=(shards,))
+    per_replica = strategy.run(lambda parts: step(*parts, rows, weighted), args=(shards,))
     return list(strategy.experimental_local_results(per_replica))
 
 
