@@ -19,8 +19,10 @@ For every (subset, structure) in :data:`PAIRS` and every operation in :data:`OPE
   predictives (``glm``, ``mc``, ``nn``) the compiled per-batch steps the call runs, with the
   same inputs, all in one function, plus the weight draws the call takes (``nn``, and ``mc``
   of a last-layer posterior: ``la.sample`` compiled, as above); for ``fit`` the builder's
-  batch sums over all batches in one function, plus the factorisation of the summed
-  curvature that the fit makes (``la._factorize``: the Kronecker factors'
+  batch sums over all batches in one function (written out, so TensorFlow may run two
+  batches at once; the fit sums one batch after another, in a graph loop, in the memory of
+  one), plus laying the sums out as blocks (``builder.finish``: the last-layer full
+  structure's dense matrix) and the factorisation of the summed curvature that the fit makes (``la._factorize``: the Kronecker factors'
   eigendecompositions, the full structure's Cholesky check of positive semi-definiteness);
   for ``marglik`` the compiled Adam loop of the tuner alone; for ``gridsearch`` the grid's
   size times (covariance at a new prior + GLM on the validation inputs + evidence): the
@@ -180,6 +182,8 @@ def arithmetic(la, train, test) -> dict:
         out["marglik"] = median_seconds(lambda: ascent._run(tf.constant(101), lr), REPEATS)
     else:
         out["marglik"] = float("nan")
+    sums = fns["fit"]()
+    out["fit"] += median_seconds(lambda: la._builder().finish(sums), REPEATS)
     out["fit"] += median_seconds(lambda: la._factorize(la.curvature), REPEATS)
     out["gridsearch"] = GRID * (out["glm"] + out["lml"] + _covariance_arithmetic(la))
     return out
