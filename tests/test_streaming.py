@@ -8,7 +8,7 @@ batch, how many earlier batches are still alive (weak references). For every str
 * the pipeline is pulled lazily: when batch ``k`` is processed at most ``k + 1 + PREFETCH``
   batches were produced (the prefetch buffer plus the one in flight);
 * nothing keeps earlier batches: at most the batches of the current chunk are alive (the
-  batches one call of the compiled step sums: here up to 4 steps and 80 inputs, or one step
+  batches one call of the compiled step sums: here up to 4 steps and 80 examples, or one step
   if larger; a step is one batch, or for dense builders, which join consecutive batches into
   steps, as many as a step holds);
 * the streamed curvature equals the curvature of the same data held in memory.
@@ -96,7 +96,7 @@ def test_a_stream_is_consumed_batch_by_batch_and_equals_the_in_memory_fit(
 ):
     monkeypatch.setattr(_per_example, "CHUNK_BYTES", 2**16)  # dense steps of a few batches
     monkeypatch.setattr(base, "BATCHES_PER_CALL", 4)  # chunks of up to 4 steps,
-    monkeypatch.setattr(base, "CHUNK_INPUT_BYTES", 80 * 3 * 8)  # and 80 inputs (unless 1 step)
+    monkeypatch.setattr(base, "CHUNK_INPUT_BYTES", 80 * (3 + 2 + 1) * 8)  # and 80 examples
     x, y = _data()
     produced: list[int] = []
     produced_when_processed: list[int] = []

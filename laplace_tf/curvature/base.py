@@ -3,7 +3,8 @@
 A structure module (``full``, ``kron``, ``diag``, ``last_layer``) provides a
 :class:`CurvatureBuilder`: pure TensorFlow code that turns one batch into sums over its
 examples (curvature blocks, or compact sums it lays out as blocks once, at the end).
-:func:`fit_curvature` runs it as one compiled ``tf.function`` for all batch shapes, adds the
+:func:`fit_curvature` runs it in one compiled ``tf.function`` for all batch shapes, which
+sums a chunk of batches a call (in a graph loop, one batch after another), adds the chunks'
 sums up in place, and returns a :class:`Curvature`.
 
 Example:
@@ -47,7 +48,8 @@ CURVATURES = ("ggn", "ef", "hessian")
 BATCHES_PER_CALL = 32
 """The most batches one call of the compiled fit step sums (in a graph loop)."""
 CHUNK_INPUT_BYTES = 16 * 2**20
-"""The most input bytes joined into one call (unless one batch alone has more)."""
+"""The most bytes of inputs, targets and weights joined into one call (unless one batch
+alone has more)."""
 STRUCTURES = ("full", "kron", "diag", "lowrank", "gp")
 
 
@@ -91,8 +93,8 @@ class Curvature:
 class CurvatureBuilder:
     """One batch -> curvature blocks, for a (weight subset, structure, curvature kind).
 
-    Subclasses implement :meth:`batch_sums` in pure TensorFlow (it is traced once per batch
-    shape); they receive logits from ``logit_model`` and targets prepared by the likelihood.
+    Subclasses implement :meth:`batch_sums` in pure TensorFlow (it is traced once, for any
+    batch size); they receive logits from ``logit_model`` and targets prepared by the likelihood.
     Those whose sums are not blocks yet also implement :meth:`finish`.
     """
 
@@ -177,8 +179,8 @@ def fit_curvature(
 
     Consecutive batches are joined into chunks, each summed by one call of the compiled step
     in steps of one batch's size (a dense builder's steps: up to
-    :meth:`CurvatureBuilder.examples_per_step` examples, if more). A builder with several :attr:`~CurvatureBuilder.passes` sees the data that many
-    times (its :meth:`~CurvatureBuilder.start_pass` takes each pass's sums); the last pass's
+    :meth:`CurvatureBuilder.examples_per_step` examples, if more). A builder with several
+    :attr:`~CurvatureBuilder.passes` sees the data that many times (its :meth:`~CurvatureBuilder.start_pass` takes each pass's sums); the last pass's
     sums are the result.
 
     With a ``tf.distribute`` strategy (given, or the one whose scope is active), every step is
@@ -268,9 +270,9 @@ def _compiled_step(builder: CurvatureBuilder):
 
         @compiled_per_rank
         def step(x, y, w, rows, weighted=True):
-            part = tf.function(lambda x, y, w: sums_of(x, y, w, weighted), autograph=False
-                               ).get_concrete_function(
-                *any_batch_size([x, y, w]))  # traced once, called in the loop
+            part = tf.function(  # traced once (no autograph: the builders need none)
+                lambda x, y, w: sums_of(x, y, w, weighted), autograph=False,
+            ).get_concrete_function(*any_batch_size([x, y, w]))
             shapes = tf.nest.map_structure(lambda t: t.shape, part.structured_outputs)
 
             def add_next(start, total):
@@ -303,7 +305,7 @@ def _added(total: tf.Tensor, new: tf.Tensor, first) -> tf.Tensor:
 
 def _chunks(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple[tuple, tf.Tensor]]:
     """``((x, targets, w), rows)``: consecutive batches joined into chunks of at most
-    :data:`BATCHES_PER_CALL` batches and :data:`CHUNK_INPUT_BYTES` of inputs, each summed
+    :data:`BATCHES_PER_CALL` batches and :data:`CHUNK_INPUT_BYTES` of data, each summed
     ``rows`` examples at a time. ``rows`` is read from the first batch: its size, or
     ``examples_per_step(x)`` if larger (a dense builder's steps join batches)."""
     pending: list[tuple] = []
@@ -313,7 +315,7 @@ def _chunks(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple[tuple
         if rows is None:
             rows = max(n_rows, int(examples_per_step(batch[0])))
             example_bytes = sum(t.shape[1:].num_elements() * t.dtype.size
-                                for t in tf.nest.flatten(batch[0]))
+                                for t in tf.nest.flatten(batch))  # inputs, targets, weight
             limit = max(rows, min(BATCHES_PER_CALL * rows,
                                   CHUNK_INPUT_BYTES // max(example_bytes, 1)))
             rows_tensor = tf.constant(rows)
@@ -334,10 +336,10 @@ def _join(batches: list[tuple]) -> tuple:
 
 
 def _add_in_place(total: _Sums | None, part: _Sums) -> _Sums:
-    """``total + part``. On the CPU as numpy arrays, added in place: no allocation per step,
+    """``total + part``. On the CPU as numpy arrays, added in place: no allocation per chunk,
     and a few microseconds for small sums, where an eager TensorFlow op costs about 0.1 ms a
     tensor. Sums computed on another device (a GPU) stay there, added by TensorFlow: no copy
-    to the host per batch."""
+    to the host per chunk."""
     if total is None:
         if "CPU" not in part.nll.device.upper():
             return part
