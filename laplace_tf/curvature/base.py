@@ -365,9 +365,10 @@ def _n_local_replicas(strategy) -> int:
 
 
 def _replica_steps(strategy, step, weighted: bool, rows, *batch) -> list:
-    """Run ``step`` on each local replica's share of one chunk; the local results.
+    """Run ``step`` on each local replica's share of one chunk, in steps of its share of
+    ``rows`` (as when every batch is split across the replicas); the local results.
 
-    A batch with fewer examples than local replicas runs on one device instead: an empty
+    A chunk with fewer examples than local replicas runs on one device instead: an empty
     shard would reach the builders as a batch of zero examples, which not all of them accept
     (the exact Hessian's vectorised Jacobian fails on it).
     """
@@ -380,7 +381,8 @@ def _replica_steps(strategy, step, weighted: bool, rows, *batch) -> list:
         return tf.nest.map_structure(lambda t: _shard(t, index, n_replicas), batch)
 
     shards = strategy.experimental_distribute_values_from_function(values)
-    per_replica = strategy.run(lambda parts: step(*parts, rows, weighted), args=(shards,))
+    share = (rows + n_replicas - 1) // n_replicas
+    per_replica = strategy.run(lambda parts: step(*parts, share, weighted), args=(shards,))
     return list(strategy.experimental_local_results(per_replica))
 
 
