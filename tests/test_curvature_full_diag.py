@@ -270,17 +270,17 @@ def test_full_ggn_of_wide_layers_equals_brute_force():
     np.testing.assert_allclose(block.matrix.numpy(), reference, **EXACT)
 
 
-@pytest.mark.parametrize(("per_step", "input_bytes", "sizes", "rows"), [
+@pytest.mark.parametrize(("per_step", "data_bytes", "sizes", "rows"), [
     (0, 2**20, [4, 5, 3], 2),      # chunks of up to 2 batches of the first batch's 2 rows
     (4, 2**20, [4, 8], 4),         # a dense builder's steps of 4 rows, chunks of up to 8
-    (0, 16, [2, 2, 5, 2, 1], 2),   # 16 input bytes: one step's rows (a larger batch alone)
+    (0, 16, [2, 2, 5, 2, 1], 2),   # 16 bytes: one step's rows (a larger batch alone)
 ])
-def test_batches_are_joined_into_chunks_of_at_most_the_limit(monkeypatch, per_step, input_bytes,
+def test_batches_are_joined_into_chunks_of_at_most_the_limit(monkeypatch, per_step, data_bytes,
                                                               sizes, rows):
     """Consecutive batches join while they fit a chunk; a batch above the limit is alone; each
     chunk is summed ``rows`` examples at a time."""
     monkeypatch.setattr(base, "BATCHES_PER_CALL", 2)
-    monkeypatch.setattr(base, "CHUNK_INPUT_BYTES", input_bytes)
+    monkeypatch.setattr(base, "CHUNK_DATA_BYTES", data_bytes)
     batch_rows = [2, 2, 5, 1, 1, 1]
     values = np.arange(sum(batch_rows), dtype=float)
     starts = np.cumsum([0, *batch_rows])

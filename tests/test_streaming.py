@@ -96,7 +96,7 @@ def test_a_stream_is_consumed_batch_by_batch_and_equals_the_in_memory_fit(
 ):
     monkeypatch.setattr(_per_example, "CHUNK_BYTES", 2**16)  # dense steps of a few batches
     monkeypatch.setattr(base, "BATCHES_PER_CALL", 4)  # chunks of up to 4 steps,
-    monkeypatch.setattr(base, "CHUNK_INPUT_BYTES", 80 * (3 + 2 + 1) * 8)  # and 80 examples
+    monkeypatch.setattr(base, "CHUNK_DATA_BYTES", 80 * (3 + 2 + 1) * 8)  # and 80 examples
     x, y = _data()
     produced: list[int] = []
     produced_when_processed: list[int] = []

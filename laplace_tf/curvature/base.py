@@ -47,7 +47,7 @@ from laplace_tf.params import LogitModel, compiled_per_rank
 CURVATURES = ("ggn", "ef", "hessian")
 BATCHES_PER_CALL = 32
 """The most batches one call of the compiled fit step sums (in a graph loop)."""
-CHUNK_INPUT_BYTES = 16 * 2**20
+CHUNK_DATA_BYTES = 16 * 2**20
 """The most bytes of inputs, targets and weights joined into one call (unless one batch
 alone has more)."""
 STRUCTURES = ("full", "kron", "diag", "lowrank", "gp")
@@ -180,8 +180,9 @@ def fit_curvature(
     Consecutive batches are joined into chunks, each summed by one call of the compiled step
     in steps of one batch's size (a dense builder's steps: up to
     :meth:`CurvatureBuilder.examples_per_step` examples, if more). A builder with several
-    :attr:`~CurvatureBuilder.passes` sees the data that many times (its :meth:`~CurvatureBuilder.start_pass` takes each pass's sums); the last pass's
-    sums are the result.
+    :attr:`~CurvatureBuilder.passes` sees the data that many times (its
+    :meth:`~CurvatureBuilder.start_pass` takes each pass's sums); the last pass's sums are the
+    result.
 
     With a ``tf.distribute`` strategy (given, or the one whose scope is active), every step is
     split across the local replicas, each replica's curvature is summed locally, and the
@@ -305,7 +306,7 @@ def _added(total: tf.Tensor, new: tf.Tensor, first) -> tf.Tensor:
 
 def _chunks(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple[tuple, tf.Tensor]]:
     """``((x, targets, w), rows)``: consecutive batches joined into chunks of at most
-    :data:`BATCHES_PER_CALL` batches and :data:`CHUNK_INPUT_BYTES` of data, each summed
+    :data:`BATCHES_PER_CALL` batches and :data:`CHUNK_DATA_BYTES` of data, each summed
     ``rows`` examples at a time. ``rows`` is read from the first batch: its size, or
     ``examples_per_step(x)`` if larger (a dense builder's steps join batches)."""
     pending: list[tuple] = []
@@ -317,7 +318,7 @@ def _chunks(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple[tuple
             example_bytes = sum(t.shape[1:].num_elements() * t.dtype.size
                                 for t in tf.nest.flatten(batch))  # inputs, targets, weight
             limit = max(rows, min(BATCHES_PER_CALL * rows,
-                                  CHUNK_INPUT_BYTES // max(example_bytes, 1)))
+                                  CHUNK_DATA_BYTES // max(example_bytes, 1)))
             rows_tensor = tf.constant(rows)
         if pending and held + n_rows > limit:
             yield _join(pending), rows_tensor
