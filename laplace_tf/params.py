@@ -22,7 +22,6 @@ import contextlib
 import copy
 import hashlib
 import logging
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -184,7 +183,7 @@ class WeightSubset:
         return digest.hexdigest()
 
 
-_MODEL_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CACHE_ATTRIBUTE = "_laplace_tf_caches"
 
 
 def model_cache(model: keras.Model, key: tuple) -> dict:
@@ -200,7 +199,11 @@ def model_cache(model: keras.Model, key: tuple) -> dict:
         >>> model_cache(model, ("a",)) is model_cache(model, ("b",))
         False
     """
-    return _MODEL_CACHES.setdefault(model, {}).setdefault(key, {})
+    caches = model.__dict__.get(_CACHE_ATTRIBUTE)
+    if caches is None:  # on the model itself (untracked by Keras), not in a global weak dict:
+        caches = {}     # its steps hold the model, and the model must stay collectable
+        object.__setattr__(model, _CACHE_ATTRIBUTE, caches)
+    return caches.setdefault(key, {})
 
 
 class compiled_per_rank:  # noqa: N801 (used like tf.function)

@@ -9,7 +9,11 @@ settings and at the new weights.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import cases
+import keras
 import numpy as np
 import pytest
 
@@ -94,3 +98,23 @@ def test_gridsearch_linearises_each_validation_batch_once(case):
     assert len(compiled) == 1  # one concrete function: calls with other grids trace nothing
     evidence = [float(la.log_marginal_likelihood(prior)) for prior in grid[:2] * 2]
     np.testing.assert_allclose(la.tuning_trace["log_marginal_likelihood"], evidence, rtol=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_a_model_whose_steps_are_shared_is_freed_with_its_last_reference(structure):
+    """The shared steps hold the model, so they live with it, not beside it in a global
+    cache: once the user drops the model and its posterior, the model is garbage."""
+
+    def fitted_and_used():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        x = np.random.default_rng(0).normal(size=(20, 4)).astype("float32")
+        la = ltf.Laplace(model, "classification", "all", structure, progress=False)
+        la.fit((x, np.arange(20) % 3))
+        la(x)
+        la.optimize_prior_precision(method="marglik", progress=False)
+        assert la._shared_steps()  # the steps are cached for the model
+        return weakref.ref(model)
+
+    model = fitted_and_used()
+    gc.collect()
+    assert model() is None
