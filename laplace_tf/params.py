@@ -24,6 +24,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -207,11 +208,14 @@ def model_cache(model: keras.Model, key: tuple) -> dict:
 
 
 class compiled_per_rank:  # noqa: N801 (used like tf.function)
-    """``tf.function(fn, reduce_retracing=True)``, one per structure of the arguments' ranks.
+    """``tf.function(fn, reduce_retracing=True)``, one per structure of the arguments' ranks,
+    or with ``per_shape`` of their shapes but for the first (batch) dimension.
 
     Across calls with several batch sizes a function traced with ``reduce_retracing`` relaxes
     its input shapes; across ranks (a model fitted on ``[N]`` and on ``[N, 1]`` inputs, as
     Keras allows) it would relax them to an unknown rank, which Keras layers cannot call.
+    ``per_shape`` keeps every other dimension static too, for a function that needs them
+    (the curvature of a dataset padded batch by batch to its own sequence lengths).
 
     Example:
         >>> import tensorflow as tf
@@ -222,8 +226,9 @@ class compiled_per_rank:  # noqa: N801 (used like tf.function)
         2
     """
 
-    def __init__(self, fn):
-        self._fn, self._steps = fn, {}
+    def __init__(self, fn, per_shape: bool = False):
+        self._fn, self._per_shape = fn, per_shape
+        self._steps: dict[tuple, Any] = {}  # tf.function objects
 
     def __call__(self, *args, **kwargs):
         return self._step(args, kwargs)(*args, **kwargs)
@@ -233,7 +238,8 @@ class compiled_per_rank:  # noqa: N801 (used like tf.function)
         return self._step(args, kwargs).get_concrete_function(*args, **kwargs)
 
     def _step(self, args, kwargs):
-        key = tuple(len(getattr(t, "shape", ())) for t in tf.nest.flatten((args, kwargs)))
+        key = tuple(tuple(t.shape[1:]) if self._per_shape else len(t.shape)
+                    for t in tf.nest.flatten((args, kwargs)) if hasattr(t, "shape"))
         if key not in self._steps:
             self._steps[key] = tf.function(self._fn, reduce_retracing=True)
         return self._steps[key]

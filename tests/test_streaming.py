@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import weakref
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from models import tanh_mlp
 
+import laplace_tf as ltf
+from laplace_tf import testing
 from laplace_tf.batches import Batches
 from laplace_tf.curvature import _per_example, base, fit_curvature, make_builder
 from laplace_tf.curvature.last_layer import find_last_layer
@@ -142,3 +145,36 @@ def test_progress_bar_counts_batches_with_a_total_only_when_known(make, bar, cap
     assert batches.n_batches == expected_total
     assert sum(int(xb.shape[0]) for xb, _ in batches) == len(x)
     assert bar in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+def test_batches_padded_to_their_own_lengths_are_fitted_and_predicted(structure):
+    """``padded_batch`` pads each batch to its longest sequence, so consecutive batches differ
+    in shape: they are never joined, and each length gets a step of its own static shape. The
+    curvature equals the brute-force GGN summed over the batches."""
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((None,), dtype="int32"),
+                              keras.layers.Embedding(9, 3, dtype="float64"),
+                              keras.layers.GlobalAveragePooling1D(dtype="float64"),
+                              keras.layers.Dense(2, dtype="float64")])
+    rng = np.random.default_rng(5)
+    sequences = [rng.integers(1, 9, size) for size in (2, 5, 3, 3, 6, 2, 4, 4)]
+    labels = np.arange(len(sequences)) % 2
+    data = tf.data.Dataset.from_generator(
+        lambda: zip(sequences, labels, strict=True),
+        output_signature=(tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int64)),
+    ).padded_batch(2)
+    likelihood, logit_model = get_likelihood("classification"), LogitModel(model)
+    builder = make_builder("all", structure, logit_model, likelihood)
+    (block,) = fit_curvature(builder, Batches(data, dtype=tf.float64)).blocks
+
+    reference = sum(testing.brute_force_ggn(logit_model, likelihood, x,
+                                            likelihood.prepare_targets(y, 2, tf.float64))
+                    for x, y in data)
+    got = block.matrix.numpy() if structure == "full" else block.diagonal.numpy()
+    np.testing.assert_allclose(got, reference if structure == "full" else np.diag(reference),
+                               **EXACT)
+    la = ltf.Laplace(model, "classification", "all", structure, progress=False)
+    la.fit(data)
+    inputs = data.map(lambda x, y: x)
+    np.testing.assert_allclose(la(inputs), np.concatenate([la(x) for x in inputs]), **EXACT)

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -211,18 +212,19 @@ def fit_curvature(
             f"strategy: hessian_structure={builder.structure!r} keeps examples of the data "
             "(not sums), which a multi-worker strategy cannot all-reduce; fit on one worker."
         )
-    run, total, weighted = step, None, batches.is_weighted
+    total, weighted = None, batches.is_weighted
     for _ in range(builder.passes):
         builder.start_pass(None if total is None else total.blocks)
         total = None
         for (x, targets, w), rows in _chunks(prepared(), builder.examples_per_step):
             builder.observe(x, targets, w)
-            if run is step and strategy is None:  # one trace for all chunk sizes (a short last),
-                run = step.get_concrete_function(  # called directly
-                    *any_batch_size([x, targets, w]), rows, weighted)
             try:
-                parts = ([run(x, targets, w, rows, weighted)] if strategy is None
-                         else _replica_steps(strategy, step, weighted, rows, x, targets, w))
+                if strategy is None:  # one trace for all chunk sizes (a short last), called
+                    run = step.get_concrete_function(  # directly
+                        *any_batch_size([x, targets, w]), rows, weighted)
+                    parts = [run(x, targets, w, rows, weighted)]
+                else:
+                    parts = _replica_steps(strategy, step, weighted, rows, x, targets, w)
             except tf.errors.InvalidArgumentError as err:
                 explain_grouped_convolution(builder.logit_model.model, err)
                 raise
@@ -269,7 +271,7 @@ def _compiled_step(builder: CurvatureBuilder):
             nll = tf.reduce_sum(w * likelihood.nll_per_example(logits, y))
             return _Sums(list(sums), nll, residual_ss, tf.reduce_sum(tf.cast(w, tf.float64)))
 
-        @compiled_per_rank
+        @functools.partial(compiled_per_rank, per_shape=True)
         def step(x, y, w, rows, weighted=True):
             part = tf.function(  # traced once (no autograph: the builders need none)
                 lambda x, y, w: sums_of(x, y, w, weighted), autograph=False,
@@ -308,9 +310,11 @@ def _chunks(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple[tuple
     """``((x, targets, w), rows)``: consecutive batches joined into chunks of at most
     :data:`BATCHES_PER_CALL` batches and :data:`CHUNK_DATA_BYTES` of data, each summed
     ``rows`` examples at a time. ``rows`` is read from the first batch: its size, or
-    ``examples_per_step(x)`` if larger (a dense builder's steps join batches)."""
+    ``examples_per_step(x)`` if larger (a dense builder's steps join batches). Only batches
+    of the same shapes but for their size join (a dataset's ``padded_batch`` pads each batch
+    to its own length)."""
     pending: list[tuple] = []
-    held, limit, rows = 0, 0, None
+    held, limit, rows, shapes = 0, 0, None, None
     for batch in batches:
         n_rows = int(batch[2].shape[0])
         if rows is None:
@@ -320,9 +324,11 @@ def _chunks(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple[tuple
             limit = max(rows, min(BATCHES_PER_CALL * rows,
                                   CHUNK_DATA_BYTES // max(example_bytes, 1)))
             rows_tensor = tf.constant(rows)
-        if pending and held + n_rows > limit:
+        batch_shapes = [t.shape[1:] for t in tf.nest.flatten(batch)]
+        if pending and (held + n_rows > limit or batch_shapes != shapes):
             yield _join(pending), rows_tensor
             pending, held = [], 0
+        shapes = batch_shapes
         pending.append(batch)
         held += n_rows
     if pending:

@@ -323,7 +323,7 @@ class Laplace(PosteriorLaplace):
         shared = self._shared_steps()
         if key not in shared:
             step = functools.partial(getattr(shared["owner"], method), *args, **kwargs)
-            shared[key] = compiled_per_rank(step)
+            shared[key] = compiled_per_rank(step, per_shape=True)
         return shared[key]
 
     def validation_scorer(self, batches, kwargs: dict):
