@@ -2,11 +2,10 @@
 
 Run with ``python benchmarks/fit_glue.py`` (about a minute). Per (subset, structure), warm
 medians in ms: ``la.fit``; ``fit_curvature`` alone; the data iteration (``Batches.weighted``
-with target preparation); the calls of the compiled step's concrete function, one per chunk
-of batches (all 16 batches in one chunk here); the running
+with target preparation); the 16 calls of the compiled step's concrete function; the running
 sums; the structure's factorisation in ``_install``; and two compiled stand-ins of the batch
 sums: all batches unrolled in one graph (``overheads.py``'s ``arith``) and a ``tf.while_loop``
-over 15 stacked full batches (the fit's graph loop, without its function call per batch).
+over 15 stacked full batches (what a compiled batch loop could reach).
 """
 
 from __future__ import annotations
@@ -21,13 +20,7 @@ from overheads import BATCH, _fit_arithmetic, problem  # noqa: E402
 
 import laplace_tf as ltf  # noqa: E402
 from laplace_tf.batches import Batches  # noqa: E402
-from laplace_tf.curvature.base import (  # noqa: E402
-    _add_in_place,
-    _chunks,
-    _compiled_step,
-    any_batch_size,
-    fit_curvature,
-)
+from laplace_tf.curvature.base import _add_in_place, _compiled_step, any_batch_size, fit_curvature  # noqa: E402
 from laplace_tf.inputs import InputCheck  # noqa: E402
 
 
@@ -43,7 +36,7 @@ def ms(fn, n=5) -> float:
 
 def main() -> None:
     model, train, _ = problem("bench")
-    print("| pair | la.fit | fit_curvature | data | chunk calls | sums | factorize | unrolled "
+    print("| pair | la.fit | fit_curvature | data | step calls | sums | factorize | unrolled "
           "| while_loop |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for subset, structure in [("last_layer", "diag"), ("all", "diag"), ("all", "kron"),
@@ -66,10 +59,8 @@ def _row(model, train, subset: str, structure: str) -> list[float]:
 
     items = [(xb, lik.prepare_targets(yb, 10, la._dtype), tf.constant(w))
              for xb, yb, w in batches().weighted()]
-    chunks = list(_chunks(iter(items), builder.examples_per_step))
-    run = _compiled_step(builder).get_concrete_function(
-        *any_batch_size(list(chunks[0][0])), chunks[0][1], False)
-    parts = [run(*chunk, rows, False) for chunk, rows in chunks]
+    run = _compiled_step(builder).get_concrete_function(*any_batch_size(list(items[0])))
+    parts = [run(*item) for item in items]
 
     def sums():
         total = None
@@ -96,7 +87,7 @@ def _row(model, train, subset: str, structure: str) -> list[float]:
         ms(lambda: fit_curvature(builder, batches())),
         ms(lambda: [(lik.prepare_targets(yb, 10, la._dtype), tf.constant(w))
                     for _, yb, w in batches().weighted()]),
-        ms(lambda: [run(*chunk, rows, False) for chunk, rows in chunks]),
+        ms(lambda: [run(*item) for item in items]),
         ms(sums),
         ms(lambda: la._factorize(la._curvature)),
         ms(_fit_arithmetic(la, train)),

@@ -270,27 +270,16 @@ def test_full_ggn_of_wide_layers_equals_brute_force():
     np.testing.assert_allclose(block.matrix.numpy(), reference, **EXACT)
 
 
-@pytest.mark.parametrize(("per_step", "data_bytes", "sizes", "rows"), [
-    (0, 2**20, [4, 5, 3], 2),      # chunks of up to 2 batches of the first batch's 2 rows
-    (4, 2**20, [4, 8], 4),         # a dense builder's steps of 4 rows, chunks of up to 8
-    (0, 16, [2, 2, 5, 2, 1], 2),   # 16 bytes: one step's rows (a larger batch alone)
-])
-def test_batches_are_joined_into_chunks_of_at_most_the_limit(monkeypatch, per_step, data_bytes,
-                                                              sizes, rows):
-    """Consecutive batches join while they fit a chunk; a batch above the limit is alone; each
-    chunk is summed ``rows`` examples at a time."""
-    monkeypatch.setattr(base, "BATCHES_PER_CALL", 2)
-    monkeypatch.setattr(base, "CHUNK_DATA_BYTES", data_bytes)
-    batch_rows = [2, 2, 5, 1, 1, 1]
-    values = np.arange(sum(batch_rows), dtype=float)
-    starts = np.cumsum([0, *batch_rows])
+@pytest.mark.parametrize(("limit", "sizes"), [(4, [4, 5, 3]), (0, [2, 2, 5, 1, 1, 1]), (100, [12])])
+def test_batches_are_joined_into_steps_of_at_most_the_limit(limit, sizes):
+    """Consecutive batches join while they fit; a batch above the limit is a step alone."""
+    rows = [2, 2, 5, 1, 1, 1]
+    values = np.arange(sum(rows), dtype=float)
+    starts = np.cumsum([0, *rows])
     batches = [({"a": tf.constant(values[s:e, None]), "b": tf.constant(-values[s:e, None])},
-                tf.constant(values[s:e]), tf.ones([e - s], tf.float64))
-               for s, e in zip(starts[:-1], starts[1:], strict=True)]
-    chunks = list(base._chunks(iter(batches), lambda x: per_step))
-    assert [int(chunk[1].shape[0]) for chunk, _ in chunks] == sizes
-    assert {int(step_rows) for _, step_rows in chunks} == {rows}
-    joined_x = np.concatenate([chunk[0]["b"].numpy()[:, 0] for chunk, _ in chunks])
+                tf.constant(values[s:e])) for s, e in zip(starts[:-1], starts[1:], strict=True)]
+    steps = list(base._joined(iter(batches), lambda x: limit))
+    assert [int(t.shape[0]) for _, t in steps] == sizes
+    joined_x = np.concatenate([x["b"].numpy()[:, 0] for x, _ in steps])
     np.testing.assert_array_equal(joined_x, -values)
-    np.testing.assert_array_equal(np.concatenate([chunk[1].numpy() for chunk, _ in chunks]),
-                                  values)
+    np.testing.assert_array_equal(np.concatenate([t.numpy() for _, t in steps]), values)

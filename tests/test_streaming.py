@@ -7,10 +7,8 @@ batch, how many earlier batches are still alive (weak references). For every str
 
 * the pipeline is pulled lazily: when batch ``k`` is processed at most ``k + 1 + PREFETCH``
   batches were produced (the prefetch buffer plus the one in flight);
-* nothing keeps earlier batches: at most the batches of the current chunk are alive (the
-  batches one call of the compiled step sums: here up to 4 steps and 80 examples, or one step
-  if larger; a step is one batch, or for dense builders, which join consecutive batches into
-  steps, as many as a step holds);
+* nothing keeps earlier batches: at most the batches of the current step are alive (one, or
+  for dense builders, which join consecutive batches into steps, as many as a step holds);
 * the streamed curvature equals the curvature of the same data held in memory.
 
 A dataset of unknown cardinality (a generator) gets a progress bar that counts batches
@@ -30,7 +28,7 @@ from models import tanh_mlp
 import laplace_tf as ltf
 from laplace_tf import testing
 from laplace_tf.batches import Batches
-from laplace_tf.curvature import _per_example, base, fit_curvature, make_builder
+from laplace_tf.curvature import _per_example, fit_curvature, make_builder
 from laplace_tf.curvature.last_layer import find_last_layer
 from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.params import LogitModel, WeightSubset
@@ -98,23 +96,20 @@ def test_a_stream_is_consumed_batch_by_batch_and_equals_the_in_memory_fit(
     subset_of_weights, structure, monkeypatch
 ):
     monkeypatch.setattr(_per_example, "CHUNK_BYTES", 2**16)  # dense steps of a few batches
-    monkeypatch.setattr(base, "BATCHES_PER_CALL", 4)  # chunks of up to 4 steps,
-    monkeypatch.setattr(base, "CHUNK_DATA_BYTES", 80 * (3 + 2 + 1) * 8)  # and 80 examples
     x, y = _data()
     produced: list[int] = []
     produced_when_processed: list[int] = []
     builder = _builder(subset_of_weights, structure,
                        lambda: produced_when_processed.append(len(produced)))
-    step_rows = max(BATCH, builder.examples_per_step(tf.constant(x[:BATCH])))
-    assert (step_rows > BATCH) == (structure == "full")
-    batches_per_chunk = max(step_rows, min(4 * step_rows, 80)) // BATCH
+    batches_per_step = max(1, builder.examples_per_step(tf.constant(x[:BATCH])) // BATCH)
+    assert (batches_per_step > 1) == (structure == "full")
     watched = _Watched(Batches(_stream(x, y, produced), dtype=tf.float64))
     streamed = fit_curvature(builder, watched)
 
     assert len(produced_when_processed) == N_BATCHES
     ahead = [n - (k + 1) for k, n in enumerate(produced_when_processed)]
     assert max(ahead) <= PREFETCH + 1, ahead
-    assert max(watched.alive) <= batches_per_chunk < N_BATCHES, watched.alive
+    assert max(watched.alive) <= batches_per_step < N_BATCHES, watched.alive
 
     in_memory = fit_curvature(_builder(subset_of_weights, structure),
                               Batches((x, y), BATCH, dtype=tf.float64))

@@ -3,8 +3,7 @@
 A structure module (``full``, ``kron``, ``diag``, ``last_layer``) provides a
 :class:`CurvatureBuilder`: pure TensorFlow code that turns one batch into sums over its
 examples (curvature blocks, or compact sums it lays out as blocks once, at the end).
-:func:`fit_curvature` runs it in one compiled ``tf.function`` for all batch shapes, which
-sums a chunk of batches a call (in a graph loop, one batch after another), adds the chunks'
+:func:`fit_curvature` runs it as one compiled ``tf.function`` for all batch shapes, adds the
 sums up in place, and returns a :class:`Curvature`.
 
 Example:
@@ -46,11 +45,6 @@ from laplace_tf.outputs import check_output_op, check_output_values
 from laplace_tf.params import LogitModel, compiled_per_rank
 
 CURVATURES = ("ggn", "ef", "hessian")
-BATCHES_PER_CALL = 32
-"""The most batches one call of the compiled fit step sums (in a graph loop)."""
-CHUNK_DATA_BYTES = 16 * 2**20
-"""The most bytes of inputs, targets and weights joined into one call (unless one batch
-alone has more)."""
 STRUCTURES = ("full", "kron", "diag", "lowrank", "gp")
 
 
@@ -94,8 +88,8 @@ class Curvature:
 class CurvatureBuilder:
     """One batch -> curvature blocks, for a (weight subset, structure, curvature kind).
 
-    Subclasses implement :meth:`batch_sums` in pure TensorFlow (it is traced once, for any
-    batch size); they receive logits from ``logit_model`` and targets prepared by the likelihood.
+    Subclasses implement :meth:`batch_sums` in pure TensorFlow (it is traced once per batch
+    shape); they receive logits from ``logit_model`` and targets prepared by the likelihood.
     Those whose sums are not blocks yet also implement :meth:`finish`.
     """
 
@@ -178,12 +172,11 @@ def fit_curvature(
     batch, and by the op that computes them in the traced step
     (:func:`~laplace_tf.outputs.check_output_values`, :func:`~laplace_tf.outputs.check_output_op`).
 
-    Consecutive batches are joined into chunks, each summed by one call of the compiled step
-    in steps of one batch's size (a dense builder's steps: up to
-    :meth:`CurvatureBuilder.examples_per_step` examples, if more). A builder with several
-    :attr:`~CurvatureBuilder.passes` sees the data that many times (its
-    :meth:`~CurvatureBuilder.start_pass` takes each pass's sums); the last pass's sums are the
-    result.
+    A dense builder joins consecutive batches into steps of up to
+    :meth:`CurvatureBuilder.examples_per_step` examples; every other builder takes one step a
+    batch. A builder with several :attr:`~CurvatureBuilder.passes` sees the data that many
+    times (its :meth:`~CurvatureBuilder.start_pass` takes each pass's sums); the last pass's
+    sums are the result.
 
     With a ``tf.distribute`` strategy (given, or the one whose scope is active), every step is
     split across the local replicas, each replica's curvature is summed locally, and the
@@ -216,15 +209,15 @@ def fit_curvature(
     for _ in range(builder.passes):
         builder.start_pass(None if total is None else total.blocks)
         total = None
-        for (x, targets, w), rows in _chunks(prepared(), builder.examples_per_step):
+        for x, targets, w in _joined(prepared(), builder.examples_per_step):
             builder.observe(x, targets, w)
             try:
-                if strategy is None:  # one trace for all chunk sizes (a short last), called
+                if strategy is None:  # one trace for all batch sizes (a short last), called
                     run = step.get_concrete_function(  # directly
-                        *any_batch_size([x, targets, w]), rows, weighted)
-                    parts = [run(x, targets, w, rows, weighted)]
+                        *any_batch_size([x, targets, w]), weighted)
+                    parts = [run(x, targets, w, weighted)]
                 else:
-                    parts = _replica_steps(strategy, step, weighted, rows, x, targets, w)
+                    parts = _replica_steps(strategy, step, weighted, x, targets, w)
             except tf.errors.InvalidArgumentError as err:
                 explain_grouped_convolution(builder.logit_model.model, err)
                 raise
@@ -252,17 +245,14 @@ def fit_curvature(
 
 
 def _compiled_step(builder: CurvatureBuilder):
-    """The builder's step as a ``tf.function``, built once per builder: fits with the same
-    builder reuse its traces (any chunk size, one trace).
-
-    The step takes a chunk of joined batches and adds up its sums ``rows`` examples at a time
-    in a graph loop (one at a time: the memory of one step of ``rows`` examples), so a fit
-    pays the cost of a call once per chunk, not once per batch."""
+    """The builder's step (one batch -> :class:`_Sums`) as a ``tf.function``, built once per
+    builder: fits with the same builder reuse its traces (any batch size, one trace)."""
     step = builder._compiled_step
     if step is None:
         likelihood = builder.likelihood
 
-        def sums_of(x, y, w, weighted):  # weighted=False: all w are 1 (not read)
+        @functools.partial(compiled_per_rank, per_shape=True)
+        def step(x, y, w, weighted=True):  # weighted=False: all w are 1 (not read)
             sums, logits = builder.batch_sums(x, y, w if weighted else None)
             w = tf.cast(w, logits.dtype)
             residual_ss = likelihood.data_statistics(logits, y, w)
@@ -271,82 +261,47 @@ def _compiled_step(builder: CurvatureBuilder):
             nll = tf.reduce_sum(w * likelihood.nll_per_example(logits, y))
             return _Sums(list(sums), nll, residual_ss, tf.reduce_sum(tf.cast(w, tf.float64)))
 
-        @functools.partial(compiled_per_rank, per_shape=True)
-        def step(x, y, w, rows, weighted=True):
-            part = tf.function(  # traced once (no autograph: the builders need none)
-                lambda x, y, w: sums_of(x, y, w, weighted), autograph=False,
-            ).get_concrete_function(*any_batch_size([x, y, w]))
-            shapes = tf.nest.map_structure(lambda t: t.shape, part.structured_outputs)
-
-            def add_next(start, total):
-                sums = part(*tf.nest.map_structure(lambda t: t[start:start + rows], (x, y, w)))
-                return start + rows, tf.nest.map_structure(
-                    lambda t, s: _added(t, s, start == 0), total, sums)
-
-            _, total = tf.while_loop(
-                lambda start, _: start < tf.shape(w)[0], add_next,
-                (0, tf.nest.map_structure(_zeros, part.structured_outputs)),
-                shape_invariants=(tf.TensorShape([]), shapes), parallel_iterations=1)
-            return total
-
         builder._compiled_step = step
     return step
 
 
-def _zeros(spec: tf.Tensor) -> tf.Tensor:
-    """Zeros like ``spec``, its unknown dimensions as 0 (see :func:`_added`)."""
-    return tf.zeros([0 if d is None else d for d in spec.shape.as_list()], spec.dtype)
-
-
-def _added(total: tf.Tensor, new: tf.Tensor, first) -> tf.Tensor:
-    """``total + new``, or ``new`` alone at the ``first`` step if ``total``'s shape is not
-    known statically (its zeros are empty then)."""
-    if total.shape.is_fully_defined():
-        return total + new
-    return tf.cond(first, lambda: new, lambda: total + new)
-
-
-def _chunks(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple[tuple, tf.Tensor]]:
-    """``((x, targets, w), rows)``: consecutive batches joined into chunks of at most
-    :data:`BATCHES_PER_CALL` batches and :data:`CHUNK_DATA_BYTES` of data, each summed
-    ``rows`` examples at a time. ``rows`` is read from the first batch: its size, or
-    ``examples_per_step(x)`` if larger (a dense builder's steps join batches). Only batches
-    of the same shapes but for their size join (a dataset's ``padded_batch`` pads each batch
-    to its own length)."""
+def _joined(batches: Iterator[tuple], examples_per_step) -> Iterator[tuple]:
+    """``(x, targets)`` batches, consecutive ones joined into steps of at most
+    ``examples_per_step(x)`` examples (read from the first batch); a larger batch stays alone,
+    and only batches of the same shapes but for their size join (a dataset's
+    ``padded_batch`` pads each batch to its own length)."""
     pending: list[tuple] = []
-    held, limit, rows, shapes = 0, 0, None, None
+    held, limit, shapes = 0, None, None
     for batch in batches:
-        n_rows = int(batch[2].shape[0])
-        if rows is None:
-            rows = max(n_rows, int(examples_per_step(batch[0])))
-            example_bytes = sum(t.shape[1:].num_elements() * t.dtype.size
-                                for t in tf.nest.flatten(batch))  # inputs, targets, weight
-            limit = max(rows, min(BATCHES_PER_CALL * rows,
-                                  CHUNK_DATA_BYTES // max(example_bytes, 1)))
-            rows_tensor = tf.constant(rows)
+        if limit is None:
+            limit = examples_per_step(batch[0])
+        rows = int(batch[1].shape[0])
         batch_shapes = [t.shape[1:] for t in tf.nest.flatten(batch)]
-        if pending and (held + n_rows > limit or batch_shapes != shapes):
-            yield _join(pending), rows_tensor
+        if pending and (held + rows > limit or batch_shapes != shapes):
+            yield _join(pending)
             pending, held = [], 0
         shapes = batch_shapes
         pending.append(batch)
-        held += n_rows
+        held += rows
+        if held >= limit:
+            yield _join(pending)
+            pending, held = [], 0
     if pending:
-        yield _join(pending), rows_tensor
+        yield _join(pending)
 
 
 def _join(batches: list[tuple]) -> tuple:
-    """One ``(x, targets, w)`` of several, concatenated along the examples."""
+    """One ``(x, targets)`` of several, concatenated along the examples."""
     if len(batches) == 1:
         return batches[0]
     return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
 
 
 def _add_in_place(total: _Sums | None, part: _Sums) -> _Sums:
-    """``total + part``. On the CPU as numpy arrays, added in place: no allocation per chunk,
+    """``total + part``. On the CPU as numpy arrays, added in place: no allocation per step,
     and a few microseconds for small sums, where an eager TensorFlow op costs about 0.1 ms a
     tensor. Sums computed on another device (a GPU) stay there, added by TensorFlow: no copy
-    to the host per chunk."""
+    to the host per batch."""
     if total is None:
         if "CPU" not in part.nll.device.upper():
             return part
@@ -371,25 +326,23 @@ def _n_local_replicas(strategy) -> int:
     return len(strategy.extended.worker_devices)
 
 
-def _replica_steps(strategy, step, weighted: bool, rows, *batch) -> list:
-    """Run ``step`` on each local replica's share of one chunk, in steps of its share of
-    ``rows`` (as when every batch is split across the replicas); the local results.
+def _replica_steps(strategy, step, weighted: bool, *batch) -> list:
+    """Run ``step`` on each local replica's share of one batch; the local results.
 
-    A chunk with fewer examples than local replicas runs on one device instead: an empty
+    A batch with fewer examples than local replicas runs on one device instead: an empty
     shard would reach the builders as a batch of zero examples, which not all of them accept
     (the exact Hessian's vectorised Jacobian fails on it).
     """
     n_replicas = _n_local_replicas(strategy)
     if int(tf.shape(batch[1])[0]) < n_replicas:
-        return [step(*batch, rows, weighted)]
+        return [step(*batch, weighted)]
 
     def values(context):
         index = context.replica_id_in_sync_group % n_replicas
         return tf.nest.map_structure(lambda t: _shard(t, index, n_replicas), batch)
 
     shards = strategy.experimental_distribute_values_from_function(values)
-    share = (rows + n_replicas - 1) // n_replicas
-    per_replica = strategy.run(lambda parts: step(*parts, share, weighted), args=(shards,))
+    per_replica = strategy.run(lambda parts: step(*parts, weighted), args=(shards,))
     return list(strategy.experimental_local_results(per_replica))
 
 
