@@ -20,10 +20,11 @@ For every (subset, structure) in :data:`PAIRS` and every operation in :data:`OPE
   same inputs, all in one function, plus the weight draws the call takes (``nn``, and ``mc``
   of a last-layer posterior: ``la.sample`` compiled, as above); for ``fit`` the builder's
   batch sums over all batches in one function (written out, so TensorFlow may run two
-  batches at once; the fit sums one batch after another, in a graph loop, in the memory of
-  one), plus laying the sums out as blocks (``builder.finish``: the last-layer full
-  structure's dense matrix) and the factorisation of the summed curvature that the fit makes (``la._factorize``: the Kronecker factors'
-  eigendecompositions, the full structure's Cholesky check of positive semi-definiteness);
+  batches at once; the fit calls its step batch by batch, in the memory of one), plus laying
+  the sums out as blocks (``builder.finish``: the last-layer full structure's dense matrix)
+  and the factorisation of the summed curvature that the fit makes (``la._factorize``: the
+  Kronecker factors' eigendecompositions, the full structure's Cholesky check of positive
+  semi-definiteness);
   for ``marglik`` the compiled Adam loop of the tuner alone; for ``gridsearch`` the grid's
   size times (covariance at a new prior + GLM on the validation inputs + evidence): the
   covariance is formed anew for every value (for the full structure a Cholesky

@@ -205,16 +205,19 @@ def fit_curvature(
             f"strategy: hessian_structure={builder.structure!r} keeps examples of the data "
             "(not sums), which a multi-worker strategy cannot all-reduce; fit on one worker."
         )
-    total, weighted = None, batches.is_weighted
+    total, weighted, specs = None, batches.is_weighted, None
+    run: Callable = step
     for _ in range(builder.passes):
         builder.start_pass(None if total is None else total.blocks)
         total = None
         for x, targets, w in _joined(prepared(), builder.examples_per_step):
             builder.observe(x, targets, w)
             try:
-                if strategy is None:  # one trace for all batch sizes (a short last), called
-                    run = step.get_concrete_function(  # directly
-                        *any_batch_size([x, targets, w]), weighted)
+                if strategy is None:  # called directly: one trace for all batch sizes (a
+                    batch_specs = any_batch_size([x, targets, w])  # short last), one a shape
+                    if batch_specs != specs:
+                        run = step.get_concrete_function(*batch_specs, weighted)
+                        specs = batch_specs
                     parts = [run(x, targets, w, weighted)]
                 else:
                     parts = _replica_steps(strategy, step, weighted, x, targets, w)
