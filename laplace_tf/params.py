@@ -207,45 +207,46 @@ def model_cache(model: keras.Model, key: tuple) -> dict:
     return caches.setdefault(key, {})
 
 
-class compiled_per_rank:  # noqa: N801 (used like tf.function)
-    """``tf.function(fn, reduce_retracing=True)``, one per structure of the arguments' ranks,
-    or with ``per_shape`` of their shapes but for the first (batch) dimension.
+class compiled_per_shape:  # noqa: N801 (used like tf.function)
+    """``tf.function(fn, reduce_retracing=True)``, one per structure of the arguments' shapes
+    but for their first (batch) dimension.
 
     Across calls with several batch sizes a function traced with ``reduce_retracing`` relaxes
-    its input shapes; across ranks (a model fitted on ``[N]`` and on ``[N, 1]`` inputs, as
-    Keras allows) it would relax them to an unknown rank, which Keras layers cannot call.
-    ``per_shape`` keeps every other dimension static too, for a function that needs them
-    (the curvature of a dataset padded batch by batch to its own sequence lengths).
+    its input shapes; across other shapes it would relax them further: to an unknown rank (a
+    model fitted on ``[N]`` and on ``[N, 1]`` inputs, as Keras allows), which Keras layers
+    cannot call, or to unknown lengths (a dataset padded batch by batch to its own sequence
+    lengths), which the curvature's static layout cannot take.
 
     Example:
         >>> import tensorflow as tf
-        >>> double = compiled_per_rank(lambda x: 2 * x)
+        >>> double = compiled_per_shape(lambda x: 2 * x)
         >>> double(tf.ones([2])).shape, double(tf.ones([3, 1])).shape
         (TensorShape([2]), TensorShape([3, 1]))
         >>> double.experimental_get_tracing_count()
         2
     """
 
-    def __init__(self, fn, per_shape: bool = False):
-        self._fn, self._per_shape = fn, per_shape
+    def __init__(self, fn):
+        self._fn = fn
         self._steps: dict[tuple, Any] = {}  # tf.function objects
 
     def __call__(self, *args, **kwargs):
         return self._step(args, kwargs)(*args, **kwargs)
 
     def get_concrete_function(self, *args, **kwargs):
-        """The concrete function for these arguments or ``tf.TensorSpec``s (of known ranks)."""
+        """The concrete function for these arguments or ``tf.TensorSpec``s (of known shapes
+        but for the batch size)."""
         return self._step(args, kwargs).get_concrete_function(*args, **kwargs)
 
     def _step(self, args, kwargs):
-        key = tuple(tuple(t.shape[1:]) if self._per_shape else len(t.shape)
-                    for t in tf.nest.flatten((args, kwargs)) if hasattr(t, "shape"))
+        key = tuple(tuple(t.shape[1:]) for t in tf.nest.flatten((args, kwargs))
+                    if hasattr(t, "shape"))
         if key not in self._steps:
             self._steps[key] = tf.function(self._fn, reduce_retracing=True)
         return self._steps[key]
 
     def experimental_get_tracing_count(self) -> int:
-        """Traces over all ranks (as ``tf.function``'s method)."""
+        """Traces over all shapes (as ``tf.function``'s method)."""
         return sum(step.experimental_get_tracing_count() for step in self._steps.values())
 
 

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -42,7 +41,7 @@ from laplace_tf.blocks import Block
 from laplace_tf.inputs import InputCheck, explain_grouped_convolution
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import check_output_op, check_output_values
-from laplace_tf.params import LogitModel, compiled_per_rank
+from laplace_tf.params import LogitModel, compiled_per_shape
 
 CURVATURES = ("ggn", "ef", "hessian")
 STRUCTURES = ("full", "kron", "diag", "lowrank", "gp")
@@ -254,7 +253,7 @@ def _compiled_step(builder: CurvatureBuilder):
     if step is None:
         likelihood = builder.likelihood
 
-        @functools.partial(compiled_per_rank, per_shape=True)
+        @compiled_per_shape
         def step(x, y, w, weighted=True):  # weighted=False: all w are 1 (not read)
             sums, logits = builder.batch_sums(x, y, w if weighted else None)
             w = tf.cast(w, logits.dtype)

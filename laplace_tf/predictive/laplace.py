@@ -41,7 +41,7 @@ from laplace_tf.arguments import choice, positive_int
 from laplace_tf.batches import iterate_inputs
 from laplace_tf.curvature.kron_layers import input_rows
 from laplace_tf.inputs import MODEL_ERRORS, InputCheck, explain_grouped_convolution
-from laplace_tf.params import compiled_per_rank, model_cache
+from laplace_tf.params import compiled_per_shape, model_cache
 from laplace_tf.posterior import PosteriorLaplace
 from laplace_tf.posterior.laplace import stateless_seed
 from laplace_tf.predictive import export as _export
@@ -323,7 +323,7 @@ class Laplace(PosteriorLaplace):
         shared = self._shared_steps()
         if key not in shared:
             step = functools.partial(getattr(shared["owner"], method), *args, **kwargs)
-            shared[key] = compiled_per_rank(step, per_shape=True)
+            shared[key] = compiled_per_shape(step)
         return shared[key]
 
     def validation_scorer(self, batches, kwargs: dict):
