@@ -23,27 +23,49 @@ from laplace_tf.inputs import InputCheck
 DEFAULT_BATCH_SIZE = 128
 
 
+def is_input_list(x) -> bool:
+    """Whether ``x`` is a list or tuple of arrays, one per input of a model with several
+    positional inputs (as Keras' ``model.fit([xa, xb], y)``); a list of numbers or of lists is
+    one array."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(
+        isinstance(part, (np.ndarray, tf.Tensor, tf.Variable)) for part in x)
+
+
 def _n_rows(x) -> int:
-    if isinstance(x, dict):
-        sizes = {k: len(v) for k, v in x.items()}
+    if isinstance(x, dict) or is_input_list(x):
+        sizes = {k: len(v) for k, v in (x.items() if isinstance(x, dict) else enumerate(x))}
         if len(set(sizes.values())) != 1:
-            raise ValueError(f"x: the inputs of a dict must have the same length; got {sizes}.")
+            raise ValueError(
+                f"x: the inputs of a {type(x).__name__} must have the same length; got {sizes}."
+            )
         return next(iter(sizes.values()))
     return len(x)
 
 
+def _rows(x, start: int, stop: int):
+    """Rows ``[start, stop)`` of ``x``: an array, a dict or a list of arrays."""
+    if isinstance(x, dict):
+        return {k: v[start:stop] for k, v in x.items()}
+    if is_input_list(x):
+        return type(x)(v[start:stop] for v in x)
+    return x[start:stop]
+
+
 def _as_float(x, dtype: tf.DType):
+    """``x`` as tensors, floating inputs in ``dtype`` (integer ones, e.g. token ids, kept).
+    Python numbers are read as numpy does (float64), so nothing is rounded on the way."""
     if isinstance(x, dict):
         return {k: _as_float(v, dtype) for k, v in x.items()}
-    x = tf.convert_to_tensor(x)
+    if is_input_list(x):
+        return type(x)(_as_float(v, dtype) for v in x)
+    x = tf.convert_to_tensor(x if tf.is_tensor(x) else np.asarray(x))
     if x.dtype.is_floating or x.dtype.is_integer:
         return tf.cast(x, dtype) if x.dtype.is_floating else x
     raise TypeError(f"x: expected numeric inputs; got dtype {x.dtype.name}.")
 
 
 def _check_finite(x, index: int) -> None:
-    parts = x.values() if isinstance(x, dict) else [x]
-    for part in parts:
+    for part in tf.nest.flatten(x):
         if part.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(part))):
             raise ValueError(
                 f"x: batch {index} contains NaN or Inf inputs; clean or impute the data first."
@@ -79,8 +101,8 @@ class Batches:
 
     Args:
         data: a ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, w)`` batches, or a tuple
-            ``(x, y)`` or ``(x, y, w)`` of arrays (``x`` may be a dict of arrays for
-            multi-input models; ``w`` holds non-negative sample weights, one per example).
+            ``(x, y)`` or ``(x, y, w)`` of arrays (``x`` may be a dict of arrays, or a
+            list of arrays, for multi-input models; ``w`` holds non-negative sample weights, one per example).
         batch_size: the batch size for arrays (ignored for datasets, which come batched).
         dtype: the floating dtype of the model.
         progress: show a tqdm progress bar while iterating.
@@ -184,8 +206,7 @@ class Batches:
         x, y, *w = self._arrays
         for start in range(0, len(y), self.batch_size):
             stop = start + self.batch_size
-            xb = {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
-            yield xb, y[start:stop], *(v[start:stop] for v in w)
+            yield _rows(x, start, stop), y[start:stop], *(v[start:stop] for v in w)
 
     def __iter__(self) -> Iterator[tuple]:
         if self.is_weighted:
@@ -263,5 +284,4 @@ def _input_batches(x, batch_size: int, dtype: tf.DType, check: InputCheck | None
     n = _n_rows(x)
     for start in range(0, n, batch_size):
         stop = start + batch_size
-        xb = {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
-        yield _as_float(xb, dtype)
+        yield _as_float(_rows(x, start, stop), dtype)

@@ -13,6 +13,9 @@ import pytest
 import tensorflow as tf
 from models import MODELS, targets
 
+from laplace_tf import testing
+from laplace_tf.likelihoods import get_likelihood
+from laplace_tf.params import LogitModel
 from laplace_tf.predictive import Laplace
 
 
@@ -158,3 +161,38 @@ def test_what_keras_takes_is_taken():
     np.testing.assert_array_equal(flat(x), column(x[:, None]))
     mlp, x3, y3 = _mlp()
     np.testing.assert_array_equal(_fitted(mlp, x3[..., None], y3)(x3), _fitted(mlp, x3, y3)(x3))
+
+
+def test_several_positional_inputs_are_taken_as_keras_takes_them():
+    """``keras.Model([a, b], out)`` fed a list ``[xa, xb]`` (arrays) or a dataset of
+    ``((xa, xb), y)``: the curvature is the brute-force GGN, the predictions agree."""
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((3,), dtype="float64"), keras.Input((2,), dtype="float64")
+    merged = keras.layers.Concatenate(dtype="float64")([a, b])
+    hidden = keras.layers.Dense(3, "tanh", dtype="float64")(merged)
+    model = keras.Model([a, b], keras.layers.Dense(3, dtype="float64")(hidden))
+    rng = np.random.default_rng(0)
+    x, y = [rng.normal(size=(7, 3)), rng.normal(size=(7, 2))], np.arange(7) % 3
+    likelihood = get_likelihood("classification")
+    reference = testing.brute_force_ggn(LogitModel(model), likelihood, x,
+                                        likelihood.prepare_targets(y, 3, tf.float64))
+    dataset = tf.data.Dataset.from_tensor_slices((tuple(x), y)).batch(3)
+    for data in [(x, y), dataset]:
+        la = Laplace(model, "classification", "all", "full", progress=False)
+        la.fit(data)
+        precision = la.posterior_precision.to_dense().numpy()
+        np.testing.assert_allclose(precision, reference + np.eye(len(reference)),
+                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(la(x), la(dataset.map(lambda inputs, _: (inputs,))),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_inputs_given_as_python_lists_are_not_rounded():
+    """A list of Python floats is read as numpy reads it (float64), not as TensorFlow's
+    float32 that a float64 model would then see rounded."""
+    model, x, y = _mlp()
+    from_array, from_list = _fitted(model, x, y, hessian_structure="full"), \
+        _fitted(model, x.tolist(), y, hessian_structure="full")
+    np.testing.assert_array_equal(from_list.posterior_precision.to_dense(),
+                                  from_array.posterior_precision.to_dense())
+    np.testing.assert_array_equal(from_array(x.tolist()), from_array(x))
