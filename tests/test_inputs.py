@@ -196,3 +196,15 @@ def test_inputs_given_as_python_lists_are_not_rounded():
     np.testing.assert_array_equal(from_list.posterior_precision.to_dense(),
                                   from_array.posterior_precision.to_dense())
     np.testing.assert_array_equal(from_array(x.tolist()), from_array(x))
+
+
+@pytest.mark.parametrize("batch_size", [8, 1])
+def test_a_model_of_one_dimensional_outputs_is_refused(batch_size):
+    """Outputs ``[N]`` (a final squeeze) are not read as N outputs of one example."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,), dtype="float64")
+    model = keras.Model(inputs, keras.ops.squeeze(keras.layers.Dense(1, dtype="float64")(inputs), -1))
+    la = Laplace(model, "regression", "all", "full", progress=False)
+    with pytest.raises(ValueError, match=r"^model: its output on a batch of \d inputs has shape "
+                                         r"\(\d,\); laplace_tf needs outputs \[N, K\]"):
+        la.fit((np.zeros((8, 3)), np.zeros(8)), batch_size=batch_size)

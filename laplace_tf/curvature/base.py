@@ -192,6 +192,13 @@ def fit_curvature(
         for x, y, w in batches.weighted():
             if n_outputs is None:  # the first batch: a failure is explained if x is the cause
                 outputs = InputCheck(builder.logit_model.model).call(builder.logit_model, x)
+                if outputs.shape.rank != 2:
+                    raise ValueError(
+                        f"model: its output on a batch of {len(y)} inputs has shape "
+                        f"{tuple(outputs.shape)}; laplace_tf needs outputs [N, K], one row of K "
+                        "logits (or means) per input. Return [N, 1] for one output (no final "
+                        "squeeze), or flatten other shapes with a final Flatten layer."
+                    )
                 n_outputs = int(outputs.shape[-1])
                 likelihood.validate_outputs(n_outputs)
                 check_output_values(outputs, likelihood, builder.logit_model.stripped)
