@@ -80,8 +80,9 @@ class _LearnedL2:
             precision = tf.exp(self.log_prior[self.start])
         else:
             precision = tf.reshape(tf.exp(self.log_prior[self.start:self.stop]), tf.shape(weight))
-        return 0.5 * self.factor * tf.reduce_sum(
+        penalty = 0.5 * self.factor * tf.reduce_sum(
             tf.cast(precision, weight.dtype) * tf.square(weight))
+        return tf.cast(penalty, keras.config.floatx())  # Keras sums its losses in floatx
 
 
 class MarginalLikelihoodCallback(keras.callbacks.Callback):
@@ -287,6 +288,12 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
 def _count(data) -> int:
     """The number of training examples ``N``."""
     if isinstance(data, tf.data.Dataset):
+        if int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                "train_data: the dataset is infinite (.repeat() without a count), so the refits "
+                "would never end; give the training data once (without .repeat()), or as "
+                "(x, y) arrays."
+            )
         n = 0
         for batch in data:
             n += int(tf.shape(tf.nest.flatten(batch[0])[0])[0])
@@ -369,10 +376,10 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
         loss = keras.losses.MeanSquaredError()
     elif likelihood == "binary":
         loss = keras.losses.BinaryCrossentropy(from_logits=from_logits)
-    elif _label_rank(train_data) <= 1:
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-    else:
+    elif _one_hot_labels(train_data):
         loss = keras.losses.CategoricalCrossentropy(from_logits=from_logits)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     model.compile(optimizer=optimizer, loss=loss)
     if isinstance(train_data, tf.data.Dataset):
         model.fit(train_data, epochs=epochs, verbose=verbose,
@@ -392,7 +399,10 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
     return model, callback.la, trace
 
 
-def _label_rank(data) -> int:
+def _one_hot_labels(data) -> bool:
+    """Whether the labels are one-hot rows ``[N, C]`` (not class indices ``[N]`` or ``[N, 1]``)."""
     if isinstance(data, tf.data.Dataset):
-        return len(tf.nest.flatten(data.element_spec[1])[0].shape)
-    return np.ndim(data[1])
+        shape = tuple(tf.nest.flatten(data.element_spec[1])[0].shape)
+    else:
+        shape = np.shape(data[1])
+    return len(shape) >= 2 and shape[-1] != 1

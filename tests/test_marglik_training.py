@@ -20,10 +20,11 @@ def _data(likelihood, seed=0):
     return x, y
 
 
-def _mlp(likelihood, seed=0):
+def _mlp(likelihood, seed=0, dtype=None):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "tanh"),
-                             keras.layers.Dense(1 if likelihood == "regression" else 2)])
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "tanh", dtype=dtype),
+                             keras.layers.Dense(1 if likelihood == "regression" else 2,
+                                                dtype=dtype)])
 
 
 def _loss(likelihood):
@@ -58,6 +59,8 @@ def _manual_step(model, weights, x, y, likelihood, prior, sigma, lr):
     ``prior``: one per layer, or one per tensor (kernel, bias, kernel, bias)."""
     prior = list(prior) if len(prior) == 4 else [prior[0], prior[0], prior[1], prior[1]]
     variables = [tf.Variable(w) for w in weights]
+    x, y = tf.cast(x, variables[0].dtype), tf.cast(y, variables[0].dtype if likelihood ==
+                                                   "regression" else y.dtype)
     factor = (2 * sigma**2 if likelihood == "regression" else 1.0) / N
     with tf.GradientTape() as tape:
         h = tf.tanh(x @ variables[0] + variables[1])
@@ -72,10 +75,11 @@ def _manual_step(model, weights, x, y, likelihood, prior, sigma, lr):
     return [(v - lr * g).numpy() for v, g in zip(variables, grads, strict=True)]
 
 
+@pytest.mark.parametrize("dtype", [None, "float64"])  # float64 layers, float32 floatx
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
-def test_the_learned_prior_is_the_l2_term_of_the_next_step(likelihood):
+def test_the_learned_prior_is_the_l2_term_of_the_next_step(likelihood, dtype):
     x, y = _data(likelihood, seed=1)
-    model = _mlp(likelihood, seed=1)
+    model = _mlp(likelihood, seed=1, dtype=dtype)
     lr = 0.5
     model.compile(keras.optimizers.SGD(lr), _loss(likelihood))
     callback = ltf.MarginalLikelihoodCallback(likelihood, (x, y), prior_precision=3.0,
@@ -213,6 +217,17 @@ def test_marglik_training_is_reproducible_and_returns_the_final_posterior():
     np.testing.assert_array_equal(runs[0][2]["prior_precision"], runs[1][2]["prior_precision"])
 
 
+def test_labels_of_shape_n_by_1_are_class_indices():
+    """Labels ``[N, 1]``, which ``la.fit`` takes, train as the labels ``[N]`` do."""
+    x, y = _data("classification")
+    runs = [ltf.marglik_training(_mlp("classification"), "classification", (x, labels),
+                                 epochs=2, batch_size=8, seed=3, verbose=0, n_hypersteps=5)
+            for labels in (y, y[:, None])]
+    for a, b in zip(runs[0][0].get_weights(), runs[1][0].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(runs[0][2]["prior_precision"], runs[1][2]["prior_precision"])
+
+
 def test_marglik_training_returns_the_refit_with_the_highest_evidence():
     x, y = _data("regression")
     model, saved = _mlp("regression"), []
@@ -260,6 +275,9 @@ def _compiled(loss=None, optimizer="sgd", regularizer=None):
         _compiled(optimizer="adamw")), "weight_decay"),
     (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(
         _compiled(regularizer="l2")), "regularizer"),
+    (lambda d: ltf.MarginalLikelihoodCallback(
+        "classification", tf.data.Dataset.from_tensor_slices(d).batch(4).repeat())
+     .set_model(_compiled()), "infinite"),
     (lambda d: ltf.marglik_training(_mlp("classification"), "classification", d, epochs=1,
                                     n_epochs_burnin=3, verbose=0), "no refit"),
 ])
