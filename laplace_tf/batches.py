@@ -111,6 +111,7 @@ class Batches:
             for an infinite dataset (``.repeat()`` without a count).
         check: an :class:`~laplace_tf.inputs.InputCheck` of the model: the inputs are
             checked against it (before batching, and batch by batch).
+        argument: the name of ``data`` in the caller, for error messages.
 
     Raises:
         ValueError: an infinite dataset without ``steps``, fewer batches than ``steps``, empty
@@ -119,8 +120,10 @@ class Batches:
 
     def __init__(self, data, batch_size: int | None = None, *, dtype: tf.DType = tf.float32,
                  progress: bool = False, description: str = "batches",
-                 steps: int | None = None, check: InputCheck | None = None):
+                 steps: int | None = None, check: InputCheck | None = None,
+                 argument: str = "data"):
         self.dtype = tf.as_dtype(dtype)
+        self.argument = argument
         self.check = check
         self.progress = progress
         self.description = description
@@ -133,13 +136,13 @@ class Batches:
             spec = data.element_spec
             if not isinstance(spec, tuple) or len(spec) not in (2, 3):
                 raise ValueError(
-                    "data: a tf.data.Dataset must yield (x, y) pairs (or (x, y, sample_weight) "
+                    f"{argument}: a tf.data.Dataset must yield (x, y) pairs (or (x, y, sample_weight) "
                     f"triples) of batches; got elements {spec}. Use "
                     "dataset.map(lambda *e: (e[0], e[1])) and .batch(n)."
                 )
             if any(part.shape.rank == 0 for part in tf.nest.flatten(spec)):
                 raise ValueError(
-                    f"data: the dataset yields single examples (element shapes "
+                    f"{argument}: the dataset yields single examples (element shapes "
                     f"{tf.nest.map_structure(lambda t: tuple(t.shape), spec)}), not batches. "
                     "Call .batch(n) on the dataset."
                 )
@@ -150,16 +153,17 @@ class Batches:
             n = int(data.cardinality())
             if n == tf.data.INFINITE_CARDINALITY and self.steps is None:
                 raise ValueError(
-                    "data: the dataset is infinite (.repeat() without a count), so the fit "
-                    "would never end; pass steps=N to take its first N batches, or make it "
-                    "finite with .take(N) or .repeat(count)."
+                    f"{argument}: the dataset is infinite (.repeat() without a count), so "
+                    "reading it would never end; "
+                    + ("pass steps=N to take its first N batches, or " if argument == "data"
+                       else "") + "make it finite with .take(N) or .repeat(count)."
                 )
             self.n_batches = n if n >= 0 else None
         elif isinstance(data, (tuple, list)) and len(data) in (2, 3):
             x, y = data[:2]
             if y is None:
                 raise TypeError(
-                    "data: got y=None; fitting needs targets. Give a tuple (x, y) with one "
+                    f"{argument}: got y=None; fitting needs targets. Give a tuple (x, y) with one "
                     "label or target per input."
                 )
             if check is not None:
@@ -167,7 +171,7 @@ class Batches:
             n = _n_rows(x)
             if len(y) != n:
                 raise ValueError(
-                    f"data: x has {n} rows but y has {len(y)}; give one target per input."
+                    f"{argument}: x has {n} rows but y has {len(y)}; give one target per input."
                 )
             weights = () if len(data) == 2 else (_checked_weights(data[2], n, -1),)
             self._dataset, self._arrays = None, (x, np.asarray(y), *weights)
@@ -176,11 +180,11 @@ class Batches:
             self.n_batches = -(-n // self.batch_size)
         else:
             raise TypeError(
-                "data: expected a tf.data.Dataset of (x, y) batches or a tuple (x, y) (or "
+                f"{argument}: expected a tf.data.Dataset of (x, y) batches or a tuple (x, y) (or "
                 f"(x, y, sample_weight)) of arrays; got {type(data).__name__}."
             )
         if self.n_batches == 0:
-            raise ValueError("data: the data set is empty; give at least one example.")
+            raise ValueError(f"{argument}: the data set is empty; give at least one example.")
         if self.steps is not None:
             if self.n_batches is not None and 0 < self.n_batches < self.steps:
                 raise ValueError(
@@ -211,7 +215,7 @@ class Batches:
     def __iter__(self) -> Iterator[tuple]:
         if self.is_weighted:
             raise ValueError(
-                f"data: sample weights are not used by {self.description!r}; give (x, y) "
+                f"{self.argument}: sample weights are not used by {self.description!r}; give (x, y) "
                 "without weights here."
             )
         for x, y, _ in self.weighted():
@@ -235,7 +239,7 @@ class Batches:
             seen += 1
             yield x, y, w
         if seen == 0:
-            raise ValueError("data: the data set is empty; give at least one example.")
+            raise ValueError(f"{self.argument}: the data set is empty; give at least one example.")
         if self.steps is not None and seen < self.steps:
             warnings.warn(
                 f"steps: the data ran out after {seen} batches; steps={self.steps} asked for "

@@ -189,6 +189,24 @@ def test_gridsearch_picks_the_lowest_validation_nll(likelihood, structure):
     np.testing.assert_array_equal(la.tuning_trace["prior_precision"], grid)
 
 
+@pytest.mark.filterwarnings("ignore:.*of the grid:UserWarning")
+@pytest.mark.parametrize("options", [{"pred_type": "nn"}, {"link_approx": "mc"}])
+def test_gridsearch_of_a_random_predictive_scores_every_value_with_the_seeds_draws(options):
+    model, x, y = _data("classification", 12, seed=5)
+    la = Laplace(model, "classification", "last_layer", "kron", progress=False)
+    la.fit((x[:8], y[:8]))
+    grid = np.logspace(-2, 2, 3)
+    nll = []
+    for value in grid:
+        la.prior_precision = value
+        nll.append(_validation_nll_by_hand("classification", la(x[8:], seed=3, **options),
+                                           y[8:]))
+    for _ in range(2):  # reproducible
+        la.optimize_prior_precision(method="gridsearch", val_data=(x[8:], y[8:]), grid=grid,
+                                    progress=False, seed=3, **options)
+        np.testing.assert_allclose(la.tuning_trace["val_nll"], nll, rtol=1e-12)
+
+
 def test_gridsearch_warns_when_the_best_prior_is_an_edge_of_the_grid():
     model, x, y = _data("regression", 12, seed=1)
     la = Laplace(model, "regression", "last_layer", "diag", progress=False)
@@ -247,6 +265,12 @@ def test_gridsearch_needs_the_predictive_and_validation_data():
     full.fit((x, y))
     with pytest.raises(ValueError, match="val_data: method='gridsearch' needs validation"):
         full.optimize_prior_precision(method="gridsearch")
+    with pytest.raises(ValueError, match=r"^val_data: the dataset is infinite .*reading it "
+                                         r"would never end; make it finite with \.take"):
+        full.optimize_prior_precision(
+            val_data=tf.data.Dataset.from_tensor_slices((x, y)).batch(2).repeat())
+    with pytest.raises(ValueError, match=r"^val_data: x has 6 rows but y has 5"):
+        full.optimize_prior_precision(val_data=(x, y[:5]))
     with pytest.raises(ValueError, match="grid: expected a non-empty 1-D array"):
         full.optimize_prior_precision(method="gridsearch", val_data=(x, y), grid=[1.0, -1.0])
     with pytest.raises(ValueError, match="gridsearch' searches one scalar"):

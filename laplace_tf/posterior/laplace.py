@@ -955,6 +955,7 @@ class PosteriorLaplace:
         link_approx: str = "probit",
         tune_sigma_noise: bool | None = None,
         progress: bool | None = None,
+        seed: int | None = None,
     ) -> dict:
         """Tune the prior precision (and, for regression, ``sigma_noise``): by the validation
         NLL when ``val_data`` is given, else by the evidence, unless ``method`` says; see
@@ -965,6 +966,7 @@ class PosteriorLaplace:
             val_data=val_data, grid=grid, pred_type=pred_type, link_approx=link_approx,
             tune_sigma_noise=tune_sigma_noise,
             progress=self.progress if progress is None else flag(progress, "progress"),
+            seed=seed,
         )
 
     # ------------------------------------------------------------------ save / load

@@ -211,7 +211,8 @@ def _tune_marglik(la, prior_structure: str, n_steps: int, lr: float, tune_sigma:
     return _result(la)
 
 
-def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progress: bool) -> dict:
+def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progress: bool,
+                     seed: int | None) -> dict:
     if not hasattr(la, "validation_scorer"):
         raise TypeError(
             "method='gridsearch' scores the predictive la(x, ...); use laplace_tf.Laplace (a "
@@ -228,10 +229,13 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
             f"grid: expected a non-empty 1-D array of positive prior precisions, e.g. "
             f"np.logspace(-4, 4, 100); got {grid!r}."
         )
-    batches = Batches(val_data, la.batch_size, dtype=la.subset.dtype, description="validation")
+    batches = Batches(val_data, la.batch_size, dtype=la.subset.dtype, description="validation",
+                      argument="val_data")
     kwargs = {"pred_type": pred_type}
     if not la.likelihood.gaussian_predictive:
         kwargs["link_approx"] = link_approx
+    if pred_type == "nn" or kwargs.get("link_approx") == "mc":  # the same draws for every value
+        kwargs["seed"] = np.random.default_rng().integers(2**31 - 1) if seed is None else seed
     original = la.prior_precision
     scores = la.validation_scorer(batches, kwargs)  # mean validation NLL and evidence at priors
     nll, evidence = np.full(grid.size, np.inf), np.full(grid.size, np.nan)
@@ -304,6 +308,7 @@ def optimize_prior_precision(
     la, method: str | None = None, prior_structure: str = "scalar", n_steps: int = 100,
     lr: float = 0.1, val_data=None, grid=None, pred_type: str = "glm",
     link_approx: str = "probit", tune_sigma_noise: bool | None = None, progress: bool | None = None,
+    seed: int | None = None,
 ) -> dict:
     """Tune ``la.prior_precision`` (and ``la.sigma_noise`` for regression) in place.
 
@@ -327,6 +332,9 @@ def optimize_prior_precision(
             exact Hessian, which store each output's curvature). Default True for regression
             where it can be tuned.
         progress: show a progress bar (None: on a terminal or in a notebook).
+        seed: the seed of a random predictive (``pred_type="nn"``, ``link_approx="mc"``) in
+            ``"gridsearch"``: every grid value is scored with the same draws (None: drawn once
+            per call).
 
     Returns:
         ``{"prior_precision": ..., "sigma_noise": ...}`` (``sigma_noise`` for regression), the
@@ -381,7 +389,7 @@ def optimize_prior_precision(
                 f"prior_structure: method='gridsearch' searches one scalar precision; got "
                 f"{prior_structure!r}. Use method='marglik' for per-layer or per-weight priors."
             )
-        return _tune_gridsearch(la, val_data, grid, pred_type, link_approx, progress)
+        return _tune_gridsearch(la, val_data, grid, pred_type, link_approx, progress, seed)
     n_steps = positive_int(n_steps, "n_steps")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"lr: expected a positive step size such as 0.1; got {lr!r}.")
