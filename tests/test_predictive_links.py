@@ -122,3 +122,31 @@ def test_links_that_do_not_fit_are_refused(link, likelihood, message):
     with pytest.raises(ValueError, match=r"link_approx: .*" + message.replace("(", r"\(")
                        .replace(")", r"\)")):
         get_likelihood(likelihood).check_link(link)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+def test_bridge_of_widely_spread_logits_is_finite_and_exact(dtype):
+    """``exp(mu_k) sum_j exp(-mu_j)`` overflows for logits spanning ~88 (float32) or ~709
+    (float64); the Dirichlet mean is the hand formula in log space (numpy, float64)."""
+    mu = np.array([[60.0, -60.0, 0.0], [400.0, -400.0, 0.0], [3.0, -2.0, 1.0]])
+    if dtype == tf.float32:
+        mu[1] /= 4
+    V = np.stack([np.eye(3), 0.5 * np.eye(3), COV[0]])
+    expected = []
+    for m, v in zip(mu, V, strict=True):
+        ones = np.ones(3)
+        m_c = m - v @ ones * (ones @ m) / (ones @ v @ ones)
+        v_c = np.diag(v) - (v @ ones) ** 2 / (ones @ v @ ones)
+        log_alpha = np.logaddexp(np.log(1 / 3), m_c + np.logaddexp.reduce(-m_c) - 2 * np.log(3))
+        log_alpha -= np.log(v_c)
+        expected.append(np.exp(log_alpha - np.logaddexp.reduce(log_alpha)))
+    actual = bridge(tf.constant(mu, dtype), tf.constant(V, dtype)).numpy()
+    np.testing.assert_allclose(actual, expected, rtol=1e-5 if dtype == tf.float32 else 1e-12,
+                               atol=1e-30)
+
+
+def test_bridge_without_variance_is_the_softmax_of_the_mean():
+    """``V = 0`` (a prior so strong, or features all 0): no uncertainty, ``softmax(mu)``."""
+    mu = np.array([[1.0, -0.5, 0.2], [0.0, 0.0, 0.0]])
+    probs = bridge(tf.constant(mu, F64), tf.zeros((2, 3, 3), F64)).numpy()
+    np.testing.assert_allclose(probs, tf.nn.softmax(mu).numpy(), rtol=1e-12)

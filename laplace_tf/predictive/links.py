@@ -13,7 +13,8 @@ three approximations, named as in laplace-torch:
   laplace-torch: remove the component of ``f`` along the all-ones direction (softmax is blind
   to it), map the Gaussian to a Dirichlet with
   ``alpha_k = (1 - 2/K + exp(mu_k) / K^2 * sum_j exp(-mu_j)) / V_kk`` and return the
-  Dirichlet mean ``alpha / sum(alpha)``. Classification with K >= 2 only.
+  Dirichlet mean ``alpha / sum(alpha)`` (computed in log space; ``softmax(mu)`` where
+  ``V = 0``). Classification with K >= 2 only.
 
 Regression needs no link: the predictive is Gaussian in closed form.
 
@@ -27,6 +28,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -50,11 +53,20 @@ def bridge(mu: tf.Tensor, covariance: tf.Tensor) -> tf.Tensor:
     n_classes = int(mu.shape[-1])
     row = tf.reduce_sum(covariance, axis=-1)  # V 1        [N, K]
     total = tf.reduce_sum(row, axis=-1, keepdims=True)  # 1^T V 1   [N, 1]
-    mu = mu - row * tf.reduce_sum(mu, axis=-1, keepdims=True) / total
-    variance = tf.linalg.diag_part(covariance) - row**2 / total
-    sum_exp = tf.reduce_sum(tf.exp(-mu), axis=-1, keepdims=True)
-    alpha = (1.0 - 2.0 / n_classes + tf.exp(mu) * sum_exp / n_classes**2) / variance
-    return alpha / tf.reduce_sum(alpha, axis=-1, keepdims=True)
+    certain = total <= 0  # no variance at all: the predictive is softmax(mu)
+    total = tf.where(certain, tf.ones_like(total), total)
+    centred = mu - row * tf.reduce_sum(mu, axis=-1, keepdims=True) / total
+    variance = tf.maximum(tf.linalg.diag_part(covariance) - row**2 / total,
+                          np.finfo(mu.dtype.as_numpy_dtype).tiny)
+    # log alpha_k = log(1 - 2/K + exp(mu_k) sum_j exp(-mu_j) / K^2) - log V_kk in log space:
+    # exp(mu_k) sum_j exp(-mu_j) overflows once the logits span ~88 (float32)
+    spread = centred + tf.reduce_logsumexp(-centred, axis=-1, keepdims=True) \
+        - 2.0 * math.log(n_classes)
+    if n_classes > 2:  # log(c + exp(spread)), c = 1 - 2/K (0 for K = 2)
+        log_c = math.log(1.0 - 2.0 / n_classes)
+        spread = tf.maximum(spread, log_c) + tf.math.log1p(tf.exp(-tf.abs(spread - log_c)))
+    log_alpha = spread - tf.math.log(variance)
+    return tf.where(certain, tf.nn.softmax(mu), tf.nn.softmax(log_alpha))
 
 
 def gaussian_samples(
