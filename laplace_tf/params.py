@@ -60,6 +60,14 @@ class LayerSlice:
         return sum(int(np.prod(v.shape)) for v in self.variables)
 
 
+def fingerprint(variables) -> str:
+    """A SHA-256 of the values of ``variables`` (float64 bytes), to recognise weights."""
+    digest = hashlib.sha256()
+    for v in variables:
+        digest.update(np.ascontiguousarray(np.asarray(v.numpy(), np.float64)).tobytes())
+    return digest.hexdigest()
+
+
 def leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """All layers of ``model`` that own weights directly (nested models are walked)."""
     return [
@@ -178,10 +186,7 @@ class WeightSubset:
 
     def fingerprint(self) -> str:
         """A SHA-256 of the current weights (float64 bytes), to recognise the MAP."""
-        digest = hashlib.sha256()
-        for v in self.variables:
-            digest.update(np.ascontiguousarray(np.asarray(v.numpy(), np.float64)).tobytes())
-        return digest.hexdigest()
+        return fingerprint(self.variables)
 
 
 _CACHE_ATTRIBUTE = "_laplace_tf_caches"

@@ -178,28 +178,36 @@ def test_loaded_laplace_predicts_the_same(tmp_path):
                                   la(x, pred_type="nn", n_samples=8, seed=1))
 
 
-def _saved(tmp_path):
-    la = make("diag", "all")
+def _saved(tmp_path, subset="all"):
+    la = make("diag", subset)
     path = tmp_path / "posterior.npz"
     la.save(path)
     return la, path
 
 
-def test_load_refuses_a_different_model(tmp_path):
-    la, path = _saved(tmp_path)
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_load_refuses_a_different_model(tmp_path, subset):
+    la, path = _saved(tmp_path, subset)
     retrained, _ = tanh_mlp(2, seed=1)  # same architecture, other weights
-    with pytest.raises(ValueError, match="weights differ from the MAP .*model.load_weights"):
+    other = "|none of its layers holds those MAP weights" if subset == "last_layer" else ""
+    with pytest.raises(ValueError, match=f"(weights differ from the MAP{other}).*load_weights"):
         PosteriorLaplace.load(path, retrained)
     keras.utils.set_random_seed(0)
     wider = keras.Sequential([keras.Input((3,), dtype="float64"),
                               keras.layers.Dense(5, "tanh", dtype="float64"),
                               keras.layers.Dense(2, dtype="float64")])
-    with pytest.raises(ValueError, match="do not match the posterior saved .* saved layer"):
+    with pytest.raises(ValueError, match=f"do not match the posterior saved .* saved layer{other}"):
         PosteriorLaplace.load(path, wider)
     renamed, _ = tanh_mlp(2)  # same weights, layers numbered differently by Keras
-    assert renamed.layers[0].name != la.model.layers[0].name
+    assert renamed.layers[-1].name != la.model.layers[-1].name
     loaded = PosteriorLaplace.load(path, renamed)
     np.testing.assert_array_equal(loaded.posterior_covariance, la.posterior_covariance)
+    if subset == "last_layer":
+        assert loaded.last_layer_name == renamed.layers[-1].name
+        renamed_and_retrained, _ = tanh_mlp(2, seed=1)
+        with pytest.raises(ValueError, match=r"fitted at the weights of its layer 'dense_\d+'; "
+                                             r"the model has no layer of that name and none"):
+            PosteriorLaplace.load(path, renamed_and_retrained)
 
 
 def _truncate(path):
@@ -224,6 +232,14 @@ def _other_format(path):
         np.savez(handle, **arrays)
 
 
+def _shift_mean(path):
+    with np.load(path) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    arrays["mean"] = arrays["mean"] + 1.0
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
 def _flip_bytes(path):
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
@@ -240,6 +256,7 @@ def _flip_bytes(path):
     (_drop_metadata, "array 'mean' is missing"),
     (_other_format, "holds format 'something else'"),
     (_flip_bytes, "is not a readable laplace_tf posterior"),
+    (_shift_mean, "the array 'mean' in .* is not the MAP weights the file records"),
 ])
 def test_load_refuses_a_broken_file(tmp_path, damage, match):
     la, path = _saved(tmp_path)

@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from laplace_tf.blocks import BLOCK_TYPES as _BLOCKS  # a block's arrays are its fields
 from laplace_tf.curvature.base import Curvature
+from laplace_tf.params import fingerprint, leaf_layers
 from laplace_tf.posterior.state import REQUIRED, PosteriorState
 
 logger = logging.getLogger("laplace_tf")
@@ -171,6 +172,26 @@ def _array(values: np.ndarray, dtype: tf.DType) -> tf.Tensor:
     return tf.constant(values, None if np.issubdtype(values.dtype, np.integer) else dtype)
 
 
+def _last_layer_name(model, name: str, map_fingerprint: str, path) -> str:
+    """``name``, or where ``model`` has no layer of that name (Keras numbers layers per
+    process, so a rebuilt model's names differ) its layer that holds the MAP weights."""
+    layers = leaf_layers(model)
+    if any(layer.name == name for layer in layers):
+        return name
+    for layer in reversed(layers):
+        if layer.trainable_variables and fingerprint(layer.trainable_variables) == map_fingerprint:
+            logger.info("laplace_tf: loading a last-layer posterior saved for layer %r into "
+                        "layer %r (the same weights; Keras named it differently).",
+                        name, layer.name)
+            return layer.name
+    raise ValueError(
+        f"model: the posterior in {os.fspath(path)!r} was fitted at the weights of its layer "
+        f"{name!r}; the model has no layer of that name and none of its layers holds those "
+        "MAP weights. Load the trained weights into the model first "
+        "(model.load_weights(...)), then load the posterior."
+    )
+
+
 def load(cls, path, model):
     """A ``cls`` instance rebuilt from ``path`` for ``model``; refuses a model that differs.
 
@@ -182,6 +203,9 @@ def load(cls, path, model):
     metadata, arrays = _read(path, cls.SETTINGS)
     stored = {"metadata": metadata, "array": arrays, None: {}}
     settings = {s.name: stored[s.saved].get(s.name, s.when_absent) for s in cls.SETTINGS}
+    if settings.get("last_layer_name") is not None:
+        settings["last_layer_name"] = _last_layer_name(model, settings["last_layer_name"],
+                                                       metadata["fingerprint"], path)
     try:
         la = cls(model, **settings)
     except (ValueError, TypeError, KeyError) as error:
@@ -204,6 +228,13 @@ def load(cls, path, model):
             f"model: its weights differ from the MAP weights the posterior in "
             f"{os.fspath(path)!r} was fitted at (SHA-256 mismatch). Load the trained weights "
             "into the model first (model.load_weights(...)), then load the posterior."
+        )
+    mean, weights = np.asarray(arrays["mean"]), la.subset.flat_values().numpy()
+    if mean.shape != weights.shape or not np.array_equal(mean.astype(weights.dtype), weights):
+        raise ValueError(
+            f"path: the array 'mean' in {os.fspath(path)!r} is not the MAP weights the file "
+            f"records (shape {mean.shape}, the weights {weights.shape}); the file was altered. "
+            "Save the posterior again with la.save(path)."
         )
     dtype = la.subset.dtype
     fit_sigma = arrays.get("fit_sigma")
