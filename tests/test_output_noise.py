@@ -107,6 +107,8 @@ def test_per_output_evidence_and_curvature_match_brute_force(structure, kind):
     sigma = np.array([0.4, 2.0])
     expected = brute_evidence(model, x, y, sigma, kind, diagonal=structure == "diag")
     np.testing.assert_allclose(la.log_marginal_likelihood(sigma_noise=sigma), expected, rtol=1e-10)
+    in_graph = tf.function(lambda s: la.log_marginal_likelihood(sigma_noise=s))
+    np.testing.assert_allclose(in_graph(tf.constant(sigma)), expected, rtol=1e-10)
     la.sigma_noise = sigma  # the stored curvature is rescaled to the new noise
     np.testing.assert_allclose(la.log_marginal_likelihood(), expected, rtol=1e-10)
     logit_model = LogitModel(model, WeightSubset(model, [model.layers[-1]]))
@@ -164,6 +166,8 @@ def test_per_output_sigma_over_all_weights_matches_a_fresh_fit(structure, kind):
     fresh.fit((x, y))  # the reference: fitted directly at the new noise
     expected = float(fresh.log_marginal_likelihood())
     np.testing.assert_allclose(la.log_marginal_likelihood(sigma_noise=sigma), expected, rtol=1e-10)
+    in_graph = tf.function(lambda s: la.log_marginal_likelihood(sigma_noise=s))
+    np.testing.assert_allclose(in_graph(tf.constant(sigma)), expected, rtol=1e-10)
     la.sigma_noise = sigma  # the curvature is rebuilt from the per-output curvatures
     np.testing.assert_allclose(la.log_marginal_likelihood(), expected, rtol=1e-10)
     np.testing.assert_allclose(blocks_to_dense(la.curvature.blocks),

@@ -390,10 +390,12 @@ class PosteriorLaplace:
         return sigma
 
     def _per_output_change(self, sigma: tf.Tensor) -> bool:
-        """Whether ``sigma`` differs from the fit's noise in a way no scalar factor covers."""
+        """Whether ``sigma`` differs from the fit's noise in a way no scalar factor covers (a
+        symbolic ``sigma``, inside a ``tf.function``, is taken to differ)."""
         fit = self._fit_sigma
         return fit is not None and bool(fit.ndim or sigma.shape.rank) and not (
-            fit.shape == tuple(sigma.shape) and np.array_equal(fit, np.asarray(sigma))
+            fit.shape == tuple(sigma.shape) and hasattr(sigma, "numpy")
+            and np.array_equal(fit, sigma.numpy())
         )
 
     def _require_fit(self, what: str) -> _Fitted:
