@@ -179,6 +179,31 @@ def test_per_output_sigma_over_all_weights_matches_a_fresh_fit(structure, kind):
                                    rtol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:.*negative eigenvalue")
+def test_per_output_evidence_of_a_clipped_exact_hessian_is_clipped():
+    """Away from the MAP the exact Hessian is indefinite; with ``on_indefinite="clip"`` the
+    evidence at a per-output sigma uses it clipped, as the posterior does: the brute-force
+    Hessian's negative eigenvalues set to 0."""
+    model, x, y = _problem(n=11, seed=3)
+    sigma = np.array([0.6, 1.1])
+    la = ltf.Laplace(model, "regression", "all", "full", curvature="hessian",
+                     on_indefinite="clip", prior_precision=0.7, sigma_noise=sigma,
+                     progress=False)
+    la.fit((x, y))
+    logit_model = LogitModel(model)
+    likelihood = get_likelihood("regression", sigma)
+    hessian = testing.brute_force_hessian(logit_model, likelihood, x,
+                                          likelihood.prepare_targets(y, 2, "float64"))
+    values, vectors = np.linalg.eigh(hessian)
+    clipped = (vectors * np.maximum(values, 0)) @ vectors.T
+    assert np.linalg.eigvalsh(hessian)[0] < -1e-3  # indefinite: the clip matters
+    theta = logit_model.subset.flat_values().numpy()
+    expected = (stats.norm.logpdf(y, model(x).numpy(), sigma).sum()
+                - 0.35 * theta @ theta + 0.5 * theta.size * np.log(0.7)
+                - 0.5 * np.linalg.slogdet(clipped + 0.7 * np.eye(theta.size))[1])
+    np.testing.assert_allclose(la.log_marginal_likelihood(), expected, rtol=1e-10)
+
+
 def test_per_output_sigma_over_all_weights_online_update_adds_the_pieces():
     model, x, y = _problem(n=30)
     la = _all_weights(model, "kron", "ggn", [0.7, 1.3])

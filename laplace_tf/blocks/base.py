@@ -85,8 +85,9 @@ class Block(Protocol):
     def combine(cls, blocks: Sequence[Any], weights) -> Any:
         """``sum_i weights_i blocks_i`` of blocks fitted on the same data."""
 
-    def log_det_precision(self, c, prior) -> tf.Tensor:
-        """``log det(c H + diag(prior))``, differentiable in the block, ``c`` and ``prior``."""
+    def log_det_precision(self, c, prior, clip: bool = False) -> tf.Tensor:
+        """``log det(c H + diag(prior))``, differentiable in the block, ``c`` and ``prior``;
+        ``clip``: with the negative eigenvalues of ``H`` set to 0, as :meth:`factorize`."""
 
     def spectrum(self, max_order: int) -> np.ndarray | None:
         """The eigenvalues of ``H`` (float64), or None if that needs the eigendecomposition

@@ -71,9 +71,14 @@ class DenseBlock(NamedTuple):
         first = blocks[0].matrix
         return DenseBlock(weighted_sum([b.matrix for b in blocks], weights, first.dtype))
 
-    def log_det_precision(self, c, prior) -> tf.Tensor:
+    def log_det_precision(self, c, prior, clip: bool = False) -> tf.Tensor:
         size = int(self.matrix.shape[0])
-        matrix = c * self.matrix + tf.linalg.diag(prior * tf.ones([size], self.matrix.dtype))
+        curvature = self.matrix
+        if clip:  # rebuilt from its eigenvalues, the negative ones set to 0
+            values, vectors = tf.linalg.eigh(symmetric(curvature))
+            curvature = tf.matmul(vectors * tf.maximum(values, 0)[None, :], vectors,
+                                  transpose_b=True)
+        matrix = c * curvature + tf.linalg.diag(prior * tf.ones([size], self.matrix.dtype))
         return 2.0 * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(tf.linalg.cholesky(matrix))))
 
     def spectrum(self, max_order: int) -> np.ndarray | None:

@@ -71,8 +71,9 @@ class DiagBlock(NamedTuple):
         first = blocks[0].diagonal
         return DiagBlock(weighted_sum([b.diagonal for b in blocks], weights, first.dtype))
 
-    def log_det_precision(self, c, prior) -> tf.Tensor:
-        return tf.reduce_sum(tf.math.log(c * self.diagonal + prior))
+    def log_det_precision(self, c, prior, clip: bool = False) -> tf.Tensor:
+        diagonal = tf.maximum(self.diagonal, 0) if clip else self.diagonal
+        return tf.reduce_sum(tf.math.log(c * diagonal + prior))
 
     def spectrum(self, max_order: int) -> np.ndarray:
         return np.asarray(self.diagonal, np.float64)

@@ -87,8 +87,9 @@ class KronBlock(NamedTuple):
         return KronBlock(first.A, weighted_sum([b.G for b in blocks], weights, first.A.dtype),
                          first.n)
 
-    def log_det_precision(self, c, prior) -> tf.Tensor:
-        """Differentiable in ``A`` and ``G``: their eigenvalues are recomputed (clipped at 0),
+    def log_det_precision(self, c, prior, clip: bool = False) -> tf.Tensor:
+        """Differentiable in ``A`` and ``G``: their eigenvalues are recomputed (always clipped
+        at 0, whatever ``clip``),
         so cache nothing here and keep it to small models."""
         a = tf.linalg.eigvalsh(symmetric(self.A))
         g = tf.linalg.eigvalsh(symmetric(self.G))
@@ -272,7 +273,7 @@ class PermutedKronBlock(NamedTuple):
     def combine(cls, blocks: Sequence[PermutedKronBlock], weights) -> PermutedKronBlock:
         return blocks[0]._with(KronBlock.combine([b.kron for b in blocks], weights))
 
-    def log_det_precision(self, c, prior) -> tf.Tensor:
+    def log_det_precision(self, c, prior, clip: bool = False) -> tf.Tensor:
         return self.kron.log_det_precision(c, prior)
 
     def spectrum(self, max_order: int) -> np.ndarray:

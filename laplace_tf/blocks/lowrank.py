@@ -109,8 +109,9 @@ class LowRankBlock(NamedTuple):
         return cls(tf.concat([tf.sqrt(w) * b.root for w, b in
                               zip(tf.unstack(weights), blocks, strict=True)], axis=0))
 
-    def log_det_precision(self, c, prior) -> tf.Tensor:
-        """``log det D + log det(I + c R D^-1 R^T)``, differentiable in ``c`` and ``prior``."""
+    def log_det_precision(self, c, prior, clip: bool = False) -> tf.Tensor:
+        """``log det D + log det(I + c R D^-1 R^T)``, differentiable in ``c`` and ``prior``
+        (``H = R^T R`` has no negative eigenvalues to clip)."""
         inverse_prior = 1.0 / prior * tf.ones([self.size], self.root.dtype)
         inner = tf.eye(self.rank, dtype=self.root.dtype) + c * tf.matmul(
             self.root * inverse_prior, self.root, transpose_b=True)

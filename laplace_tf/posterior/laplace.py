@@ -904,8 +904,9 @@ class PosteriorLaplace:
                 scales = output_noise.output_scales(fit, sigma, self._noise_power())
                 blocks = output_noise.rescaled(
                     fitted.curvature, scales * tf.ones_like(fitted.curvature.residual_ss)).blocks
+            clip = self.curvature_kind == "hessian" and self.on_indefinite == "clip"
             log_det = tf.add_n([
-                b.log_det_precision(1.0 / self._temperature, p)
+                b.log_det_precision(1.0 / self._temperature, p, clip)
                 for b, p in zip(blocks, self._block_priors(prior), strict=True)
             ])
             return (-self._data_nll(sigma) / self._temperature - 0.5 * scatter
