@@ -116,7 +116,8 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
 
     After each refit ``logs`` (the progress bar, ``History``) get ``log_marglik`` (and
     ``sigma_noise``); ``self.la`` is the latest fitted Laplace, ``self.trace`` the values,
-    ``self.best_epoch`` the refit with the highest evidence.
+    ``self.best_epoch`` the refit with the highest evidence in the latest fit (a second
+    ``model.fit`` with the callback starts its own search; the Adam run and the trace go on).
     """
 
     def __init__(self, likelihood: str, train_data, subset_of_weights: str = "all",
@@ -200,7 +201,8 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         assert self.la is not None  # made by the caller for this model
         variables = [v for s in self.la.subset.slices for v in s.variables]
         for variable in variables:
-            if variable.regularizer is not None and variable not in self._attached:
+            if variable.regularizer is not None and not any(  # by identity: `in` compares
+                    variable is mine for mine in self._attached):  # Keras variables' values
                 raise ValueError(
                     f"model: the weight {variable.path!r} already has a regularizer; the "
                     "marginal likelihood learns the weight decay: remove the layer's "
@@ -217,11 +219,20 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         self._attached = variables
         model.train_function = model.test_function = None  # traced again, with the L2 terms
 
-    def on_train_end(self, logs=None):
+    def detach(self) -> None:
+        """Take the learned L2 terms off the model's weights (done at the end of every fit;
+        call it after a fit that raised, when Keras skips ``on_train_end``)."""
         for variable in self._attached:
             variable.regularizer = None
         self._attached = []
-        self.model.train_function = self.model.test_function = None
+        if self.model is not None:
+            self.model.train_function = self.model.test_function = None
+
+    def on_train_begin(self, logs=None):
+        self.best_epoch, self._best, self._epochs_done = None, None, 0  # this fit's best
+
+    def on_train_end(self, logs=None):
+        self.detach()
         if self.restore_best_weights and self._best is not None \
                 and self.best_epoch != self._epochs_done:
             _, weights, sigma, log_prior = self._best
@@ -381,12 +392,15 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     model.compile(optimizer=optimizer, loss=loss)
-    if isinstance(train_data, tf.data.Dataset):
-        model.fit(train_data, epochs=epochs, verbose=verbose,
-                  callbacks=[callback, *(callbacks or [])])
-    else:
-        model.fit(*train_data, epochs=epochs, batch_size=batch_size, verbose=verbose,
-                  callbacks=[callback, *(callbacks or [])])
+    try:
+        if isinstance(train_data, tf.data.Dataset):
+            model.fit(train_data, epochs=epochs, verbose=verbose,
+                      callbacks=[callback, *(callbacks or [])])
+        else:
+            model.fit(*train_data, epochs=epochs, batch_size=batch_size, verbose=verbose,
+                      callbacks=[callback, *(callbacks or [])])
+    finally:  # Keras skips on_train_end when fit raises: no learned L2 left on the model
+        callback.detach()
     if not callback.trace["epoch"]:
         raise ValueError(
             f"epochs: no refit happened in {epochs} epochs (n_epochs_burnin="

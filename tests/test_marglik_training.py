@@ -248,6 +248,46 @@ def test_marglik_training_returns_the_refit_with_the_highest_evidence():
                                trace["log_marginal_likelihood"][best], rtol=1e-5)
 
 
+def test_a_fit_that_raises_leaves_no_learned_decay_on_the_model():
+    """Keras skips ``on_train_end`` when fit raises; the L2 terms are taken off anyway, and
+    the callback can be used again."""
+    x, y = _data("classification")
+    model = _mlp("classification")
+
+    def fail(epoch, logs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ltf.marglik_training(model, "classification", (x, y), epochs=2, verbose=0,
+                             n_hypersteps=2,
+                             callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=fail)])
+    assert all(v.regularizer is None for v in model.trainable_variables)
+    callback = ltf.MarginalLikelihoodCallback("classification", (x, y), n_hypersteps=2)
+    model.compile("sgd", _loss("classification"))
+    stop = keras.callbacks.LambdaCallback(on_epoch_end=fail)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[callback, stop])
+    assert all(v.regularizer is not None for v in model.trainable_variables)  # Keras skipped it
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])  # attached again, then taken off
+    assert all(v.regularizer is None for v in model.trainable_variables)
+
+
+def test_a_second_fit_with_the_callback_restores_its_own_best_refit():
+    x, y = _data("classification")
+    model = _mlp("classification")
+    model.compile(keras.optimizers.Adam(0.05), _loss("classification"))
+    callback = ltf.MarginalLikelihoodCallback("classification", (x, y), n_hypersteps=2,
+                                              restore_best_weights=True)
+    for learning_rate in (0.05, 20.0):  # the second fit's refits are all worse
+        model.optimizer.learning_rate.assign(learning_rate)
+        model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
+        this_fit = callback.trace["log_marginal_likelihood"][-3:]
+        assert callback.best_epoch == int(np.argmax(this_fit)) + 1
+        np.testing.assert_allclose(float(callback.la.log_marginal_likelihood()),
+                                   np.max(this_fit), rtol=1e-5)
+    assert len(callback.trace["epoch"]) == 6  # the trace goes on
+
+
 def _compiled(loss=None, optimizer="sgd", regularizer=None):
     model = keras.Sequential([keras.Input((3,)),
                               keras.layers.Dense(2, kernel_regularizer=regularizer)])
