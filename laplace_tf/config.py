@@ -131,7 +131,8 @@ class RunConfig:
     """A whole run: data, MAP model, Laplace, predictive, and where to write the artefacts."""
 
     name: str = _option("run", "a name for the run (shown in the report)")
-    seed: int = _option(0, "seed of data splits, initialisation, training and sampling")
+    seed: int = _option(0, "seed of data splits, initialisation, training and sampling",
+                        seed=True)
     out: str = _option("laplace_tf_out", "output folder")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -237,6 +238,8 @@ def _parse(spec: FieldSpec, value: Any, where: str) -> Any:
         parsed = _parse_number(value, spec.kind, label)
         if spec.metadata.get("positive") and not parsed > 0:
             raise ValueError(f"{label}: expected a positive number; got {value!r}")
+        if spec.metadata.get("seed") and not 0 <= parsed < 2**32:
+            raise ValueError(f"{label}: expected an integer in [0, 2**32); got {value!r}")
         if spec.metadata.get("fraction") and not 0 < parsed < 1:
             raise ValueError(f"{label}: expected a fraction between 0 and 1; got {value!r}")
         return parsed
@@ -377,6 +380,23 @@ def likelihood_of(config: RunConfig) -> str:
     return LIKELIHOOD_OF[config.data.dataset]
 
 
+def read_yaml(path: Path) -> Any:
+    """The parsed YAML file given by ``--config``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not YAML.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: no such file {str(path)!r}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{line}: {getattr(err, 'problem', err)}") from None
+
+
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Read a YAML config, apply ``overrides`` (dotted key -> value) and validate.
 
@@ -385,15 +405,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         ValueError: the file is not YAML, or its content fails validation.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config: no such file {str(path)!r}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{path}: not valid YAML{line}: {getattr(err, 'problem', err)}") from None
-    config = from_dict(raw, where=str(path))
+    config = from_dict(read_yaml(path), where=str(path))
     return override(config, overrides or {}, where="flags") if overrides else config
 
 

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from laplace_tf import config as _config
 from laplace_tf import run as _run
@@ -70,8 +69,33 @@ def _shift_section(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{where}: unknown key shift.{unknown[0]}; expected one of "
                          f"{', '.join(SHIFT_KEYS)}")
-    return {"ensemble": 5, "temperature": True, "shifts": None, "reliability_at": [0],
-            "variants": [{"label": "Laplace"}], **section}
+    section = {"ensemble": 5, "temperature": True, "shifts": None, "reliability_at": [0],
+               "variants": [{"label": "Laplace"}], **section}
+
+    def refuse(key: str, expected: str) -> ValueError:
+        return ValueError(f"{where}: shift.{key}: expected {expected}; got {section[key]!r}")
+
+    ensemble = section["ensemble"]
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 0:
+        raise refuse("ensemble", "the number of networks, an integer >= 0 (0: no ensemble)")
+    if not isinstance(section["temperature"], bool):
+        raise refuse("temperature", "true or false")
+    for key, kind, example in (("shifts", str, "[rotation, noise]"),
+                               ("reliability_at", int, "[0, 2]"), ("variants", dict, None)):
+        value = section[key]
+        if key == "shifts" and value is None:
+            continue
+        if not isinstance(value, list) or not all(
+                isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            raise refuse(key, f"a list, e.g. {example}" if example else
+                         "a list of {label: ..., <sections>} mappings")
+    labels = [str(v.get("label")) for v in section["variants"]]
+    taken = {"MAP", "MAP + temperature", f"ensemble of {ensemble}"}
+    clash = [label for i, label in enumerate(labels) if label in taken or label in labels[:i]]
+    if clash:
+        raise refuse("variants", f"labels that name one predictor each (not a baseline's: "
+                     f"{', '.join(sorted(taken))}); {clash[0]!r} is taken")
+    return section
 
 
 def _variant(base: Mapping[str, Any], variant: Mapping[str, Any], where: str
@@ -89,9 +113,7 @@ def _variant(base: Mapping[str, Any], variant: Mapping[str, Any], where: str
 def load_shift_config(path: str | Path) -> tuple[_config.RunConfig, dict[str, Any]]:
     """The base run config and the checked ``shift`` section of a YAML shift config."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config: no such file {str(path)!r}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _config.read_yaml(path) or {}
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: expected a mapping of sections; got {type(raw).__name__}")
     section = _shift_section(raw, str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,8 @@ BAD_VALUES = [
     (_with("model", activation=3), "model.activation: expected a string; got 3"),
     (_with("model", dtype=None), "model.dtype: a value is required (default 'float32')"),
     (_with("data", test_fraction=1.5), "data.test_fraction: expected a fraction between 0 and 1"),
+    ({**DIGITS, "seed": -1}, "seed: expected an integer in [0, 2**32); got -1"),
+    ({**DIGITS, "seed": 2**32}, "seed: expected an integer in [0, 2**32); got 4294967296"),
     ({**DIGITS, "laplace": ["kron"]}, "section 'laplace' must be a mapping"),
     (["digits"], "the config must be a mapping"),
 ]
@@ -172,10 +175,34 @@ def test_yaml_numbers_without_a_dot_are_accepted():
     ("data: {dataset: digits}\nlaplace:\n  prior_precision: 1\n   bad: 2", "not valid YAML at line"),
 ])
 def test_invalid_yaml_gives_the_line(tmp_path, text, message):
+    from laplace_tf.shift_run import load_shift_config
+
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(ValueError, match=message):
-        cfg.load_config(path)
+    for load in (cfg.load_config, load_shift_config):
+        with pytest.raises(ValueError, match=message):
+            load(path)
+
+
+@pytest.mark.parametrize("shift, message", [
+    ("{ensemble: many}", "shift.ensemble: expected the number of networks"),
+    ("{ensemble: 1.7}", "shift.ensemble: expected the number of networks"),
+    ("{ensemble: -1}", "shift.ensemble: expected the number of networks"),
+    ("{temperature: 0}", "shift.temperature: expected true or false; got 0"),
+    ("{shifts: rotation}", "shift.shifts: expected a list, e.g. [rotation, noise]; got 'rotation'"),
+    ("{reliability_at: 0}", "shift.reliability_at: expected a list, e.g. [0, 2]; got 0"),
+    ("{variants: [{label: MAP}]}", "shift.variants: expected labels that name one predictor "
+                                   "each (not a baseline's: MAP, MAP + temperature, ensemble of "
+                                   "5); 'MAP' is taken"),
+    ("{variants: [{label: LA}, {label: LA}]}", "'LA' is taken"),
+])
+def test_shift_section_values_name_the_key(tmp_path, shift, message):
+    from laplace_tf.shift_run import load_shift_config
+
+    path = tmp_path / "shift.yaml"
+    path.write_text(f"data: {{dataset: digits}}\nshift: {shift}\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_shift_config(path)
 
 
 def test_missing_config_file():

@@ -183,6 +183,8 @@ def test_export_refuses_a_file_as_its_folder(binary, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="path: .* is a file"):
         binary.export(tmp_path / "file")
+    with pytest.raises(OSError, match="file/served"):  # a folder that cannot be made
+        binary.export(tmp_path / "file" / "served")
 
 
 class _Subclassed(keras.Model):

@@ -228,11 +228,13 @@ def export(la, path, **options) -> ExportInfo:
         ValueError: for ``link_approx="mc"``, a link the likelihood does not accept, a
             model that records no input shape without ``input_shape``, or a size over
             ``max_bytes`` (``la.export`` also before ``fit``), or a ``path`` that is a file.
+        OSError: a folder ``path`` that cannot be made.
     """
     path = os.fspath(path)
     if os.path.isfile(path):
         raise ValueError(f"path: {path!r} is a file; a SavedModel is a folder, give its name.")
     module = predictive_module(la, **options)
+    os.makedirs(path, exist_ok=True)  # an OSError naming the path where it cannot be made
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
     return ExportInfo(path, module.estimated_bytes, module.outputs)
 
