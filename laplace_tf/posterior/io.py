@@ -94,6 +94,8 @@ def _read(path, settings: tuple) -> tuple[dict, dict]:
     """The metadata and arrays of a saved posterior (with ``settings``, a class's
     ``SETTINGS``); ValueError for anything unreadable."""
     try:
+        if os.path.isfile(path) and not zipfile.is_zipfile(path):  # np.load would try pickle
+            raise ValueError("it is not an .npz (zip) archive")
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
         metadata = json.loads(str(arrays.pop("metadata")))
