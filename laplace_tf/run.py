@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -126,6 +127,9 @@ def load_model(path: str | Path, argument: str = "model.path") -> keras.Model:
         raise FileNotFoundError(f"{argument}: no such file {str(path)!r}")
     if path.suffix not in (".keras", ".h5"):
         raise ValueError(f"{argument}: {path} is not a Keras model file; expected a .keras file "
+                         "written by model.save(...)")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras says "File not found"
+        raise ValueError(f"{argument}: {path} is not a .keras (zip) archive; expected a file "
                          "written by model.save(...)")
     try:
         return keras.models.load_model(path, compile=False)

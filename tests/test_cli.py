@@ -71,6 +71,16 @@ def test_bad_usage_exits_2_with_one_line(argv, message, capsys, tmp_path, monkey
     assert message in _error_line(capsys)
 
 
+def test_broken_files_exit_2_with_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.keras").write_text("not a model")
+    assert main(["fit", "--dataset", "digits", "--model", "garbage.keras", "--quiet"]) == 2
+    assert "model.path: garbage.keras is not a .keras (zip) archive" in _error_line(capsys)
+    (tmp_path / "shift.yaml").write_text("shift: {ensemble: [\n")
+    assert main(["shift", "--config", "shift.yaml"]) == 2
+    assert "shift.yaml: not valid YAML at line 2" in _error_line(capsys)
+
+
 def test_config_with_unknown_key_lists_the_valid_keys(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("data: {dataset: digits}\nlaplace: {prior_precison: 2.0}\n")
