@@ -129,9 +129,19 @@ def _flag_values(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, str
     return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
 
 
+def _output_folder(path, argument: str = "--out") -> None:
+    """Make the output folder before the work, so that a path that cannot be one fails first."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"{argument}: cannot make the folder {str(path)!r}: "
+                      f"{err.strerror or err}") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from laplace_tf import run
 
+    _output_folder(args.out)
     result = run.run_demo(Path(args.out), fast=args.fast, progress=False if args.quiet else None,
                           log=_echo(args.quiet))
     print(result.table())
@@ -147,6 +157,7 @@ def _fit(args: argparse.Namespace) -> int:
         config = _config.load_config(args.config, flags)
     else:
         config = _config.override(_config.RunConfig(), flags)
+    _output_folder(config.out, "--out" if "out" in flags else "out")
     result = run.run_config(config, progress=False if args.quiet else None, log=_echo(args.quiet))
     print(result.table())
     print(f"wrote {result.out} in {result.seconds:.0f} s")
@@ -160,6 +171,7 @@ def _report(args: argparse.Namespace) -> int:
     predictive = _config.PredictiveConfig(**{
         key.split(".")[1]: value for key, value in values.items() if key.startswith("predictive.")
     })
+    _output_folder(args.out)
     result = run.report_saved(
         Path(args.posterior), Path(args.model), Path(args.test),
         ood=Path(args.ood) if args.ood else None, out=Path(args.out), predictive=predictive,
@@ -194,6 +206,7 @@ def _shift(args: argparse.Namespace) -> int:
     config, section = shift_run.load_shift_config(args.config)
     if args.out:
         config = _config.override(config, {"out": args.out})
+    _output_folder(config.out, "--out" if args.out else "out")
     result = shift_run.run_shift(config, section, progress=False if args.quiet else None, log=_echo(args.quiet))
     print(shift_run.summary(result.table, next(iter(result.table.parameters))))
     print(f"wrote {result.out} in {result.seconds:.0f} s")

@@ -79,6 +79,9 @@ def test_broken_files_exit_2_with_one_line(capsys, tmp_path, monkeypatch):
     (tmp_path / "shift.yaml").write_text("shift: {ensemble: [\n")
     assert main(["shift", "--config", "shift.yaml"]) == 2
     assert "shift.yaml: not valid YAML at line 2" in _error_line(capsys)
+    (tmp_path / "afile").write_text("")  # refused before any training
+    assert main(["fit", "--dataset", "digits", "--out", "afile/run", "--quiet"]) == 2
+    assert "--out: cannot make the folder 'afile/run'" in _error_line(capsys)
 
 
 def test_config_with_unknown_key_lists_the_valid_keys(tmp_path, capsys):
