@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from laplace_tf.data import DATASETS, LIKELIHOOD_OF
-from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
+from laplace_tf.likelihoods import LIKELIHOODS
 
 
 def _option(default: Any, help: str, **checks: Any) -> Any:
@@ -350,9 +350,6 @@ def validate(config: RunConfig, where: str = "config") -> None:
     elif lik is None:
         raise ValueError(f"{where}: laplace.likelihood: required with data from files; give one "
                          f"of {', '.join(LIKELIHOODS)}")
-    if data.ood is not None and get_likelihood(lik).gaussian_predictive:
-        raise ValueError(f"{where}: data.ood: out-of-distribution detection needs class "
-                         "probabilities; remove data.ood for regression")
     lap = config.laplace
     if (lap.subset_of_weights == "subnetwork") != (lap.subnetwork is not None):
         raise ValueError(f"{where}: laplace.subnetwork: a rule (largest_variance, "

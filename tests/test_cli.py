@@ -210,16 +210,19 @@ def test_report_refuses_a_posterior_of_another_model(saved, tmp_path, capsys):
 
 def test_regression_fit_then_report_on_the_same_test_data(tmp_path, capsys):
     fit_out, report_out = tmp_path / "fit", tmp_path / "report"
+    far = np.linspace(4, 6, 20)[:, None]  # inputs far from the training range
+    np.savez(tmp_path / "far.npz", x=far, y=np.sin(far[:, 0]))
     assert main(["fit", "--dataset", "sine_1d", "--epochs", "20", "--hidden", "16",
                  "--hessian-structure", "diag", "--learning-rate", "0.01", "--seed", "3",
-                 "--out", str(fit_out)]) == 0
+                 "--ood", str(tmp_path / "far.npz"), "--out", str(fit_out)]) == 0
     shown = capsys.readouterr()
     # not on a terminal: log lines, no progress bars (see laplace_tf.console)
     assert "training MAP" not in shown.err and "training an MLP [16]" in shown.out
     test = data.load("sine_1d", seed=3).test
     np.savez(tmp_path / "test.npz", x=test.x, y=test.y)
     assert main(["report", str(fit_out / "posterior.npz"), "--model", str(fit_out / "model.keras"),
-                 "--test", str(tmp_path / "test.npz"), "--out", str(report_out), "--quiet"]) == 0
+                 "--test", str(tmp_path / "test.npz"), "--ood", str(tmp_path / "far.npz"),
+                 "--out", str(report_out), "--quiet"]) == 0
     quiet = capsys.readouterr()
     assert quiet.err == "" and "evaluating" not in quiet.out  # --quiet: no bars, no log lines
     fitted, reported = _metrics(fit_out), _metrics(report_out)
@@ -227,6 +230,9 @@ def test_regression_fit_then_report_on_the_same_test_data(tmp_path, capsys):
     assert reported["config"]["sigma_noise"] == pytest.approx(fitted["config"]["sigma_noise"])
     for model_name in ("map", "laplace"):
         assert reported["test"][model_name] == pytest.approx(fitted["test"][model_name], rel=1e-6)
+    for model_name in ("map", "laplace"):  # far inputs told apart by the predictive variance
+        assert reported["ood"][model_name] == pytest.approx(fitted["ood"][model_name], rel=1e-6)
+    assert fitted["ood"]["laplace"]["auroc_variance"] > fitted["ood"]["map"]["auroc_variance"]
     assert (report_out / "plots" / "regression_band.png").is_file()
 
 

@@ -127,7 +127,6 @@ INCONSISTENT = [
     (_with("laplace", likelihood="regression"),
      "the built-in data set 'digits' needs 'classification'; got 'regression'"),
     ({"data": {"train": "a.npz"}}, "laplace.likelihood: required with data from files"),
-    ({"data": {"dataset": "sine_1d", "ood": "x.npz"}}, "data.ood: out-of-distribution detection"),
     ({"data": {"train": "a.npz"}, "laplace": {"likelihood": "binary",
                                              "optimize_prior": "gridsearch"}},
      "'gridsearch' needs validation data; set data.val or use 'marglik'"),
