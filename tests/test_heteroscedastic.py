@@ -370,7 +370,5 @@ def test_the_command_line_takes_it_for_data_from_files_and_sizes_the_model_by_2k
 
     files = {"data": {"train": "a.npz"}, "laplace": {"likelihood": "heteroscedastic"}}
     assert cfg.likelihood_of(cfg.from_dict(files)) == "heteroscedastic"
-    with pytest.raises(ValueError, match="data.ood: out-of-distribution detection"):
-        cfg.from_dict({**files, "data": {"train": "a.npz", "ood": "x.npz"}})
     lik = get_likelihood("heteroscedastic")
     assert (lik.n_outputs(np.zeros(5)), lik.n_outputs(np.zeros((5, 3)))) == (2, 6)
