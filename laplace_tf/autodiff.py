@@ -10,7 +10,8 @@ with exactly what was given:
 Because ``f`` receives the very objects that the tapes watch, a function that ignores its
 argument and closes over the Variables (``lambda _: loss(model.trainable_variables)``)
 works as well. NumPy arrays and Python numbers are converted to Tensors first, and ``f``
-receives the converted Tensors. Shapes must be static (fully known); the dtype must be
+receives the converted Tensors; a Keras 3 variable (as in ``model.trainable_variables``) is
+replaced by the ``tf.Variable`` it wraps, which the model reads. Shapes must be static (fully known); the dtype must be
 floating (float32 or float64, all inputs alike), and results come back in that dtype.
 
 Shapes of the results follow the inputs:
@@ -37,6 +38,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeAlias
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -80,6 +82,8 @@ class _Args:
         self.shapes = [t.shape for t in self.tensors]
         self.sizes = [s.num_elements() for s in self.shapes]
         self.size = sum(self.sizes)
+        if self.size == 0:
+            raise ValueError(f"`{name}` has no entries ({self.structure}); pass at least one.")
 
     @property
     def arg(self) -> tf.Tensor | tf.Variable | list[tf.Tensor | tf.Variable]:
@@ -135,7 +139,16 @@ class _Args:
 
 
 def _as_tensor(item: TensorLike, label: str, dtype: tf.DType | None) -> tf.Tensor | tf.Variable:
-    """Keep Tensors and Variables as they are (``f`` closes over them); convert the rest."""
+    """Keep Tensors and Variables as they are (``f`` closes over them); convert the rest. A
+    Keras 3 variable (``model.trainable_variables``) is not a ``tf.Variable``: the one it
+    wraps, which the model reads, is watched (converting it would watch a copy, and give 0)."""
+    if isinstance(item, keras.Variable):
+        item = item.value
+    if isinstance(item, list | tuple | dict):
+        raise TypeError(
+            f"`{label}` is a {type(item).__name__}; `x` is one Tensor or Variable, or a flat "
+            "list of them. Flatten nested structures first (tf.nest.flatten)."
+        )
     tensor = item if isinstance(item, tf.Variable) else tf.convert_to_tensor(item, dtype_hint=dtype)
     if not tensor.dtype.is_floating:
         raise TypeError(

@@ -172,6 +172,34 @@ def test_variables_closed_over():
     np.testing.assert_allclose(h.numpy(), flat_matrix(cross_blocks()), **EXACT)
 
 
+def test_keras_variables_of_a_model_closed_over():
+    """``model.trainable_variables`` are Keras variables, not ``tf.Variable``s: the Hessian of
+    a loss that calls the model is the brute-force one over the flat vector, not zeros."""
+    import keras
+
+    from laplace_tf.likelihoods import get_likelihood
+    from laplace_tf.testing import brute_force_hessian, subset_of
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,), dtype="float64"),
+                              keras.layers.Dense(4, "tanh", dtype="float64"),
+                              keras.layers.Dense(2, dtype="float64")])
+    x, y = np.random.default_rng(0).normal(size=(5, 3)), np.array([0, 1, 1, 0, 1])
+    likelihood = get_likelihood("classification")
+    targets = likelihood.prepare_targets(y, 2, tf.float64)
+    weights = model.trainable_variables
+    assert not isinstance(weights[0], tf.Variable)
+
+    def loss(_):
+        return likelihood.nll(model(x), targets)
+
+    expected = brute_force_hessian(subset_of(model), likelihood, x, targets)
+    np.testing.assert_allclose(hessian(loss, weights, flat=True), expected, **EXACT)
+    v = [tf.ones(w.shape, F64) for w in weights]
+    got = np.concatenate([p.numpy().ravel() for p in hvp(loss, weights, v)])
+    np.testing.assert_allclose(got, expected.sum(axis=1), **EXACT)
+
+
 def test_hvp_of_list():
     v = [np.random.default_rng(5).normal(size=(2, 3)), np.array([1.0, -1.0, 2.0])]
     out = hvp(cross, [tf.Variable(A0), tf.Variable(B0)], [const(v[0]), const(v[1])])
@@ -386,6 +414,9 @@ BAD_INPUTS = {
         ValueError,
         ["`unconnected`"],
     ),
+    "nested_list": (lambda: hessian(cross, [[X3], X3]), TypeError, ["`x[0]`", "list", "flat"]),
+    "dict_x": (lambda: hessian(SUM, {"a": X3}), TypeError, ["`x`", "dict", "flat list"]),
+    "empty_x": (lambda: hessian(SUM, tf.zeros((0,), F64)), ValueError, ["`x`", "no entries"]),
     "chunk_size_zero": (
         lambda: hessian(SUM, X3, chunk_size=0),
         ValueError,

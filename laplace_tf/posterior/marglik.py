@@ -231,11 +231,11 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
         )
     batches = Batches(val_data, la.batch_size, dtype=la.subset.dtype, description="validation",
                       argument="val_data")
-    kwargs = {"pred_type": pred_type}
+    kwargs: dict = {"pred_type": pred_type}
     if not la.likelihood.gaussian_predictive:
         kwargs["link_approx"] = link_approx
     if pred_type == "nn" or kwargs.get("link_approx") == "mc":  # the same draws for every value
-        kwargs["seed"] = np.random.default_rng().integers(2**31 - 1) if seed is None else seed
+        kwargs["seed"] = int(np.random.default_rng().integers(2**31 - 1)) if seed is None else seed
     original = la.prior_precision
     scores = la.validation_scorer(batches, kwargs)  # mean validation NLL and evidence at priors
     nll, evidence = np.full(grid.size, np.inf), np.full(grid.size, np.nan)
