@@ -206,10 +206,19 @@ def model_cache(model: keras.Model, key: tuple) -> dict:
         False
     """
     caches = model.__dict__.get(_CACHE_ATTRIBUTE)
-    if caches is None:  # on the model itself (untracked by Keras), not in a global weak dict:
-        caches = {}     # its steps hold the model, and the model must stay collectable
-        object.__setattr__(model, _CACHE_ATTRIBUTE, caches)
-    return caches.setdefault(key, {})
+    if caches is None or caches["generation"] != _generation[0]:
+        caches = {"generation": _generation[0]}  # on the model itself (untracked by Keras), not
+        object.__setattr__(model, _CACHE_ATTRIBUTE, caches)  # in a global weak dict: its
+    return caches.setdefault(key, {})  # steps hold the model, which must stay collectable
+
+
+_generation = [0]  # of the shared steps: bumped by forget_shared_steps
+
+
+def forget_shared_steps() -> None:
+    """Drop the steps that every model shares (:func:`model_cache`), for example when a layer
+    rule changes: steps traced before would keep computing with the old rule."""
+    _generation[0] += 1
 
 
 class compiled_per_shape:  # noqa: N801 (used like tf.function)

@@ -160,6 +160,59 @@ def test_registered_rule_gives_the_exact_kron_block_of_a_custom_layer(likelihood
                                **EXACT)
 
 
+def test_a_rule_registered_after_a_fit_is_used_by_the_next_posterior_of_the_same_model():
+    build = _first_layer_net((3,), lambda: DoubledDense(4, dtype=F64))
+    logit_model, likelihood, x, y = _problem(build, "regression", 1, 1, sigma_noise=1.0)
+    model = logit_model.model
+
+    def fitted():
+        la = ltf.Laplace(model, "regression", "all", "kron", prior_precision=1.0, progress=False)
+        la.fit((x, y))
+        return la
+
+    name = logit_model.subset.slices[0].name
+    assert fitted().block_kinds()[name] == "diag"  # traced and cached without a rule
+    ltf.register_kron_rule(DoubledDense, DoubledRule())
+    try:
+        la = fitted()
+    finally:
+        del kron_layers.KRON_RULES[DoubledDense]
+    assert la.block_kinds()[name] == "kron"
+    block = _slice(testing.brute_force_ggn(logit_model, likelihood, x, y),
+                   logit_model.subset.slices[0])
+    size = len(block)
+    np.testing.assert_allclose(la.posterior_precision.to_dense()[:size, :size],
+                               block + np.eye(size), **EXACT)
+
+
+class WrongWidthRule(kron_layers.KronRule):
+    def rows(self, layer, inputs):
+        return tf.reshape(2.0 * inputs, [-1, 1])
+
+
+class WrongCountRule(kron_layers.KronRule):
+    def rows(self, layer, inputs):
+        return tf.concat([inputs, inputs], axis=0)
+
+
+@pytest.mark.parametrize("rule, error, words", [
+    (WrongWidthRule(), ValueError, r"the rule of DoubledDense layer '\w+' gave rows of shape "
+                                   r"\(None, 1\); expected \[n, 3\]"),
+    (WrongCountRule(), tf.errors.InvalidArgumentError,
+     "gave a number of rows other than examples x locations"),
+])
+def test_a_rule_whose_rows_do_not_fit_the_layer_is_refused(rule, error, words):
+    build = _first_layer_net((3,), lambda: DoubledDense(4, dtype=F64))
+    logit_model, _, x, y = _problem(build, "regression", 2, 1, sigma_noise=1.0)
+    ltf.register_kron_rule(DoubledDense, rule)
+    try:
+        la = ltf.Laplace(logit_model.model, "regression", "all", "kron", progress=False)
+        with pytest.raises(error, match=words):
+            la.fit((x, y))
+    finally:
+        del kron_layers.KRON_RULES[DoubledDense]
+
+
 @pytest.mark.parametrize("layer_type, rule, words", [
     (int, DoubledRule(), "layer_type: expected a subclass of keras.layers.Layer"),
     (DoubledDense, object(), "rule: expected an instance of laplace_tf.curvature.KronRule"),

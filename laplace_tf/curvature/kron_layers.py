@@ -54,7 +54,7 @@ import tensorflow as tf
 
 from laplace_tf.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature._kron_sums import gram
-from laplace_tf.params import LayerSlice
+from laplace_tf.params import LayerSlice, forget_shared_steps
 
 MAX_DENSE_WEIGHTS = 1024
 """Scale-and-shift layers with at most this many weights get a dense block, larger ones the
@@ -150,7 +150,13 @@ class KronRule:
               gradients: tf.Tensor) -> list[KronPart]:
         """Each block's :class:`KronPart` from one call's ``inputs`` and the gradients
         ``[R, N, locations..., dout]`` of the layer's pre-activation output."""
-        return [KronPart(self.rows(layer, inputs), gradients, bool(_has_bias(layer)))]
+        rows = _checked_rows(layer, self.rows(layer, inputs))
+        locations = tf.reduce_prod(tf.shape(gradients)[2:-1]) * self.shapes(layer)[0].groups
+        tf.debugging.assert_equal(  # one row per example, location and group
+            tf.shape(rows)[0], tf.shape(gradients)[1] * locations, message=(
+                f"register_kron_rule: the rule of {type(layer).__name__} layer {layer.name!r} "
+                "gave a number of rows other than examples x locations of its output (x groups)"))
+        return [KronPart(rows, gradients, bool(_has_bias(layer)))]
 
     def blocks(self, layer: keras.layers.Layer, inputs: tf.Tensor, gradients: tf.Tensor,
                w: tf.Tensor | None, reduce: bool = False) -> list[Block]:
@@ -621,6 +627,9 @@ def register_kron_rule(layer_type: type, rule: KronRule) -> None:
             :meth:`KronRule.blocks`).
         rule: a :class:`KronRule` whose :meth:`KronRule.rows` gives those rows.
 
+    Posteriors fitted before keep the rule they were fitted with; later fits and predictives
+    of new posteriors, on any model, use ``rule``.
+
     Raises:
         TypeError: ``layer_type`` is not a Keras layer class, or ``rule`` not a KronRule.
 
@@ -652,6 +661,7 @@ def register_kron_rule(layer_type: type, rule: KronRule) -> None:
             f"implementing rows(layer, inputs)); got {type(rule).__name__}."
         )
     KRON_RULES[layer_type] = rule
+    forget_shared_steps()  # traced with the old rule
 
 
 def _n_inputs(layer: keras.layers.Layer) -> int:
@@ -732,5 +742,17 @@ def block_kind(layer_slice: LayerSlice) -> tuple[str, str | None]:
 
 def input_rows(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
     """Rows ``a_t`` ``[n, din (+1)]`` of one call, with the constant 1 appended for a bias."""
-    rows = KRON_RULES[type(layer)].rows(layer, inputs)
+    rows = _checked_rows(layer, KRON_RULES[type(layer)].rows(layer, inputs))
     return _ones_appended(rows) if _has_bias(layer) else rows
+
+
+def _checked_rows(layer: keras.layers.Layer, rows: tf.Tensor) -> tf.Tensor:
+    """``rows`` of a rule, refused unless ``[n, din]`` (``din`` without the bias)."""
+    din = kron_shapes(layer)[0].din - _has_bias(layer)
+    if rows.shape.rank != 2 or rows.shape[-1] != din:
+        raise ValueError(
+            f"register_kron_rule: the rule of {type(layer).__name__} layer {layer.name!r} gave "
+            f"rows of shape {tuple(rows.shape)}; expected [n, {din}]: one row of the layer's "
+            f"{din} inputs (without the bias) per example and location (see KronRule.rows)."
+        )
+    return rows
