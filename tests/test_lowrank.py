@@ -6,6 +6,7 @@ With ``rank = P`` it is the full GGN posterior; with ``rank < P`` its curvature 
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import scipy.stats
@@ -238,3 +239,31 @@ def test_bad_builder_options_are_refused(options, error, match):
     with pytest.raises(error, match=match):
         make_builder("all", "lowrank", logit_model(Case("tanh_mlp", "regression", "all", "full"),
                                                    model), get_likelihood("regression"), **options)
+
+
+@pytest.mark.parametrize(("subset", "structure", "options"), [
+    ("all", "gp", {"n_context": 100}), ("last_layer", "lowrank", {"rank": 20}),
+])
+def test_float32_functional_variance_on_a_weak_prior_matches_float64(subset, structure, options):
+    """With a weak prior the functional variance is the small difference of two terms of
+    about ``|J|^2 / prior``: float32 arithmetic there gave negative variances. The float32
+    posterior agrees with a float64 copy of the same weights."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(800, 4))
+    y = np.sin(x[:, :2]) + 0.1 * rng.normal(size=(800, 2))
+    variances = []
+    for dtype in ("float32", "float64"):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(10, "tanh", dtype=dtype),
+                                  keras.layers.Dense(2, dtype=dtype)])
+        if variances:  # the float32 model's weights, exactly
+            model.set_weights([w.astype(dtype) for w in weights])
+        weights = model.get_weights()
+        la = ltf.Laplace(model, "regression", subset, structure, prior_precision=1e-3,
+                         sigma_noise=0.1, progress=False, **options)
+        la.fit((x.astype(dtype), y), batch_size=400)
+        variances.append(np.einsum("nkk->nk", np.asarray(la.functional_variance(x[:100]),
+                                                          np.float64)))
+    single, double = variances
+    assert double.min() > 0
+    np.testing.assert_allclose(single, double, rtol=2e-3)

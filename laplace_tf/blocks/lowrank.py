@@ -144,7 +144,10 @@ def _gram_eigenvalues(root) -> np.ndarray:
 
 
 class LowRankCovariance(NamedTuple):
-    """``Sigma = diag(variance [p]) - downdate downdate^T`` (``downdate [p, r]``)."""
+    """``Sigma = diag(variance [p]) - downdate downdate^T`` (``downdate [p, r]``), held in
+    float64 whatever the model's dtype: a functional variance is the small difference of two
+    terms of about ``|J|^2 / prior`` each, which float32 loses (negative variances on a weak
+    prior); :meth:`contract` returns the dtype of the Jacobians it is given."""
 
     variance: tf.Tensor
     downdate: tf.Tensor
@@ -159,7 +162,14 @@ class LowRankCovariance(NamedTuple):
         return self
 
     def contract(self, layers: Sequence[LayerJacobian], diagonal: bool) -> tf.Tensor:
-        """``J diag(v) J^T - (J B)(J B)^T``, layer by layer (factored layers stay factored)."""
+        """``J diag(v) J^T - (J B)(J B)^T``, layer by layer (factored layers stay factored), in
+        float64."""
+        dtype = next(t.dtype for layer in layers for t in (layer.a, layer.jacobian)
+                     if t is not None)
+        layers = [layer._replace(**{name: tf.cast(getattr(layer, name), tf.float64)
+                                    for name in ("a", "g", "jacobian")
+                                    if getattr(layer, name) is not None})
+                  for layer in layers]
         prior_parts, projections = [], []
         for layer in layers:
             end = layer.start + layer.size
@@ -180,8 +190,8 @@ class LowRankCovariance(NamedTuple):
             projections.append(jb)
         prior_part, projected = tf.add_n(prior_parts), tf.add_n(projections)
         if diagonal:
-            return prior_part - tf.reduce_sum(projected * projected, axis=-1)
-        return prior_part - tf.matmul(projected, projected, transpose_b=True)
+            return tf.cast(prior_part - tf.reduce_sum(projected * projected, axis=-1), dtype)
+        return tf.cast(prior_part - tf.matmul(projected, projected, transpose_b=True), dtype)
 
 
 class LowRankFactor(Factor):
@@ -198,9 +208,10 @@ class LowRankFactor(Factor):
         keep = eigenvalues > max(gram.shape[0], 1) * np.finfo(np.float64).eps * max(
             float(eigenvalues[-1]) if eigenvalues.size else 0.0, 0.0)
         eigenvalues, vectors = eigenvalues[keep], vectors[:, keep]
-        self.eigenvalues = tf.constant(eigenvalues, dtype)
-        self.basis = tf.constant(np.asarray(root, np.float64).T @ (vectors / np.sqrt(eigenvalues)),
-                                 dtype)
+        basis = np.asarray(root, np.float64).T @ (vectors / np.sqrt(eigenvalues))
+        self.eigenvalues, self.basis = tf.constant(eigenvalues, dtype), tf.constant(basis, dtype)
+        self._basis64, self._eigenvalues64 = tf.constant(basis), tf.constant(eigenvalues)
+        # ... for the covariance, in float64 (see LowRankCovariance)
         self.size = block.size
         self.n_eigenvalues = self.size
         self.n_negative, self.most_negative = 0, 0.0
@@ -240,7 +251,9 @@ class LowRankFactor(Factor):
         return tf.reduce_min(tf.linalg.eigvalsh(self.precision(c, prior).to_dense()))
 
     def covariance(self, c, prior):
-        w, d = self._scaled_basis(c, prior)
+        c, prior = tf.cast(c, tf.float64), tf.cast(prior, tf.float64)
+        d = prior * tf.ones([self.size], tf.float64)
+        w = self._basis64 * tf.sqrt(c * self._eigenvalues64)
         chol = tf.linalg.cholesky(self._inner(w, d))
         downdate = tf.transpose(tf.linalg.triangular_solve(chol, tf.transpose(w / d[:, None])))
         return LowRankCovariance(1.0 / d, downdate)

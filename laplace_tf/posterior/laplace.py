@@ -853,7 +853,7 @@ class PosteriorLaplace:
                 f"(memory_limit_bytes). Use la.covariance_blocks() (structured), la.sample(), "
                 f"or la.posterior.stddev() instead."
             )
-        blocks = [tf.linalg.LinearOperatorFullMatrix(b.to_dense())
+        blocks = [tf.linalg.LinearOperatorFullMatrix(tf.cast(b.to_dense(), self._dtype))
                   for b in self.covariance_blocks()]
         return blocks[0].to_dense() if len(blocks) == 1 else \
             tf.linalg.LinearOperatorBlockDiag(blocks).to_dense()
