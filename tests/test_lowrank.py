@@ -251,14 +251,14 @@ def test_float32_functional_variance_on_a_weak_prior_matches_float64(subset, str
     rng = np.random.default_rng(0)
     x = rng.normal(size=(800, 4))
     y = np.sin(x[:, :2]) + 0.1 * rng.normal(size=(800, 2))
-    variances = []
+    variances: list = []
+    weights: list = []
     for dtype in ("float32", "float64"):
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(10, "tanh", dtype=dtype),
                                   keras.layers.Dense(2, dtype=dtype)])
-        if variances:  # the float32 model's weights, exactly
-            model.set_weights([w.astype(dtype) for w in weights])
-        weights = model.get_weights()
+        weights = weights or model.get_weights()
+        model.set_weights([w.astype(dtype) for w in weights])  # the float32 weights, exactly
         la = ltf.Laplace(model, "regression", subset, structure, prior_precision=1e-3,
                          sigma_noise=0.1, progress=False, **options)
         la.fit((x.astype(dtype), y), batch_size=400)
