@@ -40,7 +40,8 @@ BAD_ARGUMENTS = [
     (dict(on_indefinite="ignore"), ValueError, r"on_indefinite: expected one of \('raise', 'clip'\)"),
     (dict(last_layer_name="nope"), ValueError, "last_layer_name: .* The layers with weights are"),
     (dict(last_layer_name="dense", subset_of_weights="all"), ValueError, "last_layer_name: only used with subset_of_weights='last_layer'"),
-    (dict(stochastic=True, hessian_structure="diag"), ValueError, "stochastic: the Monte-Carlo curvature exists for hessian_structure='kron'"),
+    (dict(stochastic=True, hessian_structure="diag"), ValueError, "stochastic: the Monte-Carlo curvature exists for subset_of_weights='all', hessian_structure='kron'"),
+    (dict(stochastic=True, hessian_structure="kron"), ValueError, r"stochastic: .* got 'last_layer' / 'kron' / 'ggn'"),
     (dict(batch_size=0), ValueError, "batch_size: expected a positive integer"),
     (dict(memory_limit_bytes=-5), ValueError, "memory_limit_bytes: expected a positive integer"),
     (dict(progress="yes"), TypeError, "progress: expected True or False"),
@@ -54,6 +55,22 @@ def test_constructor_rejects_bad_arguments(kwargs, error, match):
     kwargs = {"likelihood": "regression", **kwargs}
     with pytest.raises(error, match=match):
         PosteriorLaplace(model, kwargs.pop("likelihood"), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_constructor_rejects_half_precision_weights(dtype):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, dtype=dtype)])
+    with pytest.raises(ValueError, match=f"model: its weights are {dtype}; .*mixed_float16"):
+        PosteriorLaplace(model, "regression")
+
+
+def test_distinct_seeds_give_distinct_draws():
+    """A stateless seed is the int in base 2**31 - 1: 0 and 2**31 - 1, 7 and 2**32 + 5, -1 and
+    2**31 - 2 differ (they shared their draws when only the remainder was kept)."""
+    la = make("diag", "all")
+    for a, b in [(0, 2**31 - 1), (7, 2**32 + 5), (-1, 2**31 - 2)]:
+        assert not np.array_equal(la.sample(2, seed=a), la.sample(2, seed=b)), (a, b)
+    np.testing.assert_array_equal(la.sample(2, seed=2**40), la.sample(2, seed=2**40))
 
 
 def test_constructor_rejects_a_model_that_is_not_keras():

@@ -130,12 +130,14 @@ class _Fitted(NamedTuple):
 
 
 def stateless_seed(seed: int | None) -> tf.Tensor:
-    """A ``[2]`` int32 stateless seed from an int (fresh entropy when ``None``)."""
+    """A ``[2]`` int32 stateless seed from an int (fresh entropy when ``None``): the int in
+    base ``2**31 - 1``, so that distinct seeds (below ``2**62`` in size) give distinct draws."""
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an integer or None; got {seed!r}.")
-    return tf.constant([int(seed) % (2**31 - 1), 0], tf.int32)
+    base = 2**31 - 1
+    return tf.constant([int(seed) % base, int(seed) // base % base], tf.int32)
 
 
 def _draw(posterior, n_samples: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -266,11 +268,13 @@ class PosteriorLaplace:
                 f"{hessian_structure!r}. Drop n_context, or use hessian_structure='gp'."
             )
         self.stochastic = flag(stochastic, "stochastic")
-        if stochastic and (hessian_structure != "kron" or curvature != "ggn"):
+        if stochastic and (hessian_structure != "kron" or curvature != "ggn"
+                           or subset_of_weights != "all"):
             raise ValueError(
-                "stochastic: the Monte-Carlo curvature exists for hessian_structure='kron' with "
-                f"curvature='ggn' only; got {hessian_structure!r} / {curvature!r}. Set "
-                "stochastic=False."
+                "stochastic: the Monte-Carlo curvature exists for subset_of_weights='all', "
+                "hessian_structure='kron' and curvature='ggn' only; got "
+                f"{subset_of_weights!r} / {hessian_structure!r} / {curvature!r}. Set "
+                "stochastic=False (a last-layer curvature is exact and cheap)."
             )
         self.kfac_approximation = choice(kfac_approximation, "kfac_approximation",
                                          KFAC_APPROXIMATIONS)
@@ -317,6 +321,14 @@ class PosteriorLaplace:
             self.last_layer_name = layer.name
         self.logit_model = LogitModel(model, self.subset, self.likelihood)
         self._dtype = self.subset.dtype
+        if self._dtype not in (tf.float32, tf.float64):
+            raise ValueError(
+                f"model: its weights are {self._dtype.name}; laplace_tf computes in float32 or "
+                "float64 (Cholesky factorisations, eigendecompositions). Keep the weights in "
+                "float32 with a mixed-precision policy (keras.mixed_precision."
+                "set_global_policy('mixed_float16') computes in float16 with float32 weights), "
+                "or build the model in float32."
+            )
         self._layer_ranges = [(s.offset, s.size) for s in self.subset.slices]
         self._temperature = positive_number(temperature, "temperature")
         self._prior = self._checked_prior(prior_precision)
