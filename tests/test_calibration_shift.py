@@ -83,6 +83,18 @@ def test_covariate_shift_and_extrapolation_move_inputs_as_stated():
         shift.covariate_shift(x, [1.0, 0.0, 0.0], 1.0)
 
 
+def test_integer_inputs_are_shifted_to_floats_not_cast_back():
+    """uint8 pixels with noise would wrap around, moved integer features be truncated."""
+    pixels = np.full((200, 64), 100, np.uint8)
+    noisy = shift.gaussian_noise(pixels, 5.0, seed=1)
+    assert noisy.dtype == np.float32 and (noisy - 100).std() == pytest.approx(5.0, rel=0.05)
+    x = np.array([[1, 2], [3, 4]])
+    np.testing.assert_allclose(shift.covariate_shift(x, [1, 0], 0.5), [[1.5, 2], [3.5, 4]])
+    np.testing.assert_allclose(shift.extrapolate(np.array([[1], [3]]), x[:, :1], 0.25).ravel(),
+                               [0.5, 3.5])
+    assert shift.rotate(np.eye(4, dtype=np.uint8)[None] * 200, 45.0).dtype == np.float32
+
+
 def test_table_metrics_equal_direct_calls_and_auroc_matches_a_hand_example():
     rng = np.random.default_rng(2)
     probs = special.softmax(rng.normal(size=(30, 3)) * 2, axis=-1)

@@ -75,6 +75,13 @@ def _same(x: np.ndarray, level: float) -> np.ndarray:
 # ---------------------------------------------------------------------- image shifts
 
 
+def _shifted_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of shifted inputs: the input's if floating, else a floating one (noisy,
+    rotated or moved integers, e.g. uint8 pixels, are not integers: casting back would wrap
+    or truncate them)."""
+    return dtype if np.issubdtype(dtype, np.floating) else np.result_type(dtype, np.float32)
+
+
 def _images(x: Any) -> tuple[np.ndarray, tuple[int, ...]]:
     """``x`` as ``[N, H, W]`` images and its original shape."""
     a = np.asarray(x)
@@ -100,14 +107,14 @@ def rotate(x: Any, angle: float) -> np.ndarray:
         return np.array(x, copy=True)
     out = ndimage.rotate(images, angle, axes=(2, 1), reshape=False, order=1, mode="constant",
                          cval=0.0)
-    return out.reshape(shape).astype(images.dtype)
+    return out.reshape(shape).astype(_shifted_dtype(images.dtype))
 
 
 def gaussian_noise(x: Any, std: float, seed: int = 0) -> np.ndarray:
     """``x`` plus independent Gaussian noise of standard deviation ``std`` (seeded)."""
     a = np.asarray(x)
     noise = np.random.default_rng(seed).normal(scale=std, size=a.shape)
-    return (a + noise).astype(a.dtype)
+    return (a + noise).astype(_shifted_dtype(a.dtype))
 
 
 def blur(x: Any, sigma: float) -> np.ndarray:
@@ -116,7 +123,7 @@ def blur(x: Any, sigma: float) -> np.ndarray:
     if sigma == 0:
         return np.array(x, copy=True)
     out = ndimage.gaussian_filter(images, sigma=(0, sigma, sigma), mode="constant", cval=0.0)
-    return out.reshape(shape).astype(images.dtype)
+    return out.reshape(shape).astype(_shifted_dtype(images.dtype))
 
 
 def pixel_permutation(n_pixels: int, fraction: float, seed: int = 0) -> np.ndarray:
@@ -161,7 +168,7 @@ def covariate_shift(x: Any, direction: Any, distance: float) -> np.ndarray:
     if d.shape[0] != a.shape[-1] or not np.any(d):
         raise ValueError(f"direction: expected a non-zero vector of {a.shape[-1]} entries (one "
                          f"per input feature); got shape {d.shape}")
-    return (a + distance * d / np.linalg.norm(d)).astype(a.dtype)
+    return (a + distance * d / np.linalg.norm(d)).astype(_shifted_dtype(a.dtype))
 
 
 def extrapolate(x: Any, x_train: Any, distance: float) -> np.ndarray:
@@ -177,7 +184,7 @@ def extrapolate(x: Any, x_train: Any, distance: float) -> np.ndarray:
     a, t = np.asarray(x), np.asarray(x_train)
     low, high = t.min(axis=0), t.max(axis=0)
     side = np.where(a < (low + high) / 2, -1.0, 1.0)
-    return (a + distance * (high - low) * side).astype(a.dtype)
+    return (a + distance * (high - low) * side).astype(_shifted_dtype(a.dtype))
 
 
 def tabular_shifts(x_train: Any, direction: Any = None) -> list[Shift]:
