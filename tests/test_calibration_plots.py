@@ -243,6 +243,14 @@ def test_evidence_plot_per_layer_precisions_use_their_mean():
     assert "k = 2" in ax.get_xlabel()
 
 
+def test_evidence_plot_takes_a_classification_trace_of_marglik_training():
+    """Its sigma_noise is all NaN (no noise): drawn as without one."""
+    trace = {"prior_precision": np.array([1.0, 2.0]), "log_marginal_likelihood": [-3.0, -1.0],
+             "sigma_noise": np.full(2, np.nan)}
+    ax = cal.evidence_plot(trace).axes[0]
+    assert "sigma" not in _legend_texts(ax)[1]
+
+
 def test_evidence_plot_bad_traces():
     with pytest.raises(ValueError, match="trace: missing key.*log_marginal_likelihood"):
         cal.evidence_plot({"prior_precision": [1.0]})

@@ -186,6 +186,10 @@ def test_shift_curves_draw_each_predictor_against_the_levels():
     assert fig.axes[1].get_xlabel() == "sigma"
     with pytest.raises(ValueError, match="metric"):
         plots.shift_curves(shift.ShiftTable(rows, {"noise": "std"}, ""), "ece")
+    ood = [{"predictor": "MAP", "shift": "ood", "severity": 0, "level": 0.0,
+            "metric": "auroc_entropy", "value": 0.7}]
+    with pytest.raises(ValueError, match="metric: 'auroc_entropy' has no severity levels"):
+        plots.shift_curves(shift.ShiftTable(rows + ood, {"noise": "std"}, ""), "auroc_entropy")
 
 
 def test_cli_shift_rejects_a_severity_the_first_shift_lacks_before_training(tmp_path, capsys):

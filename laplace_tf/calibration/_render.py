@@ -151,8 +151,8 @@ def plain(value: Any, nan_to_none: bool = True) -> Any:
     """``value`` with numpy and tensor values as Python types (NaN -> None if asked).
 
     Example:
-        >>> plain({"a": np.array([1.5, np.nan]), "b": (np.int64(2),)})
-        {'a': [1.5, None], 'b': [2]}
+        >>> plain({"a": np.array([1.5, np.nan]), "b": (np.int64(2),), "c": Path("out")})
+        {'a': [1.5, None], 'b': [2], 'c': 'out'}
     """
     if isinstance(value, Mapping):
         return {str(k): plain(v, nan_to_none) for k, v in value.items()}
@@ -164,6 +164,8 @@ def plain(value: Any, nan_to_none: bool = True) -> Any:
         return plain(value.tolist(), nan_to_none)
     if nan_to_none and isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return value
 
 

@@ -504,8 +504,8 @@ def evidence_plot(trace: Mapping[str, Any], ax: Axes | None = None) -> Figure:
             f"shape {log_ml.shape}"
         )
     columns = {"prior_precision": _trace_entry(trace, "prior_precision")}
-    if "sigma_noise" in trace:
-        columns["sigma_noise"] = _trace_entry(trace, "sigma_noise")
+    if "sigma_noise" in trace and not np.all(np.isnan(np.asarray(trace["sigma_noise"], float))):
+        columns["sigma_noise"] = _trace_entry(trace, "sigma_noise")  # all NaN: no noise
     for key, value in columns.items():
         if value.ndim not in (1, 2) or value.shape[0] != log_ml.size:
             raise ValueError(
@@ -610,6 +610,9 @@ def shift_curves(table: Any, metric: str) -> Figure:
     if metric not in table.metrics:
         raise ValueError(f"metric: expected one of {', '.join(table.metrics)}; got {metric!r}")
     shifts = [name for name in table.parameters if table.select(shift=name, metric=metric)]
+    if not shifts:
+        raise ValueError(f"metric: {metric!r} has no severity levels (it is measured once, e.g. "
+                         "against the out-of-distribution set); give a metric of the shifts")
     fig = InlineFigure(figsize=(4.0 * len(shifts), 3.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(shifts), squeeze=False)[0])
     for ax, name in zip(axes, shifts, strict=True):
