@@ -77,9 +77,14 @@ class Laplace(PosteriorLaplace):
     ):
         """The posterior predictive at inputs ``x``.
 
+        The posterior's weights are its mean and samples; every other weight of the model (the
+        layers below a last-layer or subnetwork posterior, and non-trainable statistics such
+        as BatchNormalization's) is read from the model at each call: after changing those
+        (training on, ``model.set_weights``), fit again.
+
         Args:
-            x: inputs ``[N, ...]`` (array, tensor, dict of them, or a ``tf.data.Dataset`` of
-                input batches).
+            x: inputs ``[N, ...]`` (array, tensor, dict or list of them, or a
+                ``tf.data.Dataset`` of input batches).
             pred_type: ``"glm"`` (linearised) or ``"nn"`` (weight sampling).
             link_approx: ``"probit"``, ``"mc"`` or ``"bridge"`` (classification; binary:
                 ``"probit"``/``"mc"``; regression needs none and takes the default). Used
