@@ -11,8 +11,9 @@ Because ``f`` receives the very objects that the tapes watch, a function that ig
 argument and closes over the Variables (``lambda _: loss(model.trainable_variables)``)
 works as well. NumPy arrays and Python numbers are converted to Tensors first, and ``f``
 receives the converted Tensors; a Keras 3 variable (as in ``model.trainable_variables``) is
-replaced by the ``tf.Variable`` it wraps, which the model reads. Shapes must be static (fully known); the dtype must be
-floating (float32 or float64, all inputs alike), and results come back in that dtype.
+replaced by the ``tf.Variable`` it wraps, which the model reads. Shapes must be static (fully
+known); the dtype must be floating (float32 or float64, all inputs alike), and results come
+back in that dtype.
 
 Shapes of the results follow the inputs:
 

@@ -101,8 +101,8 @@ class Batches:
 
     Args:
         data: a ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, w)`` batches, or a tuple
-            ``(x, y)`` or ``(x, y, w)`` of arrays (``x`` may be a dict of arrays, or a
-            list of arrays, for multi-input models; ``w`` holds non-negative sample weights, one per example).
+            ``(x, y)`` or ``(x, y, w)`` of arrays (``x`` may be a dict or a list of arrays for
+            multi-input models; ``w`` holds non-negative sample weights, one per example).
         batch_size: the batch size for arrays (ignored for datasets, which come batched).
         dtype: the floating dtype of the model.
         progress: show a tqdm progress bar while iterating.

@@ -89,8 +89,7 @@ class KronBlock(NamedTuple):
 
     def log_det_precision(self, c, prior, clip: bool = False) -> tf.Tensor:
         """Differentiable in ``A`` and ``G``: their eigenvalues are recomputed (always clipped
-        at 0, whatever ``clip``),
-        so cache nothing here and keep it to small models."""
+        at 0, whatever ``clip``), so cache nothing here and keep it to small models."""
         a = tf.linalg.eigvalsh(symmetric(self.A))
         g = tf.linalg.eigvalsh(symmetric(self.G))
         return tf.reduce_sum(tf.math.log(c * tf.maximum(a, 0)[:, None] * tf.maximum(g, 0)[None, :]

@@ -210,8 +210,8 @@ class LowRankFactor(Factor):
         eigenvalues, vectors = eigenvalues[keep], vectors[:, keep]
         basis = np.asarray(root, np.float64).T @ (vectors / np.sqrt(eigenvalues))
         self.eigenvalues, self.basis = tf.constant(eigenvalues, dtype), tf.constant(basis, dtype)
+        # the covariance is formed in float64 (see LowRankCovariance)
         self._basis64, self._eigenvalues64 = tf.constant(basis), tf.constant(eigenvalues)
-        # ... for the covariance, in float64 (see LowRankCovariance)
         self.size = block.size
         self.n_eigenvalues = self.size
         self.n_negative, self.most_negative = 0, 0.0

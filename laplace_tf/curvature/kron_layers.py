@@ -151,9 +151,10 @@ class KronRule:
         """Each block's :class:`KronPart` from one call's ``inputs`` and the gradients
         ``[R, N, locations..., dout]`` of the layer's pre-activation output."""
         rows = _checked_rows(layer, self.rows(layer, inputs))
-        locations = tf.reduce_prod(tf.shape(gradients)[2:-1]) * self.shapes(layer)[0].groups
-        tf.debugging.assert_equal(  # one row per example, location and group
-            tf.shape(rows)[0], tf.shape(gradients)[1] * locations, message=(
+        (shape,) = self.shapes(layer)
+        per_example = tf.reduce_prod(tf.shape(gradients)[2:]) // shape.dout * shape.groups
+        tf.debugging.assert_equal(  # groups rows for every dout outputs of an example
+            tf.shape(rows)[0], tf.shape(gradients)[1] * per_example, message=(
                 f"register_kron_rule: the rule of {type(layer).__name__} layer {layer.name!r} "
                 "gave a number of rows other than examples x locations of its output (x groups)"))
         return [KronPart(rows, gradients, bool(_has_bias(layer)))]
