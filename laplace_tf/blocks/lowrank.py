@@ -208,16 +208,26 @@ class LowRankFactor(Factor):
         keep = eigenvalues > max(gram.shape[0], 1) * np.finfo(np.float64).eps * max(
             float(eigenvalues[-1]) if eigenvalues.size else 0.0, 0.0)
         eigenvalues, vectors = eigenvalues[keep], vectors[:, keep]
-        basis = np.asarray(root, np.float64).T @ (vectors / np.sqrt(eigenvalues))
-        self.eigenvalues, self.basis = tf.constant(eigenvalues, dtype), tf.constant(basis, dtype)
-        # the covariance is formed in float64 (see LowRankCovariance)
-        self._basis64, self._eigenvalues64 = tf.constant(basis), tf.constant(eigenvalues)
+        self.dtype = dtype
+        # e and U kept in float64, where the covariance is formed (LowRankCovariance)
+        self._eigenvalues64 = tf.constant(eigenvalues)
+        self._basis64 = tf.constant(np.asarray(root, np.float64).T @ (vectors / np.sqrt(eigenvalues)))
         self.size = block.size
         self.n_eigenvalues = self.size
         self.n_negative, self.most_negative = 0, 0.0
         full_rank = eigenvalues.size == self.size
         self.min_curvature_eigenvalue = (self.eigenvalues[0] if full_rank
                                          else tf.constant(0.0, dtype))
+
+    @property
+    def eigenvalues(self) -> tf.Tensor:
+        """The nonzero eigenvalues ``e`` of ``H``, in the model's dtype."""
+        return tf.cast(self._eigenvalues64, self.dtype)
+
+    @property
+    def basis(self) -> tf.Tensor:
+        """The orthonormal ``U [p, r']``, in the model's dtype."""
+        return tf.cast(self._basis64, self.dtype)
 
     def _scaled_basis(self, c, prior):
         """``W = U sqrt(c e)`` and the per-weight prior ``d [p]``."""

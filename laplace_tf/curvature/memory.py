@@ -422,7 +422,7 @@ def _lowrank(subset: WeightSubset, rows: int, rank: int, batch_size: int,
              itemsize: int) -> dict[str, int]:
     p = subset.n_params
     m = min(rank + DEFAULT_OVERSAMPLING, p)
-    block = LowRankBlock.memory(p, rank)
+    block = _in_float64(LowRankBlock.memory(p, rank), itemsize)
     dims = _slice_dims(subset)
     factored = sum(d[1] for d in dims if isinstance(d, tuple))
     per_example = _COPIES * (_example_width(dims, rows, False) + m * (rows + 2 * factored))
@@ -432,9 +432,16 @@ def _lowrank(subset: WeightSubset, rows: int, rank: int, batch_size: int,
             "per_batch": step * per_example, **block}
 
 
+def _in_float64(block: dict[str, int], itemsize: int) -> dict[str, int]:
+    """A low-rank block's counts in numbers of the model's dtype: its factor and covariance
+    are kept in float64 (:class:`~laplace_tf.blocks.lowrank.LowRankCovariance`)."""
+    return {**block, "factor": block["factor"] * 8 // itemsize,
+            "covariance": block["covariance"] * 8 // itemsize}
+
+
 def _gp(subset: WeightSubset, rows: int, n_context: int, itemsize: int) -> dict[str, int]:
     p = subset.n_params
-    block = LowRankBlock.memory(p, min(n_context * rows, p))
+    block = _in_float64(LowRankBlock.memory(p, min(n_context * rows, p)), itemsize)
     dims = _slice_dims(subset)
     per_example = _COPIES * (_example_width(dims, rows, False) + rows * p)
     chunk = min(n_context, max(1, CHUNK_BYTES // (per_example * itemsize)))

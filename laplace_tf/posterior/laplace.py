@@ -916,6 +916,8 @@ class PosteriorLaplace:
                 scales = output_noise.output_scales(fit, sigma, self._noise_power())
                 blocks = output_noise.rescaled(
                     fitted.curvature, scales * tf.ones_like(fitted.curvature.residual_ss)).blocks
+            # clipped as _factorize clips an indefinite exact Hessian (a GGN's round-off
+            # negatives, which _factorize clips too, are far below the prior here)
             clip = self.curvature_kind == "hessian" and self.on_indefinite == "clip"
             log_det = tf.add_n([
                 b.log_det_precision(1.0 / self._temperature, p, clip)
