@@ -252,6 +252,18 @@ def test_fpr_at_95_tpr_hand_case():
     assert cal.fpr_at_95_tpr([5, 5, 5, 5], [4, 5, 6]) == pytest.approx(2 / 3)
 
 
+def test_fpr_at_a_tiny_tpr_keeps_the_highest_in_score():
+    # tpr * N_in rounds to 0: at least one in-distribution example (the highest) is accepted
+    assert cal.fpr_at_95_tpr([1, 2, 3], [0, 1.5, 2.5], tpr=1e-10) == 0.0
+    assert cal.fpr_at_95_tpr([1, 2, 3], [0, 1.5, 3.5], tpr=1e-10) == pytest.approx(1 / 3)
+
+
+def test_nll_refuses_a_floor_outside_zero_one():
+    for eps in (-1.0, 1.0):
+        with pytest.raises(ValueError, match="eps: expected"):
+            cal.nll([[1.0, 0.0]], [1], eps=eps)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fpr_at_95_tpr_matches_roc_curve(seed):
     rng = np.random.default_rng(seed)

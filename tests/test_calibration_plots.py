@@ -71,6 +71,21 @@ def test_reliability_diagram_draws_one_bar_per_nonempty_bin():
     np.testing.assert_allclose(heights, [5.0, 2.5, 2.5])
 
 
+def test_mass_binned_reliability_diagram_draws_a_bin_of_tied_confidences():
+    # 5 of 10 examples tie at the lowest confidence: equal-mass bin [0.6, 0.6] has no width
+    probs = np.array([[0.6, 0.4]] * 5 + [[0.9, 0.1]] * 5)
+    labels = np.array([0, 0, 0, 1, 1, 0, 0, 0, 0, 1])
+    assert cal.calibration_bins(probs, labels, n_bins=4, binning="mass").edges[1] == 0.6
+    fig = cal.reliability_diagram(probs, labels, n_bins=4, binning="mass")
+    accuracy_bars = [c for c in fig.axes[0].containers if isinstance(c, BarContainer)][0]
+    assert accuracy_bars.patches[0].get_x() == pytest.approx(0.6)
+    assert accuracy_bars.patches[0].get_width() > 0
+    assert accuracy_bars.patches[0].get_height() == pytest.approx(0.6)
+    histogram = fig.axes[1].containers[0].patches
+    areas = [p.get_height() * p.get_width() for p in histogram]
+    np.testing.assert_allclose(areas, [0.5, 0.5])  # each bar's area is its bin's mass
+
+
 def test_reliability_diagram_honours_ax_and_hist_ax():
     fig, (ax, hist_ax) = plt.subplots(2, 1)
     probs, labels = _sampled_classification(2000, 3, seed=0)
@@ -209,6 +224,21 @@ def test_ood_histograms(score):
 def test_ood_histograms_rejects_unknown_score():
     with pytest.raises(ValueError, match="score: expected 'confidence' or 'entropy'"):
         cal.ood_histograms(THREE_BIN_PROBS, THREE_BIN_PROBS, score="margin")
+
+
+def test_ood_histograms_count_uniform_predictions():
+    # a uniform row's entropy rounds one ulp above log 5 and its confidence may sit below 1/5:
+    # both must still fall in the last (first) bin, each histogram's area staying 1
+    uniform, peaked = np.full((2, 5), 0.2), np.array([[0.6, 0.1, 0.1, 0.1, 0.1]] * 2)
+    out = np.concatenate([uniform, peaked])
+    for score in ("entropy", "confidence"):
+        fig = cal.ood_histograms(peaked, out, score=score, n_bins=10)
+        bars = [c for c in fig.axes[0].containers if isinstance(c, BarContainer)][1]
+        heights = np.array([p.get_height() for p in bars.patches])
+        widths = np.array([p.get_width() for p in bars.patches])
+        assert np.sum(heights * widths) == pytest.approx(1.0)
+        uniform_bin = -1 if score == "entropy" else 0
+        assert heights[uniform_bin] * widths[uniform_bin] == pytest.approx(0.5)
 
 
 def test_evidence_plot_marks_the_best_point_on_log_axis():

@@ -30,6 +30,17 @@ def test_binary_temperature_is_a_sigmoid_of_scaled_logits():
     np.testing.assert_allclose(p[:, 1], 1 / (1 + np.exp(-z / 2.0)), rtol=1e-12)
 
 
+def test_temperature_refuses_empty_binary_logits_and_non_positive_temperatures():
+    for logits in (np.zeros(0), np.zeros((0, 1))):
+        with pytest.raises(ValueError, match="N > 0"):
+            temperature.fit_temperature(logits, [])
+    for t in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature: expected"):
+            temperature.scaled_probs([[2.0, 0.0]], t)
+        with pytest.raises(ValueError, match="temperature: expected"):
+            temperature.scaled_nll([[2.0, 0.0]], [0], t)
+
+
 def test_rotation_by_zero_is_identity_and_by_90_is_rot90():
     rng = np.random.default_rng(0)
     images = rng.random((3, 8, 8))
@@ -39,6 +50,45 @@ def test_rotation_by_zero_is_identity_and_by_90_is_rot90():
     flat = images.reshape(3, 64)
     np.testing.assert_allclose(shift.rotate(flat, 90.0),
                                np.rot90(images, k=1, axes=(1, 2)).reshape(3, 64), atol=1e-12)
+
+
+def _bilinear_rotation(image: np.ndarray, angle: float) -> np.ndarray:
+    """Counter-clockwise rotation about the centre, bilinear, the image zero-padded."""
+    n = image.shape[0]
+    centre, theta = (n - 1) / 2, np.deg2rad(angle)
+    padded = np.pad(image, 1)
+    out = np.zeros_like(image)
+    for r in range(n):
+        for c in range(n):
+            x, y = c - centre, centre - r  # y up
+            xs, ys = np.cos(theta) * x + np.sin(theta) * y, -np.sin(theta) * x + np.cos(theta) * y
+            sr, sc = centre - ys + 1, xs + centre + 1  # padded coordinates
+            r0, c0 = int(np.floor(sr)), int(np.floor(sc))
+            for dr, wr in ((0, 1 - (sr - r0)), (1, sr - r0)):
+                for dc, wc in ((0, 1 - (sc - c0)), (1, sc - c0)):
+                    if 0 <= r0 + dr < n + 2 and 0 <= c0 + dc < n + 2:
+                        out[r, c] += wr * wc * padded[r0 + dr, c0 + dc]
+    return out
+
+
+@pytest.mark.parametrize("angle", [1.0, 15.0, 30.0, 135.0])
+def test_rotation_interpolates_the_border_against_zeros_outside(angle):
+    images = np.random.default_rng(1).random((2, 8, 8)) + 0.5
+    expected = np.stack([_bilinear_rotation(image, angle) for image in images])
+    np.testing.assert_allclose(shift.rotate(images, angle), expected, atol=1e-6)
+
+
+def test_shift_arguments_out_of_range_are_refused():
+    images = np.ones((2, 5, 5))
+    with pytest.raises(ValueError, match="angle: expected a finite"):
+        shift.rotate(images, float("nan"))
+    with pytest.raises(ValueError, match="sigma: expected"):
+        shift.blur(images, -1.0)
+    for fraction in (-0.2, 1.7):
+        with pytest.raises(ValueError, match="fraction: expected"):
+            shift.shuffle_pixels(images, fraction)
+    with pytest.raises(ValueError, match="x: expected"):
+        shift.extrapolate(np.ones((3, 1)), np.ones((5, 3)), 1.0)
 
 
 def test_noise_has_the_stated_std_and_is_seeded():

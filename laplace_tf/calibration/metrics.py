@@ -167,6 +167,9 @@ def nll(probs: Any, labels: Any, eps: float = NLL_EPS) -> float:
         True
     """
     p, y = _v.classification(probs, labels)
+    if not 0 <= eps < 1:
+        raise ValueError(f"eps: expected the floor of the true class's probability in [0, 1); "
+                         f"got {eps!r}.")
     return _nll(p, y, eps)
 
 
@@ -371,7 +374,7 @@ def fpr_at_95_tpr(in_scores: Any, out_scores: Any, *, tpr: float = 0.95) -> floa
 
 
 def _fpr_at_tpr(s_in: np.ndarray, s_out: np.ndarray, tpr: float = 0.95) -> float:
-    k = int(np.ceil(round(tpr * len(s_in), 9)))
+    k = max(1, int(np.ceil(round(tpr * len(s_in), 9))))
     threshold = np.sort(s_in)[::-1][k - 1]
     return float(np.mean(s_out >= threshold))
 

@@ -130,6 +130,9 @@ def reliability_diagram(
     fig, ax = _figure_and_axes(ax, (5.0, 5.0))
     keep = bins.nonempty
     left, width = bins.edges[:-1][keep], np.diff(bins.edges)[keep]
+    # equal-mass bins of tied confidences have no width: drawn 0.005 wide (their histogram bar
+    # keeps the area of their mass)
+    width = np.maximum(width, 0.005)
     acc, conf = bins.accuracy[keep], bins.confidence[keep]
     name = label or "accuracy"
     ax.bar(
@@ -165,7 +168,7 @@ def reliability_diagram(
         hist_ax = make_axes_locatable(ax).append_axes("bottom", size="28%", pad=0.1, sharex=ax)
     elif not isinstance(hist_ax, Axes):
         raise TypeError(f"hist_ax: expected a matplotlib Axes; got {type(hist_ax).__name__}")
-    density = bins.counts[keep] / bins.counts.sum() / np.maximum(width, np.finfo(float).tiny)
+    density = bins.counts[keep] / bins.counts.sum() / width
     hist_ax.bar(left, density, width, align="edge", color="0.6", edgecolor="black", linewidth=0.6)
     mean_confidence = float(np.sum(bins.counts[keep] * conf) / bins.counts.sum())
     mean_accuracy = float(np.sum(bins.counts[keep] * acc) / bins.counts.sum())
@@ -434,6 +437,9 @@ def ood_histograms(
         edges = np.linspace(0.0, np.log(n_classes), _v.n_bins(n_bins) + 1)
         value = _auroc(-s_in, -s_out)
         xlabel = "predictive entropy (nats)"
+    # a uniform row's entropy can round one ulp above log C (a confidence below 1/C): keep
+    # every example inside the range, or the densities of the others grow to fill it
+    s_in, s_out = (np.clip(s, edges[0], edges[-1]) for s in (s_in, s_out))
     fig, ax = _figure_and_axes(ax, (5.0, 4.0))
     # matplotlib's stubs type bins as Sequence[float]; Axes.hist takes any array of edges
     ax.hist(

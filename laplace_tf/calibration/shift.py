@@ -103,10 +103,15 @@ def rotate(x: Any, angle: float) -> np.ndarray:
         True
     """
     images, shape = _images(x)
+    if not math.isfinite(angle):
+        raise ValueError(f"angle: expected a finite number of degrees; got {angle!r}.")
     if angle == 0:
         return np.array(x, copy=True)
-    out = ndimage.rotate(images, angle, axes=(2, 1), reshape=False, order=1, mode="constant",
-                         cval=0.0)
+    # "grid-constant": bilinear against zeros beyond the image (torchvision's rotate with
+    # fill 0); scipy's "constant" would blank every pixel whose source lies beyond the
+    # outermost pixel centres, strokes near the border included
+    out = ndimage.rotate(images, angle, axes=(2, 1), reshape=False, order=1,
+                         mode="grid-constant", cval=0.0)
     return out.reshape(shape).astype(_shifted_dtype(images.dtype))
 
 
@@ -120,6 +125,8 @@ def gaussian_noise(x: Any, std: float, seed: int = 0) -> np.ndarray:
 def blur(x: Any, sigma: float) -> np.ndarray:
     """Each image smoothed by a Gaussian filter of ``sigma`` pixels (zeros outside)."""
     images, shape = _images(x)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma: expected a finite number of pixels >= 0; got {sigma!r}.")
     if sigma == 0:
         return np.array(x, copy=True)
     out = ndimage.gaussian_filter(images, sigma=(0, sigma, sigma), mode="constant", cval=0.0)
@@ -134,6 +141,8 @@ def pixel_permutation(n_pixels: int, fraction: float, seed: int = 0) -> np.ndarr
         >>> int((perm != np.arange(64)).sum()), sorted(perm.tolist()) == list(range(64))
         (32, True)
     """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction: expected a fraction of the pixels in [0, 1]; got {fraction!r}.")
     chosen = np.random.default_rng(seed).permutation(n_pixels)[:round(fraction * n_pixels)]
     perm = np.arange(n_pixels)
     perm[chosen] = np.roll(chosen, 1)
@@ -182,6 +191,9 @@ def extrapolate(x: Any, x_train: Any, distance: float) -> np.ndarray:
         [-1.0, 1.75]
     """
     a, t = np.asarray(x), np.asarray(x_train)
+    if a.ndim != 2 or t.ndim != 2 or a.shape[1] != t.shape[1]:
+        raise ValueError(f"x: expected [N, D] inputs with the D = {t.shape[1:]} features of "
+                         f"x_train [N_train, D]; got x {a.shape}, x_train {t.shape}.")
     low, high = t.min(axis=0), t.max(axis=0)
     side = np.where(a < (low + high) / 2, -1.0, 1.0)
     return (a + distance * (high - low) * side).astype(_shifted_dtype(a.dtype))

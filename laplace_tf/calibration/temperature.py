@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special
 
+from laplace_tf.arguments import positive_number
 from laplace_tf.calibration import _validation as _v
 
 T_RANGE = (0.01, 100.0)
@@ -35,7 +36,7 @@ def _logits(logits: Any, name: str = "logits") -> np.ndarray:
     if z.ndim == 2 and z.shape[1] == 1:
         z = z[:, 0]
     if z.ndim == 1:
-        return np.stack([np.zeros_like(z), z], axis=1)
+        z = np.stack([np.zeros_like(z), z], axis=1)
     if z.ndim != 2 or len(z) == 0:
         raise ValueError(f"{name}: expected logits [N, C] (or binary [N]) with N > 0; "
                          f"got shape {z.shape}")
@@ -51,7 +52,7 @@ def scaled_nll(logits: Any, labels: Any, temperature: float) -> float:
     """
     z = _logits(logits)
     y = _v.class_labels(labels, len(z), z.shape[1], probs_name="logits")
-    return _nll(1.0 / temperature, z, y)
+    return _nll(1.0 / positive_number(temperature, "temperature"), z, y)
 
 
 def _nll(beta: float, z: np.ndarray, y: np.ndarray) -> float:
@@ -84,4 +85,4 @@ def scaled_probs(logits: Any, temperature: float) -> np.ndarray:
         >>> scaled_probs([[0.0, np.log(3.0)]], 1.0).round(3).tolist()
         [[0.25, 0.75]]
     """
-    return special.softmax(_logits(logits) / temperature, axis=1)
+    return special.softmax(_logits(logits) / positive_number(temperature, "temperature"), axis=1)
