@@ -36,6 +36,8 @@ def test_bridge_on_a_hand_case():
     expected = alpha / alpha.sum()
     actual = bridge(tf.constant(MU, F64), tf.constant(COV, F64)).numpy()[0]
     np.testing.assert_allclose(actual, expected, rtol=1e-12)
+    from_numpy = bridge(np.asarray(MU, np.float64), np.asarray(COV, np.float64)).numpy()[0]
+    np.testing.assert_allclose(from_numpy, expected, rtol=1e-12)  # numpy arrays, as tensors
 
 
 def test_bridge_with_zero_mean_and_isotropic_variance_is_uniform():

@@ -42,7 +42,7 @@ def needs_full_covariance(link_approx: str) -> bool:
     return link_approx in ("mc", "bridge")
 
 
-def bridge(mu: tf.Tensor, covariance: tf.Tensor) -> tf.Tensor:
+def bridge(mu: tf.Tensor | np.ndarray, covariance: tf.Tensor | np.ndarray) -> tf.Tensor:
     """The Laplace bridge: the Dirichlet mean from ``mu [N, K]`` and ``V [N, K, K]``.
 
     Example:
@@ -50,6 +50,8 @@ def bridge(mu: tf.Tensor, covariance: tf.Tensor) -> tf.Tensor:
         >>> bridge(tf.zeros((1, 4), tf.float64), tf.eye(4, batch_shape=[1], dtype=tf.float64)).numpy()
         array([[0.25, 0.25, 0.25, 0.25]])
     """
+    mu = tf.convert_to_tensor(mu)
+    covariance = tf.convert_to_tensor(covariance, mu.dtype)
     n_classes = int(mu.shape[-1])
     row = tf.reduce_sum(covariance, axis=-1)  # V 1        [N, K]
     total = tf.reduce_sum(row, axis=-1, keepdims=True)  # 1^T V 1   [N, 1]
