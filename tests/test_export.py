@@ -162,6 +162,14 @@ def test_to_keras_predicts_la_in_any_batch_size():
         model.get_layer("laplace_predictive").get_config()
 
 
+def test_to_keras_in_float64_takes_float64_inputs():
+    la, x = _fitted("last_layer", "kron", "classification", dtype="float64")
+    model = la.to_keras(dtype="float64")
+    out = model(x.astype(np.float64))["probs"]
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out, la(x), rtol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def binary():
     return _fitted("last_layer", "diag", "binary")[0]

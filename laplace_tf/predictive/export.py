@@ -243,7 +243,9 @@ class _PredictiveLayer(keras.layers.Layer):
     """A Keras layer running a :class:`_Predictive` (inference only, not trainable)."""
 
     def __init__(self, module: _Predictive, **kwargs):
-        super().__init__(trainable=False, **kwargs)
+        # no autocast: the serving signature fixes each input's dtype (Keras would cast float64
+        # inputs to its float32 policy)
+        super().__init__(trainable=False, autocast=False, **kwargs)
         self.module = module
 
     def call(self, inputs):
