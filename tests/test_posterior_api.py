@@ -227,6 +227,24 @@ def test_load_refuses_a_different_model(tmp_path, subset):
             PosteriorLaplace.load(path, renamed_and_retrained)
 
 
+def test_load_finds_the_last_layer_by_its_weights_when_another_layer_took_its_name(tmp_path):
+    def mlp(hidden_name, last_name):
+        return keras.Sequential([keras.Input((3,), dtype="float64"),
+                                 keras.layers.Dense(4, "tanh", dtype="float64", name=hidden_name),
+                                 keras.layers.Dense(2, dtype="float64", name=last_name)])
+
+    model = mlp("hidden", "out")
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    la = PosteriorLaplace(model, "regression", "last_layer", "full", progress=False)
+    la.fit((x, targets("regression", 2, 6)))
+    la.save(tmp_path / "posterior.npz")
+    rebuilt = mlp("out", "final")  # the saved layer's name now belongs to the hidden layer
+    rebuilt.set_weights(model.get_weights())
+    loaded = PosteriorLaplace.load(tmp_path / "posterior.npz", rebuilt)
+    assert loaded.last_layer_name == "final"
+    np.testing.assert_array_equal(loaded.posterior_covariance, la.posterior_covariance)
+
+
 def _truncate(path):
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
@@ -257,6 +275,31 @@ def _shift_mean(path):
         np.savez(handle, **arrays)
 
 
+def _altered(change):
+    """A damage that rewrites the file's arrays and metadata with ``change`` applied."""
+    def damage(path):
+        with np.load(path) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+        metadata = json.loads(str(arrays["metadata"]))
+        change(arrays, metadata)
+        arrays["metadata"] = np.array(json.dumps(metadata))
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+    return damage
+
+
+def _negate(arrays, metadata):
+    arrays["block_0_diagonal"] = -arrays["block_0_diagonal"]
+
+
+def _as_integers(arrays, metadata):
+    arrays["block_0_diagonal"] = arrays["block_0_diagonal"].astype(np.int64)
+
+
+def _n_data_text(arrays, metadata):
+    metadata["n_data"] = "abc"
+
+
 def _flip_bytes(path):
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
@@ -274,6 +317,9 @@ def _flip_bytes(path):
     (_other_format, "holds format 'something else'"),
     (_flip_bytes, "is not a readable laplace_tf posterior"),
     (_shift_mean, "the array 'mean' in .* is not the MAP weights the file records"),
+    (_altered(_negate), "differ from those la.save wrote .* the file was altered"),
+    (_altered(_as_integers), "differ from those la.save wrote .* the file was altered"),
+    (_altered(_n_data_text), "differ from those la.save wrote .* the file was altered"),
 ])
 def test_load_refuses_a_broken_file(tmp_path, damage, match):
     la, path = _saved(tmp_path)

@@ -5,8 +5,9 @@ The file is written with ``numpy.savez`` (no pickle) and read with
 posterior is rebuilt exactly, for any prior), the prior, ``sigma_noise``, the tuning trace and
 a JSON string with the format version, the choices made (the constructor arguments, as
 ``PosteriorLaplace.SETTINGS`` describes them), the weight subset's signature (layer names, variable paths, shapes) and
-a SHA-256 of the MAP weights. Loading checks that the model has the same signature and the
-same weights, and refuses otherwise. Layer names and variable paths are recorded but may
+a SHA-256 of the MAP weights, and a SHA-256 of the whole file's contents. Loading checks that
+the model has the same signature and the same weights, and that the file is as saved, and
+refuses otherwise. Layer names and variable paths are recorded but may
 differ (Keras numbers layers per process, e.g. ``dense`` vs ``dense_3``): the layer count,
 the variable shapes and the SHA-256 of the weights must match.
 
@@ -31,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -82,6 +84,7 @@ def save(la, path) -> None:
         "signature": la.subset.signature(),
         "fingerprint": state.fingerprint,
     }
+    metadata[_DIGEST] = _digest(metadata, arrays)
     arrays["metadata"] = np.array(json.dumps(metadata))
     path = os.fspath(path)
     partial = path + ".partial"
@@ -119,6 +122,19 @@ def _read(path, settings: tuple) -> tuple[dict, dict]:
     return metadata, arrays
 
 
+def _digest(metadata: dict, arrays: dict) -> str:
+    """SHA-256 of the metadata (but this entry) and of every array's name, dtype, shape and
+    bytes: any change to the file after :func:`save` wrote it shows."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != _DIGEST},
+                                       sort_keys=True).encode())
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+_DIGEST = "sha256"
 _METADATA_KEYS = ("n_data", "blocks", "signature", "fingerprint")  # besides the settings
 _ARRAY_KEYS = ("mean", "curvature_nll")
 
@@ -175,10 +191,13 @@ def _array(values: np.ndarray, dtype: tf.DType) -> tf.Tensor:
 
 
 def _last_layer_name(model, name: str, map_fingerprint: str, path) -> str:
-    """``name``, or where ``model`` has no layer of that name (Keras numbers layers per
-    process, so a rebuilt model's names differ) its layer that holds the MAP weights."""
+    """``name`` if that layer of ``model`` holds the MAP weights, else (Keras numbers layers
+    per process, so a rebuilt model's names differ) the layer that holds them; ``name`` if
+    none does (the weight check then says so)."""
     layers = leaf_layers(model)
-    if any(layer.name == name for layer in layers):
+    named = [layer for layer in layers if layer.name == name]
+    if named and (not named[0].trainable_variables
+                  or fingerprint(named[0].trainable_variables) == map_fingerprint):
         return name
     for layer in reversed(layers):
         if layer.trainable_variables and fingerprint(layer.trainable_variables) == map_fingerprint:
@@ -186,6 +205,8 @@ def _last_layer_name(model, name: str, map_fingerprint: str, path) -> str:
                         "layer %r (the same weights; Keras named it differently).",
                         name, layer.name)
             return layer.name
+    if named:
+        return name
     raise ValueError(
         f"model: the posterior in {os.fspath(path)!r} was fitted at the weights of its layer "
         f"{name!r}; the model has no layer of that name and none of its layers holds those "
@@ -237,6 +258,12 @@ def load(cls, path, model):
             f"path: the array 'mean' in {os.fspath(path)!r} is not the MAP weights the file "
             f"records (shape {mean.shape}, the weights {weights.shape}); the file was altered. "
             "Save the posterior again with la.save(path)."
+        )
+    if _DIGEST in metadata and metadata[_DIGEST] != _digest(metadata, arrays):
+        raise ValueError(
+            f"path: the arrays or metadata of {os.fspath(path)!r} differ from those la.save "
+            "wrote (SHA-256 mismatch); the file was altered. Save the posterior again with "
+            "la.save(path)."
         )
     dtype = la.subset.dtype
     fit_sigma = arrays.get("fit_sigma")

@@ -772,7 +772,7 @@ class PosteriorLaplace:
 
     @prior_precision.setter
     def prior_precision(self, value) -> None:
-        self.update(prior=value)
+        self.update(prior=_given(value, "prior_precision"))
 
     @property
     def prior_mean(self) -> tf.Tensor:
@@ -790,7 +790,7 @@ class PosteriorLaplace:
 
     @sigma_noise.setter
     def sigma_noise(self, value) -> None:
-        self.update(sigma=value)
+        self.update(sigma=_given(value, "sigma_noise"))
 
     @property
     def temperature(self) -> float:
@@ -799,7 +799,7 @@ class PosteriorLaplace:
 
     @temperature.setter
     def temperature(self, value) -> None:
-        self.update(temperature=value)
+        self.update(temperature=_given(value, "temperature"))
 
     # ------------------------------------------------------------------ the posterior
     def block_slices(self) -> list[tuple[int, int]]:
@@ -1010,3 +1010,10 @@ def _n_outputs(model) -> int:
             "memory_estimate(n_outputs=K)."
         )
     return int(units)
+
+
+def _given(value, name: str):
+    """``value``, refused if None (``update`` reads None as "unchanged")."""
+    if value is None:
+        raise TypeError(f"{name}: expected a positive value; got None (None does not reset it).")
+    return value
