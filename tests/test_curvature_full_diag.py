@@ -283,3 +283,38 @@ def test_batches_are_joined_into_steps_of_at_most_the_limit(limit, sizes):
     joined_x = np.concatenate([x["b"].numpy()[:, 0] for x, _ in steps])
     np.testing.assert_array_equal(joined_x, -values)
     np.testing.assert_array_equal(np.concatenate([t.numpy() for _, t in steps]), values)
+
+
+class _UnusedHead(keras.Model):
+    """A subclassed model that computes a head it does not return."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = keras.layers.Dense(3, "tanh", dtype=F64)
+        self.unused = keras.layers.Dense(2, dtype=F64)
+        self.head = keras.layers.Dense(2, dtype=F64)
+
+    def call(self, x):
+        h = self.body(x)
+        self.unused(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+def test_a_layer_whose_output_is_unused_has_zero_curvature(structure):
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    y = targets("regression", 2, 4)
+    keras.utils.set_random_seed(0)
+    model = _UnusedHead()
+    model(x[:1])
+    expected = testing.brute_force_ggn(LogitModel(model), get_likelihood("regression"), x, y)
+    assert np.all(expected[12:20, 12:20] == 0)  # the unused head's kernel and bias
+    from laplace_tf.predictive import Laplace
+    la = Laplace(model, "regression", "all", structure, prior_precision=1.0, progress=False)
+    la.fit((x, y))
+    curvature = la.posterior_precision.to_dense().numpy() - np.eye(la.n_params)
+    if structure == "full":
+        np.testing.assert_allclose(curvature, expected, atol=1e-12)
+    elif structure == "diag":
+        np.testing.assert_allclose(np.diag(curvature), np.diag(expected), atol=1e-12)
+    np.testing.assert_allclose(curvature[12:20, 12:20], 0.0, atol=1e-12)

@@ -475,7 +475,8 @@ def _rows_by_slice(
     n_rows = int(cotangents.shape[-1])
     parts: dict[int, _Outer | tf.Tensor] = {}
     if layers:
-        deltas = tape.jacobian(scores, [probes[id(la)] for la in layers], experimental_use_pfor=True)
+        deltas = tape.jacobian(scores, [probes[id(la)] for la in layers], experimental_use_pfor=True,
+                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
         columns = {id(s.layer): s.columns for s in slices}
         for layer, delta in zip(layers, deltas, strict=True):
             delta = tf.reshape(delta, [n_rows, -1, output_size(layer)])

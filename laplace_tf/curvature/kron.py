@@ -172,7 +172,8 @@ class KronBuilder(CurvatureBuilder):
 
         kron = [i for i in range(len(slices)) if i not in fallbacks]
         probes = [calls[id(slices[i].layer)][0][1] for i in kron]
-        gradients = tape.jacobian(scores, probes, experimental_use_pfor=True) if kron else []
+        gradients = tape.jacobian(scores, probes, experimental_use_pfor=True,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO) if kron else []
         reduce = self.kfac_approximation == "reduce"
         row_weights = None if w is None else weights  # None: all 1, the rows are not scaled
         blocks: dict[int, list[Block]] = {

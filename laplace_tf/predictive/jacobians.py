@@ -279,7 +279,8 @@ def _vectorised_jacobian(tape: tf.GradientTape, target: tf.Tensor, sources: list
     """``tape.jacobian`` by pfor (recurrent layers' loops included), or a clear ValueError."""
     try:
         with quiet_pfor_errors():
-            return tape.jacobian(target, sources, experimental_use_pfor=True)
+            return tape.jacobian(target, sources, experimental_use_pfor=True,
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
     except (ValueError, NotImplementedError) as err:
         raise ValueError(
             f"pred_type='glm': could not vectorise the Jacobian of the logits with respect to "
