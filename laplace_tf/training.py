@@ -186,12 +186,12 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
             self._adam = adam_state(self._hyper)
             self.factor = tf.Variable(tf.constant(0.0, dtype), trainable=False,
                                       name="marglik_l2_factor")
+            self._n_outputs = _n_outputs(model, self.train_data)
             self._set_factor(self.sigma_noise)
         self._attach(model)
 
     def _set_factor(self, sigma: float) -> None:
-        shape = self.model.output_shape
-        outputs = int(shape[-1]) if len(shape) > 1 and shape[-1] is not None else 1
+        outputs = self._n_outputs if self.likelihood != "classification" else 1
         per_example = {"classification": 1.0, "binary": 1.0 / outputs,
                        "regression": 2.0 * sigma**2 / outputs}[self.likelihood]
         self.factor.assign(per_example * self.temperature / self._n_data)
@@ -241,6 +241,7 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
             self.la.fit(self.train_data, progress=False)
             self.la.prior_precision = self._posterior_prior(np.exp(log_prior))
             if self.likelihood == "regression":
+                self._log_sigma.assign(tf.math.log(tf.cast(sigma, self._log_sigma.dtype)))
                 self._set_factor(sigma)
                 self.la.sigma_noise = sigma
 
@@ -296,6 +297,19 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
                 "tensorwise": len(self._tensor_sizes), "diag": la.n_params}[self.prior_structure]
 
 
+def _n_outputs(model, data) -> int:
+    """``K``, the model's outputs (a subclassed model has no ``output_shape``: its first
+    batch's outputs)."""
+    try:
+        shape = tuple(model.output_shape)
+    except (AttributeError, ValueError):
+        first = next(iter(data)) if isinstance(data, tf.data.Dataset) else data
+        x = first[0][:1] if not isinstance(first[0], dict) else \
+            {k: v[:1] for k, v in first[0].items()}
+        shape = tuple(model(x).shape)
+    return int(shape[-1]) if len(shape) > 1 and shape[-1] is not None else 1
+
+
 def _count(data) -> int:
     """The number of training examples ``N``."""
     if isinstance(data, tf.data.Dataset):
@@ -337,6 +351,26 @@ def _check_compiled(model, likelihood: str) -> None:
         raise ValueError(
             f"model: the compiled loss must average over the batch (reduction="
             f"'sum_over_batch_size'); got reduction={loss.reduction!r}.")
+    options = {} if isinstance(loss, str) else loss.get_config()
+    logits = output_activation(model) is None
+    if likelihood != "regression" and options.get("from_logits", False) != logits:
+        raise ValueError(
+            f"model: the compiled loss takes {'logits' if not logits else 'probabilities'} "
+            f"(from_logits={options.get('from_logits', False)}), but the model outputs "
+            f"{'logits' if logits else 'probabilities'}; compile with "
+            f"{_loss_name(loss) if not isinstance(loss, str) else 'the loss class'}"
+            f"(from_logits={logits}).")
+    if options.get("label_smoothing") or options.get("ignore_class") is not None:
+        raise ValueError(
+            "model: the compiled loss smooths labels or ignores a class, so it is not the "
+            "likelihood whose evidence is maximised; compile without label_smoothing and "
+            "ignore_class.")
+    weights = (model.get_compile_config() or {}).get("loss_weights")
+    if weights is not None and not np.all(np.asarray(
+            list(weights.values()) if isinstance(weights, dict) else weights) == 1):
+        raise ValueError(
+            f"model: loss_weights={weights} scales the loss against the learned L2 term; "
+            "compile without loss_weights.")
     decay = getattr(model.optimizer, "weight_decay", None)
     if decay:
         raise ValueError(

@@ -57,6 +57,22 @@ def test_an_unbatched_dataset_says_call_batch(make, match):
         la.fit(data)
 
 
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+def test_a_dataset_of_unequal_input_and_label_batches_is_refused(structure):
+    model, x, y = _mlp()
+    data = tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices(x).batch(4),
+                                tf.data.Dataset.from_tensor_slices(y).batch(1)))
+    la = Laplace(model, "classification", "all", structure, progress=False)
+    with pytest.raises(ValueError, match=r"y: batch 0 has 4 inputs but labels of shape \(1,\)"):
+        la.fit(data)
+
+
+def test_data_without_labels_is_refused_by_name():
+    model, x, _ = _mlp()
+    with pytest.raises(TypeError, match="data: expected a tf.data.Dataset of"):
+        Laplace(model, "classification", progress=False).fit((x,))
+
+
 @pytest.mark.parametrize("form", ["arrays", "dataset"])
 def test_a_wrong_feature_dimension_at_fit(form):
     model, _, y = _mlp()

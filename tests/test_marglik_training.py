@@ -288,10 +288,47 @@ def test_a_second_fit_with_the_callback_restores_its_own_best_refit():
     assert len(callback.trace["epoch"]) == 6  # the trace goes on
 
 
-def _compiled(loss=None, optimizer="sgd", regularizer=None):
+def test_restored_best_refit_keeps_its_sigma_for_the_next_fit():
+    x, y = _data("regression")
+    model = _mlp("regression")
+    model.compile(keras.optimizers.Adam(0.05), _loss("regression"))
+    callback = ltf.MarginalLikelihoodCallback("regression", (x, y), n_hypersteps=5,
+                                              restore_best_weights=True)
+    model.fit(x, y, epochs=6, batch_size=8, verbose=0, callbacks=[callback])
+    best = callback.best_epoch - 1
+    assert best < 5  # the weights and hyperparameters went back
+    sigma = callback.trace["sigma_noise"][best]
+    np.testing.assert_allclose(float(callback.la.sigma_noise), sigma, rtol=1e-6)
+    np.testing.assert_allclose(float(tf.exp(callback._log_sigma)), sigma, rtol=1e-6)
+
+
+class SubclassedMLP(keras.Model):
+    def __init__(self, n_outputs):
+        super().__init__()
+        self.hidden, self.out = keras.layers.Dense(4, "tanh"), keras.layers.Dense(n_outputs)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_a_subclassed_model_trains_with_the_l2_term_of_its_outputs(likelihood):
+    x, y = _data(likelihood)
+    keras.utils.set_random_seed(0)
+    model = SubclassedMLP(1 if likelihood == "regression" else 2)
+    model(x[:1])
+    callback = ltf.MarginalLikelihoodCallback(likelihood, (x, y), n_hypersteps=2)
+    model.compile("sgd", _loss(likelihood))
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[callback])
+    sigma = callback.trace["sigma_noise"][0]  # NaN for classification
+    expected = 1.0 / N if likelihood == "classification" else 2 * sigma**2 / 1 / N  # K = 1
+    assert float(callback.factor) == pytest.approx(expected, rel=1e-6)
+
+
+def _compiled(loss=None, optimizer="sgd", regularizer=None, **options):
     model = keras.Sequential([keras.Input((3,)),
                               keras.layers.Dense(2, kernel_regularizer=regularizer)])
-    model.compile(optimizer, loss or _loss("classification"))
+    model.compile(optimizer, loss or _loss("classification"), **options)
     return model
 
 
@@ -313,6 +350,16 @@ def _compiled(loss=None, optimizer="sgd", regularizer=None):
      "reduction"),
     (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(
         _compiled(optimizer="adamw")), "weight_decay"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(
+        _compiled("sparse_categorical_crossentropy")), r"takes probabilities \(from_logits"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(_compiled(
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0))),
+     "ignore_class"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(_compiled(
+        keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1))),
+     "label_smoothing"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(
+        _compiled(loss_weights=2.0)), "loss_weights"),
     (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(
         _compiled(regularizer="l2")), "regularizer"),
     (lambda d: ltf.MarginalLikelihoodCallback(

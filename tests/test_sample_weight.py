@@ -88,6 +88,28 @@ def test_fractional_weights_scale_like_replication():
                                **EXACT)
 
 
+def test_evidence_of_fractional_weights_is_exact_in_float64():
+    """sum_n w_n log N(y_n | x_n theta, sigma^2) - lambda/2 |theta|^2 + P/2 log lambda
+    - 1/2 log det(X^T W X / sigma^2 + lambda), the count sum_n w_n not rounded to float32."""
+    import keras
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,), dtype="float64"),
+                              keras.layers.Dense(1, dtype="float64")])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(15, 2))
+    y = x @ [1.0, -1.0] + rng.normal(size=15)
+    w, sigma = rng.uniform(0, 2, 15), 0.7
+    la = ltf.Laplace(model, "regression", "all", "full", sigma_noise=sigma, progress=False)
+    la.fit((x, y), sample_weight=w)
+    theta = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+    design = np.c_[x, np.ones(15)]
+    r = y - design @ theta
+    loglik = np.sum(w * (-0.5 * r**2 / sigma**2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)))
+    precision = design.T @ (w[:, None] * design) / sigma**2 + np.eye(3)
+    expected = loglik - 0.5 * theta @ theta - 0.5 * np.linalg.slogdet(precision)[1]
+    assert float(la.log_marginal_likelihood()) == pytest.approx(expected, rel=1e-13)
+
+
 def test_weighted_fit_survives_save_and_load(tmp_path):
     case = ("tanh_mlp", "last_layer", "kron", "ggn", "regression")
     la, x, y = _laplace(*case)

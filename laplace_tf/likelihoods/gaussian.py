@@ -130,7 +130,9 @@ class Regression(_Gaussian):
             2.8378770664093453
         """
         sigma = sigma * tf.ones_like(statistics)
-        n = tf.cast(n_data, statistics.dtype)
+        # not tf.cast: a Python float becomes a float32 tensor first (fractional sample weights)
+        n = tf.cast(n_data, statistics.dtype) if tf.is_tensor(n_data) else \
+            tf.constant(n_data, statistics.dtype)
         k = tf.cast(tf.size(statistics), statistics.dtype)
         return (0.5 * tf.reduce_sum(statistics / sigma**2)
                 + n * tf.reduce_sum(tf.math.log(sigma)) + 0.5 * n * k * _LOG_2PI)

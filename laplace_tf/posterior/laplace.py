@@ -625,9 +625,9 @@ class PosteriorLaplace:
         batch_size = self.batch_size if batch_size is None else positive_int(batch_size, "batch_size")
         progress = self.progress if progress is None else flag(progress, "progress")
         steps = positive_int_or_none(steps, "steps")
-        self._check_memory(batch_size, len(data[1]) if isinstance(data, (tuple, list)) else None)
         batches = Batches(data, batch_size, dtype=self._dtype, progress=progress,
                           description="curvature", steps=steps, check=InputCheck(self.model))
+        self._check_memory(batch_size, len(data[1]) if isinstance(data, (tuple, list)) else None)
         curvature = fit_curvature(self._builder(), batches, strategy)
         pieces = self._fit_pieces(curvature, lambda: Batches(
             data, batch_size, dtype=self._dtype, progress=progress, description="curvature",

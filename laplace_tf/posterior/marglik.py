@@ -390,6 +390,12 @@ def optimize_prior_precision(
                 f"{prior_structure!r}. Use method='marglik' for per-layer or per-weight priors."
             )
         return _tune_gridsearch(la, val_data, grid, pred_type, link_approx, progress, seed)
+    if val_data is not None or grid is not None:
+        raise ValueError(
+            "val_data, grid: method='marglik' maximises the evidence of the training data and "
+            "uses neither; use method='gridsearch' (the default when val_data is given), or "
+            "leave them out."
+        )
     n_steps = positive_int(n_steps, "n_steps")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"lr: expected a positive step size such as 0.1; got {lr!r}.")

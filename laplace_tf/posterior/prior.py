@@ -33,7 +33,8 @@ Range = tuple[int, int]  # (offset, size) in the flat weight vector
 
 def as_float_tensor(value, name: str, dtype: tf.DType) -> tf.Tensor:
     """``value`` as a float tensor of ``dtype`` (gradients flow through tensors/variables)."""
-    if isinstance(value, (str, bytes, bool, np.bool_)) or value is None:
+    if isinstance(value, (str, bytes, bool, np.bool_)) or value is None or (
+            isinstance(value, np.ndarray) and value.dtype.kind == "b"):
         raise TypeError(f"{name}: expected a number or an array of numbers; got {value!r}.")
     try:
         tensor = tf.convert_to_tensor(value, dtype_hint=dtype)
