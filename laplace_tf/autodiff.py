@@ -279,6 +279,9 @@ def hessian(
 
     ``H[i, j] = d^2 f / (dx_i dx_j)``. The inner tape gives the gradient ``g`` (flattened to
     a vector of length ``P``), the outer tape its Jacobian, vectorised over rows by pfor.
+    ``f`` must have true second derivatives: ``tf.nn.moments`` (Keras' LayerNormalization
+    and GroupNormalization) stops the gradient through the mean, which keeps first
+    derivatives exact and makes second derivatives wrong.
 
     Args:
         f: Function returning a scalar Tensor. Called as ``f(x)`` for one tensor, or

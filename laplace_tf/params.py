@@ -108,12 +108,20 @@ class WeightSubset:
                         f"layers: layer {layer.name!r} has no trainable weights; choose layers "
                         "that have weights."
                     )
+        orphans = [v.path for v in model.trainable_variables if id(v) not in owner]
+        if orphans:
+            raise ValueError(
+                f"model: the weights {orphans} belong to a layer (or model) that also has "
+                "sublayers; laplace_tf takes the weights of layers without sublayers. Move "
+                "them into a layer of their own (a small keras.layers.Layer holding the "
+                "weight)."
+            )
         self.model = model
         slices: list[LayerSlice] = []
         offset = 0
         for variable in model.trainable_variables:
-            layer = owner.get(id(variable))
-            if layer is None or (chosen is not None and id(layer) not in chosen):
+            layer = owner[id(variable)]
+            if chosen is not None and id(layer) not in chosen:
                 continue
             size = int(np.prod(variable.shape))
             if slices and slices[-1].layer is layer:

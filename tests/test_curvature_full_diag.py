@@ -318,3 +318,32 @@ def test_a_layer_whose_output_is_unused_has_zero_curvature(structure):
     elif structure == "diag":
         np.testing.assert_allclose(np.diag(curvature), np.diag(expected), atol=1e-12)
     np.testing.assert_allclose(curvature[12:20, 12:20], 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", [keras.layers.LayerNormalization,
+                                  lambda **kw: keras.layers.GroupNormalization(groups=2, **kw)])
+def test_the_exact_hessian_through_moments_is_refused(norm):
+    """tf.nn.moments stops the gradient through the mean: nested tapes give a Hessian that
+    differs from finite differences of the (exact) gradient, so it is refused."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,), dtype=F64), keras.layers.Dense(4, dtype=F64),
+                              norm(dtype=F64), keras.layers.Dense(2, dtype=F64)])
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    y = targets("regression", 2, 5)
+    logit_model, likelihood = LogitModel(model), get_likelihood("regression")
+    taped = testing.brute_force_hessian(logit_model, likelihood, x, y)
+    flat0 = logit_model.subset.flat_values().numpy()
+
+    def gradient(flat):
+        with tf.GradientTape() as tape:
+            values = tf.constant(flat)
+            tape.watch(values)
+            loss = likelihood.nll(logit_model(x, logit_model.subset.unflatten(values)), y)
+        return tape.gradient(loss, values).numpy()
+
+    step = 1e-6
+    numeric = np.stack([(gradient(flat0 + step * e) - gradient(flat0 - step * e)) / (2 * step)
+                        for e in np.eye(flat0.size)])
+    assert np.max(np.abs(taped - numeric)) > 1e-3  # the tapes' second derivatives are off
+    with pytest.raises(ValueError, match="exact Hessian .* cannot pass through layer"):
+        make_builder("all", "full", logit_model, likelihood, "hessian")

@@ -224,3 +224,28 @@ def test_a_model_of_one_dimensional_outputs_is_refused(batch_size):
     with pytest.raises(ValueError, match=r"^model: its output on a batch of \d inputs has shape "
                                          r"\(\d,\); laplace_tf needs outputs \[N, K\]"):
         la.fit((np.zeros((8, 3)), np.zeros(8)), batch_size=batch_size)
+
+
+class ScaledDense(keras.layers.Layer):
+    """A weight of its own (``scale``) beside a Dense sublayer."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = keras.layers.Dense(2, dtype="float64")
+
+    def build(self, shape):
+        self.scale = self.add_weight(shape=(2,), initializer="ones", name="scale",
+                                     dtype="float64")
+        self.inner.build(shape)
+
+    def call(self, x):
+        return self.inner(x) * self.scale
+
+
+def test_weights_of_a_layer_with_sublayers_are_refused_not_left_out():
+    model = keras.Sequential([keras.Input((3,), dtype="float64"),
+                              keras.layers.Dense(3, "tanh", dtype="float64"),
+                              ScaledDense(dtype="float64")])
+    with pytest.raises(ValueError, match=r"the weights \['.*scale'\] belong to a layer .* "
+                                         r"sublayers"):
+        Laplace(model, "regression", "all", "full", progress=False)

@@ -411,7 +411,7 @@ def test_positional_embedding_gets_the_exact_diagonal(structure, caplog):
     if structure == "kron":
         assert la.block_kinds()[positions.name] == "diag"
         assert la.block_kinds()[la.subset.slices[0].name] == "kron"
-        assert any("no batch axis" in r.getMessage() for r in caplog.records)
+        assert any("not one row per example" in r.getMessage() for r in caplog.records)
         diagonal = la.curvature.blocks[1].diagonal
     else:
         diagonal = la.curvature.blocks[0].diagonal[part]
@@ -421,3 +421,44 @@ def test_positional_embedding_gets_the_exact_diagonal(structure, caplog):
         la.functional_variance(x),
         testing.dense_functional_variance(jacobians, la.posterior_covariance.numpy()),
         rtol=1e-8, atol=1e-10)
+
+
+class StepsFolded(keras.Model):
+    """A Dense layer on the steps of each example folded into the batch axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = L.Dense(2, "tanh", dtype=F64)
+        self.head = L.Dense(2, dtype=F64)
+
+    def call(self, x):
+        rows = self.steps(keras.ops.reshape(x, (-1, x.shape[-1])))  # [N T, 2]
+        return self.head(keras.ops.reshape(rows, (-1, x.shape[1] * 2)))
+
+
+@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+def test_a_layer_on_steps_folded_into_the_batch_is_not_taken_per_row(structure):
+    """Its rows are not examples: the exact GGN (full), its diagonal (diag and the Kronecker
+    fit's fallback), and the GLM predictive's exact variance."""
+    x = np.random.default_rng(0).normal(size=(4, 3, 3))
+    y = targets("regression", 2, 4)
+    keras.utils.set_random_seed(0)
+    model = StepsFolded()
+    model(x[:1])
+    la = ltf.Laplace(model, "regression", "all", structure, prior_precision=1.0, progress=False)
+    la.fit((x, y))
+    exact = testing.brute_force_ggn(la.logit_model, la.likelihood, tf.constant(x),
+                                    tf.constant(y))
+    curvature = la.posterior_precision.to_dense().numpy() - np.eye(la.n_params)
+    steps = la.subset.slices[0]
+    part = slice(steps.offset, steps.offset + steps.size)
+    if structure == "full":
+        np.testing.assert_allclose(curvature, exact, **EXACT)
+    else:
+        np.testing.assert_allclose(np.diag(curvature)[part], np.diag(exact)[part], **EXACT)
+    if structure == "kron":
+        assert la.block_kinds()[steps.name] == "diag"
+    jacobians = testing.brute_force_jacobians(la.logit_model, tf.constant(x))
+    covariance = np.linalg.inv(la.posterior_precision.to_dense().numpy())
+    expected = np.einsum("nkp,pq,nlq->nkl", jacobians, covariance, jacobians)
+    np.testing.assert_allclose(la.functional_variance(x), expected, **EXACT)

@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -317,11 +318,12 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     candidates = [s.layer for s in slices if is_factored(s)]
     locations: dict[int, list] = {id(layer): [] for layer in candidates}
 
-    def record(layer, inputs, z):  # no batch axis (a layer on a constant): not factored
-        batched = z.shape.rank and z.shape[0] is None
+    def record(layer, inputs, z):  # not one row per example: not factored
+        batched = id(layer) not in batchless
         locations[id(layer)].append(z.shape[1:].num_elements() // output_size(layer) if batched else 0)
         return z
 
+    batchless = batchless_layers(logit_model, candidates, x) if candidates else set()
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record),
                          autograph=False)
     concrete = traced.get_concrete_function(any_batch_size(x))
@@ -334,20 +336,28 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
 
 
 def batchless_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
-    """``id`` of each of ``layers`` whose pre-activation has no batch axis: applied to a constant
-    shared by all examples (e.g. a positional embedding of ``arange(T)``), read off a trace of
-    one call with the batch dimension open (a separate graph, never run)."""
+    """``id`` of each of ``layers`` whose pre-activation has not one row per example: applied to
+    a constant shared by all examples (e.g. a positional embedding of ``arange(T)``), or to
+    examples x steps folded into the batch axis (``tf.reshape(x, [-1, d])``). Read off two
+    traces of one call (separate graphs, never run): the batch dimension open (a constant's
+    rows stay known), and a batch of :data:`_PROBE_BATCH` (folded rows are more)."""
     found: set[int] = set()
 
-    def record(layer, inputs, z):
-        if not z.shape.rank or z.shape[0] is not None:
+    def record(layer, inputs, z, batch=None):
+        if not z.shape.rank or z.shape[0] != batch:
             found.add(id(layer))
         return z
 
-    traced = tf.function(lambda inputs: logit_model(inputs, layers=layers, hook=record),
-                         autograph=False)
-    traced.get_concrete_function(any_batch_size(x))
+    for batch in (None, _PROBE_BATCH):
+        traced = tf.function(lambda inputs, batch=batch: logit_model(
+            inputs, layers=layers, hook=functools.partial(record, batch=batch)), autograph=False)
+        traced.get_concrete_function(tf.nest.map_structure(
+            lambda t, b=batch: tf.TensorSpec([b, *t.shape[1:]], t.dtype), x))
     return found
+
+
+_PROBE_BATCH = 7
+"""The batch size of the trace that tells folded rows from examples."""
 
 
 def one_example_at_a_time(logit_model: LogitModel, x) -> bool:

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from laplace_tf.autodiff import hessian
@@ -101,6 +102,8 @@ class FullBuilder(CurvatureBuilder):
         memory_limit_bytes: int | None = None,
     ):
         super().__init__(logit_model, likelihood, kind)
+        if kind == "hessian":
+            _check_second_derivatives(logit_model.model)
         if memory_limit_bytes is None:
             memory_limit_bytes = default_memory_limit()
         elif isinstance(memory_limit_bytes, bool) or not isinstance(memory_limit_bytes, int) or (
@@ -153,3 +156,19 @@ class FullBuilder(CurvatureBuilder):
         )
         budget = max(CHUNK_BYTES, self.memory_limit_bytes // 4)
         return sum_over_chunks(chunk_hessian, (x, weights_or_ones(w, y)), y, max(1, budget // per_example))
+
+
+def _check_second_derivatives(model: keras.Model) -> None:
+    """Refuse the exact Hessian through a layer whose statistics ``tf.nn.moments`` computes:
+    it stops the gradient through the mean inside the variance, which leaves first derivatives
+    exact and second derivatives wrong."""
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        centred = isinstance(layer, keras.layers.LayerNormalization) and not getattr(
+            layer, "rms_scaling", False)
+        if centred or isinstance(layer, keras.layers.GroupNormalization):
+            raise ValueError(
+                f"curvature: the exact Hessian ('hessian') cannot pass through layer "
+                f"{layer.name!r} ({type(layer).__name__}): TensorFlow's moments stop the "
+                "gradient through the mean, so nested tapes give wrong second derivatives "
+                "there. Use curvature='ggn' (or 'ef'), which need first derivatives only."
+            )

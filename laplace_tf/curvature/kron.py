@@ -64,7 +64,7 @@ import tensorflow as tf
 
 from laplace_tf.arguments import choice, flag
 from laplace_tf.blocks import Block, DiagBlock, KronBlock, PermutedKronBlock
-from laplace_tf.curvature._per_example import output_cotangents, summed_rows
+from laplace_tf.curvature._per_example import batchless_layers, output_cotangents, summed_rows
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
 from laplace_tf.curvature.kron_layers import KRON_RULES, block_kind, fallback_reason
 from laplace_tf.likelihoods import Likelihood
@@ -162,13 +162,15 @@ class KronBuilder(CurvatureBuilder):
             weights = weights_or_ones(w, logits)
             scores = tf.einsum("nk,nkr->r", logits, self._cotangents(logits, y, weights))
 
+        batchless = batchless_layers(self.logit_model, hooked, x) if hooked else set()
         fallbacks = dict(self._fallbacks)
         for i, s in enumerate(slices):
             if i not in fallbacks and len(calls[id(s.layer)]) != 1:
                 fallbacks[i] = f"called {len(calls[id(s.layer)])} times in one forward pass"
-            elif i not in fallbacks and not _has_batch_axis(calls[id(s.layer)][0][1], logits):
-                fallbacks[i] = ("its output has no batch axis (a layer applied to a constant, "
-                                "e.g. positions): its rows are shared by all examples")
+            elif i not in fallbacks and id(s.layer) in batchless:
+                fallbacks[i] = ("its output has not one row per example (a layer applied to a "
+                                "constant such as positions, or to steps folded into the batch "
+                                "axis)")
 
         kron = [i for i in range(len(slices)) if i not in fallbacks]
         probes = [calls[id(slices[i].layer)][0][1] for i in kron]
@@ -246,12 +248,3 @@ class KronBuilder(CurvatureBuilder):
             "; ".join(f"{slices[i].name!r} ({reason})" for i, reason in sorted(fallbacks.items())),
             listing,
         )
-
-
-def _has_batch_axis(z: tf.Tensor, logits: tf.Tensor) -> bool:
-    """Whether a pre-activation ``z`` has the batch axis of ``logits`` (in a fit's trace the
-    batch dimension is open: ``None`` for every batched tensor)."""
-    if not z.shape.rank:
-        return False
-    n = logits.shape[0]
-    return z.shape[0] is None if n is None else z.shape[0] == n
