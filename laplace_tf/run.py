@@ -195,7 +195,7 @@ def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData
         log(f"tuning the prior precision ({lap.optimize_prior}, {lap.prior_structure})")
         la.optimize_prior_precision(
             method=lap.optimize_prior, prior_structure=lap.prior_structure,
-            val_data=None if val is None else (val.x, val.y),
+            val_data=None if val is None or lap.optimize_prior != "gridsearch" else (val.x, val.y),
             pred_type=config.predictive.pred_type, link_approx=config.predictive.link_approx)
     return la
 
