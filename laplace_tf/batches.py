@@ -228,15 +228,16 @@ class Batches:
         seen = 0
         for index, (x, y, *w) in enumerate(raw):
             x, y = _as_float(x, self.dtype), np.asarray(y)
-            if y.ndim == 0 or _n_rows(x) != len(y):
-                raise ValueError(
-                    f"y: batch {index} has {_n_rows(x)} inputs but labels of shape {y.shape}; "
-                    "give one label row per input (a zipped dataset's x and y batched alike)."
-                )
-            w = _checked_weights(w[0], len(y), index) if w else np.ones(len(y))
             _check_finite(x, index)
             if self.check is not None:
                 self.check.batch(x, index)
+            if y.ndim == 0 or _n_rows(x) != len(y):
+                raise ValueError(
+                    f"y: batch {index} has {_n_rows(x)} inputs but labels of shape {y.shape}; "
+                    "give one label row per input (a zipped dataset's x and y batched alike; "
+                    "a dataset of single examples needs .batch(n))."
+                )
+            w = _checked_weights(w[0], len(y), index) if w else np.ones(len(y))
             if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
                 raise ValueError(
                     f"y: batch {index} contains NaN or Inf labels; clean the labels first."

@@ -56,11 +56,11 @@ def explain_grouped_convolution(model: keras.Model, err: Exception) -> None:
     if not names:
         return
     raise ValueError(
-        f"model: TensorFlow cannot differentiate a grouped convolution with respect to its "
-        f"inputs on CPU, which weights before the grouped convolution(s) {names} need. Place "
-        "the grouped convolution first (its own weights need no such gradient), compute in "
-        "float32, fit on a GPU, or use subset_of_weights='last_layer' (any hessian_structure "
-        "over all weights needs this gradient)."
+        f"model: TensorFlow cannot differentiate the grouped convolution(s) {names} on CPU in "
+        "float64 as the per-example rows need (with respect to their inputs, which weights "
+        "before them need, or to their filters under vectorisation). Compute in float32, fit "
+        "on a GPU, use hessian_structure='kron' with the grouped convolution first (its "
+        "Kronecker rule needs neither gradient), or subset_of_weights='last_layer'."
     ) from err
 
 

@@ -44,8 +44,8 @@ def _unbatched(x, y):
          r"data: the dataset yields single examples \(x of shape \(3,\)\); the model takes "
          r"batches of shape \(None, 3\)\. Call \.batch\(n\)"),
         (lambda: (MODELS["subclassed"](2)[0], _unbatched(np.zeros((4, 3)), np.zeros((4, 2)))),
-         r"x: inputs of shape \(3,\) do not fit the model, which expects inputs of shape the "
-         r"shape it was built with .*call \.batch\(n\)"),
+         r"y: batch 0 has 3 inputs but labels of shape \(2,\); .* a dataset of single "
+         r"examples needs \.batch\(n\)"),
     ],
     ids=["labels", "regression-targets", "subclassed-regression"],
 )
