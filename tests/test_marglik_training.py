@@ -272,12 +272,18 @@ def test_a_fit_that_raises_leaves_no_learned_decay_on_the_model():
     assert all(v.regularizer is None for v in model.trainable_variables)
 
 
-def test_a_second_fit_with_the_callback_restores_its_own_best_refit():
-    x, y = _data("classification")
-    model = _mlp("classification")
-    model.compile(keras.optimizers.Adam(0.05), _loss("classification"))
-    callback = ltf.MarginalLikelihoodCallback("classification", (x, y), n_hypersteps=2,
+def _restoring(likelihood, n_hypersteps):
+    """Data, a compiled model and a callback that restores its best refit."""
+    x, y = _data(likelihood)
+    model = _mlp(likelihood)
+    model.compile(keras.optimizers.Adam(0.05), _loss(likelihood))
+    callback = ltf.MarginalLikelihoodCallback(likelihood, (x, y), n_hypersteps=n_hypersteps,
                                               restore_best_weights=True)
+    return x, y, model, callback
+
+
+def test_a_second_fit_with_the_callback_restores_its_own_best_refit():
+    x, y, model, callback = _restoring("classification", 2)
     for learning_rate in (0.05, 20.0):  # the second fit's refits are all worse
         model.optimizer.learning_rate.assign(learning_rate)
         model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
@@ -289,11 +295,7 @@ def test_a_second_fit_with_the_callback_restores_its_own_best_refit():
 
 
 def test_restored_best_refit_keeps_its_sigma_for_the_next_fit():
-    x, y = _data("regression")
-    model = _mlp("regression")
-    model.compile(keras.optimizers.Adam(0.05), _loss("regression"))
-    callback = ltf.MarginalLikelihoodCallback("regression", (x, y), n_hypersteps=5,
-                                              restore_best_weights=True)
+    x, y, model, callback = _restoring("regression", 5)
     model.fit(x, y, epochs=6, batch_size=8, verbose=0, callbacks=[callback])
     best = callback.best_epoch - 1
     assert best < 5  # the weights and hyperparameters went back

@@ -340,7 +340,16 @@ def batchless_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
     a constant shared by all examples (e.g. a positional embedding of ``arange(T)``), or to
     examples x steps folded into the batch axis (``tf.reshape(x, [-1, d])``). Read off two
     traces of one call (separate graphs, never run): the batch dimension open (a constant's
-    rows stay known), and a batch of :data:`_PROBE_BATCH` (folded rows are more)."""
+    rows stay known), and a batch of :data:`_PROBE_BATCH` (folded rows are more); once per
+    model, layers and input signature."""
+    cache = model_cache(logit_model.model, ("batchless_layers", logit_model.stripped is not None))
+    key = (repr(any_batch_size(x)), tuple(id(layer) for layer in layers))
+    if key not in cache:
+        cache[key] = _traced_batchless(logit_model, layers, x)
+    return cache[key]
+
+
+def _traced_batchless(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
     found: set[int] = set()
 
     def record(layer, inputs, z, batch=None):
