@@ -44,7 +44,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -338,35 +337,30 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
 def batchless_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
     """``id`` of each of ``layers`` whose pre-activation has not one row per example: applied to
     a constant shared by all examples (e.g. a positional embedding of ``arange(T)``), or to
-    examples x steps folded into the batch axis (``tf.reshape(x, [-1, d])``). Read off two
-    traces of one call (separate graphs, never run): the batch dimension open (a constant's
-    rows stay known), and a batch of :data:`_PROBE_BATCH` (folded rows are more); once per
-    model, layers and input signature."""
+    examples x steps folded into the batch axis (``tf.reshape(x, [-1, d])``). Read off one
+    trace of a call on a batch of :data:`_PROBE_BATCH` examples (a separate graph, never run):
+    the rows of every other pre-activation are not that many. Once per model, layers and input
+    signature."""
     cache = model_cache(logit_model.model, ("batchless_layers", logit_model.stripped is not None))
     key = (repr(any_batch_size(x)), tuple(id(layer) for layer in layers))
     if key not in cache:
-        cache[key] = _traced_batchless(logit_model, layers, x)
+        found: set[int] = set()
+
+        def record(layer, inputs, z):
+            if not z.shape.rank or z.shape[0] != _PROBE_BATCH:
+                found.add(id(layer))
+            return z
+
+        tf.function(lambda inputs: logit_model(inputs, layers=layers, hook=record),
+                    autograph=False).get_concrete_function(tf.nest.map_structure(
+                        lambda t: tf.TensorSpec([_PROBE_BATCH, *t.shape[1:]], t.dtype), x))
+        cache[key] = found
     return cache[key]
 
 
-def _traced_batchless(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
-    found: set[int] = set()
-
-    def record(layer, inputs, z, batch=None):
-        if not z.shape.rank or z.shape[0] != batch:
-            found.add(id(layer))
-        return z
-
-    for batch in (None, _PROBE_BATCH):
-        traced = tf.function(lambda inputs, batch=batch: logit_model(
-            inputs, layers=layers, hook=functools.partial(record, batch=batch)), autograph=False)
-        traced.get_concrete_function(tf.nest.map_structure(
-            lambda t, b=batch: tf.TensorSpec([b, *t.shape[1:]], t.dtype), x))
-    return found
-
-
-_PROBE_BATCH = 7
-"""The batch size of the trace that tells folded rows from examples."""
+_PROBE_BATCH = 8191
+"""The batch size of the trace that tells examples from other rows (a prime no constant's
+length is likely to equal; the trace is never run, so its size costs nothing)."""
 
 
 def one_example_at_a_time(logit_model: LogitModel, x) -> bool:
