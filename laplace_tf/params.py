@@ -239,17 +239,22 @@ class compiled_per_shape:  # noqa: N801 (used like tf.function)
     cannot call, or to unknown lengths (a dataset padded batch by batch to its own sequence
     lengths), which the curvature's static layout cannot take.
 
+    The first ``batched`` positional arguments (nests of tensors) have the batch as their
+    first dimension: each function is traced for any batch size at its first call, so a last,
+    smaller batch costs no second trace.
+
     Example:
         >>> import tensorflow as tf
-        >>> double = compiled_per_shape(lambda x: 2 * x)
-        >>> double(tf.ones([2])).shape, double(tf.ones([3, 1])).shape
-        (TensorShape([2]), TensorShape([3, 1]))
+        >>> double = compiled_per_shape(lambda x: 2 * x, batched=1)
+        >>> double(tf.ones([2])).shape, double(tf.ones([3, 1])).shape, double(tf.ones([5, 1])).shape
+        (TensorShape([2]), TensorShape([3, 1]), TensorShape([5, 1]))
         >>> double.experimental_get_tracing_count()
         2
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn, batched: int = 0):
         self._fn = fn
+        self._batched = batched
         self._steps: dict[tuple, Any] = {}  # tf.function objects
 
     def __call__(self, *args, **kwargs):
@@ -264,12 +269,27 @@ class compiled_per_shape:  # noqa: N801 (used like tf.function)
         key = tuple(tuple(t.shape[1:]) for t in tf.nest.flatten((args, kwargs))
                     if hasattr(t, "shape"))
         if key not in self._steps:
-            self._steps[key] = tf.function(self._fn, reduce_retracing=True)
+            step = tf.function(self._fn, reduce_retracing=True)
+            if self._batched:
+                open_batch = any_batch_size(args[:self._batched])
+                step.get_concrete_function(*open_batch, *args[self._batched:], **kwargs)
+            self._steps[key] = step
         return self._steps[key]
 
     def experimental_get_tracing_count(self) -> int:
         """Traces over all shapes (as ``tf.function``'s method)."""
         return sum(step.experimental_get_tracing_count() for step in self._steps.values())
+
+
+def any_batch_size(tensors):
+    """``TensorSpec``s of (nested) ``tensors`` with the batch (first) dimension left open;
+    leaves without a first dimension (None, scalars) stay as they are."""
+    def spec(t):
+        shape = getattr(t, "shape", None)
+        if shape is None or not hasattr(t, "dtype") or not tf.TensorShape(shape).rank:
+            return t  # None, a scalar
+        return tf.TensorSpec([None, *t.shape[1:]], t.dtype)
+    return tf.nest.map_structure(spec, tensors)
 
 
 class SubnetworkSubset(WeightSubset):

@@ -59,6 +59,32 @@ def test_second_posterior_and_refit_reuse_the_traces_with_their_own_state(case):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", CASES, indirect=True)
+def test_every_batch_size_and_predictive_share_one_linearisation_trace(case):
+    """Batches of 3, 3 and 1 (a short last one) trace each predictive step once, and the
+    functional variance after ``la(x)`` reuses the linearisation (the costly trace: the
+    per-example Jacobians); both equal dense float64 brute force."""
+    model, x, y = case.build(n=7)
+    la = ltf.Laplace(model, case.likelihood, case.subset, case.structure, prior_precision=0.5,
+                     progress=False)
+    la.fit((x, y))
+    predicted = la(x, batch_size=3)
+    variance = la.functional_variance(x, batch_size=4)
+
+    steps = {key[:3]: step.experimental_get_tracing_count()
+             for key, step in la._shared_steps().items()
+             if isinstance(key, tuple) and key[0] in ("linearise", "glm")}
+    assert sorted(steps.values()) == [1, 1, 1] and len({k[0] for k in steps}) == 2, steps
+    precision = cases.reference_precision(case, model, x, y, prior=0.5)
+    expected = cases.reference_glm(case, model, x, precision)
+    if case.likelihood != "regression":
+        predicted, expected = (predicted,), (expected,)
+    for got, want in zip(predicted, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(variance, cases.reference_functional_variance(
+        case, model, x, precision)[1], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("case", cases.table(("tanh_mlp", "classification", "all", "kron"),
                                              ("small_cnn", "regression", "all", "diag")),
                          indirect=True)

@@ -18,6 +18,11 @@ model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
 la = ltf.Laplace(model, "regression", "all", "diag")
 la.fit((np.ones((8, 3), "float32"), np.ones((8, 2), "float32")))
 la.optimize_prior_precision(n_steps=5)
+inputs = keras.Input((3,))  # a layer without Kronecker factors: Jacobians taken in the graph
+h = keras.layers.BatchNormalization()(keras.layers.Dense(4)(inputs))
+la = ltf.Laplace(keras.Model(inputs, keras.layers.Dense(2)(h)), "classification", "all", "kron")
+la.fit((np.ones((8, 3), "float32"), np.arange(8) % 2))
+la(np.ones((2, 3), "float32"))
 print("fitted")
 """
 
@@ -34,6 +39,7 @@ def test_a_fit_writes_neither_tensorflow_startup_lines_nor_progress_bars_to_a_lo
     assert run.stdout.strip() == "fitted"
     assert not re.search(r"^[IWE]\d{4} |absl::InitializeLog|oneDNN", run.stderr, re.M), run.stderr
     assert "curvature" not in run.stderr and "it/s" not in run.stderr, run.stderr
+    assert run.stderr.strip() == "", run.stderr  # nor AutoGraph's notices about our functions
 
 
 def test_asking_for_tensorflow_logs_installs_no_import_hook():

@@ -59,10 +59,10 @@ from laplace_tf.curvature._kron_sums import (
     symmetric_kron_sum,
     symmetric_sum_numbers,
 )
-from laplace_tf.curvature.base import any_batch_size, weights_or_ones
+from laplace_tf.curvature.base import weights_or_ones
 from laplace_tf.curvature.kron_layers import input_rows, is_factored, output_size
 from laplace_tf.likelihoods import Likelihood
-from laplace_tf.params import LayerSlice, LogitModel, model_cache
+from laplace_tf.params import LayerSlice, LogitModel, any_batch_size, model_cache
 
 CHUNK_BYTES = 256 * 2**20
 """Memory budget for the per-example intermediates of one chunk of examples."""
@@ -334,6 +334,7 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     return Layout(dims, n_outputs, _one_at_a_time(concrete.graph), gathered)
 
 
+@tf.autograph.experimental.do_not_convert  # Python at trace time, also inside tf.functions
 def batchless_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
     """``id`` of each of ``layers`` whose pre-activation has not one row per example: applied to
     a constant shared by all examples (e.g. a positional embedding of ``arange(T)``), or to
@@ -363,6 +364,7 @@ _PROBE_BATCH = 8191
 length is likely to equal; the trace is never run, so its size costs nothing)."""
 
 
+@tf.autograph.experimental.do_not_convert
 def one_example_at_a_time(logit_model: LogitModel, x) -> bool:
     """Whether per-example rows of ``logit_model`` on inputs like ``x`` must be computed one
     example at a time (:func:`_one_at_a_time`), read off a trace of one call (never run)."""

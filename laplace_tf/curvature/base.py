@@ -41,7 +41,7 @@ from laplace_tf.blocks import Block
 from laplace_tf.inputs import InputCheck, explain_grouped_convolution
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import check_output_op, check_output_values
-from laplace_tf.params import LogitModel, compiled_per_shape
+from laplace_tf.params import LogitModel, any_batch_size, compiled_per_shape
 
 CURVATURES = ("ggn", "ef", "hessian")
 STRUCTURES = ("full", "kron", "diag", "lowrank", "gp")
@@ -318,11 +318,6 @@ def _add_in_place(total: _Sums | None, part: _Sums) -> _Sums:
     if isinstance(total.nll, np.ndarray):
         return tf.nest.map_structure(lambda t, p: np.add(t, p, out=t), total, part)
     return tf.nest.map_structure(tf.add, total, part)
-
-
-def any_batch_size(tensors):
-    """``TensorSpec``s of (nested) ``tensors`` with the batch dimension left open."""
-    return tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), tensors)
 
 
 def _shard(tensor, index: int, n_shards: int):

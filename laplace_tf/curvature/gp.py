@@ -50,10 +50,10 @@ import tensorflow as tf
 from laplace_tf.arguments import positive_int_or_none
 from laplace_tf.blocks import Block, LowRankBlock
 from laplace_tf.curvature._per_example import rows_chunk_examples, stacked_rows
-from laplace_tf.curvature.base import CurvatureBuilder, any_batch_size
+from laplace_tf.curvature.base import CurvatureBuilder
 from laplace_tf.curvature.full import default_memory_limit
 from laplace_tf.likelihoods import Likelihood
-from laplace_tf.params import LogitModel
+from laplace_tf.params import LogitModel, any_batch_size
 
 
 class ContextBuilder(CurvatureBuilder):

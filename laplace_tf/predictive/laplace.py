@@ -236,10 +236,13 @@ class Laplace(PosteriorLaplace):
         prepared = self._cached(f"prepared_blocks_{diagonal}",  # shared work: once a state
                                 lambda: fv.prepare(blocks, diagonal))
         noise = self._noise_variance(self.subset.dtype)
+        # two compiled steps: the linearisation (the costly trace) is shared by every mode and link
+        linearise = self._compiled(("linearise", fv), "_linearise_step", fv)
         step = self._compiled(("glm", fv, mode, link, n_samples), "_glm_step", fv,
                               diagonal=diagonal, mode=mode, link=link, n_samples=n_samples)
         outputs = self._over_batches(x, batch_size, lambda xb, index: step(
-            xb, self.mean, prepared, noise, tf.random.experimental.stateless_fold_in(seed, index)
+            linearise(xb, self.mean), prepared, noise,
+            tf.random.experimental.stateless_fold_in(seed, index)
         ))
         return _join(outputs, axis=1 if mode == "samples" else 0)
 
@@ -328,7 +331,7 @@ class Laplace(PosteriorLaplace):
         shared = self._shared_steps()
         if key not in shared:
             step = functools.partial(getattr(shared["owner"], method), *args, **kwargs)
-            shared[key] = compiled_per_shape(step)
+            shared[key] = compiled_per_shape(step, batched=1)  # x or a batch's pieces first
         return shared[key]
 
     def validation_scorer(self, batches, kwargs: dict):
@@ -407,8 +410,9 @@ class Laplace(PosteriorLaplace):
             blocks = [f.covariance(c, p) for f, p in zip(factors, self._block_priors(prior),
                                                           strict=True)]
             prepared = fv.prepare(blocks, diagonal)
-            outputs = [_join([self._glm_pieces_step(fv, p, prepared, noise, diagonal=diagonal,
-                                                    link=link) for p in batch], axis=0)
+            outputs = [_join([self._glm_step(fv, p, prepared, noise, None, diagonal=diagonal,
+                                             mode="predict", link=link, n_samples=1)
+                              for p in batch], axis=0)
                        for batch in pieces]
             return outputs, self.log_evidence(prior, sigma)
 
@@ -417,16 +421,11 @@ class Laplace(PosteriorLaplace):
     def _linearise_step(self, fv: FunctionalVariance, x, mean):
         return fv.linearise(x, mean)
 
-    def _glm_pieces_step(self, fv: FunctionalVariance, pieces, blocks, noise, *, diagonal, link):
-        """A batch's GLM predictive from its linearisation (a deterministic link)."""
-        logits, variance = fv.contract(pieces, blocks, diagonal)
-        return self._glm_outputs(logits, variance, noise, None, mode="predict", link=link,
-                                 n_samples=1)
-
-    def _glm_step(self, fv: FunctionalVariance, x, mean, blocks, noise, seed, *, diagonal, mode,
+    def _glm_step(self, fv: FunctionalVariance, pieces, blocks, noise, seed, *, diagonal, mode,
                   link, n_samples):
-        """One batch of the GLM predictive (``mode``: predict, variance or samples)."""
-        logits, variance = fv(x, mean, blocks, diagonal=diagonal)
+        """One batch of the GLM predictive (``mode``: predict, variance or samples) from its
+        linearisation ``pieces`` (:meth:`FunctionalVariance.linearise`)."""
+        logits, variance = fv.contract(pieces, blocks, diagonal)
         return self._glm_outputs(logits, variance, noise, seed, mode=mode, link=link,
                                  n_samples=n_samples)
 
