@@ -62,7 +62,7 @@ from laplace_tf.curvature._kron_sums import (
 from laplace_tf.curvature.base import weights_or_ones
 from laplace_tf.curvature.kron_layers import input_rows, is_factored, output_size
 from laplace_tf.likelihoods import Likelihood
-from laplace_tf.params import LayerSlice, LogitModel, any_batch_size, model_cache
+from laplace_tf.params import LayerSlice, LogitModel, any_batch_size, leaf_layers, model_cache
 
 CHUNK_BYTES = 256 * 2**20
 """Memory budget for the per-example intermediates of one chunk of examples."""
@@ -331,7 +331,7 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     dims = [(_factor_dims(s) if s.columns is None else s.size) if one else s.layer_size
             for s, one in zip(slices, once, strict=True)]
     gathered = tuple(one and s.columns is not None for s, one in zip(slices, once, strict=True))
-    return Layout(dims, n_outputs, _one_at_a_time(concrete.graph), gathered)
+    return Layout(dims, n_outputs, _one_at_a_time(concrete.graph, logit_model.model), gathered)
 
 
 @tf.autograph.experimental.do_not_convert  # Python at trace time, also inside tf.functions
@@ -369,15 +369,16 @@ def one_example_at_a_time(logit_model: LogitModel, x) -> bool:
     """Whether per-example rows of ``logit_model`` on inputs like ``x`` must be computed one
     example at a time (:func:`_one_at_a_time`), read off a trace of one call (never run)."""
     traced = tf.function(lambda inputs: logit_model(inputs))
-    return _one_at_a_time(traced.get_concrete_function(any_batch_size(x)).graph)
+    graph = traced.get_concrete_function(any_batch_size(x)).graph
+    return _one_at_a_time(graph, logit_model.model)
 
 
 _BATCHED_PRODUCTS = ("Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
 
 
-def _one_at_a_time(graph: tf.Graph) -> bool:
-    """Whether a forward pass ``graph`` (traced with an open batch dimension) must have its
-    per-example rows computed one example at a time instead of by ``vectorized_map``:
+def _one_at_a_time(graph: tf.Graph, model) -> bool:
+    """Whether a forward pass ``graph`` of ``model`` (traced with an open batch dimension) must
+    have its per-example rows computed one example at a time instead of by ``vectorized_map``:
 
     * it runs a ``while_loop`` (in itself or a function it calls: recurrent layers without
       ``unroll=True``), whose gradient a nested pfor cannot convert; or
@@ -386,8 +387,13 @@ def _one_at_a_time(graph: tf.Graph) -> bool:
       in ``MultiHeadAttention``). Vectorised per-example gradients through such a product
       crash the process inside TensorFlow's oneDNN CPU kernels (a segmentation fault, seen
       with TensorFlow 2.21 on ``MultiHeadAttention``; the same model with
-      ``TF_ENABLE_ONEDNN_OPTS=0``, or one example at a time, runs correctly).
+      ``TF_ENABLE_ONEDNN_OPTS=0``, or one example at a time, runs correctly); or
+    * ``model`` has a grouped convolution (``groups > 1``): TensorFlow's vectorisation of the
+      grouped filter's gradient is wrong in float32 (70-80% off, seen with TensorFlow 2.21 on
+      CPU; ``tf.map_fn`` gives the eager tape's values).
     """
+    if any(getattr(layer, "groups", 1) > 1 for layer in leaf_layers(model)):
+        return True
     definition = graph.as_graph_def()
     nodes = [*definition.node, *(n for f in definition.library.function for n in f.node_def)]
     if any(node.op in ("While", "StatelessWhile") for node in nodes):
