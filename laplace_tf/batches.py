@@ -73,11 +73,14 @@ def _check_finite(x, index: int) -> None:
 
 
 def _checked_weights(w, n_rows: int, index: int) -> np.ndarray:
-    """Sample weights of one batch as float64 ``[n_rows]``: finite and non-negative."""
+    """Sample weights of one batch as float64 ``[n_rows]``: finite and non-negative (``[n_rows,
+    1]`` is taken as ``[n_rows]``, as Keras takes it)."""
     w = np.asarray(w)
     where = "" if index < 0 else f" in batch {index}"
     if w.dtype.kind not in "biuf":
         raise TypeError(f"sample_weight: expected numbers; got dtype {w.dtype}{where}.")
+    if w.shape == (n_rows, 1):
+        w = w[:, 0]
     if w.shape != (n_rows,):
         raise ValueError(
             f"sample_weight: expected one weight per example, shape ({n_rows},){where}; got "
@@ -160,6 +163,8 @@ class Batches:
                 )
             self.n_batches = n if n >= 0 else None
         elif isinstance(data, (tuple, list)) and len(data) in (2, 3):
+            if len(data) == 3 and data[2] is None:  # (x, y, None): unweighted, as in Keras
+                data = data[:2]
             x, y = data[:2]
             if y is None:
                 raise TypeError(

@@ -462,3 +462,20 @@ def test_a_layer_on_steps_folded_into_the_batch_is_not_taken_per_row(structure):
     covariance = np.linalg.inv(la.posterior_precision.to_dense().numpy())
     expected = np.einsum("nkp,pq,nlq->nkl", jacobians, covariance, jacobians)
     np.testing.assert_allclose(la.functional_variance(x), expected, **EXACT)
+
+
+def test_block_kinds_tells_layers_of_the_same_name_apart():
+    """Two Dense layers named "proj" in two nested models, one called once (Kronecker) and one
+    called twice (shared: the diagonal fallback), are two entries, in the weight order."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    once_in, twice_in = keras.Input((3,), dtype=F64), keras.Input((3,), dtype=F64)
+    once = keras.Model(once_in, L.Dense(3, "tanh", name="proj", dtype=F64)(once_in))
+    shared = L.Dense(3, "tanh", name="proj", dtype=F64)
+    twice = keras.Model(twice_in, shared(shared(twice_in)))
+    inputs = keras.Input((3,), dtype=F64)
+    joined = L.Concatenate(dtype=F64)([once(inputs), twice(inputs)])
+    model = keras.Model(inputs, L.Dense(2, name="head", dtype=F64)(joined))
+    la = ltf.Laplace(model, "regression", "all", "kron", progress=False)
+    la.fit((np.ones((4, 3)), np.zeros((4, 2))))
+    assert la.block_kinds() == {"proj": "kron", "proj#2": "diag", "head": "kron"}

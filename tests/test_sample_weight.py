@@ -71,6 +71,19 @@ def test_weighted_dataset_and_triple_equal_keyword():
     by_dataset, _, _ = _laplace(*case)
     by_dataset.fit(tf.data.Dataset.from_tensor_slices((x, y, WEIGHTS)).batch(2))
     assert_same_fit(by_dataset, by_keyword)
+    as_column, _, _ = _laplace(*case)  # [N, 1] weights, which Keras takes as [N]
+    as_column.fit(tf.data.Dataset.from_tensor_slices((x, y, WEIGHTS[:, None])).batch(2))
+    assert_same_fit(as_column, by_keyword)
+
+
+def test_a_triple_with_no_weights_is_the_unweighted_pair():
+    case = ("tanh_mlp", "all", "full", "ggn", "classification")
+    pair, x, y = _laplace(*case)
+    pair.fit((np.repeat(x, WEIGHTS, axis=0), np.repeat(y, WEIGHTS, axis=0)))
+    triple, _, _ = _laplace(*case)
+    triple.fit((np.repeat(x, WEIGHTS, axis=0), np.repeat(y, WEIGHTS, axis=0), None))
+    assert not triple.curvature.n_data - len(np.repeat(y, WEIGHTS, axis=0))
+    assert_same_fit(triple, pair)
 
 
 def test_fractional_weights_scale_like_replication():
@@ -144,11 +157,11 @@ def test_stochastic_kron_weights_scale_sampled_factors():
         (np.array([1, np.nan, 1, 1, 1, 1, 1]), ValueError, "sample_weight: expected finite, non-negative"),
         (np.array([1, np.inf, 1, 1, 1, 1, 1]), ValueError, "sample_weight: expected finite, non-negative"),
         (np.ones(6), ValueError, r"sample_weight: expected one weight per example, shape \(7,\)"),
-        (np.ones((7, 1)), ValueError, r"sample_weight: expected one weight per example"),
+        (np.ones((7, 2)), ValueError, r"sample_weight: expected one weight per example"),
         (np.array(["a"] * 7), TypeError, "sample_weight: expected numbers"),
         (np.zeros(7), ValueError, "sample_weight: all sample weights are 0"),
     ],
-    ids=["negative", "nan", "inf", "short", "column", "strings", "all-zero"],
+    ids=["negative", "nan", "inf", "short", "matrix", "strings", "all-zero"],
 )
 def test_bad_weights_are_refused(weights, error, match):
     la, x, y = _laplace("tanh_mlp", "last_layer", "kron", "ggn", "regression")

@@ -628,8 +628,10 @@ def register_kron_rule(layer_type: type, rule: KronRule) -> None:
             :meth:`KronRule.blocks`).
         rule: a :class:`KronRule` whose :meth:`KronRule.rows` gives those rows.
 
-    Posteriors fitted before keep the rule they were fitted with; later fits and predictives
-    of new posteriors, on any model, use ``rule``.
+    Fits and predictives after the call, of any posterior on any model, use ``rule`` (the
+    compiled steps are traced again); a curvature fitted before keeps the numbers of the rule
+    it was fitted with, while its predictive takes the layer's Jacobian from the new rule
+    (the same Jacobian if both rules are right).
 
     Raises:
         TypeError: ``layer_type`` is not a Keras layer class, or ``rule`` not a KronRule.

@@ -607,7 +607,7 @@ class PosteriorLaplace:
                 more per output); the ``steps`` batches of a dataset are then kept in memory
                 so that every pass reads the same examples.
             sample_weight: for a tuple ``(x, y)`` of arrays: one finite, non-negative weight
-                per example ``[N]``, as in Keras' ``model.fit``. A weight counts as a number of
+                per example ``[N]`` (or ``[N, 1]``), as in Keras' ``model.fit``. A weight counts as a number of
                 copies of the example (2: given twice, 0: dropped): the NLL, the curvature and
                 the data count of the evidence are weighted sums.
 
@@ -829,15 +829,21 @@ class PosteriorLaplace:
         the block type's name (``"kron"`` for ``A ⊗ G``, ``"dense"``, ``"diag"``, ...). In a
         Kronecker fit ``"diag"`` is the exact-diagonal fallback (the fit's log says why), and
         ``"dense"`` the exact block of a scale-and-shift layer (LayerNormalization,
-        BatchNormalization); a full fit's one block is ``"dense"`` for every layer.
+        BatchNormalization); a full fit's one block is ``"dense"`` for every layer. Layers of
+        the same name (in nested models, the two cells of a Bidirectional layer) are told
+        apart as ``"name"``, ``"name#2"``, ... in the model's weight order.
         """
         fitted = self._require_fit("block_kinds")
-        kinds = {}
+        kinds, layers = {}, {}
         for s in self.subset.slices:
             index = next(i for i, (offset, size) in enumerate(fitted.block_ranges)
                          if offset <= s.offset < offset + size)
+            key, count = s.name, 1
+            while layers.setdefault(key, s.layer) is not s.layer:
+                count += 1
+                key = f"{s.name}#{count}"
             name = type(fitted.curvature.blocks[index]).__name__.removesuffix("Block")
-            kinds[s.name] = name.removeprefix("Permuted").lower()  # a transposed conv's: "kron"
+            kinds[key] = name.removeprefix("Permuted").lower()  # a transposed conv's: "kron"
         return kinds
 
     def covariance_blocks(self) -> list[Covariance]:
