@@ -49,6 +49,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def _seed(value: str) -> int:
+    """An argparse type: an integer seed in [0, 2**32)."""
+    try:
+        seed = int(value)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32); got {value!r}")
+    return seed
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
     """One flag per config key; values stay strings and are checked by the config schema."""
     for key in keys:
@@ -70,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the whole pipeline on built-in data (digits, 1-D regression)",
         description="Train MAP networks on digits (with rotated digits as OOD) and a 1-D "
-        "regression problem, fit last-layer Kronecker Laplace with the prior tuned by marglik, "
-        "and write report.html, metrics.json, posteriors, models and plots.")
+        "regression problem, fit Laplace (last-layer Kronecker for the classifier, all-weights "
+        "full for the regressor) with the prior tuned by marglik, and write report.html, "
+        "metrics.json, posteriors, models and plots.")
     demo.add_argument("--out", default="laplace_tf_out", help="output folder [laplace_tf_out]")
     demo.add_argument("--fast", action="store_true", help="few epochs (for tests)")
 
@@ -102,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="the .keras model of the posterior")
     export.add_argument("--out", required=True, help="the SavedModel folder to write")
     _add_config_flags(export, _PREDICTIVE_KEYS[:3])
-    export.add_argument("--seed", type=int, default=0, help="seed of the nn weight samples [0]")
+    export.add_argument("--seed", type=_seed, default=0,
+                        help="seed of the nn weight samples, in [0, 2**32) [0]")
     export.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="dtype of the served inputs and outputs [float32]")
     export.add_argument("--max-bytes", type=int, default=None,

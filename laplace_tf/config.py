@@ -328,9 +328,9 @@ def validate(config: RunConfig, where: str = "config") -> None:
 
     Raises:
         ValueError: no data or two data sources, a likelihood that does not fit the built-in
-            data set or is missing for files, OOD data for regression, gridsearch tuning
-            without validation data, a rank without hessian_structure lowrank, or a
-            subnetwork without its rule or structure.
+            data set or is missing for files, gridsearch tuning without validation data, a
+            rank without hessian_structure lowrank, or a subnetwork without its rule or
+            structure.
     """
     data, lik = config.data, config.laplace.likelihood
     if (data.dataset is None) == (data.train is None):
@@ -377,6 +377,22 @@ def likelihood_of(config: RunConfig) -> str:
     return LIKELIHOOD_OF[config.data.dataset]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the safe loader keeps
+    the last one, silently dropping the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice; give each key once",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> Any:
     """The parsed YAML file given by ``--config``.
 
@@ -387,7 +403,7 @@ def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"--config: no such file {str(path)!r}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (safe)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""

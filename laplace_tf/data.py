@@ -219,6 +219,9 @@ def load_ood(name: str, seed: int = 0, dtype: str = "float32") -> Split:
 
 
 def _read_npz(path: Path, argument: str) -> tuple[np.ndarray, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{argument}: {path} is not a readable .npz file (not a zip archive); "
+                         "save arrays with np.savez(path, x=x, y=y).")
     try:
         with np.load(path, allow_pickle=False) as arrays:
             contents = {name: arrays[name] for name in arrays.files}

@@ -43,6 +43,7 @@ from laplace_tf import config as _config
 from laplace_tf import data as _data
 from laplace_tf.calibration import Report
 from laplace_tf.console import show_progress
+from laplace_tf.inputs import MODEL_ERRORS, InputCheck
 from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.models import mlp, train_map
 
@@ -333,6 +334,9 @@ def report_saved(posterior: Path, model: Path, test: Path, *, ood: Path | None, 
     la.progress = show_progress(progress)
     test_split = _data.load_arrays(test, target_column, "--test")
     ood_split = None if ood is None else _data.load_arrays(ood, target_column, "--ood")
+    for argument, path, split in (("--test", test, test_split), ("--ood", ood, ood_split)):
+        if split is not None:
+            _check_inputs(network, split.x, argument, path)
     run_data = RunData(la.likelihood.name, None, None, test_split, ood_split)
     log(f"evaluating {posterior.name} on {len(test_split)} test examples")
     rep = make_report(la, run_data, predictive, seed=0,
@@ -340,6 +344,18 @@ def report_saved(posterior: Path, model: Path, test: Path, *, ood: Path | None, 
     _save_plots(rep, out / "plots", "")
     write_reports({posterior.stem: rep}, out)
     return RunResult(posterior.stem, network, la, rep, time.perf_counter() - start, out=out)
+
+
+def _check_inputs(network, x, argument: str, path: Path | None) -> None:
+    """A ValueError naming the file when its inputs do not fit ``network`` (tried on one)."""
+    try:
+        network(x[:1], training=False)
+    except MODEL_ERRORS as err:
+        try:
+            InputCheck(network).explain(x, err)
+        except ValueError as clear:
+            raise ValueError(f"{argument}: {path}: {str(clear).removeprefix('x: ')}") from None
+        raise
 
 
 def _format(value) -> str:

@@ -60,6 +60,8 @@ USAGE_ERRORS = [
      "laplace-tf report: error: posterior: no such file 'missing.npz'"),
     (["export", "missing.npz", "--model", "m.keras", "--out", "served"],
      "laplace-tf export: error: posterior: no such file 'missing.npz'"),
+    (["export", "p.npz", "--model", "m.keras", "--out", "served", "--seed", "-1"],
+     "argument --seed: expected an integer in [0, 2**32); got '-1'"),
 ]
 
 
@@ -79,6 +81,10 @@ def test_broken_files_exit_2_with_one_line(capsys, tmp_path, monkeypatch):
     (tmp_path / "shift.yaml").write_text("shift: {ensemble: [\n")
     assert main(["shift", "--config", "shift.yaml"]) == 2
     assert "shift.yaml: not valid YAML at line 2" in _error_line(capsys)
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    assert main(["fit", "--train", "text.npz", "--likelihood", "binary", "--quiet"]) == 2
+    assert "data.train: text.npz is not a readable .npz file (not a zip archive)" in \
+        _error_line(capsys)
     (tmp_path / "afile").write_text("")  # refused before any training
     assert main(["fit", "--dataset", "digits", "--out", "afile/run", "--quiet"]) == 2
     assert "--out: cannot make the folder 'afile/run'" in _error_line(capsys)
@@ -206,6 +212,12 @@ def test_report_refuses_a_posterior_of_another_model(saved, tmp_path, capsys):
     assert main(["report", str(fit_out / "posterior.npz"), "--model", str(tmp_path / "other.keras"),
                  "--test", str(saved / "test.npz"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "laplace-tf report: error:" in _error_line(capsys)
+    np.savez(tmp_path / "narrow.npz", x=np.zeros((7, 3), np.float32), y=np.zeros(7))
+    assert main(["report", str(fit_out / "posterior.npz"), "--model", str(saved / "model.keras"),
+                 "--test", str(saved / "test.npz"), "--ood", str(tmp_path / "narrow.npz"),
+                 "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert f"error: --ood: {tmp_path / 'narrow.npz'}: inputs of shape (7, 3) do not fit" in \
+        _error_line(capsys)
 
 
 def test_regression_fit_then_report_on_the_same_test_data(tmp_path, capsys):

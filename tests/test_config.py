@@ -172,6 +172,8 @@ def test_yaml_numbers_without_a_dot_are_accepted():
 @pytest.mark.parametrize("text, message", [
     ("laplace: [unclosed", "not valid YAML at line 1"),
     ("data: {dataset: digits}\nlaplace:\n  prior_precision: 1\n   bad: 2", "not valid YAML at line"),
+    ("laplace: {prior_precision: 5}\ndata: {dataset: digits}\nlaplace: {hessian_structure: diag}",
+     "not valid YAML at line 3: the key 'laplace' is given twice"),
 ])
 def test_invalid_yaml_gives_the_line(tmp_path, text, message):
     from laplace_tf.shift_run import load_shift_config

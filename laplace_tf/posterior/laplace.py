@@ -607,9 +607,9 @@ class PosteriorLaplace:
                 more per output); the ``steps`` batches of a dataset are then kept in memory
                 so that every pass reads the same examples.
             sample_weight: for a tuple ``(x, y)`` of arrays: one finite, non-negative weight
-                per example ``[N]`` (or ``[N, 1]``), as in Keras' ``model.fit``. A weight counts as a number of
-                copies of the example (2: given twice, 0: dropped): the NLL, the curvature and
-                the data count of the evidence are weighted sums.
+                per example ``[N]`` (or ``[N, 1]``), as in Keras' ``model.fit``. A weight
+                counts as a number of copies of the example (2: given twice, 0: dropped): the
+                NLL, the curvature and the data count of the evidence are weighted sums.
 
         Example:
             ``la.fit(train.repeat(), steps=100)``: the curvature of the first 100 batches.
@@ -834,7 +834,8 @@ class PosteriorLaplace:
         apart as ``"name"``, ``"name#2"``, ... in the model's weight order.
         """
         fitted = self._require_fit("block_kinds")
-        kinds, layers = {}, {}
+        kinds: dict[str, str] = {}
+        layers: dict[str, object] = {}  # key -> the layer holding it
         for s in self.subset.slices:
             index = next(i for i, (offset, size) in enumerate(fitted.block_ranges)
                          if offset <= s.offset < offset + size)
