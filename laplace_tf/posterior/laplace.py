@@ -596,7 +596,10 @@ class PosteriorLaplace:
                 streamed batch by batch. With a multi-worker strategy, each worker passes its
                 own shard.
             override: ``True`` replaces the curvature; ``False`` adds this data to it (online
-                update; the mean becomes the current weights).
+                update; the mean becomes the current weights). A ``"lowrank"`` curvature adds
+                the new part's rank-``k`` root to the old one (the rank grows by ``k`` per
+                update: the sum of the two approximations, not the top ``k`` of all the data),
+                a ``"gp"`` one the new part's context examples.
             batch_size: batch size for arrays (default: the constructor's).
             progress: progress bar (default: the constructor's).
             strategy: a ``tf.distribute`` strategy: batches are split across its replicas and
