@@ -59,8 +59,9 @@ def explain_grouped_convolution(model: keras.Model, err: Exception) -> None:
         f"model: TensorFlow cannot differentiate the grouped convolution(s) {names} on CPU in "
         "float64 as the per-example rows need (with respect to their inputs, which weights "
         "before them need, or to their filters under vectorisation). Compute in float32, fit "
-        "on a GPU, use hessian_structure='kron' with the grouped convolution first (its "
-        "Kronecker rule needs neither gradient), or subset_of_weights='last_layer'."
+        "on a GPU, use hessian_structure='diag' or 'full' (whose rows are taken one example "
+        "at a time), 'kron' with the grouped convolution first (its Kronecker rule needs "
+        "neither gradient), or subset_of_weights='last_layer'."
     ) from err
 
 

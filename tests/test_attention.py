@@ -59,6 +59,9 @@ def _sequence_model(layer_of):
     ("dense on sequences", lambda x: keras.layers.Dense(3)(x), False),
     ("einsum dense", lambda x: keras.layers.EinsumDense("abc,cd->abd", (None, 3))(x), False),
     ("conv1d", lambda x: keras.layers.Conv1D(3, 2)(x), False),
+    ("grouped conv1d", lambda x: keras.layers.Conv1D(4, 2, groups=2)(x), True),
 ])
-def test_one_at_a_time_only_for_loops_and_products_of_activations(name, layer_of, expected):
-    assert _one_at_a_time(_forward_graph(_sequence_model(layer_of))) is expected
+def test_one_at_a_time_only_for_loops_products_of_activations_and_grouped_convolutions(
+        name, layer_of, expected):
+    model = _sequence_model(layer_of)
+    assert _one_at_a_time(_forward_graph(model), model) is expected
