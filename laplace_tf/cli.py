@@ -36,6 +36,7 @@ USER_ERRORS = (ValueError, TypeError, OSError, zipfile.BadZipFile)
 """Errors caused by the user's input: reported in one line, exit status 2."""
 _PREDICTIVE_KEYS = ("predictive.pred_type", "predictive.link_approx", "predictive.n_samples",
                     "data.target_column")
+_EXPORT_KEYS = (*_PREDICTIVE_KEYS[:3], "seed")
 
 
 class UsageError(Exception):
@@ -47,17 +48,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _seed(value: str) -> int:
-    """An argparse type: an integer seed in [0, 2**32)."""
-    try:
-        seed = int(value)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed < 2**32:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32); got {value!r}")
-    return seed
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
@@ -113,9 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("posterior", help="a posterior saved by la.save or laplace-tf fit (.npz)")
     export.add_argument("--model", required=True, help="the .keras model of the posterior")
     export.add_argument("--out", required=True, help="the SavedModel folder to write")
-    _add_config_flags(export, _PREDICTIVE_KEYS[:3])
-    export.add_argument("--seed", type=_seed, default=0,
-                        help="seed of the nn weight samples, in [0, 2**32) [0]")
+    _add_config_flags(export, _EXPORT_KEYS)  # the seed: of the nn weight samples
     export.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="dtype of the served inputs and outputs [float32]")
     export.add_argument("--max-bytes", type=int, default=None,
@@ -200,13 +188,14 @@ def _export(args: argparse.Namespace) -> int:
     from laplace_tf import run
     from laplace_tf.predictive.export import DEFAULT_MAX_BYTES
 
-    values = _config.parse_values(_flag_values(args, _PREDICTIVE_KEYS[:3]))
+    values = _config.parse_values(_flag_values(args, _EXPORT_KEYS))
+    seed = values.pop("seed", _config.FIELDS["seed"].default)
     options = {key.split(".")[1]: value for key, value in values.items()}
     posterior = Path(args.posterior)
     if not posterior.is_file():
         raise FileNotFoundError(f"posterior: no such file {str(posterior)!r}")
     la = laplace_tf.load(posterior, run.load_model(args.model, "--model"))
-    info = la.export(args.out, seed=args.seed, dtype=args.dtype, max_bytes=DEFAULT_MAX_BYTES
+    info = la.export(args.out, seed=seed, dtype=args.dtype, max_bytes=DEFAULT_MAX_BYTES
                      if args.max_bytes is None else args.max_bytes, **options)
     print(f"wrote {info.path}: signature serving_default, inputs -> {', '.join(info.outputs)} "
           f"(about {info.estimated_bytes:,} bytes of arrays)")

@@ -61,7 +61,7 @@ USAGE_ERRORS = [
     (["export", "missing.npz", "--model", "m.keras", "--out", "served"],
      "laplace-tf export: error: posterior: no such file 'missing.npz'"),
     (["export", "p.npz", "--model", "m.keras", "--out", "served", "--seed", "-1"],
-     "argument --seed: expected an integer in [0, 2**32); got '-1'"),
+     "laplace-tf export: error: --seed: expected an integer in [0, 2**32); got '-1'"),
 ]
 
 
