@@ -99,7 +99,13 @@ class WeightSubset:
                 "model: the model is not built or has no trainable weights; call it once on a "
                 "batch of inputs (or give it a keras.Input) before using laplace_tf."
             )
-        owner = {id(v): layer for layer in leaf_layers(model) for v in layer.trainable_variables}
+        # a weight tracked by several layers (one holding another's kernel) belongs to the
+        # first: the one model.trainable_variables lists it with, so a layer's weights are
+        # contiguous in the flat vector
+        owner: dict[int, keras.layers.Layer] = {}
+        for layer in leaf_layers(model):
+            for v in layer.trainable_variables:
+                owner.setdefault(id(v), layer)
         chosen = None if layers is None else {id(layer) for layer in layers}
         if layers is not None:
             for layer in layers:

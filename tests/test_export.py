@@ -230,3 +230,19 @@ def test_estimated_bytes_is_logged_before_writing_and_matches_the_written_arrays
     p, weights = la.n_params, sum(int(np.prod(v.shape)) for v in la.model.variables)
     assert info.estimated_bytes == 4 * (p + weights + p * p + 1)
     assert info.estimated_bytes <= written <= info.estimated_bytes + 4096
+
+
+def test_a_free_input_size_is_refused_for_the_glm_over_all_weights_and_fixed_by_input_shape():
+    """Token sequences of any length: the export failed inside the layout of the Jacobians
+    (a raw TypeError); it now asks for fixed sizes, and serves la(x) with them."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(7, 4),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+    x = np.random.default_rng(0).integers(0, 7, size=(6, 5)).astype("int32")
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag",
+                 progress=False)
+    la.fit((x, np.arange(6) % 3))
+    with pytest.raises(ValueError, match=r"input_shape: the served inputs have a free size"):
+        la.to_keras()
+    served = la.to_keras(input_shape=(5,))
+    np.testing.assert_allclose(served(x)["probs"], la(x), rtol=1e-5, atol=1e-6)

@@ -6,7 +6,14 @@ See :mod:`laplace_tf.blocks.base` for the interface a block type implements and 
 :mod:`~laplace_tf.blocks.diag` and :mod:`~laplace_tf.blocks.lowrank` implement it.
 """
 
-from laplace_tf.blocks.base import BLOCK_TYPES, Block, Covariance, Factor, blocks_to_dense
+from laplace_tf.blocks.base import (
+    BLOCK_TYPES,
+    Block,
+    Covariance,
+    Factor,
+    NotPositiveDefiniteError,
+    blocks_to_dense,
+)
 from laplace_tf.blocks.dense import DenseBlock, DenseCovariance, DenseFactor
 from laplace_tf.blocks.diag import DiagBlock, DiagCovariance, DiagFactor
 from laplace_tf.blocks.jacobian import LayerJacobian
@@ -25,6 +32,6 @@ __all__ = [
     "BLOCK_TYPES", "Block", "Covariance", "DenseBlock", "DenseCovariance", "DenseFactor",
     "DiagBlock", "DiagCovariance", "DiagFactor", "Factor", "KronBlock", "KronCovariance",
     "KronFactor", "LayerJacobian", "LinearOperatorKroneckerEigen", "LowRankBlock",
-    "LowRankCovariance", "LowRankFactor", "PermutedKronBlock", "PermutedKronCovariance",
-    "PermutedKronFactor", "blocks_to_dense",
+    "LowRankCovariance", "LowRankFactor", "NotPositiveDefiniteError", "PermutedKronBlock",
+    "PermutedKronCovariance", "PermutedKronFactor", "blocks_to_dense",
 ]

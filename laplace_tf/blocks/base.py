@@ -37,7 +37,8 @@ import scipy.linalg
 import tensorflow as tf
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["BLOCK_TYPES", "Block", "Covariance", "Factor", "blocks_to_dense", "register_block"]
+__all__ = ["BLOCK_TYPES", "Block", "Covariance", "Factor", "NotPositiveDefiniteError",
+           "blocks_to_dense", "register_block"]
 
 BLOCK_TYPES: dict[str, Any] = {}
 """Block class name -> block class (a NamedTuple class with the :class:`Block` methods, its
@@ -95,6 +96,11 @@ class Block(Protocol):
 
     def factorize(self, clip: bool = False) -> Factor:
         """The posterior :class:`Factor` (negative eigenvalues clipped at 0 if ``clip``)."""
+
+
+class NotPositiveDefiniteError(ValueError):
+    """The posterior precision is not (numerically) positive definite at the settings asked
+    for: a covariance or sample cannot be formed there."""
 
 
 class Factor:

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from laplace_tf.blocks.base import (
     Factor,
+    NotPositiveDefiniteError,
     check_finite,
     check_same_type,
     eigh,
@@ -251,7 +252,7 @@ class DenseFactor(Factor):
                 self._clip_negative()  # negative round-off above the prior: clip it
                 chol = tf.linalg.cholesky(tf.reverse(self.precision_matrix(c, prior), [0, 1]))
             if not _finite_diagonal(chol):
-                raise ValueError(
+                raise NotPositiveDefiniteError(
                     "The posterior precision H / temperature + prior_precision is not "
                     "numerically positive definite (its Cholesky factorisation failed): the "
                     "prior precision is too small against the round-off of the curvature. "

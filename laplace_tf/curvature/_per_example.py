@@ -318,11 +318,11 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
     locations: dict[int, list] = {id(layer): [] for layer in candidates}
 
     def record(layer, inputs, z):  # not one row per example: not factored
-        batched = id(layer) not in batchless
+        batched = id(layer) not in unfactorable
         locations[id(layer)].append(z.shape[1:].num_elements() // output_size(layer) if batched else 0)
         return z
 
-    batchless = batchless_layers(logit_model, candidates, x) if candidates else set()
+    unfactorable = unfactorable_layers(logit_model, candidates, x) if candidates else {}
     traced = tf.function(lambda inputs: logit_model(inputs, layers=candidates, hook=record),
                          autograph=False)
     concrete = traced.get_concrete_function(any_batch_size(x))
@@ -335,29 +335,59 @@ def slice_layout(logit_model: LogitModel, x) -> Layout:
 
 
 @tf.autograph.experimental.do_not_convert  # Python at trace time, also inside tf.functions
-def batchless_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
-    """``id`` of each of ``layers`` whose pre-activation has not one row per example: applied to
-    a constant shared by all examples (e.g. a positional embedding of ``arange(T)``), or to
-    examples x steps folded into the batch axis (``tf.reshape(x, [-1, d])``). Read off one
-    trace of a call on a batch of :data:`_PROBE_BATCH` examples (a separate graph, never run):
-    the rows of every other pre-activation are not that many. Once per model, layers and input
-    signature."""
-    cache = model_cache(logit_model.model, ("batchless_layers", logit_model.stripped is not None))
+def unfactorable_layers(logit_model: LogitModel, layers: Sequence, x) -> dict[int, str]:
+    """``id`` of each of ``layers`` whose weight rows are not ``a_n ⊗ delta_n`` of its own call,
+    with the reason:
+
+    * its pre-activation has not one row per example: applied to a constant shared by all
+      examples (e.g. a positional embedding of ``arange(T)``), or to examples x steps folded
+      into the batch axis (``tf.reshape(x, [-1, d])``); the rows of every other pre-activation
+      number the trace's :data:`_PROBE_BATCH` examples;
+    * its weights reach the output also outside its call (shared, tied weights: an embedding
+      table reused as the output projection, a kernel read by another layer or by the model's
+      ``call``): with the gradient stopped at every hooked pre-activation, they still have one,
+      to the logits or to a hooked layer's inputs.
+
+    Read off one trace of a call on a batch of :data:`_PROBE_BATCH` examples (a separate graph,
+    never run). Once per model, layers and input signature.
+    """
+    cache = model_cache(logit_model.model, ("unfactorable_layers", logit_model.stripped is not None))
     key = (repr(any_batch_size(x)), tuple(id(layer) for layer in layers))
     if key not in cache:
-        found: set[int] = set()
+        found: dict[int, str] = {}
+        reached: list[tf.Tensor] = []  # the logits and the hooked layers' inputs
 
         def record(layer, inputs, z):
             if not z.shape.rank or z.shape[0] != _PROBE_BATCH:
-                found.add(id(layer))
-            return z
+                found[id(layer)] = NOT_PER_EXAMPLE
+            reached.extend(t for t in tf.nest.flatten(inputs) if t.dtype.is_floating)
+            return tf.stop_gradient(z)
 
-        tf.function(lambda inputs: logit_model(inputs, layers=layers, hook=record),
-                    autograph=False).get_concrete_function(tf.nest.map_structure(
-                        lambda t: tf.TensorSpec([_PROBE_BATCH, *t.shape[1:]], t.dtype), x))
+        hooked = {id(layer) for layer in layers}
+        owners = [s.layer for s in logit_model.subset.slices for _ in s.variables]
+
+        def traced(inputs, weights):  # the subset's weights as inputs: no variable is watched
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                logits = logit_model(inputs, weights, layers=layers, hook=record)
+            gradients = tape.gradient([logits, *reached], weights)
+            for layer, gradient in zip(owners, gradients, strict=True):
+                if gradient is not None and id(layer) in hooked and id(layer) not in found:
+                    found[id(layer)] = SHARED_WEIGHTS
+            return logits
+
+        tf.function(traced, autograph=False).get_concrete_function(
+            tf.nest.map_structure(
+                lambda t: tf.TensorSpec([_PROBE_BATCH, *t.shape[1:]], t.dtype), x),
+            [tf.TensorSpec(v.shape, v.dtype) for v in logit_model.subset.variables])
         cache[key] = found
     return cache[key]
 
+
+NOT_PER_EXAMPLE = ("its output has not one row per example (a layer applied to a constant such "
+                   "as positions, or to steps folded into the batch axis)")
+SHARED_WEIGHTS = "its weights are also used outside its call (shared or tied weights)"
+"""The reasons :func:`unfactorable_layers` gives."""
 
 _PROBE_BATCH = 8191
 """The batch size of the trace that tells examples from other rows (a prime no constant's

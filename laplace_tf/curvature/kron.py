@@ -64,7 +64,7 @@ import tensorflow as tf
 
 from laplace_tf.arguments import choice, flag
 from laplace_tf.blocks import Block, DiagBlock, KronBlock, PermutedKronBlock
-from laplace_tf.curvature._per_example import batchless_layers, output_cotangents, summed_rows
+from laplace_tf.curvature._per_example import output_cotangents, summed_rows, unfactorable_layers
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
 from laplace_tf.curvature.kron_layers import KRON_RULES, block_kind, fallback_reason
 from laplace_tf.likelihoods import Likelihood
@@ -88,7 +88,7 @@ class KronBuilder(CurvatureBuilder):
             with a diagonal fallback block keep the exact diagonal.
         seed: an integer seed for ``stochastic``; batch ``i`` of this builder draws with the
             stateless seed ``(seed, i)``, so a new builder with the same seed repeats the
-            numbers. ``None`` draws a fresh seed.
+            numbers. ``None``: 0.
         kfac_approximation: ``"expand"`` (K-FAC-expand) or ``"reduce"`` (K-FAC-reduce) for
             layers with several locations per example (see the module docstring).
 
@@ -128,7 +128,7 @@ class KronBuilder(CurvatureBuilder):
                 "Monte-Carlo targets (Likelihood.sample); implement it or use stochastic=False."
             )
         self.stochastic = stochastic
-        self.seed = int(np.random.default_rng().integers(2**31 - 1)) if seed is None else int(seed)
+        self.seed = 0 if seed is None else int(seed)
         self._draws = tf.Variable(0, dtype=tf.int64, trainable=False) if stochastic else None
         slices = logit_model.subset.slices
         self._fallbacks = {
@@ -162,15 +162,13 @@ class KronBuilder(CurvatureBuilder):
             weights = weights_or_ones(w, logits)
             scores = tf.einsum("nk,nkr->r", logits, self._cotangents(logits, y, weights))
 
-        batchless = batchless_layers(self.logit_model, hooked, x) if hooked else set()
+        unfactorable = unfactorable_layers(self.logit_model, hooked, x) if hooked else {}
         fallbacks = dict(self._fallbacks)
         for i, s in enumerate(slices):
             if i not in fallbacks and len(calls[id(s.layer)]) != 1:
                 fallbacks[i] = f"called {len(calls[id(s.layer)])} times in one forward pass"
-            elif i not in fallbacks and id(s.layer) in batchless:
-                fallbacks[i] = ("its output has not one row per example (a layer applied to a "
-                                "constant such as positions, or to steps folded into the batch "
-                                "axis)")
+            elif i not in fallbacks and id(s.layer) in unfactorable:
+                fallbacks[i] = unfactorable[id(s.layer)]
 
         kron = [i for i in range(len(slices)) if i not in fallbacks]
         probes = [calls[id(slices[i].layer)][0][1] for i in kron]

@@ -37,7 +37,12 @@ import tensorflow as tf
 
 from laplace_tf.blocks import Block, DenseBlock, DiagBlock, KronBlock
 from laplace_tf.curvature._kron_sums import upper_triangle
-from laplace_tf.curvature._per_example import activations_per_example, step_examples
+from laplace_tf.curvature._per_example import (
+    SHARED_WEIGHTS,
+    activations_per_example,
+    step_examples,
+    unfactorable_layers,
+)
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
 from laplace_tf.likelihoods import Likelihood
 from laplace_tf.outputs import output_layer
@@ -111,8 +116,9 @@ def last_layer_features(logit_model: LogitModel, x) -> tuple[tf.Tensor, tf.Tenso
 
     Raises:
         ValueError: if ``logit_model`` is not over one Dense layer, if that layer sees inputs
-            of rank other than 2 or is called more than once, or if anything after it changes
-            the model output (then the closed form does not hold).
+            of rank other than 2 or is called more than once, if its weights are also used
+            outside its call, or if anything after it changes the model output (then the
+            closed form does not hold).
 
     Example:
         >>> import keras, tensorflow as tf
@@ -138,6 +144,13 @@ def last_layer_features(logit_model: LogitModel, x) -> tuple[tf.Tensor, tf.Tenso
             f"last_layer_name: layer {layer.name!r} was called {len(calls)} times in one "
             f"forward pass; the last-layer closed form needs exactly one call. Choose another "
             f"layer with last_layer_name=, or {_ADVICE}."
+        )
+    if unfactorable_layers(logit_model, [layer], x).get(id(layer)) == SHARED_WEIGHTS:
+        raise ValueError(
+            f"last_layer_name: the weights of layer {layer.name!r} are also used outside its "
+            f"call (shared or tied weights), so the last-layer closed form does not hold: it "
+            f"needs the logits to depend on them through that layer's output only. Choose "
+            f"another layer with last_layer_name=, or {_ADVICE}."
         )
     inputs, z = calls[0]
     if inputs.shape.rank != 2:

@@ -462,8 +462,10 @@ def _last_layer(
     d, k = _factor_sizes(slices[0])
     if k != n_outputs:
         raise ValueError(
-            f"n_outputs: the last layer {slices[0].name!r} has {k} outputs, but n_outputs="
-            f"{n_outputs}; give the number of the model's outputs."
+            f"n_outputs: the last layer {slices[0].name!r} has {k} outputs, but the model "
+            f"{n_outputs} (n_outputs); the last-layer closed form needs the model output to be "
+            "that layer's output. Name the model's final Dense layer with last_layer_name=, or "
+            "use subset_of_weights='all' (or give memory_estimate the model's n_outputs)."
         )
     per_batch = batch_size * (d + k * k)  # features and output-space Hessians
     if structure == "full":  # batches joined into steps of up to STEP_EXAMPLES, within a chunk

@@ -94,6 +94,14 @@ class _Predictive(tf.Module):
                 "pred_type='nn' (a fixed set of weight samples)."
             )
         spec = _input_spec(la.model, dtype, input_shape)
+        shapes = [t.shape.as_list()[1:] for t in tf.nest.flatten(spec)]
+        if pred_type == "glm" and la.subset_of_weights != "last_layer" and \
+                any(None in shape for shape in shapes):
+            raise ValueError(
+                f"input_shape: the served inputs have a free size ({shapes}); the GLM "
+                "predictive over these weights lays out each layer's Jacobian by the size of "
+                "its input. Pass input_shape= with fixed sizes (e.g. (64,) for sequences of "
+                "64), or export pred_type='nn', or a last-layer posterior.")
         self._la, self._output_dtype = la, tf.as_dtype(dtype)
         self.pred_type, self.link_approx = pred_type, link_approx
         noise = la.likelihood.noise_variance(la.subset.dtype)

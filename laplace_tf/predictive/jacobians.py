@@ -43,8 +43,8 @@ import tensorflow as tf
 from laplace_tf.autodiff import first_line, quiet_pfor_errors
 from laplace_tf.blocks import Covariance, DiagCovariance, LayerJacobian  # noqa: F401 (doctest)
 from laplace_tf.curvature._per_example import (
-    batchless_layers,
     one_example_at_a_time,
+    unfactorable_layers,
     vectorised_rows,
 )
 from laplace_tf.curvature.kron_layers import (
@@ -56,6 +56,7 @@ from laplace_tf.curvature.kron_layers import (
     kron_shapes,
     output_size,
 )
+from laplace_tf.curvature.last_layer import last_layer_features
 from laplace_tf.params import LayerSlice, LogitModel
 
 
@@ -139,7 +140,7 @@ class FunctionalVariance:
         self._hooked = list({id(p.slice.layer): p for p in layers if p.kron}.values())
         # layers whose Jacobian comes from autodiff, example by example
         self._generic = {id(p.slice.layer) for p in layers if not p.kron}
-        self._batchless: set[int] | None = None  # hooked layers on constants, at first call
+        self._unfactorable: dict[int, str] | None = None  # hooked layers, at the first call
         self._one_at_a_time = False  # the forward pass needs per-example rows one at a time
 
     def __call__(self, x, mean: tf.Tensor, blocks: Sequence, diagonal: bool):
@@ -158,14 +159,16 @@ class FunctionalVariance:
         """The batch's logits and Jacobian pieces, which :meth:`contract` turns into the
         variance under any covariance of this layout (the pieces do not depend on the prior:
         a grid search over it linearises each batch once)."""
-        if self._batchless is None:  # their Jacobian is taken explicitly
-            self._batchless = batchless_layers(
+        if self._unfactorable is None:  # at the first call
+            if self.logits_layer:  # the closed form's condition (low-rank and GP fits skip it)
+                last_layer_features(self.logit_model, x)
+            self._unfactorable = unfactorable_layers(  # their Jacobian is taken explicitly
                 self.logit_model, [p.slice.layer for p in self._hooked], x
-            ) if self._hooked else set()
+            ) if self._hooked else {}
             for p in self._hooked:
-                if id(p.slice.layer) in self._batchless:
+                if id(p.slice.layer) in self._unfactorable:
                     self._generic.add(id(p.slice.layer))
-            self._hooked = [p for p in self._hooked if id(p.slice.layer) not in self._batchless]
+            self._hooked = [p for p in self._hooked if id(p.slice.layer) not in self._unfactorable]
             if self._generic:
                 self._one_at_a_time = one_example_at_a_time(self.logit_model, x)
         return self._linearise(x, self.logit_model.subset.unflatten(mean))

@@ -39,7 +39,9 @@ import tensorflow as tf
 
 from laplace_tf.arguments import choice, positive_int
 from laplace_tf.batches import iterate_inputs
+from laplace_tf.blocks import NotPositiveDefiniteError
 from laplace_tf.curvature.kron_layers import input_rows
+from laplace_tf.curvature.last_layer import last_layer_features
 from laplace_tf.inputs import MODEL_ERRORS, InputCheck, explain_grouped_convolution
 from laplace_tf.params import compiled_per_shape, model_cache
 from laplace_tf.posterior import PosteriorLaplace
@@ -273,6 +275,7 @@ class Laplace(PosteriorLaplace):
         return tf.reshape(samples, [n_samples, self.n_params // n_outputs, n_outputs])
 
     def _last_layer_samples_step(self, x, mean, deltas, *, mode):
+        last_layer_features(self.logit_model, x)  # its condition (low-rank, GP fits skip it)
         layer = self.subset.slices[0].layer
         rows = []
 
@@ -298,7 +301,8 @@ class Laplace(PosteriorLaplace):
         as :meth:`_compiled`'s steps are).
 
         A last-layer posterior uses the closed forms in the features: its layer's
-        pre-activation is the model output (checked by ``last_layer_features`` at fit time).
+        pre-activation is the model output (checked by ``last_layer_features``: at fit time,
+        and at the first linearisation for the low-rank and GP structures, whose fits do not).
         """
         layout = (tuple(self.block_slices()), tuple(map(type, blocks)))
         shared = self._shared_steps()
@@ -348,16 +352,22 @@ class Laplace(PosteriorLaplace):
         digits MLP: 1-3 ms of glue instead of 20-30). A value whose numbers come out
         non-finite there (a dense Cholesky factorisation that the eager path clips or refuses)
         is scored again the eager way. Otherwise each value sets the prior and calls
-        ``la(x, **kwargs)``.
+        ``la(x, **kwargs)``. A value whose covariance cannot be formed (a float32 precision
+        that fails its Cholesky factorisation) scores NLL ``inf`` and evidence NaN.
         """
         def eager_scores(priors):
             nll, evidence = [], []
             for prior in priors:
                 self.prior_precision = prior
                 total, count = 0.0, 0
-                for x, y in batches:
-                    total += self.likelihood.validation_nll(self(x, **kwargs), y)
-                    count += len(y)
+                try:
+                    for x, y in batches:
+                        total += self.likelihood.validation_nll(self(x, **kwargs), y)
+                        count += len(y)
+                except NotPositiveDefiniteError:
+                    nll.append(np.inf)
+                    evidence.append(np.nan)
+                    continue
                 nll.append(total / count)
                 evidence.append(float(self.log_marginal_likelihood()))
             return np.array(nll), np.array(evidence)

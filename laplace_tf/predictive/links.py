@@ -57,8 +57,9 @@ def bridge(mu: tf.Tensor | np.ndarray, covariance: tf.Tensor | np.ndarray) -> tf
     total = tf.reduce_sum(row, axis=-1, keepdims=True)  # 1^T V 1   [N, 1]
     certain = total <= 0  # no variance at all: the predictive is softmax(mu)
     total = tf.where(certain, tf.ones_like(total), total)
-    centred = mu - row * tf.reduce_sum(mu, axis=-1, keepdims=True) / total
-    variance = tf.maximum(tf.linalg.diag_part(covariance) - row**2 / total,
+    share = row / total  # divided first: row * row or row * sum(mu) overflow float32 first
+    centred = mu - share * tf.reduce_sum(mu, axis=-1, keepdims=True)
+    variance = tf.maximum(tf.linalg.diag_part(covariance) - row * share,
                           np.finfo(mu.dtype.as_numpy_dtype).tiny)
     # log alpha_k = log(1 - 2/K + exp(mu_k) sum_j exp(-mu_j) / K^2) - log V_kk in log space:
     # exp(mu_k) sum_j exp(-mu_j) overflows once the logits span ~88 (float32)
