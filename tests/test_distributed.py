@@ -14,7 +14,8 @@ split):
 Cases named "weighted-..." fit ``(x, y, sample_weight)``: the weights are split with the rows.
 
 Every fit is the public ``laplace_tf.Laplace(...).fit(data, strategy=...)`` (or ``fit(data)``
-inside ``strategy.scope()``); its ``la.curvature`` is compared with a fit on one device.
+inside ``strategy.scope()``, for some cases with the model built and the prior tuned there
+too); its ``la.curvature`` and prior precision are compared with a fit on one device.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ BAD_USES = [
     (lambda la: la.optimize_prior_precision(lr=-0.1), ValueError, "lr: expected a positive step size"),
     (lambda la: la.optimize_prior_precision(lr=1e6, n_steps=5), ValueError, "optimize_prior_precision: the log evidence became"),
     (lambda la: la.optimize_prior_precision(method="gridsearch", tune_sigma_noise=True), ValueError, "gridsearch' tunes the prior precision only"),
-    (lambda la: la.optimize_prior_precision(method="marglik", grid=[1.0, 2.0]), ValueError, "val_data, grid: method='marglik' .* uses neither"),
+    (lambda la: la.optimize_prior_precision(method="marglik", grid=[1.0, 2.0]), ValueError, "val_data, grid, pred_type, link_approx: method='marglik' .* uses none of them"),
     (lambda la: setattr(la, "prior_precision", np.array([True, True])), TypeError, "prior_precision: expected a number or an array of numbers"),
     (lambda la: la.log_marginal_likelihood(sigma_noise=np.array(True)), TypeError, "sigma_noise: expected a number"),
     (lambda la: setattr(la, "prior_precision", None), TypeError, "prior_precision: expected a positive value; got None"),

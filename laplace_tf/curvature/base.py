@@ -183,8 +183,15 @@ def fit_curvature(
     batches. Each worker of a multi-worker strategy passes its own shard of the data.
     """
     likelihood = builder.likelihood
+    if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+        raise TypeError(
+            f"strategy: expected a tf.distribute.Strategy (e.g. tf.distribute."
+            f"MirroredStrategy()) or None; got {type(strategy).__name__}."
+        )
     if strategy is None and tf.distribute.has_strategy():
         strategy = tf.distribute.get_strategy()
+    elif not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
+        strategy = None  # the default strategy (no scope active): no distribution
 
     step = _compiled_step(builder)
     def prepared():

@@ -48,6 +48,7 @@ import tensorflow as tf
 
 from laplace_tf.arguments import non_negative_int, positive_int
 from laplace_tf.blocks import Block, LowRankBlock
+from laplace_tf.blocks.base import check_finite
 from laplace_tf.curvature._per_example import (
     product_example_numbers,
     slice_layout,
@@ -111,6 +112,8 @@ class LowRankBuilder(CurvatureBuilder):
 
     def start_pass(self, previous: list | None) -> None:
         """Before each pass: the random start, or an orthonormal basis of the last ``H Q``."""
+        if previous is not None:
+            check_finite(previous)  # before a QR or eigh fails on it
         basis = self._start if previous is None else _orthonormal(previous[0])
         self._basis.assign(tf.cast(basis, self._basis.dtype))
 
@@ -129,6 +132,7 @@ class LowRankBuilder(CurvatureBuilder):
         return step_examples(numbers, self.logit_model.subset.dtype.size)
 
     def finish(self, sums: list) -> list[Block]:
+        check_finite(sums)
         products, trace = (tf.cast(s, tf.float64) for s in sums)
         dtype = self.logit_model.subset.dtype
         eigenvalues, vectors = nystrom_eigenpairs(tf.cast(self._basis, tf.float64), products,

@@ -79,8 +79,8 @@ from laplace_tf.posterior.structures import STRUCTURES, precision_operator
 SUBSETS = ("all", "last_layer", "subnetwork")
 ON_INDEFINITE = ("raise", "clip")
 _OTHER_OUTPUTS_SCALE = 1000.0
-"""How much larger the other outputs' sigma_noise is in the fit that isolates one output's
-curvature (:meth:`PosteriorLaplace._fit_pieces`)."""
+"""How much larger (at least) the other outputs' sigma_noise is in the fit that isolates one
+output's curvature (:meth:`PosteriorLaplace._fit_pieces`)."""
 SETTINGS = (
     Setting("likelihood", "metadata", attribute_name="likelihood_name"),
     Setting("subset_of_weights", "metadata"),
@@ -323,6 +323,13 @@ class PosteriorLaplace:
             self.last_layer_name = layer.name
         self.logit_model = LogitModel(model, self.subset, self.likelihood)
         self._dtype = self.subset.dtype
+        by_dtype = {tf.as_dtype(v.dtype).name: v.path for v in model.trainable_variables}
+        if len(by_dtype) > 1:
+            raise ValueError(
+                f"model: its weights have several dtypes (e.g. {by_dtype}); laplace_tf needs "
+                "one dtype for all of them. Build every layer in the same dtype (float32 or "
+                "float64), or keep float32 weights with a mixed-precision policy."
+            )
         if self._dtype not in (tf.float32, tf.float64):
             raise ValueError(
                 f"model: its weights are {self._dtype.name}; laplace_tf computes in float32 or "
@@ -339,6 +346,7 @@ class PosteriorLaplace:
         self._fit_sigma: np.ndarray | None = None
         self._pieces: list[Curvature] | None = None  # per-output unit-noise curvatures
         self._sigma = self._checked_sigma(sigma_noise)
+        self._check_curvature_scale(self._sigma, self._temperature)
         self.likelihood = get_likelihood(likelihood, np.asarray(self._sigma))
         self._factors: list[Factor] | None = None
         self._mean: tf.Tensor | None = None
@@ -354,6 +362,20 @@ class PosteriorLaplace:
             value, [s.name for s in self.subset.slices], self.n_params,
             self.structure.prior_structures, self._dtype, name,
         )
+
+    def _check_curvature_scale(self, sigma: tf.Tensor, temperature: float) -> None:
+        """Refuse a ``temperature`` and ``sigma_noise`` whose curvature factor
+        ``1 / (temperature sigma^2)`` is not a finite number of the model's dtype."""
+        with np.errstate(over="ignore", divide="ignore"):
+            scale = 1.0 / (temperature * np.asarray(sigma, np.float64) ** 2)
+            finite = np.isfinite(scale.astype(self._dtype.as_numpy_dtype))
+        if not np.all(finite):
+            raise ValueError(
+                f"temperature, sigma_noise: the curvature is scaled by 1 / (temperature * "
+                f"sigma_noise^2) = {np.max(scale):.3g}, which overflows {self._dtype.name} "
+                f"(temperature {temperature:g}, sigma_noise {np.asarray(sigma).tolist()}). Give "
+                "a larger temperature or sigma_noise, or use a float64 model."
+            )
 
     def _checked_sigma(self, value) -> tf.Tensor:
         """``sigma_noise`` as a tensor; refuses what would need a new curvature fit."""
@@ -672,15 +694,19 @@ class PosteriorLaplace:
     def _fit_pieces(self, curvature: Curvature, batches, strategy) -> list[Curvature]:
         """The unit-noise curvature ``H_k`` of each output (``H(sigma) = sum_k H_k / sigma_k^2``),
         from ``curvature = H(sigma)`` and one more fit per output, at ``sigma'`` = ``sigma``
-        but ``sigma'_j = 1000 sigma_j`` for the other outputs ``j``:
-        ``H(sigma') = (1 - c) H_k / sigma_k^2 + c H(sigma)`` with ``c = 1e-6``, so ``H_k`` is
-        ``sigma_k^2 (H(sigma') - c H(sigma)) / (1 - c)`` with no cancellation of float32 sums
-        (a difference of two nearly equal curvatures lost 2-3% at sigma ``[0.01, 10]``)."""
-        c = _OTHER_OUTPUTS_SCALE**-2
+        but ``sigma'_j = s sigma_j`` for the other outputs ``j``:
+        ``H(sigma') = (1 - c) H_k / sigma_k^2 + c H(sigma)`` with ``c = 1 / s^2``, so ``H_k`` is
+        ``sigma_k^2 (H(sigma') - c H(sigma)) / (1 - c)``. With ``s = 1000 max(1, sigma_k /
+        min_j sigma_j)`` the other outputs weigh at most ``1e-6`` of output ``k`` in ``c H(sigma)``
+        (per unit curvature), so float32 sums do not cancel (a difference of two nearly equal
+        curvatures lost 2-3% at sigma ``[0.01, 10]``; a fixed ``s = 1000``, 14% at
+        ``[1e-3, 1e3]``)."""
         sigma = np.asarray(self._sigma, np.float64)
         pieces = []
         for k, sigma_k in enumerate(sigma):
-            alone = np.where(np.arange(len(sigma)) == k, sigma, _OTHER_OUTPUTS_SCALE * sigma)
+            scale = _OTHER_OUTPUTS_SCALE * max(1.0, sigma_k / sigma.min())
+            c = scale**-2
+            alone = np.where(np.arange(len(sigma)) == k, sigma, scale * sigma)
             builder = self._builder(get_likelihood(self.likelihood_name, alone))
             higher = fit_curvature(builder, batches(), strategy)
             weights = tf.constant([sigma_k**2 / (1 - c), -c * sigma_k**2 / (1 - c)], self._dtype)
@@ -716,6 +742,7 @@ class PosteriorLaplace:
         sigma = self._sigma if sigma is None else self._checked_sigma(sigma)
         temperature = self._temperature if temperature is None else \
             positive_number(temperature, "temperature")
+        self._check_curvature_scale(sigma, temperature)
         changed = dict(prior=prior, sigma=sigma)
         if self._curvature is not None:
             factors, fit_sigma = self._factors, self._fit_sigma
@@ -752,6 +779,25 @@ class PosteriorLaplace:
     def restore(self, state: PosteriorState) -> None:
         """Factor, check and commit a :class:`PosteriorState` (e.g. read from a file) as if
         fitted; raises (changing nothing) for a curvature that does not fit this posterior."""
+        fit, sigma = state.fit_sigma, np.asarray(self._sigma, np.float64)
+        if (fit is None) == self.likelihood.has_noise:
+            raise ValueError(
+                f"state: fitted for a likelihood {'without' if fit is None else 'with'} "
+                f"sigma_noise, but this posterior's is {self.likelihood_name!r}; restore a "
+                "state of the same likelihood.")
+        if fit is not None and (np.ndim(fit) or sigma.ndim) and not (
+                np.shape(fit) == sigma.shape and np.allclose(fit, sigma, rtol=1e-12)):
+            raise ValueError(
+                f"state: fitted at sigma_noise {np.asarray(fit).tolist()}, but this posterior "
+                f"has sigma_noise {sigma.tolist()}; a per-output curvature holds at its own "
+                "sigma only. Set sigma_noise to the state's first, or refit.")
+        dtypes = {tf.as_dtype(part.dtype) for block in state.curvature.blocks
+                  for part in tf.nest.flatten(block) if tf.is_tensor(part)
+                  and part.dtype.is_floating}
+        if dtypes - {self._dtype}:
+            raise ValueError(
+                f"state: its curvature is {sorted(d.name for d in dtypes)}, this posterior "
+                f"{self._dtype.name}; restore a state of a model with the same dtype.")
         self._install(state.curvature, state.mean, state.fit_sigma, state.fingerprint)
         self._pieces = state.output_curvatures
         self.tuning_trace = state.tuning_trace
@@ -1029,6 +1075,12 @@ class PosteriorLaplace:
 def _n_outputs(model) -> int:
     """The number of model outputs, from Keras' records or the last layer with weights."""
     outputs = getattr(model, "outputs", None)
+    if outputs and (len(outputs) > 1 or len(outputs[0].shape) != 2):
+        raise ValueError(
+            f"model: laplace_tf needs a model with one output tensor [N, K]; this one has "
+            f"{len(outputs)} output(s) of shape(s) {[tuple(o.shape) for o in outputs]}. Wrap "
+            "the model so that it returns one tensor of K logits (or means) per input."
+        )
     if outputs and outputs[0].shape[-1] is not None:
         return int(outputs[0].shape[-1])
     units = getattr(leaf_layers(model)[-1], "units", None)

@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from laplace_tf.arguments import positive_int
+from laplace_tf.arguments import choice, positive_int
 from laplace_tf.batches import Batches
 from laplace_tf.console import show_progress
 from laplace_tf.posterior.prior import PRIOR_STRUCTURES, reshape_prior
@@ -95,7 +95,10 @@ AdamState = tuple[list[tuple[tf.Variable, tf.Variable]], tf.Variable]
 
 
 class AdamAscent:
-    """Maximise ``objective()`` over ``variables`` with Adam, in one compiled loop.
+    """Maximise ``objective(values)`` over ``variables`` with Adam, in one compiled loop
+    (``values``: the variables' current values, the tensors it is differentiated by; so the
+    variables may be a ``tf.distribute`` strategy's, whose handles a tape cannot watch outside
+    a replica context).
 
     The steps run inside one ``tf.while_loop`` (in chunks when a progress bar is shown); the
     loop is traced once per instance, so an instance is reused while the objective's captured
@@ -111,11 +114,13 @@ class AdamAscent:
         b1, b2, eps = (tf.constant(_ADAM[k], dtype) for k in ("beta1", "beta2", "eps"))
 
         def body(i, lr, values, points):
+            current = [v.read_value() for v in variables]
             with tf.GradientTape() as tape:
-                value = objective()
-            grads = tape.gradient(value, variables)
+                tape.watch(current)
+                value = objective(current)
+            grads = tape.gradient(value, current)
             values = values.write(i, value)
-            points = [p.write(i, v.read_value()) for p, v in zip(points, variables, strict=True)]
+            points = [p.write(i, v) for p, v in zip(points, current, strict=True)]
             self._count.assign_add(1.0)
             for v, g, (m, s) in zip(variables, grads, self._moments, strict=True):
                 m.assign(b1 * m + (1 - b1) * g)
@@ -180,8 +185,8 @@ def _evidence_ascent(la, prior_structure: str, tune_sigma: bool) -> tuple[AdamAs
     log_prior = tf.Variable(tf.zeros(prior_shape[prior_structure], la.subset.dtype))
     log_sigma = tf.Variable(tf.zeros_like(la.sigma_noise))  # an input even when not tuned
 
-    def objective():
-        return la.log_evidence(tf.exp(log_prior), tf.exp(log_sigma))
+    def objective(values):
+        return la.log_evidence(tf.exp(values[0]), tf.exp(values[1] if tune_sigma else log_sigma))
 
     return AdamAscent(objective, [log_prior, log_sigma] if tune_sigma else [log_prior]), log_sigma
 
@@ -223,12 +228,19 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
             "val_data: method='gridsearch' needs validation data, a tuple (x, y) or a "
             "tf.data.Dataset of (x, y) batches; got None."
         )
-    grid = DEFAULT_GRID if grid is None else np.asarray(grid, np.float64)
+    try:
+        grid = DEFAULT_GRID if grid is None else np.asarray(grid, np.float64)
+    except (TypeError, ValueError):
+        grid = np.array([np.nan])
     if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
         raise ValueError(
             f"grid: expected a non-empty 1-D array of positive prior precisions, e.g. "
             f"np.logspace(-4, 4, 100); got {grid!r}."
         )
+    from laplace_tf.predictive.links import PRED_TYPES  # the predictive's (imports this module)
+
+    choice(pred_type, "pred_type", PRED_TYPES)
+    la.likelihood.check_link(link_approx)  # as la(x) checks them
     batches = Batches(val_data, la.batch_size, dtype=la.subset.dtype, description="validation",
                       argument="val_data")
     kwargs: dict = {"pred_type": pred_type}
@@ -237,9 +249,10 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
     if pred_type == "nn" or kwargs.get("link_approx") == "mc":  # the same draws for every value
         kwargs["seed"] = int(np.random.default_rng().integers(2**31 - 1)) if seed is None else seed
     original = la.prior_precision
-    scores = la.validation_scorer(batches, kwargs)  # mean validation NLL and evidence at priors
     nll, evidence = np.full(grid.size, np.inf), np.full(grid.size, np.nan)
     try:
+        la.prior_precision = grid.max()  # the scorer lays out a covariance: at the safest value
+        scores = la.validation_scorer(batches, kwargs)  # mean validation NLL, evidence at priors
         accepted = []
         for index, value in enumerate(grid):
             try:
@@ -390,11 +403,11 @@ def optimize_prior_precision(
                 f"{prior_structure!r}. Use method='marglik' for per-layer or per-weight priors."
             )
         return _tune_gridsearch(la, val_data, grid, pred_type, link_approx, progress, seed)
-    if val_data is not None or grid is not None:
+    if val_data is not None or grid is not None or pred_type != "glm" or link_approx != "probit":
         raise ValueError(
-            "val_data, grid: method='marglik' maximises the evidence of the training data and "
-            "uses neither; use method='gridsearch' (the default when val_data is given), or "
-            "leave them out."
+            "val_data, grid, pred_type, link_approx: method='marglik' maximises the evidence "
+            "of the training data and uses none of them; use method='gridsearch' (the default "
+            "when val_data is given), or leave them out."
         )
     n_steps = positive_int(n_steps, "n_steps")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:

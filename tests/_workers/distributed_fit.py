@@ -10,7 +10,8 @@ each configuration runs in a fresh process started by the tests::
 :data:`CASES` is fitted on all :data:`N_EXAMPLES` examples in batches of :data:`BATCH_SIZE`
 (a batch of 3 splits 1 + 2 over the replicas; the last batch of 1, smaller than the number of
 replicas, runs on one device) with ``laplace_tf.Laplace(...).fit``, once on one device and
-once under the strategy.
+once under the strategy (the "built_in_scope" cases: model, fit and prior tuning by the
+evidence all inside ``strategy.scope()``).
 
 ``multiworker``: worker ``I`` of a two-worker ``MultiWorkerMirroredStrategy`` on 127.0.0.1
 (``TF_CONFIG`` is set here, before TensorFlow is imported). Worker 0 fits examples
@@ -18,7 +19,7 @@ once under the strategy.
 different numbers of batches; the cases are :data:`MULTIWORKER_CASES`. Worker 0 also fits all
 the data on one device as the reference.
 
-Each writes, per case, the curvatures it computed to ``OUT.npz`` under keys
+Each writes, per case, the curvatures it computed and the prior precision to ``OUT.npz`` under keys
 ``"{case}/{single|distributed}/{field}"`` (see :func:`curvature_arrays`), the ids of the
 replicas the fit's step was traced in (``"{case}/replica_ids"``), and the strategy's
 ``num_replicas_in_sync``; the tests compare them.
@@ -41,7 +42,8 @@ BATCH_SIZE = 3
 SPLIT = 5  # multiworker: worker 0 holds examples [0, SPLIT), worker 1 the rest
 
 # case -> (model in tests/models.py, likelihood, subset_of_weights, hessian_structure,
-#          curvature, how the strategy is given: "argument" or "scope")
+#          curvature, how the strategy is given: "argument", "scope", or "built_in_scope": the
+#          model built, fitted and its prior tuned by the evidence, all inside the scope)
 CASES = {
     "all-full-ggn": ("tanh_mlp", "classification", "all", "full", "ggn", "argument"),
     "all-full-hessian": ("relu_mlp", "regression", "all", "full", "hessian", "argument"),
@@ -58,6 +60,9 @@ CASES = {
     "weighted-all-full-ggn": ("tanh_mlp", "classification", "all", "full", "ggn", "scope"),
     "weighted-last_layer-kron": ("tanh_mlp", "binary", "last_layer", "kron", "ef", "argument"),
     "all-lowrank": ("tanh_mlp", "regression", "all", "lowrank", "ggn", "argument"),
+    "built_in_scope-all-full": ("tanh_mlp", "classification", "all", "full", "ggn",
+                                "built_in_scope"),
+    "built_in_scope-all-gp": ("relu_mlp", "regression", "all", "gp", "ggn", "built_in_scope"),
 }
 MULTIWORKER_CASES = ("all-full-ggn", "all-kron-cnn", "all-diag-cnn", "last_layer-kron",
                      "last_layer-full", "weighted-all-kron-batchnorm", "weighted-last_layer-kron",
@@ -104,11 +109,24 @@ def _recording_replicas(likelihood, replica_ids: set[int]) -> None:
 
 
 def _fit(case: str, rows: slice, strategy, replica_ids: set[int] | None = None):
-    """The curvature ``Laplace.fit`` computes for ``case`` on examples ``rows``.
+    """The ``Laplace`` fitted for ``case`` on examples ``rows``.
 
     Without a strategy on one device; else with ``fit(..., strategy=)`` or inside
-    ``strategy.scope()``, as the case says.
+    ``strategy.scope()``, as the case says. A "built_in_scope" case is also built in the
+    scope and its prior tuned there (on one device: the same calls, no scope).
     """
+    import contextlib
+
+    model_name, likelihood_name, subset_name, structure, kind, via = CASES[case]
+    if via == "built_in_scope":
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            la = _fitted(case, rows, None, replica_ids)
+            la.optimize_prior_precision(method="marglik")
+        return la
+    return _fitted(case, rows, strategy, replica_ids)
+
+
+def _fitted(case: str, rows: slice, strategy, replica_ids: set[int] | None):
     from models import MODELS, targets
 
     import laplace_tf as ltf
@@ -132,7 +150,7 @@ def _fit(case: str, rows: slice, strategy, replica_ids: set[int] | None = None):
             la.fit(data)
     else:
         la.fit(data, strategy=strategy)
-    return la.curvature
+    return la
 
 
 def _run(strategy, cases, rows: slice, reference: bool, out: str) -> None:
@@ -143,8 +161,10 @@ def _run(strategy, cases, rows: slice, reference: bool, out: str) -> None:
         arrays[f"{case}/replica_ids"] = np.array(sorted(replica_ids))
         if reference:
             fits["single"] = _fit(case, slice(0, N_EXAMPLES), None)
-        for which, fitted in fits.items():
-            arrays.update({f"{case}/{which}/{k}": v for k, v in curvature_arrays(fitted).items()})
+        for which, la in fits.items():
+            fields = {**curvature_arrays(la.curvature),
+                      "prior_precision": np.asarray(la.prior_precision)}
+            arrays.update({f"{case}/{which}/{k}": v for k, v in fields.items()})
     np.savez(out, **arrays)
 
 
