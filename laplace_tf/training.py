@@ -20,7 +20,7 @@ the negative log joint divided by the number of training examples ``N`` (its min
 MAP of the Laplace posterior, whose losses are sums)::
 
     classification:  mean CE                + (T / N)             * 1/2 sum_l lambda_l ||theta_l||^2
-    binary (K outs): mean BCE over outputs   + (T / (N K))         * 1/2 sum_l lambda_l ||theta_l||^2
+    binary (1 out):  mean BCE                + (T / N)             * 1/2 sum_l lambda_l ||theta_l||^2
     regression:      mean MSE over outputs   + (2 sigma^2 T/(N K)) * 1/2 sum_l lambda_l ||theta_l||^2
 
 The regression line is the Gaussian NLL with the learned ``sigma`` times ``2 sigma^2 / K``
@@ -68,14 +68,18 @@ _LOSSES = {  # the mean losses whose scale the L2 term is matched to
 class _LearnedL2:
     """``factor / 2 * sum lambda w^2``, ``lambda = exp(log_prior[start])`` (one for all, one
     per layer or tensor) or ``exp(log_prior[start:stop])`` (one per weight), read from the
-    learned variables at every step."""
+    learned variables at every step; over the ``entries`` of the weight's ravel only (a
+    subnetwork's), or all of them (None)."""
 
     def __init__(self, log_prior: tf.Variable, factor: tf.Variable, start: int,
-                 stop: int | None):
+                 stop: int | None, entries: np.ndarray | None = None):
         self.log_prior, self.factor, self.start, self.stop = log_prior, factor, start, stop
+        self.entries = entries
 
     def __call__(self, weight):
         weight = tf.convert_to_tensor(weight)
+        if self.entries is not None:
+            weight = tf.gather(tf.reshape(weight, [-1]), self.entries)
         if self.stop is None:
             precision = tf.exp(self.log_prior[self.start])
         else:
@@ -155,6 +159,7 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         self.trace: dict[str, list] = {"epoch": [], "log_marginal_likelihood": [],
                                        "prior_precision": [], "sigma_noise": []}
         self._attached: list = []
+        self._in_fit = False
 
     def set_model(self, model):
         super().set_model(model)
@@ -209,12 +214,16 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
                     "kernel_regularizer/bias_regularizer.")
         offset, tensor = 0, 0
         for index, s in enumerate(self.la.subset.slices):
-            for variable in s.variables:
-                size = int(np.prod(variable.shape))
+            begins = np.cumsum([0] + [int(np.prod(v.shape)) for v in s.variables])
+            for variable, begin, end in zip(s.variables, begins[:-1], begins[1:], strict=True):
+                entries = None if s.columns is None else \
+                    s.columns[(s.columns >= begin) & (s.columns < end)] - begin  # a subnetwork
+                size = end - begin if entries is None else len(entries)
                 start, stop = {"scalar": (0, None), "layerwise": (index, None),
                                "tensorwise": (tensor, None),
                                "diag": (offset, offset + size)}[self.prior_structure]
-                variable.regularizer = _LearnedL2(self._log_prior, self.factor, start, stop)
+                variable.regularizer = _LearnedL2(self._log_prior, self.factor, start, stop,
+                                                  entries)
                 offset, tensor = offset + size, tensor + 1
         self._attached = variables
         model.train_function = model.test_function = None  # traced again, with the L2 terms
@@ -230,8 +239,17 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.best_epoch, self._best, self._epochs_done = None, None, 0  # this fit's best
+        self._in_fit = True
+
+    def on_test_end(self, logs=None):  # model.evaluate(..., callbacks=[this]) attached too
+        if not self._in_fit:
+            self.detach()
+
+    def on_predict_end(self, logs=None):
+        self.on_test_end(logs)
 
     def on_train_end(self, logs=None):
+        self._in_fit = False
         self.detach()
         if self.restore_best_weights and self._best is not None \
                 and self.best_epoch != self._epochs_done:
@@ -252,9 +270,9 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         la = self.la
         la.fit(self.train_data, progress=False)
 
-        def objective():
-            return la.log_evidence(self._posterior_prior(tf.exp(self._log_prior)),
-                                   tf.exp(self._log_sigma))
+        def objective(values):  # [log prior] or [log prior, log sigma] (self._hyper)
+            log_sigma = values[1] if self.tune_sigma_noise else self._log_sigma
+            return la.log_evidence(self._posterior_prior(tf.exp(values[0])), tf.exp(log_sigma))
 
         # n_hypersteps - 1 more steps after the first evaluation: n_hypersteps Adam steps
         values, points = AdamAscent(objective, self._hyper, self._adam)(
@@ -371,7 +389,16 @@ def _check_compiled(model, likelihood: str) -> None:
         raise ValueError(
             f"model: loss_weights={weights} scales the loss against the learned L2 term; "
             "compile without loss_weights.")
-    decay = getattr(model.optimizer, "weight_decay", None)
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            raise ValueError(
+                f"model: layer {layer.name!r} has an activity_regularizer, a term of the "
+                "training loss that is not the likelihood whose evidence is maximised; remove "
+                "it.")
+    optimizer = model.optimizer
+    while hasattr(optimizer, "inner_optimizer"):  # a LossScaleOptimizer's
+        optimizer = optimizer.inner_optimizer
+    decay = getattr(optimizer, "weight_decay", None)
     if decay:
         raise ValueError(
             f"model: the optimizer has weight_decay={decay}; the marginal likelihood learns "
@@ -404,8 +431,8 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
         evidence (``restore_best_weights=False``: the final weights), the Laplace fitted at
         those weights with that refit's prior precision and sigma_noise, and ``trace``, a dict of
         arrays with one entry per refit: ``epoch``, ``log_marginal_likelihood``,
-        ``prior_precision`` (``[R, L]`` or ``[R, P]``) and ``sigma_noise`` (NaN unless
-        regression).
+        ``prior_precision`` (``[R, L]``; ``"tensorwise"``: ``[R, tensors]``, ``"diag"``:
+        ``[R, P]``) and ``sigma_noise`` (NaN unless regression).
     """
     likelihood = choice(likelihood, "likelihood", LIKELIHOODS)
     epochs = positive_int(epochs, "epochs")
@@ -416,6 +443,12 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
         keras.utils.set_random_seed(int(seed))
     options.setdefault("restore_best_weights", True)
     callback = MarginalLikelihoodCallback(likelihood, train_data, **options)
+    if callback.restore_best_weights and any(
+            getattr(c, "restore_best_weights", False) for c in callbacks or []):
+        raise ValueError(
+            "callbacks: a callback that restores weights (EarlyStopping(restore_best_weights="
+            "True)) would undo the best-evidence weights marglik_training returns with its "
+            "Laplace; pass restore_best_weights=False to one of them.")
     from_logits = output_activation(model) is None
     if likelihood == "regression":
         loss = keras.losses.MeanSquaredError()

@@ -327,11 +327,39 @@ def test_a_subclassed_model_trains_with_the_l2_term_of_its_outputs(likelihood):
     assert float(callback.factor) == pytest.approx(expected, rel=1e-6)
 
 
-def _compiled(loss=None, optimizer="sgd", regularizer=None, **options):
-    model = keras.Sequential([keras.Input((3,)),
-                              keras.layers.Dense(2, kernel_regularizer=regularizer)])
+def _compiled(loss=None, optimizer="sgd", regularizer=None, activity=None, **options):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(
+        2, kernel_regularizer=regularizer, activity_regularizer=activity)])
     model.compile(optimizer, loss or _loss("classification"), **options)
     return model
+
+
+@pytest.mark.parametrize("prior_structure", ["scalar", "layerwise", "diag"])
+def test_the_l2_term_of_a_subnetwork_covers_its_weights_only(prior_structure):
+    """It covered the whole tensors holding a chosen weight (and "diag" failed inside the
+    first step): by hand, (1/N) 1/2 sum over the chosen weights of lambda theta^2."""
+    x, y = _data("classification")
+    model = _mlp("classification")
+    model.compile("sgd", _loss("classification"))
+    chosen = np.array([0, 1, 2, 7, 17, 20])  # first kernel (12), first bias (4), second kernel
+    callback = ltf.MarginalLikelihoodCallback(
+        "classification", (x, y), subset_of_weights="subnetwork", subnetwork_indices=chosen,
+        hessian_structure="full", prior_structure=prior_structure, prior_precision=50.0)
+    callback.set_model(model)
+    flat = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+    expected = 0.5 * 50.0 * np.sum(flat[chosen] ** 2) / N
+    np.testing.assert_allclose(float(sum(model.losses)), expected, rtol=1e-6)
+    model.fit(x, y, epochs=1, batch_size=N, verbose=0, callbacks=[callback])
+    assert model.losses == []
+
+
+def test_evaluate_with_the_callback_leaves_no_learned_decay_on_the_model():
+    x, y = _data("classification")
+    model = _compiled()
+    callback = ltf.MarginalLikelihoodCallback("classification", (x, y), prior_precision=50.0)
+    model.evaluate(x, y, verbose=0, callbacks=[callback])
+    model.predict(x, verbose=0, callbacks=[callback])
+    assert model.losses == []
 
 
 @pytest.mark.parametrize("make, match", [
@@ -364,6 +392,14 @@ def _compiled(loss=None, optimizer="sgd", regularizer=None, **options):
         _compiled(loss_weights=2.0)), "loss_weights"),
     (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(
         _compiled(regularizer="l2")), "regularizer"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(
+        _compiled(activity="l2")), "activity_regularizer"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d).set_model(_compiled(
+        optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(weight_decay=0.3)))),
+     "weight_decay"),
+    (lambda d: ltf.marglik_training(_mlp("classification"), "classification", d, epochs=1,
+                                    verbose=0, callbacks=[keras.callbacks.EarlyStopping(
+                                        restore_best_weights=True)]), "restores weights"),
     (lambda d: ltf.MarginalLikelihoodCallback(
         "classification", tf.data.Dataset.from_tensor_slices(d).batch(4).repeat())
      .set_model(_compiled()), "infinite"),
