@@ -194,10 +194,12 @@ def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData
     if lap.optimize_prior != "none":
         val = run_data.val
         log(f"tuning the prior precision ({lap.optimize_prior}, {lap.prior_structure})")
+        by_validation = lap.optimize_prior == "gridsearch"  # scores the run's predictive
         la.optimize_prior_precision(
             method=lap.optimize_prior, prior_structure=lap.prior_structure,
-            val_data=None if val is None or lap.optimize_prior != "gridsearch" else (val.x, val.y),
-            pred_type=config.predictive.pred_type, link_approx=config.predictive.link_approx)
+            **(dict(val_data=None if val is None else (val.x, val.y),
+                    pred_type=config.predictive.pred_type,
+                    link_approx=config.predictive.link_approx) if by_validation else {}))
     return la
 
 

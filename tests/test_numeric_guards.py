@@ -170,3 +170,21 @@ def test_a_last_layer_low_rank_or_gp_posterior_needs_the_head_to_give_the_output
     for predict in (la.functional_variance, la, lambda x: la.predictive_samples(x, 4)):
         with pytest.raises(ValueError, match="not the pre-activation output"):
             predict(x)
+
+
+def test_a_run_tuning_by_the_evidence_takes_any_predictive_link():
+    """The run passed its predictive's link to every tuning method, and the evidence's now
+    refuses what it does not use: a config with the bridge link and marglik tuning failed."""
+    from laplace_tf import config as cfg
+    from laplace_tf.data import Split
+    from laplace_tf.run import RunData, fit_laplace
+
+    model, x = tanh_mlp(3, n=10)
+    y = targets("classification", 3, 10)
+    config = cfg.from_dict({"data": {"train": "a.npz"}, "laplace": {
+        "likelihood": "classification", "subset_of_weights": "all",
+        "hessian_structure": "diag", "optimize_prior": "marglik"},
+        "predictive": {"link_approx": "bridge"}})
+    data = RunData("classification", Split(x, y), None, Split(x, y), None)
+    la = fit_laplace(model, config, data, progress=False, log=lambda message: None)
+    assert la.tuning_trace["prior_precision"].shape == (101,)
