@@ -413,7 +413,9 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
     Compiles ``model`` with ``optimizer`` and the mean loss of ``likelihood`` (crossentropy
     on logits, or on probabilities when the model ends in a softmax/sigmoid; mean squared
     error for regression), runs ``model.fit`` for ``epochs`` with a
-    :class:`MarginalLikelihoodCallback` and returns what it learned.
+    :class:`MarginalLikelihoodCallback` and returns what it learned. Its Laplace is fitted
+    on the first batch before training, so labels, outputs or data it cannot take are
+    refused (``ValueError``) before any step.
 
     Args:
         model: a Keras model (weights without regularizers).
@@ -460,6 +462,9 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     model.compile(optimizer=optimizer, loss=loss)
     try:
+        callback.set_model(model)  # its Laplace, fitted on one batch: bad labels, outputs or
+        assert callback.la is not None  # data refused before training
+        callback.la.fit(_first_batch(train_data, batch_size))
         if isinstance(train_data, tf.data.Dataset):
             model.fit(train_data, epochs=epochs, verbose=verbose,
                       callbacks=[callback, *(callbacks or [])])
@@ -478,6 +483,15 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
         callback.la.fit(train_data, progress=False)  # the posterior at the returned weights
     trace = {key: np.asarray(value) for key, value in callback.trace.items()}
     return model, callback.la, trace
+
+
+def _first_batch(data, batch_size: int):
+    """The first batch of ``data``: ``(x, y)`` arrays or a dataset of batches."""
+    if isinstance(data, tf.data.Dataset):
+        return data.take(1)
+    x, y = data
+    rows = slice(0, batch_size)
+    return ({k: v[rows] for k, v in x.items()} if isinstance(x, dict) else x[rows]), y[rows]
 
 
 def _one_hot_labels(data) -> bool:

@@ -353,6 +353,22 @@ def test_the_l2_term_of_a_subnetwork_covers_its_weights_only(prior_structure):
     assert model.losses == []
 
 
+@pytest.mark.parametrize("data, match", [
+    (lambda x, y: (x, y + 5), "class labels must lie in"),
+    (lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)), r"Call \.batch\(n\)"),
+])
+def test_bad_data_is_refused_before_training(data, match):
+    """Raw Keras errors came from inside model.fit (after some steps, for some faults)."""
+    model = _mlp("classification")
+    before = [w.numpy() for w in model.trainable_variables]
+    with pytest.raises(ValueError, match=match):
+        ltf.marglik_training(model, "classification", data(*_data("classification")),
+                             epochs=1, verbose=0)
+    for weight, start in zip(model.trainable_variables, before, strict=True):
+        np.testing.assert_array_equal(weight.numpy(), start)
+    assert model.losses == []
+
+
 def test_evaluate_with_the_callback_leaves_no_learned_decay_on_the_model():
     x, y = _data("classification")
     model = _compiled()

@@ -345,8 +345,9 @@ def unfactorable_layers(logit_model: LogitModel, layers: Sequence, x) -> dict[in
       number the trace's :data:`_PROBE_BATCH` examples;
     * its weights reach the output also outside its call (shared, tied weights: an embedding
       table reused as the output projection, a kernel read by another layer or by the model's
-      ``call``): with the gradient stopped at every hooked pre-activation, they still have one,
-      to the logits or to a hooked layer's inputs.
+      ``call``): in the traced graph, the floating tensors computed from them reach the logits
+      or a hooked layer's inputs by a path that does not pass through a hooked
+      pre-activation (:func:`_reaches`; no gradient is traced).
 
     Read off one trace of a call on a batch of :data:`_PROBE_BATCH` examples (a separate graph,
     never run). Once per model, layers and input signature.
@@ -355,24 +356,25 @@ def unfactorable_layers(logit_model: LogitModel, layers: Sequence, x) -> dict[in
     key = (repr(any_batch_size(x)), tuple(id(layer) for layer in layers))
     if key not in cache:
         found: dict[int, str] = {}
-        reached: list[tf.Tensor] = []  # the logits and the hooked layers' inputs
+        targets: list[tf.Tensor] = []  # the hooked layers' inputs (and the logits)
+        barriers: list[tf.Tensor] = []  # the hooked pre-activations
 
         def record(layer, inputs, z):
             if not z.shape.rank or z.shape[0] != _PROBE_BATCH:
                 found[id(layer)] = NOT_PER_EXAMPLE
-            reached.extend(t for t in tf.nest.flatten(inputs) if t.dtype.is_floating)
-            return tf.stop_gradient(z)
+            targets.extend(tf.nest.flatten(inputs))
+            barriers.append(z)
+            return z
 
         hooked = {id(layer) for layer in layers}
         owners = [s.layer for s in logit_model.subset.slices for _ in s.variables]
 
-        def traced(inputs, weights):  # the subset's weights as inputs: no variable is watched
-            with tf.GradientTape() as tape:
-                tape.watch(weights)
-                logits = logit_model(inputs, weights, layers=layers, hook=record)
-            gradients = tape.gradient([logits, *reached], weights)
-            for layer, gradient in zip(owners, gradients, strict=True):
-                if gradient is not None and id(layer) in hooked and id(layer) not in found:
+        def traced(inputs, weights):  # the subset's weights as inputs: no variable is read
+            logits = logit_model(inputs, weights, layers=layers, hook=record)
+            ends = {id(t) for t in [logits, *targets]}
+            for layer, weight in zip(owners, weights, strict=True):
+                if id(layer) in hooked and id(layer) not in found and \
+                        _reaches(weight, ends, {id(t) for t in barriers}):
                     found[id(layer)] = SHARED_WEIGHTS
             return logits
 
@@ -382,6 +384,23 @@ def unfactorable_layers(logit_model: LogitModel, layers: Sequence, x) -> dict[in
             [tf.TensorSpec(v.shape, v.dtype) for v in logit_model.subset.variables])
         cache[key] = found
     return cache[key]
+
+
+def _reaches(start: tf.Tensor, ends: set[int], barriers: set[int]) -> bool:
+    """Whether a graph tensor in ``ends`` (ids) is computed from ``start`` through floating
+    tensors, without passing through one in ``barriers``: a search forward over the ops that
+    consume them (a differentiable path, up to non-differentiable floating ops)."""
+    seen, frontier = {id(start)}, [start]
+    while frontier:
+        for op in frontier.pop().consumers():
+            for out in op.outputs:
+                if id(out) in barriers or id(out) in seen or not out.dtype.is_floating:
+                    continue
+                if id(out) in ends:
+                    return True
+                seen.add(id(out))
+                frontier.append(out)
+    return False
 
 
 NOT_PER_EXAMPLE = ("its output has not one row per example (a layer applied to a constant such "
