@@ -168,7 +168,7 @@ def diabetes(seed: int = 0, dtype: str = "float32") -> DataSet:
 def sine_1d(seed: int = 0, n: int = 300, dtype: str = "float32") -> DataSet:
     """``y = sin(3 x) + noise`` (std :data:`SINE_NOISE`), ``x`` uniform in :data:`SINE_CLUSTERS`.
 
-    ``n`` points are drawn (equally many per cluster) and split train / val / test.
+    ``n`` points are drawn, each in a cluster chosen at random, and split train / val / test.
 
     Example:
         >>> ds = sine_1d(seed=0)
@@ -280,8 +280,8 @@ def load_arrays(path: str | Path, target_column: int = -1, argument: str = "data
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: an unknown suffix, missing arrays, ragged or non-numeric rows, or ``x``
-            and ``y`` of different lengths.
+        ValueError: an unknown suffix, missing arrays, ragged or non-numeric rows, NaN or
+            infinite values, or ``x`` and ``y`` of different lengths.
 
     Example:
         >>> import tempfile, os
@@ -306,4 +306,9 @@ def load_arrays(path: str | Path, target_column: int = -1, argument: str = "data
         )
     if len(x) != len(y):
         raise ValueError(f"{argument}: {path} has {len(x)} inputs but {len(y)} targets.")
+    for name, values in (("inputs", x), ("targets", y)):
+        if np.issubdtype(values.dtype, np.number) and not np.all(np.isfinite(values)):
+            raise ValueError(f"{argument}: {path} has NaN or infinite {name} (first at row "
+                             f"{int(np.argwhere(~np.isfinite(values))[0][0])}); expected finite "
+                             "numbers. Remove or impute those rows.")
     return Split(x, y)

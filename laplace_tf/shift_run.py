@@ -4,7 +4,8 @@ A shift config is a run config (:mod:`laplace_tf.config`: ``data``, ``model``, `
 ``predictive``, ``seed``, ``out``) plus a ``shift`` section::
 
     shift:
-      ensemble: 5             # deep ensemble of M networks trained like the MAP one (0: none)
+      ensemble: 5             # deep ensemble of M built-in MLPs trained like the MAP one
+                              # (0: none; default 5, none for a model.path network)
       temperature: true       # MAP + temperature scaling fitted on the validation split
                               # (classification; regression baselines use sigma_noise)
       shifts: [rotation, noise, blur, shuffle]   # image shifts; covariate, extrapolation: tabular
@@ -32,11 +33,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from laplace_tf import config as _config
 from laplace_tf import run as _run
@@ -44,9 +47,15 @@ from laplace_tf.calibration import Report, plots
 from laplace_tf.calibration import shift as _shift
 from laplace_tf.calibration.report import _versions
 from laplace_tf.console import show_progress
+from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.models import mlp, train_map
+from laplace_tf.params import LogitModel
 
 SHIFT_KEYS = ("ensemble", "temperature", "shifts", "reliability_at", "variants")
+VARIANT_KEYS = ("laplace", "predictive", "seed")
+DEFAULT_ENSEMBLE = 5
+"""Members of the deep ensemble when ``shift.ensemble`` is not given (built-in MLP only)."""
+"""The sections a ``shift.variants`` entry may set over the base config."""
 CURVE_METRICS = ("nll", f"ece_{_shift.N_BINS}bins", "accuracy", "confidence")
 """Metrics drawn as severity curves, one figure each (classification)."""
 
@@ -69,14 +78,15 @@ def _shift_section(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{where}: unknown key shift.{unknown[0]}; expected one of "
                          f"{', '.join(SHIFT_KEYS)}")
-    section = {"ensemble": 5, "temperature": True, "shifts": None, "reliability_at": [0],
+    section = {"ensemble": None, "temperature": True, "shifts": None, "reliability_at": [0],
                "variants": [{"label": "Laplace"}], **section}
 
     def refuse(key: str, expected: str) -> ValueError:
         return ValueError(f"{where}: shift.{key}: expected {expected}; got {section[key]!r}")
 
     ensemble = section["ensemble"]
-    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 0:
+    if ensemble is not None and (
+            isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 0):
         raise refuse("ensemble", "the number of networks, an integer >= 0 (0: no ensemble)")
     if not isinstance(section["temperature"], bool):
         raise refuse("temperature", "true or false")
@@ -90,7 +100,8 @@ def _shift_section(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise refuse(key, f"a list, e.g. {example}" if example else
                          "a list of {label: ..., <sections>} mappings")
     labels = [str(v.get("label")) for v in section["variants"]]
-    taken = {"MAP", "MAP + temperature", f"ensemble of {ensemble}"}
+    taken = {"MAP", "MAP + temperature",
+             f"ensemble of {DEFAULT_ENSEMBLE if ensemble is None else ensemble}"}
     clash = [label for i, label in enumerate(labels) if label in taken or label in labels[:i]]
     if clash:
         raise refuse("variants", f"labels that name one predictor each (not a baseline's: "
@@ -103,6 +114,11 @@ def _variant(base: Mapping[str, Any], variant: Mapping[str, Any], where: str
     if not isinstance(variant, Mapping) or "label" not in variant:
         raise ValueError(f"{where}: each shift.variants entry needs a label and sections, e.g. "
                          f"{{label: LA, laplace: {{hessian_structure: diag}}}}; got {variant!r}")
+    shared = sorted(set(variant) - {"label", *VARIANT_KEYS})
+    if shared:
+        raise ValueError(f"{where}: shift.variants {variant['label']!r}: {shared[0]!r} is "
+                         f"shared by every predictor (one MAP network on one data set); set it "
+                         f"in the base config. A variant sets {', '.join(VARIANT_KEYS)}.")
     merged = copy.deepcopy(dict(base))
     for key, value in variant.items():
         if key != "label":
@@ -123,18 +139,28 @@ def load_shift_config(path: str | Path) -> tuple[_config.RunConfig, dict[str, An
 
 
 def _shifts(names: Any, x_train: np.ndarray, seed: int) -> list[_shift.Shift]:
-    """The named shifts that fit the inputs: tabular for ``[N, D]``, image for square images."""
-    available = {s.name: s for s in _shift.tabular_shifts(x_train)} if x_train.ndim == 2 else {}
+    """The named shifts that fit the inputs: tabular for ``[N, D]``, image for images
+    ``[N, H, W]`` and for flat square images ``[N, H*H]`` (digits).
+
+    Without names (None): the tabular shifts of ``[N, D]`` inputs, the image shifts of
+    ``[N, H, W]`` inputs; flat inputs get image shifts only when named.
+    """
+    tabular = {s.name: s for s in _shift.tabular_shifts(x_train)} if x_train.ndim == 2 else {}
+    available = dict(tabular)
     try:
         _shift._images(x_train[:1])
         available.update({s.name: s for s in _shift.image_shifts(seed)})
     except ValueError:
         pass  # not images: tabular shifts only
-    names = list(available) if names is None else list(names)
-    for name in names:
+    if names is None:
+        names = list(tabular or available)
+    names = list(names)
+    for i, name in enumerate(names):
         if name not in available:
             raise ValueError(f"shift.shifts: {name!r} does not fit inputs of shape "
                              f"{x_train.shape[1:]}; expected some of {', '.join(available)}")
+        if name in names[:i]:
+            raise ValueError(f"shift.shifts: {name!r} is named twice; name each shift once.")
     return [available[name] for name in names]
 
 
@@ -155,6 +181,41 @@ def train_ensemble(config: _config.RunConfig, train: Any, likelihood: str, membe
                   sigma_noise=config.laplace.sigma_noise, learning_rate=settings.learning_rate)
         models.append(model)
     return models
+
+
+def _ensemble_size(requested: int | None, config: _config.RunConfig) -> int:
+    """Members of the deep ensemble: ``shift.ensemble``, by default :data:`DEFAULT_ENSEMBLE`
+    for the built-in MLP and none for a network loaded from ``model.path``."""
+    if config.model.path is None:
+        return DEFAULT_ENSEMBLE if requested is None else requested
+    if requested:
+        raise ValueError(
+            f"shift.ensemble: {requested} members to train like the MAP network, but the MAP "
+            f"network is loaded from model.path ({config.model.path}) and how it was trained "
+            "is not in the config. Set shift.ensemble: 0, or leave model.path out to train the "
+            "built-in MLP and its ensemble.")
+    return 0
+
+
+def network_predictor(models: Sequence[Any], likelihood: str, sigma_noise: float = 1.0) -> Any:
+    """The predictive of one network (MAP) or of a deep ensemble, from the networks' logits
+    (a final softmax/sigmoid removed): softmax/sigmoid probabilities averaged over the
+    members, or the Gaussian moment match ``(mean, variance)`` of the members' means with
+    the noise (``sigma_noise**2``; heteroscedastic: the predicted variances' mean).
+    """
+    lik = get_likelihood(likelihood, sigma_noise)
+    logit_models = [LogitModel(m, likelihood=lik) if isinstance(m, keras.Model) else m
+                    for m in models]
+    if not lik.gaussian_predictive:
+        return _shift.ensemble_predictor(logit_models)
+
+    def gaussian(x: Any) -> tuple[np.ndarray, np.ndarray]:
+        logits = tf.stack([tf.cast(f(tf.convert_to_tensor(x)), tf.float64)
+                           for f in logit_models])
+        mean, variance = lik.sampled_predictive(logits, lik.noise_variance(tf.float64))
+        return np.asarray(mean), np.asarray(variance)
+
+    return gaussian
 
 
 def _predict_laplace(la: Any, predictive: _config.PredictiveConfig, seed: int) -> Any:
@@ -197,8 +258,9 @@ def run_shift(config: _config.RunConfig, section: Mapping[str, Any],
     progress = show_progress(progress)
     run_data = _run.load_run_data(config)
     likelihood = run_data.likelihood
-    task = "regression" if likelihood == "regression" else "classification"
+    task = "regression" if get_likelihood(likelihood).gaussian_predictive else "classification"
     assert run_data.train is not None
+    members = _ensemble_size(section["ensemble"], config)
     shifts = _shifts(section["shifts"], run_data.train.x, config.seed)
     severities = list(section["reliability_at"])
     n_levels = len(shifts[0].levels) if shifts else 0
@@ -207,27 +269,20 @@ def run_shift(config: _config.RunConfig, section: Mapping[str, Any],
                          f"(integers 0 to {n_levels - 1}) and at least one shift; got "
                          f"{severities} and shifts {[s.name for s in shifts]}")
     model = _run.map_network(config, run_data, progress, log)
+    networks = {"MAP": [model]}
+    if members:
+        log(f"training a deep ensemble of {members} networks")
+        networks[f"ensemble of {members}"] = train_ensemble(config, run_data.train, likelihood,
+                                                            members)
     predictors: dict[str, Any] = {}
-    if task == "classification":
-        predictors["MAP"] = _shift.map_predictor(model)
-        if section["temperature"]:
+    for name, nets in networks.items():
+        predictors[name] = network_predictor(nets, likelihood, config.laplace.sigma_noise)
+        if name == "MAP" and task == "classification" and section["temperature"]:
             if run_data.val is None:
                 raise ValueError("shift.temperature: needs validation data (data.val or a "
                                  "built-in data set)")
             predictors["MAP + temperature"] = _shift.temperature_predictor(
-                model, run_data.val.x, run_data.val.y)
-        if section["ensemble"]:
-            log(f"training a deep ensemble of {section['ensemble']} networks")
-            members = train_ensemble(config, run_data.train, likelihood, int(section["ensemble"]))
-            predictors[f"ensemble of {section['ensemble']}"] = _shift.ensemble_predictor(members)
-    else:
-        noise_var = config.laplace.sigma_noise ** 2
-        predictors["MAP"] = _shift.gaussian_predictor([model], noise_var)
-        if section["ensemble"]:
-            log(f"training a deep ensemble of {section['ensemble']} networks")
-            members = train_ensemble(config, run_data.train, likelihood, int(section["ensemble"]))
-            predictors[f"ensemble of {section['ensemble']}"] = _shift.gaussian_predictor(
-                members, noise_var)
+                LogitModel(model, likelihood=likelihood), run_data.val.x, run_data.val.y)
     for label, variant in section["variants"]:
         la = _run.fit_laplace(model, variant, run_data, progress, log)
         predictors[label] = _predict_laplace(la, variant.predictive, variant.seed)
@@ -271,11 +326,11 @@ def add_demo_shift(result: Any, log: _run.Log = print, fast: bool = False) -> _s
     ensemble = train_ensemble(members, run_data.train, run_data.likelihood,
                               DEMO_ENSEMBLE["members"])
     predictors = {
-        "MAP": _shift.map_predictor(result.model),
+        "MAP": network_predictor([result.model], run_data.likelihood),
         "MAP + temperature": _shift.temperature_predictor(result.model, run_data.val.x,
                                                           run_data.val.y),
         f"ensemble of {len(ensemble)} (MLP {DEMO_ENSEMBLE['hidden']})":
-            _shift.ensemble_predictor(ensemble),
+            network_predictor(ensemble, run_data.likelihood),
         "Laplace": _predict_laplace(result.la, config.predictive, config.seed),
     }
     log("evaluating MAP, temperature scaling, the ensemble and Laplace under shift")

@@ -89,6 +89,16 @@ def test_shift_arguments_out_of_range_are_refused():
             shift.shuffle_pixels(images, fraction)
     with pytest.raises(ValueError, match="x: expected"):
         shift.extrapolate(np.ones((3, 1)), np.ones((5, 3)), 1.0)
+    for std in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="std: expected a finite noise standard deviation"):
+            shift.gaussian_noise(images, std)
+    table = np.ones((3, 2))
+    with pytest.raises(ValueError, match="distance: expected a finite number"):
+        shift.covariate_shift(table, [1.0, 0.0], float("nan"))
+    with pytest.raises(ValueError, match="direction: expected a finite, non-zero vector"):
+        shift.covariate_shift(table, [float("nan"), 0.0], 1.0)
+    with pytest.raises(ValueError, match="distance: expected a finite number of training ranges"):
+        shift.extrapolate(table, table, float("inf"))
 
 
 def test_noise_has_the_stated_std_and_is_seeded():
@@ -191,6 +201,56 @@ def test_baseline_predictors_average_and_scale_probabilities():
     scaled = shift.temperature_predictor(lambda x: logits, None, labels)
     assert scaled.temperature == temperature.fit_temperature(logits, labels)
     np.testing.assert_allclose(scaled(None), special.softmax(logits / scaled.temperature, -1))
+
+
+def test_baselines_of_a_keras_model_ending_in_softmax_read_its_logits():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, "softmax")])
+    rng = np.random.default_rng(1)
+    model.set_weights([rng.normal(size=(4, 3)) * 2, rng.normal(size=3)])
+    x = rng.normal(size=(40, 4)).astype("float32")
+    labels = rng.integers(0, 3, size=40)
+    probs = model.predict(x, verbose=0).astype(np.float64)
+    np.testing.assert_allclose(shift.map_predictor(model)(x), probs, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(shift.ensemble_predictor([model, model])(x), probs, rtol=1e-5,
+                               atol=1e-7)
+    scaled = shift.temperature_predictor(model, x, labels)
+    # log-probabilities are the logits up to a constant per row, which softmax ignores
+    expected = temperature.fit_temperature(np.log(probs), labels)
+    np.testing.assert_allclose(scaled.temperature, expected, rtol=1e-4)
+    np.testing.assert_allclose(scaled(x), special.softmax(np.log(probs) / expected, -1),
+                               rtol=1e-3, atol=1e-6)
+
+
+def test_heteroscedastic_baselines_are_gaussian_from_mean_and_log_variance():
+    from laplace_tf.shift_run import network_predictor
+
+    x = np.array([[0.5], [-1.0]])
+    nets = [lambda x: np.concatenate([2 * x, x], axis=1),          # mean 2x, log-variance x
+            lambda x: np.concatenate([x, 0 * x - 1], axis=1)]       # mean x, log-variance -1
+    mean, variance = network_predictor(nets[:1], "heteroscedastic")(x)
+    np.testing.assert_allclose(mean, 2 * x)
+    np.testing.assert_allclose(variance, np.exp(x))
+    mean, variance = network_predictor(nets, "heteroscedastic")(x)
+    np.testing.assert_allclose(mean, 1.5 * x)
+    np.testing.assert_allclose(variance, (0.5 * x) ** 2 + (np.exp(x) + np.exp(-1.0)) / 2)
+    mean, variance = network_predictor([lambda x: 2 * x, lambda x: x], "regression", 0.5)(x)
+    np.testing.assert_allclose(mean, 1.5 * x)
+    np.testing.assert_allclose(variance, (0.5 * x) ** 2 + 0.25)
+
+
+def test_tabular_inputs_get_tabular_shifts_unless_image_shifts_are_named():
+    from laplace_tf.shift_run import _shifts
+
+    table = np.random.default_rng(0).normal(size=(20, 4))   # 4 features, not 2 x 2 images
+    assert [s.name for s in _shifts(None, table, 0)] == ["covariate", "extrapolation"]
+    assert [s.name for s in _shifts(["rotation"], table, 0)] == ["rotation"]
+    images = np.zeros((20, 8, 8))
+    assert [s.name for s in _shifts(None, images, 0)] == ["rotation", "noise", "blur", "shuffle"]
+    with pytest.raises(ValueError, match="shift.shifts: 'noise' is named twice"):
+        _shifts(["noise", "noise"], table, 0)
 
 
 def test_cli_shift_end_to_end_on_a_tiny_config(tmp_path, capsys):

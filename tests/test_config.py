@@ -196,6 +196,8 @@ def test_invalid_yaml_gives_the_line(tmp_path, text, message):
                                    "each (not a baseline's: MAP, MAP + temperature, ensemble of "
                                    "5); 'MAP' is taken"),
     ("{variants: [{label: LA}, {label: LA}]}", "'LA' is taken"),
+    ("{variants: [{label: LA, model: {hidden: [4]}}]}",
+     "shift.variants 'LA': 'model' is shared by every predictor"),
 ])
 def test_shift_section_values_name_the_key(tmp_path, shift, message):
     from laplace_tf.shift_run import load_shift_config
@@ -204,6 +206,20 @@ def test_shift_section_values_name_the_key(tmp_path, shift, message):
     path.write_text(f"data: {{dataset: digits}}\nshift: {shift}\n")
     with pytest.raises(ValueError, match=re.escape(message)):
         load_shift_config(path)
+
+
+def test_shift_ensemble_of_a_loaded_network_is_refused_and_off_by_default(tmp_path):
+    from laplace_tf.shift_run import _ensemble_size, load_shift_config
+
+    path = tmp_path / "shift.yaml"
+    path.write_text("data: {dataset: digits}\nmodel: {path: model.keras}\n")
+    config, section = load_shift_config(path)
+    assert _ensemble_size(section["ensemble"], config) == 0
+    with pytest.raises(ValueError, match="shift.ensemble: 3 members to train like the MAP "
+                                         "network, but the MAP network is loaded from"):
+        _ensemble_size(3, config)
+    path.write_text("data: {dataset: digits}\n")
+    assert _ensemble_size(load_shift_config(path)[1]["ensemble"], config.__class__()) == 5
 
 
 def test_missing_config_file():

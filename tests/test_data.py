@@ -125,6 +125,7 @@ BAD_FILES = [
     ("words.csv", "a,b\n1,x\n", ValueError, "non-numeric"),
     ("one.csv", "1\n2\n", ValueError, "target_column: -1 is not a column"),
     ("header.csv", "a,b\n", ValueError, "no data rows"),
+    ("nan.csv", "1,0\nnan,1\n", ValueError, "has NaN or infinite inputs"),
     ("broken.npz", "not a zip", ValueError, "not a readable .npz"),
 ]
 
@@ -140,6 +141,9 @@ def test_bad_files_raise_clear_errors(tmp_path, name, content, error, message):
 @pytest.mark.parametrize("arrays, message", [
     ({"inputs": np.zeros((2, 1)), "y": np.zeros(2)}, r"holds arrays \['inputs', 'y'\]"),
     ({"x": np.zeros((3, 1)), "y": np.zeros(2)}, "has 3 inputs but 2 targets"),
+    ({"x": np.array([[0.0], [np.inf]]), "y": np.zeros(2)},
+     "has NaN or infinite inputs \\(first at row 1\\)"),
+    ({"x": np.zeros((2, 1)), "y": np.array([0.0, np.nan])}, "has NaN or infinite targets"),
 ])
 def test_npz_with_wrong_arrays(tmp_path, arrays, message):
     np.savez(tmp_path / "d.npz", **arrays)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -118,6 +119,8 @@ def rotate(x: Any, angle: float) -> np.ndarray:
 def gaussian_noise(x: Any, std: float, seed: int = 0) -> np.ndarray:
     """``x`` plus independent Gaussian noise of standard deviation ``std`` (seeded)."""
     a = np.asarray(x)
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"std: expected a finite noise standard deviation >= 0; got {std!r}.")
     noise = np.random.default_rng(seed).normal(scale=std, size=a.shape)
     return (a + noise).astype(_shifted_dtype(a.dtype))
 
@@ -174,9 +177,11 @@ def covariate_shift(x: Any, direction: Any, distance: float) -> np.ndarray:
     """Every input moved by ``distance`` along the unit vector of ``direction`` ``[D]``."""
     a = np.asarray(x)
     d = np.asarray(direction, dtype=np.float64).reshape(-1)
-    if d.shape[0] != a.shape[-1] or not np.any(d):
-        raise ValueError(f"direction: expected a non-zero vector of {a.shape[-1]} entries (one "
-                         f"per input feature); got shape {d.shape}")
+    if d.shape[0] != a.shape[-1] or not np.any(d) or not np.all(np.isfinite(d)):
+        raise ValueError(f"direction: expected a finite, non-zero vector of {a.shape[-1]} "
+                         f"entries (one per input feature); got {d.tolist()}")
+    if not math.isfinite(distance):
+        raise ValueError(f"distance: expected a finite number; got {distance!r}.")
     return (a + distance * d / np.linalg.norm(d)).astype(_shifted_dtype(a.dtype))
 
 
@@ -194,6 +199,9 @@ def extrapolate(x: Any, x_train: Any, distance: float) -> np.ndarray:
     if a.ndim != 2 or t.ndim != 2 or a.shape[1] != t.shape[1]:
         raise ValueError(f"x: expected [N, D] inputs with the D = {t.shape[1:]} features of "
                          f"x_train [N_train, D]; got x {a.shape}, x_train {t.shape}.")
+    if not math.isfinite(distance):
+        raise ValueError(f"distance: expected a finite number of training ranges; got "
+                         f"{distance!r}.")
     low, high = t.min(axis=0), t.max(axis=0)
     side = np.where(a < (low + high) / 2, -1.0, 1.0)
     return (a + distance * (high - low) * side).astype(_shifted_dtype(a.dtype))
@@ -326,16 +334,33 @@ def _softmax(logits: Any) -> np.ndarray:
     return _t.scaled_probs(np.asarray(logits), 1.0)
 
 
+def _logits(model: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``model`` as a function of its logits: a Keras model's final softmax/sigmoid removed.
+
+    (The calibration modules load TensorFlow only when given a Keras model.)
+    """
+    keras = sys.modules.get("keras")
+    if keras is None or not isinstance(model, keras.Model):
+        return model
+    from laplace_tf.params import LogitModel
+
+    return LogitModel(model)
+
+
 def map_predictor(model: Callable[[Any], Any]) -> Predictor:
-    """The network's own probabilities: softmax (sigmoid: two columns) of ``model(x)`` logits."""
+    """The network's own probabilities: softmax (sigmoid: two columns) of ``model(x)``'s logits
+    (a Keras model ending in softmax/sigmoid is read before it, as ``ltf.Laplace`` does)."""
+    model = _logits(model)
     return lambda x: _softmax(model(x))
 
 
 def temperature_predictor(model: Callable[[Any], Any], x_val: Any, y_val: Any) -> Predictor:
-    """MAP with its logits divided by the temperature fitted by NLL on ``(x_val, y_val)``.
+    """MAP with its logits divided by the temperature fitted by NLL on ``(x_val, y_val)``
+    (logits as in :func:`map_predictor`).
 
     The fitted value is the predictor's attribute ``temperature``.
     """
+    model = _logits(model)
     temperature = _t.fit_temperature(np.asarray(model(x_val)), y_val)
 
     def predict(x: Any) -> np.ndarray:
@@ -346,10 +371,12 @@ def temperature_predictor(model: Callable[[Any], Any], x_val: Any, y_val: Any) -
 
 
 def ensemble_predictor(models: Sequence[Callable[[Any], Any]]) -> Predictor:
-    """A deep ensemble: the mean of the members' softmax probabilities."""
+    """A deep ensemble: the mean of the members' softmax probabilities (logits as in
+    :func:`map_predictor`)."""
     if not models:
         raise ValueError("models: expected at least one network for the ensemble")
-    return lambda x: np.mean([_softmax(m(x)) for m in models], axis=0)
+    logits = [_logits(m) for m in models]
+    return lambda x: np.mean([_softmax(f(x)) for f in logits], axis=0)
 
 
 def gaussian_predictor(models: Sequence[Callable[[Any], Any]], noise_var: float) -> Predictor:
