@@ -144,7 +144,9 @@ def map_network(config: _config.RunConfig, run_data: RunData, progress: bool, lo
     settings = config.model
     if settings.path is not None:
         log(f"loading the MAP network {settings.path}")
-        return load_model(settings.path)
+        model = load_model(settings.path)
+        _check_subnetwork_size(config, model)
+        return model
     train = run_data.train
     assert train is not None  # load_run_data always loads training data
     n_outputs = _n_outputs(run_data.likelihood, train, run_data.test)
@@ -152,11 +154,21 @@ def map_network(config: _config.RunConfig, run_data: RunData, progress: bool, lo
         f"{settings.epochs} epochs on {len(train)} examples")
     model = mlp(train.x.shape[1:], n_outputs, settings.hidden, settings.activation,
                 settings.dtype, config.seed)
+    _check_subnetwork_size(config, model)
     train_map(model, run_data.likelihood, train.x, train.y,
               epochs=settings.epochs, batch_size=settings.batch_size, seed=config.seed,
               verbose=progress, prior_precision=config.laplace.prior_precision,
               sigma_noise=config.laplace.sigma_noise, learning_rate=settings.learning_rate)
     return model
+
+
+def _check_subnetwork_size(config: _config.RunConfig, model: keras.Model) -> None:
+    """Refuse ``laplace.subnetwork_size`` above the model's weight count before training."""
+    size = config.laplace.subnetwork_size
+    n_params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    if config.laplace.subnetwork is not None and size > n_params:
+        raise ValueError(f"laplace.subnetwork_size: expected at most the model's {n_params} "
+                         f"weights; got {size}.")
 
 
 def _n_outputs(likelihood: str, train: _data.Split, test: _data.Split) -> int:

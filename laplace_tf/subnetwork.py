@@ -65,13 +65,13 @@ def largest_variance(la, n: int) -> np.ndarray:
             "'diag') first."
         )
     variance = np.asarray(la.posterior.variance(), np.float64)
-    return _top(variance, n, la.n_params)
+    return _top(variance, n, la.n_params, "la: its marginal variances")
 
 
 def largest_magnitude(model: keras.Model, n: int) -> np.ndarray:
     """The ``n`` weights of ``model`` largest in absolute value."""
     weights = np.asarray(WeightSubset(model).flat_values(), np.float64)
-    return _top(np.abs(weights), n, weights.size)
+    return _top(np.abs(weights), n, weights.size, "model: its weights")
 
 
 def random_weights(model: keras.Model, n: int, seed: int = 0) -> np.ndarray:
@@ -79,6 +79,8 @@ def random_weights(model: keras.Model, n: int, seed: int = 0) -> np.ndarray:
     gives the same weights."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an integer; got {seed!r}.")
+    if seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0; got {seed}.")
     n_params = WeightSubset(model).n_params
     n = _count(n, n_params)
     chosen = np.random.default_rng(int(seed)).choice(n_params, size=n, replace=False)
@@ -86,21 +88,33 @@ def random_weights(model: keras.Model, n: int, seed: int = 0) -> np.ndarray:
 
 
 def layer_weights(model: keras.Model, layers: Sequence[str | keras.layers.Layer]) -> np.ndarray:
-    """Every weight of ``layers`` (names or layer objects with trainable weights)."""
+    """Every weight of ``layers``: names or objects of layers with trainable weights, or of
+    nested models (all their layers' weights)."""
     if isinstance(layers, (str, keras.layers.Layer)):
         layers = [layers]
+    if not isinstance(layers, Sequence) or not all(
+            isinstance(layer, (str, keras.layers.Layer)) for layer in layers):
+        raise TypeError(f"layers: expected layer names or Keras layers (a list of them); got "
+                        f"{layers!r}.")
     everything = WeightSubset(model)
-    by_name = {s.name: s for s in everything.slices}
-    by_layer = {id(s.layer): s for s in everything.slices}
+    known = model._flatten_layers(include_self=False, recursive=True)
     chosen = []
     for layer in layers:
-        found = by_name.get(layer) if isinstance(layer, str) else by_layer.get(id(layer))
-        if found is None:
+        matches = [x for x in known if x.name == layer] if isinstance(layer, str) else \
+            [x for x in known if x is layer]
+        if len(matches) > 1:
+            raise ValueError(f"layers: {len(matches)} layers of the model are called "
+                             f"{layer!r} (in nested models); pass the layer object instead.")
+        inside = {id(x) for x in matches[0]._flatten_layers(include_self=True, recursive=True)
+                  } if matches else set()
+        found = [s for s in everything.slices if id(s.layer) in inside]
+        if not found:
+            names = sorted({s.name for s in everything.slices})
             raise ValueError(
                 f"layers: {layer if isinstance(layer, str) else layer.name!r} is not a layer "
-                f"of the model with trainable weights; those are {sorted(by_name)}."
+                f"of the model with trainable weights; those are {names}."
             )
-        chosen.append(np.arange(found.offset, found.offset + found.size))
+        chosen += [np.arange(s.offset, s.offset + s.size) for s in found]
     if not chosen:
         raise ValueError("layers: expected at least one layer name; got none.")
     return np.unique(np.concatenate(chosen)).astype(np.int64)
@@ -113,8 +127,13 @@ def _count(n: int, n_params: int) -> int:
     return n
 
 
-def _top(scores: np.ndarray, n: int, n_params: int) -> np.ndarray:
-    """The indices of the ``n`` largest ``scores``, sorted (ties: the lower index)."""
+def _top(scores: np.ndarray, n: int, n_params: int, what: str) -> np.ndarray:
+    """The indices of the ``n`` largest ``scores`` (``what``, for errors), sorted (ties: the
+    lower index)."""
     n = _count(n, n_params)
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{what} contain NaN or infinite values (e.g. index "
+                         f"{int(np.argwhere(~np.isfinite(scores))[0][0])}); they cannot be "
+                         "ranked. Check the model's weights (and the fit).")
     order = np.argsort(-scores, kind="stable")
     return np.sort(order[:n]).astype(np.int64)

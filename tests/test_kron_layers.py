@@ -87,6 +87,8 @@ SCALE_AND_SHIFT = {
                                               lambda: L.LayerNormalization(dtype=F64)), index=1),
     "layer_norm_two_axes_no_center": _net(
         (3, 4), lambda x: L.LayerNormalization(axis=[1, 2], center=False, dtype=F64)(x)),
+    "layer_norm_axes_of_mixed_signs": _net(  # gamma (4, 2), broadcast in the order (2, 4)
+        (2, 3, 4), lambda x: L.LayerNormalization(axis=[-1, 1], dtype=F64)(x)),
     "batch_norm_images": _net((4, 4, 2), _then(lambda: L.Conv2D(3, 2, dtype=F64),
                                                lambda: L.BatchNormalization(dtype=F64)), index=1),
     "batch_norm_no_scale": _net((3,), _then(lambda: L.Dense(4, dtype=F64),

@@ -324,6 +324,10 @@ def test_a_loaded_all_weights_posterior_has_no_per_output_curvatures(tmp_path):
     with pytest.raises(ValueError, match="override=False.*loaded from a file.*Refit with "
                                          "override=True"):
         loaded.fit((x, y), override=False)
+    with pytest.warns(UserWarning, match="sigma_noise is kept at its value .* loaded from a "
+                                         "file"):
+        loaded.optimize_prior_precision(method="marglik")
+    np.testing.assert_array_equal(loaded.sigma_noise, [0.7, 1.3])
 
 
 def test_a_restored_state_keeps_the_per_output_curvatures():

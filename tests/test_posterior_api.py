@@ -232,6 +232,42 @@ def test_load_refuses_a_different_model(tmp_path, subset):
             PosteriorLaplace.load(path, renamed_and_retrained)
 
 
+def test_load_refuses_a_model_whose_other_weights_differ(tmp_path):
+    """A last-layer or subnetwork posterior depends on the layers below and on non-trainable
+    weights (BatchNorm statistics): a model that differs there is refused."""
+    def model():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((3,), dtype="float64"),
+                                 keras.layers.Dense(4, "tanh", dtype="float64"),
+                                 keras.layers.BatchNormalization(dtype="float64"),
+                                 keras.layers.Dense(2, dtype="float64")])
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    la = PosteriorLaplace(model(), "regression", "last_layer", "diag", progress=False)
+    la.fit((x, targets("regression", 2, 6)))
+    la.save(tmp_path / "posterior.npz")
+    for layer, index in ((0, 0), (1, 2)):  # the first kernel; the BatchNorm moving mean
+        other = model()
+        weights = other.layers[layer].get_weights()
+        weights[index] = weights[index] + 0.5
+        other.layers[layer].set_weights(weights)
+        with pytest.raises(ValueError, match="other weights of the model differ from those it "
+                                             "was saved with"):
+            PosteriorLaplace.load(tmp_path / "posterior.npz", other)
+    loaded = PosteriorLaplace.load(tmp_path / "posterior.npz", model())
+    np.testing.assert_array_equal(loaded.posterior_covariance, la.posterior_covariance)
+
+
+def test_save_takes_a_numpy_seed_and_refuses_a_directory(tmp_path):
+    model, _ = tanh_mlp(2)
+    la = PosteriorLaplace(model, "regression", "all", "diag", seed=np.int64(3), progress=False)
+    la.fit((np.random.default_rng(0).normal(size=(6, 3)), targets("regression", 2, 6)))
+    with pytest.raises(ValueError, match="path: .* is a directory; expected a file name"):
+        la.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    la.save(tmp_path / "posterior.npz")
+    assert PosteriorLaplace.load(tmp_path / "posterior.npz", la.model).seed == 3
+
+
 def test_load_finds_the_last_layer_by_its_weights_when_another_layer_took_its_name(tmp_path):
     def mlp(hidden_name, last_name):
         return keras.Sequential([keras.Input((3,), dtype="float64"),
@@ -272,25 +308,44 @@ def _other_format(path):
         np.savez(handle, **arrays)
 
 
-def _shift_mean(path):
-    with np.load(path) as archive:
-        arrays = {k: archive[k] for k in archive.files}
-    arrays["mean"] = arrays["mean"] + 1.0
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
-
-
-def _altered(change):
-    """A damage that rewrites the file's arrays and metadata with ``change`` applied."""
+def _altered(change, digest=False):
+    """A damage that rewrites the file's arrays and metadata with ``change`` applied (and,
+    with ``digest``, their SHA-256 recomputed, as a deliberate forgery would)."""
     def damage(path):
+        from laplace_tf.posterior import io
+
         with np.load(path) as archive:
             arrays = {k: archive[k] for k in archive.files}
-        metadata = json.loads(str(arrays["metadata"]))
+        metadata = json.loads(str(arrays.pop("metadata")))
         change(arrays, metadata)
+        if digest:
+            metadata["sha256"] = io._digest(metadata, arrays)
         arrays["metadata"] = np.array(json.dumps(metadata))
         with open(path, "wb") as handle:
             np.savez(handle, **arrays)
     return damage
+
+
+def _shift_mean(arrays, metadata):
+    arrays["mean"] = arrays["mean"] + 1.0
+
+
+def _drop_digest(arrays, metadata):
+    del metadata["sha256"]
+    arrays["block_0_diagonal"] = 10 * arrays["block_0_diagonal"]
+
+
+def _version_1(arrays, metadata):
+    metadata["format_version"] = 1
+
+
+def _huge_header(path):
+    header = b"{'descr': '<f8', 'fortran_order': False, 'shape': (100000000000,), }"
+    header += b" " * (117 - len(header)) + b"\n"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("mean.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little")
+                         + header + b"\0" * 64)
+        archive.writestr("metadata.npy", b"")
 
 
 def _negate(arrays, metadata):
@@ -321,7 +376,13 @@ def _flip_bytes(path):
     (_drop_metadata, "array 'mean' is missing"),
     (_other_format, "holds format 'something else'"),
     (_flip_bytes, "is not a readable laplace_tf posterior"),
-    (_shift_mean, "the array 'mean' in .* is not the MAP weights the file records"),
+    (_altered(_shift_mean), "differ from those la.save wrote .* the file was altered"),
+    (_altered(_shift_mean, digest=True),
+     "the array 'mean' in .* is not the MAP weights the file records"),
+    (_altered(_drop_digest), "metadata entry 'sha256' is missing"),
+    (_altered(_version_1), "holds format 'laplace_tf.posterior' version 1; this laplace_tf "
+                           "reads 'laplace_tf.posterior' version 2"),
+    (_huge_header, "is not a readable laplace_tf posterior|declares arrays too large"),
     (_altered(_negate), "differ from those la.save wrote .* the file was altered"),
     (_altered(_as_integers), "differ from those la.save wrote .* the file was altered"),
     (_altered(_n_data_text), "differ from those la.save wrote .* the file was altered"),
@@ -331,6 +392,24 @@ def test_load_refuses_a_broken_file(tmp_path, damage, match):
     damage(path)
     with pytest.raises(ValueError, match=match):
         PosteriorLaplace.load(path, la.model)
+
+
+def test_any_damage_to_a_compressed_file_is_a_value_error(tmp_path):
+    la, path = _saved(tmp_path)
+    with np.load(path) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    np.savez_compressed(path, **arrays)
+    PosteriorLaplace.load(path, la.model)  # intact: loads
+    raw, damaged, refused = path.read_bytes(), tmp_path / "damaged.npz", 0
+    for i in range(0, len(raw), 5):  # zlib errors, bad headers, CRC mismatches, ...
+        data = bytearray(raw)
+        data[i] ^= 0x5A
+        damaged.write_bytes(bytes(data))
+        try:
+            PosteriorLaplace.load(damaged, la.model)
+        except ValueError:
+            refused += 1
+    assert refused > len(raw) // 10
 
 
 def test_load_of_a_missing_file():

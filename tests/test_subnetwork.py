@@ -21,6 +21,7 @@ import laplace_tf as ltf
 from laplace_tf import subnetwork, testing
 from laplace_tf.cli import main
 from laplace_tf.config import from_dict
+from laplace_tf.models import mlp
 from laplace_tf.params import SubnetworkSubset, WeightSubset
 from tests import zoo
 from tests.cases import ReferenceNLL
@@ -315,6 +316,31 @@ def test_largest_magnitude_random_and_layer_rules():
         subnetwork.largest_magnitude(model, 32)
     with pytest.raises(TypeError, match="n: expected a positive integer"):
         subnetwork.random_weights(model, 2.5)
+    with pytest.raises(ValueError, match="seed: expected an integer >= 0; got -1"):
+        subnetwork.random_weights(model, 2, seed=-1)
+    for bad in (None, [0]):
+        with pytest.raises(TypeError, match="layers: expected layer names or Keras layers"):
+            subnetwork.layer_weights(model, bad)
+    nan_weights = [w.copy() for w in model.get_weights()]
+    nan_weights[0][0, 0] = np.nan
+    model.set_weights(nan_weights)
+    with pytest.raises(ValueError, match="model: its weights contain NaN or infinite values "
+                                         r"\(e.g. index 0\)"):
+        subnetwork.largest_magnitude(model, 3)
+
+
+def test_layer_rule_takes_nested_models_and_refuses_a_name_two_layers_share():
+    def block(name):
+        return keras.Sequential([keras.layers.Dense(2, name="d")], name=name)
+    inputs = keras.Input((3,))
+    first, second = block("first"), block("second")
+    model = keras.Model(inputs, second(first(inputs)))   # first: 3*2+2 weights, second: 2*2+2
+    np.testing.assert_array_equal(subnetwork.layer_weights(model, ["second"]), np.arange(8, 14))
+    np.testing.assert_array_equal(subnetwork.layer_weights(model, [first]), np.arange(8))
+    np.testing.assert_array_equal(subnetwork.layer_weights(model, [second.layers[0]]),
+                                  np.arange(8, 14))
+    with pytest.raises(ValueError, match="layers: 2 layers of the model are called 'd'"):
+        subnetwork.layer_weights(model, ["d"])
 
 
 # ------------------------------------------------------------------ config and command line
@@ -329,6 +355,18 @@ def test_config_refuses_a_subnetwork_without_its_rule_or_with_another_structure(
                                          "'subnetwork' takes 'full'"):
         from_dict({**base, "laplace": {"subset_of_weights": "subnetwork",
                                        "subnetwork": "random"}})
+
+
+def test_fit_command_refuses_a_subnetwork_larger_than_the_model_before_training(tmp_path):
+    from laplace_tf import run
+
+    config = from_dict({"data": {"dataset": "sine_1d"}, "model": {"hidden": [4]},
+                        "laplace": {"subset_of_weights": "subnetwork", "hessian_structure": "full",
+                                    "subnetwork": "random", "subnetwork_size": 200}})
+    model = mlp((1,), 1, [4], "tanh", "float32", 0)   # 13 weights
+    with pytest.raises(ValueError, match="laplace.subnetwork_size: expected at most the "
+                                         "model's 13 weights; got 200"):
+        run._check_subnetwork_size(config, model)
 
 
 def test_fit_command_with_a_largest_variance_subnetwork_then_report(tmp_path):

@@ -558,7 +558,9 @@ class _ScaleAndShiftRule(KronRule):
         """The exact block: K-FAC-reduce does not change it."""
         xhat = _normalised(layer, inputs)
         rank = xhat.shape.rank
-        axes = [a % rank for a in ([layer.axis] if isinstance(layer.axis, int) else layer.axis)]
+        # sorted: the weights broadcast by a reshape in increasing axis order, whatever the
+        # order of `axis` (Keras keeps [-1, 1] as given, a gamma of shape (d3, d1))
+        axes = sorted(a % rank for a in ([layer.axis] if isinstance(layer.axis, int) else layer.axis))
         others = [a for a in range(1, rank) if a not in axes]
         channels = int(np.prod([xhat.shape[a] for a in axes]))
         xhat = tf.reshape(tf.transpose(xhat, [0, *others, *axes]), [tf.shape(xhat)[0], -1, channels])

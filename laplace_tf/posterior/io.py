@@ -5,9 +5,11 @@ The file is written with ``numpy.savez`` (no pickle) and read with
 posterior is rebuilt exactly, for any prior), the prior, ``sigma_noise``, the tuning trace and
 a JSON string with the format version, the choices made (the constructor arguments, as
 ``PosteriorLaplace.SETTINGS`` describes them), the weight subset's signature (layer names, variable paths, shapes) and
-a SHA-256 of the MAP weights, and a SHA-256 of the whole file's contents. Loading checks that
-the model has the same signature and the same weights, and that the file is as saved, and
-refuses otherwise. Layer names and variable paths are recorded but may
+a SHA-256 of the MAP weights and one of all the model's weights (the layers outside the
+posterior's subset and non-trainable weights such as BatchNorm statistics too: a last-layer
+posterior depends on the features below), and a SHA-256 of the whole file's contents. Loading
+checks that the file is as saved, and that the model has the same signature and the same
+weights, and refuses otherwise. Layer names and variable paths are recorded but may
 differ (Keras numbers layers per process, e.g. ``dense`` vs ``dense_3``): the layer count,
 the variable shapes and the SHA-256 of the weights must match.
 
@@ -49,7 +51,7 @@ from laplace_tf.posterior.state import REQUIRED, PosteriorState
 logger = logging.getLogger("laplace_tf")
 
 FORMAT = "laplace_tf.posterior"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _TRACE = "trace_"
 
 
@@ -83,10 +85,14 @@ def save(la, path) -> None:
         "blocks": [type(b).__name__ for b in curvature.blocks],
         "signature": la.subset.signature(),
         "fingerprint": state.fingerprint,
+        "model_fingerprint": fingerprint(la.model.weights),
     }
     metadata[_DIGEST] = _digest(metadata, arrays)
     arrays["metadata"] = np.array(json.dumps(metadata))
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"path: {path!r} is a directory; expected a file name such as "
+                         f"{os.path.join(path, 'posterior.npz')!r}.")
     partial = path + ".partial"
     with open(partial, "wb") as handle:
         np.savez(handle, **arrays)
@@ -104,11 +110,18 @@ def _read(path, settings: tuple) -> tuple[dict, dict]:
         metadata = json.loads(str(arrays.pop("metadata")))
         if not isinstance(metadata, dict):
             raise ValueError("the metadata is not a JSON object")
-        if metadata.get("format") == FORMAT:
+        if metadata.get("format") == FORMAT and metadata.get("format_version") == FORMAT_VERSION:
             _check_complete(metadata, arrays, settings)
+            if metadata[_DIGEST] != _digest(metadata, arrays):
+                raise ValueError(
+                    "its arrays or metadata differ from those la.save wrote (SHA-256 "
+                    "mismatch); the file was altered")
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as error:
+    except MemoryError:
+        raise ValueError(f"path: {os.fspath(path)!r} declares arrays too large to read; it is "
+                         "not a posterior la.save wrote.") from None
+    except Exception as error:  # noqa: BLE001 - zip, zlib, numpy header, JSON: any damage
         raise ValueError(
             f"path: {os.fspath(path)!r} is not a readable laplace_tf posterior (truncated or "
             f"corrupt file?): {type(error).__name__}: {error}. Save it again with la.save(path)."
@@ -135,7 +148,8 @@ def _digest(metadata: dict, arrays: dict) -> str:
 
 
 _DIGEST = "sha256"
-_METADATA_KEYS = ("n_data", "blocks", "signature", "fingerprint")  # besides the settings
+_METADATA_KEYS = ("n_data", "blocks", "signature", "fingerprint", "model_fingerprint", _DIGEST)
+# besides the settings
 _ARRAY_KEYS = ("mean", "curvature_nll")
 
 
@@ -252,18 +266,20 @@ def load(cls, path, model):
             f"{os.fspath(path)!r} was fitted at (SHA-256 mismatch). Load the trained weights "
             "into the model first (model.load_weights(...)), then load the posterior."
         )
+    if fingerprint(model.weights) != metadata["model_fingerprint"]:
+        raise ValueError(
+            f"model: the posterior's own weights match {os.fspath(path)!r}, but other weights "
+            "of the model differ from those it was saved with (layers outside the posterior, "
+            "or non-trainable weights such as BatchNorm statistics; SHA-256 mismatch): its "
+            "curvature depends on them. Load all the trained weights into the model first "
+            "(model.load_weights(...)), then load the posterior; or fit a new one."
+        )
     mean, weights = np.asarray(arrays["mean"]), la.subset.flat_values().numpy()
     if mean.shape != weights.shape or not np.array_equal(mean.astype(weights.dtype), weights):
         raise ValueError(
             f"path: the array 'mean' in {os.fspath(path)!r} is not the MAP weights the file "
             f"records (shape {mean.shape}, the weights {weights.shape}); the file was altered. "
             "Save the posterior again with la.save(path)."
-        )
-    if _DIGEST in metadata and metadata[_DIGEST] != _digest(metadata, arrays):
-        raise ValueError(
-            f"path: the arrays or metadata of {os.fspath(path)!r} differ from those la.save "
-            "wrote (SHA-256 mismatch); the file was altered. Save the posterior again with "
-            "la.save(path)."
         )
     dtype = la.subset.dtype
     fit_sigma = arrays.get("fit_sigma")

@@ -288,7 +288,7 @@ class PosteriorLaplace:
             )
         if seed is not None:
             stateless_seed(seed)
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self.progress = show_progress(None if progress is None else flag(progress, "progress"))
         self.batch_size = positive_int(batch_size, "batch_size")
         self.memory_limit_bytes = positive_int_or_none(memory_limit_bytes, "memory_limit_bytes")

@@ -375,6 +375,13 @@ def optimize_prior_precision(
         or la.stores_output_curvatures)
     if tune_sigma_noise is None:
         tune_sigma_noise = tunable
+        if la.likelihood.has_noise and not tunable:
+            warnings.warn(
+                "optimize_prior_precision: sigma_noise is kept at its value (one per output, "
+                "over all weights, without per-output curvatures: a posterior loaded from a "
+                "file, or fitted with a scalar sigma_noise or curvature 'ef'); only the prior "
+                "is tuned. Refit with the per-output sigma_noise to tune it, or pass "
+                "tune_sigma_noise=False to silence this.", UserWarning, stacklevel=3)
     elif not isinstance(tune_sigma_noise, bool):
         raise TypeError(f"tune_sigma_noise: expected True, False or None; got {tune_sigma_noise!r}.")
     elif tune_sigma_noise and not tunable:
