@@ -49,6 +49,7 @@ import tensorflow as tf
 
 from laplace_tf.arguments import positive_int_or_none
 from laplace_tf.blocks import Block, LowRankBlock
+from laplace_tf.blocks.lowrank import compressed_root
 from laplace_tf.curvature._per_example import rows_chunk_examples, stacked_rows
 from laplace_tf.curvature.base import CurvatureBuilder
 from laplace_tf.curvature.full import default_memory_limit
@@ -104,7 +105,7 @@ class ContextBuilder(CurvatureBuilder):
         n = int(y.shape[0])
         parts = [rows(tf.nest.map_structure(lambda t: t[i:i + chunk], x), y[i:i + chunk],  # noqa: B023
                       w[i:i + chunk]) for i in range(0, n, chunk)]
-        return [LowRankBlock(_compressed(tf.concat(parts, axis=0)))]
+        return [LowRankBlock(compressed_root(tf.concat(parts, axis=0)))]
 
     def _check_memory(self, n_rows: int) -> None:
         """Refuse ``n_rows`` rows whose chunks, root and factor exceed the memory limit (as
@@ -161,15 +162,6 @@ class _Context:
         positions = np.concatenate([k[1] for k in self._kept])
         _, _, *data = self._merged(np.argsort(positions))
         return tuple(data)
-
-
-def _compressed(root: tf.Tensor) -> tf.Tensor:
-    """``root [r, P]``, or for ``r > P`` the triangular ``R' [P, P]`` of its QR decomposition
-    (float64): the same curvature ``R'^T R' = root^T root``, whose factor then costs ``O(P^3)``
-    instead of ``O(r^3)``."""
-    if root.shape[0] <= root.shape[1]:
-        return root
-    return tf.constant(np.linalg.qr(np.asarray(root, np.float64), mode="r"), root.dtype)
 
 
 def _gathered(structure, index: np.ndarray):
