@@ -153,6 +153,11 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         self.best_epoch: int | None = None
         self._best: tuple | None = None  # (evidence, weights, sigma, log prior)
         self._epochs_done = 0
+        if laplace_kwargs.get("prior_mean") is not None:
+            raise ValueError(
+                "prior_mean: marginal-likelihood training learns a prior centred at 0, the "
+                f"weight decay of the training loss; got prior_mean={laplace_kwargs['prior_mean']!r}"
+                ". Leave it out (fit a Laplace with a prior mean after training instead).")
         self._laplace_args = dict(subset_of_weights=subset_of_weights,
                                   hessian_structure=hessian_structure, **laplace_kwargs)
         self.la: Laplace | None = None

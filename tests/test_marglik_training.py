@@ -383,6 +383,8 @@ def test_evaluate_with_the_callback_leaves_no_learned_decay_on_the_model():
     (lambda d: ltf.MarginalLikelihoodCallback("classification", d, marglik_frequency=0),
      "marglik_frequency"),
     (lambda d: ltf.MarginalLikelihoodCallback("classification", d, lr_hyp=-1.0), "lr_hyp"),
+    (lambda d: ltf.MarginalLikelihoodCallback("classification", d, prior_mean=5.0),
+     "prior_mean: marginal-likelihood training learns a prior centred at 0"),
     (lambda d: ltf.MarginalLikelihoodCallback("classification", d, prior_structure="layer"),
      "prior_structure"),
     (lambda d: ltf.MarginalLikelihoodCallback("classification", d, prior_structure="diag")

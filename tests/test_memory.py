@@ -222,6 +222,11 @@ def test_check_memory_suggests_a_smaller_batch_when_the_batch_dominates():
                               {"curvature": 40, "per_batch": 10**6})
     with pytest.raises(ValueError, match="smaller batch_size than 4096"):
         check_memory(estimate, limit_bytes=1000)
+    full = estimate_memory(_subset(), "full", K, batch_size=16)  # steps of >= 2048 examples
+    assert full.parts["per_batch"] > full.total_bytes / 2
+    with pytest.raises(ValueError) as refused:
+        check_memory(full, limit_bytes=1000)
+    assert "batch_size" not in str(refused.value)
 
 
 def test_check_memory_default_limit_passes_small_and_refuses_huge_estimates():

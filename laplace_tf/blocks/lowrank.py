@@ -47,7 +47,6 @@ __all__ = ["LowRankBlock", "LowRankCovariance", "LowRankFactor"]
 _PD = dict(is_self_adjoint=True, is_positive_definite=True, is_non_singular=True, is_square=True)
 
 
-@register_block
 def compressed_root(root: tf.Tensor) -> tf.Tensor:
     """``root [r, p]``, or for ``r > p`` the triangular ``R' [p, p]`` of its QR decomposition
     (in float64): the same curvature ``R'^T R' = root^T root``, whose factor then costs
@@ -64,6 +63,7 @@ def compressed_root(root: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.linalg.qr(tf.cast(root, tf.float64))[1], root.dtype)
 
 
+@register_block
 class LowRankBlock(NamedTuple):
     """``H = root^T root`` with ``root [r, p]``.
 

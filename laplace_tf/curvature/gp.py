@@ -115,10 +115,12 @@ class ContextBuilder(CurvatureBuilder):
         n_bytes = (2 * n_rows * p + sum(kept.values())) * itemsize
         limit = self.memory_limit_bytes or default_memory_limit()
         if n_bytes > limit:
+            from laplace_tf.curvature.memory import format_bytes  # memory.py imports this module
+
             raise ValueError(
                 f"n_context: {n_rows} context rows (examples times outputs) over {p:,} weights "
-                f"need about {n_bytes / 2**20:.1f} MiB, more than the limit of "
-                f"{limit / 2**20:.1f} MiB (memory_limit_bytes). Give a smaller n_context, or "
+                f"need about {format_bytes(n_bytes)}, more than the limit of "
+                f"{format_bytes(limit)} (memory_limit_bytes). Give a smaller n_context, or "
                 "raise memory_limit_bytes if you have the memory."
             )
 

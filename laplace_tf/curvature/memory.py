@@ -290,7 +290,10 @@ def check_memory(estimate: MemoryEstimate, limit_bytes: int | None = None,
         return
     cheaper = _CHEAPER[estimate.structure, estimate.subset_of_weights]
     advice = [f"use {cheaper}"] if cheaper else []
-    if estimate.parts.get("per_batch", 0) > estimate.total_bytes / 2:
+    # full and low-rank steps take at least STEP_EXAMPLES examples, a GP its context
+    by_batch = estimate.structure in ("diag", "kron") or (
+        estimate.structure in ("full", "lowrank") and estimate.batch_size > STEP_EXAMPLES)
+    if by_batch and estimate.parts.get("per_batch", 0) > estimate.total_bytes / 2:
         advice.append(f"use a smaller batch_size than {estimate.batch_size}")
     advice.append(f"raise {name} if you have the memory")
     text = "; or ".join(advice)
@@ -463,9 +466,12 @@ def _last_layer(
     if k != n_outputs:
         raise ValueError(
             f"n_outputs: the last layer {slices[0].name!r} has {k} outputs, but the model "
-            f"{n_outputs} (n_outputs); the last-layer closed form needs the model output to be "
-            "that layer's output. Name the model's final Dense layer with last_layer_name=, or "
-            "use subset_of_weights='all' (or give memory_estimate the model's n_outputs)."
+            f"{n_outputs}; the last-layer closed form needs the model output to be one Dense "
+            "layer's whole output (a model ending in Concatenate of several heads has none). "
+            "Use subset_of_weights='all', or 'subnetwork' with "
+            "subnetwork_indices=ltf.subnetwork.layer_weights(model, [heads]); or, if the model "
+            "ends in one Dense layer, name it with last_layer_name= (memory_estimate: give the "
+            "model's n_outputs)."
         )
     per_batch = batch_size * (d + k * k)  # features and output-space Hessians
     if structure == "full":  # batches joined into steps of up to STEP_EXAMPLES, within a chunk
