@@ -145,6 +145,10 @@ def _as_tensor(item: TensorLike, label: str, dtype: tf.DType | None) -> tf.Tenso
     wraps, which the model reads, is watched (converting it would watch a copy, and give 0)."""
     if isinstance(item, keras.Variable):
         item = item.value
+    if isinstance(item, tf.RaggedTensor | tf.SparseTensor):
+        raise TypeError(
+            f"`{label}` is a {type(item).__name__}; derivatives need a dense Tensor (convert "
+            f"it first, e.g. {label}.to_tensor() or tf.sparse.to_dense({label})).")
     if isinstance(item, list | tuple | dict):
         raise TypeError(
             f"`{label}` is a {type(item).__name__}; `x` is one Tensor or Variable, or a flat "
@@ -188,6 +192,8 @@ def _check_unconnected(unconnected: str) -> None:
 def _call(f: Callable[..., tf.Tensor], args: _Args, scalar: bool) -> tf.Tensor:
     """Call ``f`` on the watched inputs and check that its output can be differentiated."""
     y = f(args.arg)
+    if isinstance(y, keras.Variable):  # its dtype is a string; the tf.Variable it wraps is not
+        y = y.value
     if not tf.is_tensor(y):
         raise TypeError(
             f"`f` must return a tf.Tensor, got {type(y).__name__}; build its output from "
@@ -316,11 +322,12 @@ def hessian(
     _check_callable(f)
     _check_unconnected(unconnected)
     if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer)
+        or chunk_size < 1
     ):
         raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}.")
     args = _Args(x, "x")
-    step = chunk_size or args.size
+    step = int(chunk_size) if chunk_size else args.size
     with tf.GradientTape(persistent=True) as outer:
         outer.watch(args.tensors)
         with tf.GradientTape() as inner:
@@ -380,7 +387,9 @@ def hvp(f: Callable[..., tf.Tensor], x: Inputs, v: Inputs) -> tf.Tensor | list[t
             tape.watch(args.tensors)
             y = _call(f, args, scalar=True)
         grads = args.connected(tape.gradient(y, args.tensors, unconnected_gradients=_NONE), "zero")
-    return args.pack(accumulator.jvp(grads, unconnected_gradients=_ZERO))
+    # dense: the tangent of a gradient read through tf.gather comes back as IndexedSlices
+    return args.pack([tf.convert_to_tensor(t) for t in
+                      accumulator.jvp(grads, unconnected_gradients=_ZERO)])
 
 
 def jacobian(

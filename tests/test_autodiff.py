@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -210,6 +211,26 @@ def test_hvp_of_list():
         )
 
 
+def test_hvp_through_a_gather_is_dense_with_repeated_rows_summed():
+    table = tf.Variable(np.arange(6.0).reshape(3, 2))
+    f = lambda t: tf.reduce_sum(tf.gather(t, [0, 2, 2]) ** 3)  # noqa: E731
+    v = tf.ones((3, 2), F64)
+    out = hvp(f, table, v)
+    # H is diagonal: 6 t per use of a row (row 2 is read twice)
+    expected = 6 * np.arange(6.0).reshape(3, 2) * np.array([[1.0], [0.0], [2.0]])
+    assert isinstance(out, tf.Tensor)
+    np.testing.assert_allclose(out.numpy(), expected, **EXACT)
+
+
+def test_a_keras_variable_returned_by_f_and_a_numpy_chunk_size():
+    dense = keras.layers.Dense(2, dtype="float64")
+    dense.build((None, 3))
+    got = jacobian(lambda w: dense.kernel, dense.kernel)
+    np.testing.assert_allclose(np.reshape(got.numpy(), (6, 6)), np.eye(6), **EXACT)
+    np.testing.assert_allclose(hessian(SUM_SQUARES, X3_CONST, chunk_size=np.int64(2)).numpy(),
+                               2 * np.eye(3), **EXACT)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2, 4, 5, 8, 9, 50])  # P = 9
 def test_chunking_gives_the_same_values(chunk_size):
     xs = [const(A0), const(B0)]
@@ -370,6 +391,9 @@ def test_linear_function_is_connected_with_zero_hessian():
 
 # --- bad input ------------------------------------------------------------------------------
 
+X3_CONST = tf.constant([1.0, 2.0, 3.0], tf.float64)
+SUM_SQUARES = lambda x: tf.reduce_sum(x**2)  # noqa: E731
+
 X3 = tf.constant([1.0, 2.0, 3.0], F64)
 SUM = tf.reduce_sum
 
@@ -417,6 +441,8 @@ BAD_INPUTS = {
     "nested_list": (lambda: hessian(cross, [[X3], X3]), TypeError, ["`x[0]`", "list", "flat"]),
     "dict_x": (lambda: hessian(SUM, {"a": X3}), TypeError, ["`x`", "dict", "flat list"]),
     "empty_x": (lambda: hessian(SUM, tf.zeros((0,), F64)), ValueError, ["`x`", "no entries"]),
+    "ragged_x": (lambda: hessian(SUM, tf.ragged.constant([[1.0], [2.0, 3.0]])), TypeError,
+                 ["`x`", "RaggedTensor", "to_tensor"]),
     "chunk_size_zero": (
         lambda: hessian(SUM, X3, chunk_size=0),
         ValueError,
