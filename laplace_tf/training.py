@@ -98,7 +98,9 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
             crossentropy, mean squared error; default reduction) and an optimizer without
             weight decay, its weights without regularizers (the callback supplies the L2 term).
         train_data: the training data, ``(x, y)`` arrays or a finite ``tf.data.Dataset`` of
-            ``(x, y)`` batches (for the refits and ``N``).
+            ``(x, y)`` or ``(x, y, sample_weight)`` batches (for the refits and ``N``; a
+            ``model.fit(..., sample_weight=w)`` needs the same weights here, as a dataset,
+            for the refits to weight the data as the training does).
         subset_of_weights, hessian_structure: of the refitted :class:`~laplace_tf.Laplace`
             (the learned L2 term regularises only that subset).
         prior_structure: ``"scalar"``, ``"layerwise"`` (one per Keras layer),
@@ -135,9 +137,12 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
         self.likelihood = choice(likelihood, "likelihood", LIKELIHOODS)
         if not (isinstance(train_data, tf.data.Dataset) or (
                 isinstance(train_data, (tuple, list)) and len(train_data) == 2)):
+            got = (f"a {type(train_data).__name__} of {len(train_data)} items" if isinstance(
+                train_data, (tuple, list)) else type(train_data).__name__)
             raise TypeError(
                 "train_data: expected a tuple (x, y) of arrays or a tf.data.Dataset of (x, y) "
-                f"batches; got {type(train_data).__name__}.")
+                f"or (x, y, sample_weight) batches (weighted data: a dataset, e.g. tf.data."
+                f"Dataset.from_tensor_slices((x, y, w)).batch(32)); got {got}.")
         self.train_data = train_data
         self.prior_structure = choice(prior_structure, "prior_structure", PRIOR_STRUCTURES)
         self.prior_precision = positive_number(prior_precision, "prior_precision")
@@ -426,7 +431,7 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
         model: a Keras model (weights without regularizers).
         likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
         train_data: ``(x, y)`` arrays (shuffled in batches of ``batch_size``) or a
-            ``tf.data.Dataset`` of ``(x, y)`` batches.
+            ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, sample_weight)`` batches.
         epochs, optimizer, batch_size, verbose, callbacks: as in ``model.fit``/``compile``.
         seed: seeds Keras (shuffling, dropout, ...) first: the same seed, the same result.
         **options: :class:`MarginalLikelihoodCallback` arguments (``hessian_structure``,

@@ -432,3 +432,6 @@ def test_bad_arguments_raise_value_error(make, match):
 def test_train_data_must_be_arrays_or_a_dataset():
     with pytest.raises(TypeError, match="train_data"):
         ltf.MarginalLikelihoodCallback("classification", np.zeros((4, 3)))
+    x, y = _data("classification")
+    with pytest.raises(TypeError, match=r"weighted data: a dataset, .*got a tuple of 3 items"):
+        ltf.MarginalLikelihoodCallback("classification", (x, y, np.ones(len(x))))
