@@ -67,6 +67,9 @@ _FUNCTIONS = {
 _TOLERANCE = 1e-3
 _GRAPH_OPS = {"Softmax": "softmax", "Sigmoid": "sigmoid"}
 _MOVES_VALUES = ("Identity", "IdentityN", "Reshape", "Squeeze", "ExpandDims")
+_WITH_CONSTANTS = ("ClipByValue", "Minimum", "Maximum", "Mul", "AddV2", "Add", "Sub", "RealDiv")
+"""Element-wise ops looked through when all their inputs but one are constants (a clipped or
+rescaled sigmoid still holds probabilities)."""
 
 
 class ProbabilityOutput(NamedTuple):
@@ -112,18 +115,35 @@ def output_activation(model: keras.Model) -> str | None:
 
 def final_op_type(tensor) -> str | None:
     """The type of the TensorFlow op that computes a graph tensor (looking through ops that
-    only move values, such as ``Identity`` and ``Reshape``), e.g. ``"Softmax"``; None when
-    eager.
+    only move values, such as ``Identity`` and ``Reshape``, and element-wise ops with
+    constants, such as a clip or a rescaling), e.g. ``"Softmax"``; None when eager.
 
     Example:
         >>> with tf.Graph().as_default():
         ...     final_op_type(tf.reshape(tf.nn.softmax(tf.ones((2, 3))), [-1]))
         'Softmax'
+        >>> with tf.Graph().as_default():
+        ...     final_op_type(tf.clip_by_value(tf.sigmoid(tf.ones((2, 1))), 1e-7, 1 - 1e-7))
+        'Sigmoid'
     """
     op = getattr(tensor, "op", None) if not tf.executing_eagerly() else None
-    while op is not None and op.type in _MOVES_VALUES and op.inputs:
-        op = op.inputs[0].op
+    while op is not None and op.inputs:
+        if op.type in _MOVES_VALUES:
+            op = op.inputs[0].op
+            continue
+        varying = [t for t in op.inputs if not _constant(t)]
+        if op.type not in _WITH_CONSTANTS or len(varying) != 1:
+            break
+        op = varying[0].op
     return None if op is None else op.type
+
+
+def _constant(tensor) -> bool:
+    """Whether a graph tensor is a constant (possibly cast or reshaped)."""
+    op = tensor.op
+    while op.type in ("Cast", *_MOVES_VALUES) and op.inputs:
+        op = op.inputs[0].op
+    return op.type == "Const"
 
 
 def check_output_op(op_type: str | None, likelihood: Likelihood | str,

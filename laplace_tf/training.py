@@ -424,8 +424,9 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
     on logits, or on probabilities when the model ends in a softmax/sigmoid; mean squared
     error for regression), runs ``model.fit`` for ``epochs`` with a
     :class:`MarginalLikelihoodCallback` and returns what it learned. Its Laplace is fitted
-    on the first batch before training, so labels, outputs or data it cannot take are
-    refused (``ValueError``) before any step.
+    on the first batch before training, so outputs, data or first-batch labels it cannot
+    take are refused (``ValueError``) before any step (a bad label in a later batch at the
+    first refit).
 
     Args:
         model: a Keras model (weights without regularizers).

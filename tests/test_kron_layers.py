@@ -481,3 +481,38 @@ def test_block_kinds_tells_layers_of_the_same_name_apart():
     la = ltf.Laplace(model, "regression", "all", "kron", progress=False)
     la.fit((np.ones((4, 3)), np.zeros((4, 2))))
     assert la.block_kinds() == {"proj": "kron", "proj#2": "diag", "head": "kron"}
+
+
+@pytest.mark.parametrize("masking", ["masking_layer", "embedding_mask_zero"])
+def test_masked_positions_do_not_count_as_data(masking):
+    """The same sequences padded to 5 or to 8 steps give the same Kronecker posterior: a
+    layer that sees masked positions takes the exact GGN diagonal (a Kronecker input factor
+    would count the padding as data)."""
+    rng = np.random.default_rng(0)
+    lengths = [2, 5, 3, 4]
+    if masking == "masking_layer":
+        steps = [rng.normal(size=(n, 3)) + 0.5 for n in lengths]
+        first = [keras.Input((None, 3), dtype=F64), keras.layers.Masking(0.0, dtype=F64)]
+    else:
+        steps = [rng.integers(1, 6, size=(n, 1)).astype(np.float64) for n in lengths]
+        first = [keras.Input((None,), dtype="int32"),
+                 keras.layers.Embedding(6, 3, mask_zero=True, dtype=F64)]
+
+    def padded(t):
+        x = np.zeros((len(steps), t, steps[0].shape[1]))
+        for i, s in enumerate(steps):
+            x[i, :len(s)] = s
+        return x[..., 0].astype("int32") if masking != "masking_layer" else x
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([*first, keras.layers.Dense(4, "tanh", dtype=F64),
+                              keras.layers.GlobalAveragePooling1D(dtype=F64),
+                              keras.layers.Dense(3, dtype=F64)])
+    y = np.array([0, 1, 2, 1])
+    results = []
+    for t in (5, 8):
+        la = ltf.Laplace(model, "classification", "all", "kron", progress=False)
+        la.fit((padded(t), y))
+        results.append((float(la.log_marginal_likelihood()), np.asarray(la(padded(t)))))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-10)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-9)

@@ -164,6 +164,20 @@ def test_a_sigmoid_inside_call_for_binary_is_refused(subset):
         _fit(model, "binary", subset, "diag", x, targets("binary", 1, len(x)))
 
 
+def test_a_clipped_or_rescaled_sigmoid_for_binary_is_refused_and_rescaled_logits_are_not():
+    def model(*after, activation="sigmoid"):
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([*_body(1), keras.layers.Activation(activation, dtype=F64),
+                                 *after])
+    x, y = _x(), targets("binary", 1, 12)
+    clip = keras.layers.Lambda(lambda p: keras.ops.clip(p, 1e-7, 1 - 1e-7), dtype=F64)
+    for probabilities in (model(clip), model(keras.layers.Rescaling(1.0, dtype=F64))):
+        with pytest.raises(ValueError, match="computed by a TensorFlow Sigmoid op"):
+            _fit(probabilities, "binary", "all", "diag", x, y)
+    rescaled_logits = model(keras.layers.Rescaling(2.0, dtype=F64), activation="linear")
+    _fit(rescaled_logits, "binary", "all", "diag", x, y)
+
+
 @pytest.mark.parametrize(("subset", "structure"), [("all", "kron"), ("last_layer", "kron")])
 def test_a_final_sigmoid_layer_for_binary_uses_the_exact_logits(subset, structure):
     keras.utils.set_random_seed(0)

@@ -352,16 +352,33 @@ def unfactorable_layers(logit_model: LogitModel, layers: Sequence, x) -> dict[in
     Read off one trace of a call on a batch of :data:`_PROBE_BATCH` examples (a separate graph,
     never run). Once per model, layers and input signature.
     """
+    return _probed(logit_model, layers, x)[0]
+
+
+def masked_layers(logit_model: LogitModel, layers: Sequence, x) -> set[int]:
+    """``id`` of each of ``layers`` that sees masked positions: its inputs carry a Keras mask
+    (after ``Masking``, ``Embedding(mask_zero=True)``, a masked RNN), or it is an
+    ``Embedding(mask_zero=True)``. Its rows at masked positions have zero gradients, but a
+    Kronecker input factor would count them. Read off the trace of
+    :func:`unfactorable_layers`."""
+    return _probed(logit_model, layers, x)[1]
+
+
+def _probed(logit_model: LogitModel, layers: Sequence, x) -> tuple[dict[int, str], set[int]]:
     cache = model_cache(logit_model.model, ("unfactorable_layers", logit_model.stripped is not None))
     key = (repr(any_batch_size(x)), tuple(id(layer) for layer in layers))
     if key not in cache:
         found: dict[int, str] = {}
+        masked: set[int] = set()
         targets: list[tf.Tensor] = []  # the hooked layers' inputs (and the logits)
         barriers: list[tf.Tensor] = []  # the hooked pre-activations
 
         def record(layer, inputs, z):
             if not z.shape.rank or z.shape[0] != _PROBE_BATCH:
                 found[id(layer)] = NOT_PER_EXAMPLE
+            if getattr(layer, "mask_zero", False) or any(
+                    getattr(t, "_keras_mask", None) is not None for t in tf.nest.flatten(inputs)):
+                masked.add(id(layer))
             targets.extend(tf.nest.flatten(inputs))
             barriers.append(z)
             return z
@@ -382,7 +399,7 @@ def unfactorable_layers(logit_model: LogitModel, layers: Sequence, x) -> dict[in
             tf.nest.map_structure(
                 lambda t: tf.TensorSpec([_PROBE_BATCH, *t.shape[1:]], t.dtype), x),
             [tf.TensorSpec(v.shape, v.dtype) for v in logit_model.subset.variables])
-        cache[key] = found
+        cache[key] = found, masked
     return cache[key]
 
 
@@ -406,6 +423,8 @@ def _reaches(start: tf.Tensor, ends: set[int], barriers: set[int]) -> bool:
 NOT_PER_EXAMPLE = ("its output has not one row per example (a layer applied to a constant such "
                    "as positions, or to steps folded into the batch axis)")
 SHARED_WEIGHTS = "its weights are also used outside its call (shared or tied weights)"
+MASKED = ("it sees masked (padded) positions, which a Kronecker input factor would count as "
+          "data")
 """The reasons :func:`unfactorable_layers` gives."""
 
 _PROBE_BATCH = 8191

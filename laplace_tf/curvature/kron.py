@@ -64,7 +64,13 @@ import tensorflow as tf
 
 from laplace_tf.arguments import choice, flag
 from laplace_tf.blocks import Block, DiagBlock, KronBlock, PermutedKronBlock
-from laplace_tf.curvature._per_example import output_cotangents, summed_rows, unfactorable_layers
+from laplace_tf.curvature._per_example import (
+    MASKED,
+    masked_layers,
+    output_cotangents,
+    summed_rows,
+    unfactorable_layers,
+)
 from laplace_tf.curvature.base import CurvatureBuilder, weights_or_ones
 from laplace_tf.curvature.kron_layers import KRON_RULES, block_kind, fallback_reason
 from laplace_tf.likelihoods import Likelihood
@@ -163,12 +169,15 @@ class KronBuilder(CurvatureBuilder):
             scores = tf.einsum("nk,nkr->r", logits, self._cotangents(logits, y, weights))
 
         unfactorable = unfactorable_layers(self.logit_model, hooked, x) if hooked else {}
+        masked = masked_layers(self.logit_model, hooked, x) if hooked else set()
         fallbacks = dict(self._fallbacks)
         for i, s in enumerate(slices):
             if i not in fallbacks and len(calls[id(s.layer)]) != 1:
                 fallbacks[i] = f"called {len(calls[id(s.layer)])} times in one forward pass"
             elif i not in fallbacks and id(s.layer) in unfactorable:
                 fallbacks[i] = unfactorable[id(s.layer)]
+            elif i not in fallbacks and id(s.layer) in masked:
+                fallbacks[i] = MASKED
 
         kron = [i for i in range(len(slices)) if i not in fallbacks]
         probes = [calls[id(slices[i].layer)][0][1] for i in kron]
