@@ -567,6 +567,9 @@ class LogitModel:
             )
         if not tf.executing_eagerly():
             self.output_op = final_op_type(outputs)
+        if outputs.dtype.is_floating and outputs.dtype != self.subset.dtype:
+            # a weightless last layer of another dtype (a float32 Dropout in a float64 model)
+            outputs = tf.cast(outputs, self.subset.dtype)
         return outputs
 
 

@@ -164,6 +164,18 @@ def test_a_sigmoid_inside_call_for_binary_is_refused(subset):
         _fit(model, "binary", subset, "diag", x, targets("binary", 1, len(x)))
 
 
+def test_a_float64_model_ending_in_a_float32_layer_is_fitted_in_float64():
+    keras.utils.set_random_seed(0)
+    plain = keras.Sequential(_body(1))
+    ending = keras.Sequential([*_body(1), keras.layers.Dropout(0.5)])  # default float32 policy
+    ending.set_weights(plain.get_weights())
+    x, y = _x(), targets("binary", 1, 12)
+    fitted = [_fit(m, "binary", "all", "full", x, y) for m in (plain, ending)]
+    assert fitted[1].posterior_precision.dtype == tf.float64
+    np.testing.assert_allclose(fitted[1].posterior_precision.to_dense(),
+                               fitted[0].posterior_precision.to_dense(), rtol=1e-5, atol=1e-8)
+
+
 def test_a_clipped_or_rescaled_sigmoid_for_binary_is_refused_and_rescaled_logits_are_not():
     def model(*after, activation="sigmoid"):
         keras.utils.set_random_seed(0)
