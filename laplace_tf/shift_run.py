@@ -53,9 +53,9 @@ from laplace_tf.params import LogitModel
 
 SHIFT_KEYS = ("ensemble", "temperature", "shifts", "reliability_at", "variants")
 VARIANT_KEYS = ("laplace", "predictive", "seed")
+"""The sections a ``shift.variants`` entry may set over the base config."""
 DEFAULT_ENSEMBLE = 5
 """Members of the deep ensemble when ``shift.ensemble`` is not given (built-in MLP only)."""
-"""The sections a ``shift.variants`` entry may set over the base config."""
 CURVE_METRICS = ("nll", f"ece_{_shift.N_BINS}bins", "accuracy", "confidence")
 """Metrics drawn as severity curves, one figure each (classification)."""
 
@@ -202,6 +202,11 @@ def network_predictor(models: Sequence[Any], likelihood: str, sigma_noise: float
     (a final softmax/sigmoid removed): softmax/sigmoid probabilities averaged over the
     members, or the Gaussian moment match ``(mean, variance)`` of the members' means with
     the noise (``sigma_noise**2``; heteroscedastic: the predicted variances' mean).
+
+    Example:
+        >>> predict = network_predictor([lambda x: 2 * x, lambda x: x], "regression", 0.5)
+        >>> [a.ravel().tolist() for a in predict(np.array([[1.0]]))]
+        [[1.5], [0.5]]
     """
     lik = get_likelihood(likelihood, sigma_noise)
     logit_models = [LogitModel(m, likelihood=lik) if isinstance(m, keras.Model) else m
