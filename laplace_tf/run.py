@@ -46,6 +46,7 @@ from laplace_tf.console import show_progress
 from laplace_tf.inputs import MODEL_ERRORS, InputCheck
 from laplace_tf.likelihoods import get_likelihood
 from laplace_tf.models import mlp, train_map
+from laplace_tf.params import WeightSubset
 
 Log = Callable[[str], None]
 
@@ -164,8 +165,7 @@ def map_network(config: _config.RunConfig, run_data: RunData, progress: bool, lo
 
 def _check_subnetwork_size(config: _config.RunConfig, model: keras.Model) -> None:
     """Refuse ``laplace.subnetwork_size`` above the model's weight count before training."""
-    size = config.laplace.subnetwork_size
-    n_params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    size, n_params = config.laplace.subnetwork_size, WeightSubset(model).n_params
     if config.laplace.subnetwork is not None and size > n_params:
         raise ValueError(f"laplace.subnetwork_size: expected at most the model's {n_params} "
                          f"weights; got {size}.")
