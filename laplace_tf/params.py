@@ -262,14 +262,19 @@ class compiled_per_shape:  # noqa: N801 (used like tf.function)
         self._fn = fn
         self._batched = batched
         self._steps: dict[tuple, Any] = {}  # tf.function objects
+        self._concrete: dict[tuple, Any] = {}  # by the arguments' specs
 
     def __call__(self, *args, **kwargs):
         return self._step(args, kwargs)(*args, **kwargs)
 
     def get_concrete_function(self, *args, **kwargs):
-        """The concrete function for these arguments or ``tf.TensorSpec``s (of known shapes
-        but for the batch size)."""
-        return self._step(args, kwargs).get_concrete_function(*args, **kwargs)
+        """The concrete function for these ``tf.TensorSpec``s (of known shapes but for the
+        batch size) and Python values, looked up once per distinct arguments (their nesting
+        included: a list and a tuple of inputs are traced apart)."""
+        key = repr((args, sorted(kwargs.items())))
+        if key not in self._concrete:
+            self._concrete[key] = self._step(args, kwargs).get_concrete_function(*args, **kwargs)
+        return self._concrete[key]
 
     def _step(self, args, kwargs):
         key = tuple(tuple(t.shape[1:]) for t in tf.nest.flatten((args, kwargs))
