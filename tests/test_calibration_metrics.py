@@ -132,6 +132,23 @@ def test_equal_mass_bins_hold_equal_counts_on_distinct_confidences():
     np.testing.assert_array_equal(bins.counts, np.full(10, 100))
 
 
+def test_equal_mass_edges_on_examples_keep_them_in_their_bin():
+    """With N - 1 a multiple of n_bins every edge is an example's confidence, which belongs to
+    the bin it closes (edges[b] < c <= edges[b + 1]); a quantile rounded 1 ulp low (here
+    0.764 at position 5 of 7) would move it up and leave a bin empty."""
+    confidence = np.array([0.535, 0.588, 0.607, 0.639, 0.691, 0.764, 0.837, 0.939])
+    bins = cal.calibration_bins(np.stack([confidence, 1 - confidence], 1), np.zeros(8, int),
+                                n_bins=7, binning="mass")
+    np.testing.assert_array_equal(bins.edges, confidence)
+    np.testing.assert_array_equal(bins.counts, [2, 1, 1, 1, 1, 1, 1])
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        confidence = rng.uniform(0.5, 1.0, 76)
+        bins = cal.calibration_bins(np.stack([confidence, 1 - confidence], 1), np.zeros(76, int),
+                                    n_bins=15, binning="mass")
+        np.testing.assert_array_equal(bins.counts, [6] + [5] * 14)
+
+
 def test_classwise_ece_hand_case():
     # Two bins (0, 0.5], (0.5, 1]. probs [[0.7, 0.2, 0.1], [0.2, 0.7, 0.1]], labels [0, 1].
     # class 0: p 0.2 (event 0) gap 0.2, p 0.7 (event 1) gap 0.3 -> (0.2 + 0.3) / 2 = 0.25

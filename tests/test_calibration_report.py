@@ -240,7 +240,7 @@ def test_markdown_links_png_files_next_to_it(digits_report):
         png = md.parent / "plots" / f"{name}.png"
         assert png.read_bytes().startswith(PNG_SIGNATURE)
         assert f"](plots/{name}.png)" in text
-    assert text.startswith("# Digits <MAP> & Laplace\n")
+    assert text.startswith("# Digits &lt;MAP&gt; &amp; Laplace\n")  # as text, not HTML
     assert text.count("| metric | better | MAP | Laplace | meaning |") == 3
     nll_row = next(line for line in text.splitlines() if line.startswith("| nll |"))
     assert nll_row.count("**") == 2 and "\u2713" in nll_row
@@ -423,7 +423,8 @@ def test_rendering_marks_by_goal_escapes_text_and_writes_nan_as_null(tmp_path):
     loaded = json.loads(rep.to_json(tmp_path / "m.json").read_text(encoding="utf-8"))
     assert loaded["test"]["map"]["ece"] is None and math.isnan(rep.metrics["test"]["map"]["ece"])
     md = rep.to_markdown(tmp_path / "r.md").read_text(encoding="utf-8")
-    assert md.startswith("# a \\| <title>\n") and "| model \\| name | <b>x</b> |" in md
+    assert md.startswith("# a \\| &lt;title&gt;\n")  # raw HTML would run in a renderer
+    assert "| model \\| name | &lt;b&gt;x&lt;/b&gt; |" in md and "<b>" not in md
     assert "## Plots" not in md and not (tmp_path / "plots").exists()  # no figures, no folder
 
 
@@ -448,6 +449,8 @@ BAD_INPUTS = [
     (lambda d: {"n_bins": 0}, ValueError, r"n_bins: expected a positive int; got 0"),
     (lambda d: {"title": 3}, TypeError, r"title: expected a string or None; got int"),
     (lambda d: {"config": ["a"]}, TypeError, r"config: expected a dict or a dataclass"),
+    (lambda d: {"config": {"tags": {"a"}}}, TypeError,
+     r"config: the value of 'tags' cannot be written to JSON"),
     (lambda d: {"pred_type": "laplace"}, ValueError, r"pred_type: expected one of"),
     (lambda d: {"ood": np.zeros((3, 5))}, ValueError, r"x: inputs of shape"),
 ]

@@ -357,7 +357,9 @@ def _html_figure(name: str, fig: Figure) -> str:
 
 
 def _md_text(text: str) -> str:
-    """Text safe inside a Markdown table cell or heading."""
+    """Text safe inside a Markdown table cell or heading: HTML characters as entities (a
+    Markdown renderer passes raw HTML through), ``|`` and ``\\`` escaped, one line."""
+    text = html.escape(text, quote=False)
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 

@@ -83,12 +83,22 @@ class CalibrationBins:
         return float(np.max(np.abs(self.gaps[self.nonempty])))
 
 
+def _quantile_edges(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    """The ``b / n_bins`` quantiles of ``confidence`` (``b = 0 .. n_bins``) by numpy's linear
+    interpolation, at positions computed in integers: an edge that falls on an example is that
+    example's value exactly (``np.quantile`` can return it 1 ulp low, which moves the example
+    into the next bin)."""
+    ordered = np.sort(confidence)
+    position = np.arange(n_bins + 1) * (len(ordered) - 1)
+    low, fraction = position // n_bins, (position % n_bins) / n_bins
+    high = np.minimum(low + 1, len(ordered) - 1)
+    return ordered[low] + fraction * (ordered[high] - ordered[low])
+
+
 def _bin(confidence: np.ndarray, hits: np.ndarray, n_bins: int, binning: str) -> CalibrationBins:
     """Bins ``(confidence, hit)`` pairs; ``hits`` is 1.0 where the predicted event happened."""
-    if binning == "width":
-        edges = np.linspace(0.0, 1.0, n_bins + 1)
-    else:
-        edges = np.quantile(confidence, np.linspace(0.0, 1.0, n_bins + 1))
+    edges = np.linspace(0.0, 1.0, n_bins + 1) if binning == "width" else \
+        _quantile_edges(confidence, n_bins)
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
     counts = np.bincount(index, minlength=n_bins)
     nonempty = counts > 0

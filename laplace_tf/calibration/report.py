@@ -286,8 +286,13 @@ def _check_fitted(la: Any) -> None:
 
 
 def _n_rows(x: Any, name: str) -> int:
-    """Number of examples of an array, tensor or dict of them (its first entry)."""
-    first = next(iter(x.values()), None) if isinstance(x, Mapping) else x
+    """Number of examples of an array, tensor, or dict or list of them (its first entry)."""
+    if isinstance(x, Mapping):
+        first = next(iter(x.values()), None)
+    elif isinstance(x, list | tuple) and x and all(hasattr(part, "shape") for part in x):
+        first = x[0]  # the inputs of a model with several positional inputs
+    else:
+        first = x
     shape = () if first is None else tuple(np.shape(first))
     if not shape:
         raise ValueError(
@@ -488,6 +493,14 @@ def _run_config(config: Any) -> dict[str, Any] | None:
             f"config: expected a dict or a dataclass instance of settings; got "
             f"{type(config).__name__}"
         )
+    for key, value in config.items():
+        try:
+            json.dumps(_r.plain(value))
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"config: the value of {key!r} cannot be written to JSON ({err}); give numbers, "
+                "strings, booleans, None, or lists and dicts of them."
+            ) from None
     return dict(config)
 
 
