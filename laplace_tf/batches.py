@@ -68,7 +68,9 @@ def _check_finite(x, index: int) -> None:
     for part in tf.nest.flatten(x):
         if part.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(part))):
             raise ValueError(
-                f"x: batch {index} contains NaN or Inf inputs; clean or impute the data first."
+                f"x: batch {index} contains NaN or Inf inputs in {part.dtype.name} (the "
+                "model's dtype: larger finite values overflow to Inf); clean, impute or rescale "
+                "the data first."
             )
 
 

@@ -153,10 +153,31 @@ class InputCheck:
     def _check_shapes(self, x, dataset: bool) -> None:
         if self.expected is None:
             return
+        arrays = isinstance(x, (list, tuple)) and all(hasattr(part, "shape") for part in x)
         if isinstance(self.expected, dict):
             if not isinstance(x, dict):
                 return
             pairs = [(f"x[{k!r}]", shape, _shape(x[k])) for k, shape in self.expected.items()]
+        elif isinstance(self.expected, list):  # several positional inputs
+            if isinstance(x, dict):  # matched to the inputs by name, as Keras does
+                return
+            if not arrays or len(x) != len(self.expected):
+                given = f"a {type(x).__name__} of {len(x)} arrays" if arrays else \
+                    f"inputs of shape {_shapes(x)}"
+                raise ValueError(
+                    f"x: the model takes a list of {len(self.expected)} inputs of shapes "
+                    f"{self.expected}; got {given}. Give one array per input, in the model's "
+                    "order (a dataset yields ((xa, xb, ...), y) batches, or ((xa, xb, ...),) "
+                    "to predict: a bare tuple is read as (x, y))."
+                )
+            pairs = [(f"x[{i}]", shape, _shape(part))
+                     for i, (shape, part) in enumerate(zip(self.expected, x, strict=True))]
+        elif arrays and len(x) > 1:
+            raise ValueError(
+                f"x: the model takes one input of shape {self.expected}; got a "
+                f"{type(x).__name__} of {len(x)} arrays of shapes {_shapes(x)}. Give the inputs "
+                "alone (a pair (x, y) is for fitting; predictions take x)."
+            )
         elif isinstance(x, (dict, list, tuple)):
             return
         else:
@@ -184,15 +205,17 @@ class InputCheck:
             )
 
 
-def _expected_shapes(model) -> tuple | dict | None:
-    """The model's input shape, or ``{name: shape}`` for dict inputs; None when unrecorded
-    (a subclassed model) or for several positional inputs."""
+def _expected_shapes(model) -> tuple | list | dict | None:
+    """The model's input shape, a list of them for several positional inputs, or ``{name:
+    shape}`` for dict inputs; None when unrecorded (a subclassed model)."""
     inputs = getattr(model, "inputs", None)
     if not inputs:
         return None
     struct = getattr(model, "_inputs_struct", None)
     if isinstance(struct, dict) and all(hasattr(t, "shape") for t in struct.values()):
         return {name: tuple(t.shape) for name, t in struct.items()}
+    if isinstance(struct, (list, tuple)) and len(struct) == len(inputs) > 1:
+        return [tuple(t.shape) for t in inputs]
     return tuple(inputs[0].shape) if len(inputs) == 1 else None
 
 

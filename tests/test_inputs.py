@@ -203,6 +203,30 @@ def test_several_positional_inputs_are_taken_as_keras_takes_them():
                                    rtol=1e-12, atol=1e-12)
 
 
+def test_the_wrong_number_of_positional_inputs_is_refused():
+    """Keras' stateless call only warns about an extra input and drops it (the curvature was
+    that of the first two arrays); a tuple given to a one-input model is read as x, y."""
+    a, b = keras.Input((3,), dtype="float64"), keras.Input((2,), dtype="float64")
+    merged = keras.layers.Concatenate(dtype="float64")([a, b])
+    two_inputs = keras.Model([a, b], keras.layers.Dense(3, dtype="float64")(merged))
+    rng = np.random.default_rng(0)
+    xa, xb, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 2)), np.arange(6) % 3
+    la = Laplace(two_inputs, "classification", progress=False)
+    with pytest.raises(ValueError, match=r"x: the model takes a list of 2 inputs .* got a list "
+                                         r"of 3 arrays"):
+        la.fit(([xa, xb, xb], y))
+    la.fit(([xa, xb], y))
+    with pytest.raises(ValueError, match=r"got inputs of shape \(None, 3\).* a bare tuple is "
+                                         r"read as \(x, y\)"):
+        la(tf.data.Dataset.from_tensor_slices((xa, xb)).batch(3))
+    with pytest.raises(ValueError, match=r"x\[1\]: inputs of shape \(6, 1\) do not fit"):
+        la([xa, xb[:, :1]])
+    one_input, x, y = _mlp()
+    with pytest.raises(ValueError, match=r"x: the model takes one input of shape \(None, 3\); "
+                                         r"got a tuple of 2 arrays"):
+        _fitted(one_input, x, y)((x, y))
+
+
 def test_inputs_given_as_python_lists_are_not_rounded():
     """A list of Python floats is read as numpy reads it (float64), not as TensorFlow's
     float32 that a float64 model would then see rounded."""
