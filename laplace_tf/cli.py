@@ -195,6 +195,7 @@ def _export(args: argparse.Namespace) -> int:
     if not posterior.is_file():
         raise FileNotFoundError(f"posterior: no such file {str(posterior)!r}")
     la = laplace_tf.load(posterior, run.load_model(args.model, "--model"))
+    _output_folder(Path(args.out).parent)  # the SavedModel folder itself is the export's
     info = la.export(args.out, seed=seed, dtype=args.dtype, max_bytes=DEFAULT_MAX_BYTES
                      if args.max_bytes is None else args.max_bytes, **options)
     print(f"wrote {info.path}: signature serving_default, inputs -> {', '.join(info.outputs)} "

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -236,8 +237,8 @@ def _parse(spec: FieldSpec, value: Any, where: str) -> Any:
         return widths
     if spec.kind in (int, float):
         parsed = _parse_number(value, spec.kind, label)
-        if spec.metadata.get("positive") and not parsed > 0:
-            raise ValueError(f"{label}: expected a positive number; got {value!r}")
+        if spec.metadata.get("positive") and not 0 < parsed < math.inf:
+            raise ValueError(f"{label}: expected a positive finite number; got {value!r}")
         if spec.metadata.get("seed") and not 0 <= parsed < 2**32:
             raise ValueError(f"{label}: expected an integer in [0, 2**32); got {value!r}")
         if spec.metadata.get("fraction") and not 0 < parsed < 1:
@@ -328,8 +329,9 @@ def validate(config: RunConfig, where: str = "config") -> None:
 
     Raises:
         ValueError: no data or two data sources, a likelihood that does not fit the built-in
-            data set or is missing for files, gridsearch tuning without validation data, a
-            rank without hessian_structure lowrank, or a subnetwork without its rule or
+            data set or is missing for files, validation or test files beside a built-in data
+            set, gridsearch tuning without validation data, a rank without hessian_structure
+            lowrank, context examples without gp, or a subnetwork without its rule or
             structure.
     """
     data, lik = config.data, config.laplace.likelihood
@@ -365,6 +367,13 @@ def validate(config: RunConfig, where: str = "config") -> None:
     if config.laplace.rank is not None and config.laplace.hessian_structure != "lowrank":
         raise ValueError(f"{where}: laplace.rank: only used with hessian_structure 'lowrank'; got "
                          f"{config.laplace.hessian_structure!r}")
+    if config.laplace.n_context is not None and config.laplace.hessian_structure != "gp":
+        raise ValueError(f"{where}: laplace.n_context: only used with hessian_structure 'gp'; "
+                         f"got {config.laplace.hessian_structure!r}")
+    if data.dataset is not None and (data.val is not None or data.test is not None):
+        raise ValueError(f"{where}: data.val, data.test: files go with data.train; the built-in "
+                         f"data set {data.dataset!r} brings its own validation and test splits "
+                         "(leave data.val and data.test out, or give data.train instead)")
 
 
 def likelihood_of(config: RunConfig) -> str:

@@ -211,7 +211,8 @@ def fit_laplace(model: keras.Model, config: _config.RunConfig, run_data: RunData
             method=lap.optimize_prior, prior_structure=lap.prior_structure,
             **(dict(val_data=None if val is None else (val.x, val.y),
                     pred_type=config.predictive.pred_type,
-                    link_approx=config.predictive.link_approx) if by_validation else {}))
+                    link_approx=config.predictive.link_approx, seed=config.seed,
+                    n_samples=config.predictive.n_samples) if by_validation else {}))
     return la
 
 

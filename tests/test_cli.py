@@ -269,8 +269,34 @@ def test_export_a_saved_posterior_as_a_savedmodel(tmp_path, capsys):
                  "--out", str(tmp_path / "served"), "--pred-type", "nn", "--n-samples", "8",
                  "--seed", "3"]) == 0
     assert "mean, variance, functional_variance" in capsys.readouterr().out
+    (tmp_path / "afile").write_text("")
+    assert main(["export", str(tmp_path / "posterior.npz"), "--model", str(tmp_path / "model.keras"),
+                 "--out", str(tmp_path / "afile" / "served")]) == 2
+    assert "--out: cannot make the folder" in _error_line(capsys)
     served = tf.saved_model.load(str(tmp_path / "served")).signatures["serving_default"]
     out = served(inputs=tf.constant(x[:5]))
     for got, want in zip((out["mean"], out["variance"]),
                          la(x[:5], pred_type="nn", n_samples=8, seed=3), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gridsearch_of_a_random_predictive_uses_the_runs_seed_and_samples(saved, tmp_path,
+                                                                          monkeypatch):
+    """Two runs of one config tune to the same prior: the grid is scored with the run's seed
+    and n_samples, not with fresh draws of the default size."""
+    import laplace_tf
+
+    seen = []
+    tune = laplace_tf.Laplace.optimize_prior_precision
+
+    def recorded(la, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("method", "seed", "n_samples")})
+        return tune(la, **kwargs)
+
+    monkeypatch.setattr(laplace_tf.Laplace, "optimize_prior_precision", recorded)
+    assert main(["fit", "--model", str(saved / "model.keras"), "--train", str(saved / "train.npz"),
+                 "--val", str(saved / "test.npz"), "--test", str(saved / "test.npz"),
+                 "--likelihood", "classification", "--hessian-structure", "diag",
+                 "--optimize-prior", "gridsearch", "--link-approx", "mc", "--n-samples", "5",
+                 "--seed", "7", "--out", str(tmp_path / "fit"), "--quiet"]) == 0
+    assert seen == [{"method": "gridsearch", "seed": 7, "n_samples": 5}]

@@ -97,11 +97,13 @@ BAD_VALUES = [
     (_with("laplace", hessian_structure="kronecker"),
      "laplace.hessian_structure: expected one of kron, full, diag, lowrank, gp; got 'kronecker' "
      "(did you mean 'kron'?)"),
-    (_with("laplace", prior_precision=-1), "laplace.prior_precision: expected a positive number"),
+    (_with("laplace", prior_precision=-1), "laplace.prior_precision: expected a positive finite number"),
     (_with("laplace", prior_precision="abc"), "laplace.prior_precision: expected a number; got 'abc'"),
     (_with("laplace", prior_precision=True), "laplace.prior_precision: expected a number; got True"),
     (_with("model", epochs=2.5), "model.epochs: expected an integer; got 2.5"),
-    (_with("model", epochs=0), "model.epochs: expected a positive number; got 0"),
+    (_with("model", epochs=0), "model.epochs: expected a positive finite number; got 0"),
+    (_with("model", learning_rate=float("inf")),
+     "model.learning_rate: expected a positive finite number; got inf"),
     (_with("model", hidden=64), "model.hidden: expected a list of integers like [64, 64]; got 64"),
     (_with("model", hidden=[64, -1]), "model.hidden: widths must be positive"),
     (_with("model", activation=3), "model.activation: expected a string; got 3"),
@@ -131,6 +133,9 @@ INCONSISTENT = [
                                              "optimize_prior": "gridsearch"}},
      "'gridsearch' needs validation data; set data.val or use 'marglik'"),
     (_with("laplace", rank=20), "laplace.rank: only used with hessian_structure 'lowrank'"),
+    (_with("laplace", n_context=20), "laplace.n_context: only used with hessian_structure 'gp'"),
+    ({"data": {"dataset": "digits", "test": "t.npz"}},
+     "data.val, data.test: files go with data.train; the built-in data set 'digits' brings"),
 ]
 
 

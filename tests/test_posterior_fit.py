@@ -199,11 +199,11 @@ def test_gridsearch_of_a_random_predictive_scores_every_value_with_the_seeds_dra
     nll = []
     for value in grid:
         la.prior_precision = value
-        nll.append(_validation_nll_by_hand("classification", la(x[8:], seed=3, **options),
-                                           y[8:]))
+        nll.append(_validation_nll_by_hand(
+            "classification", la(x[8:], seed=3, n_samples=7, **options), y[8:]))
     for _ in range(2):  # reproducible
         la.optimize_prior_precision(method="gridsearch", val_data=(x[8:], y[8:]), grid=grid,
-                                    progress=False, seed=3, **options)
+                                    progress=False, seed=3, n_samples=7, **options)
         np.testing.assert_allclose(la.tuning_trace["val_nll"], nll, rtol=1e-12)
 
 

@@ -1047,6 +1047,7 @@ class PosteriorLaplace:
         tune_sigma_noise: bool | None = None,
         progress: bool | None = None,
         seed: int | None = None,
+        n_samples: int = 100,
     ) -> dict:
         """Tune the prior precision (and, for regression, ``sigma_noise``): by the validation
         NLL when ``val_data`` is given, else by the evidence, unless ``method`` says; see
@@ -1057,7 +1058,7 @@ class PosteriorLaplace:
             val_data=val_data, grid=grid, pred_type=pred_type, link_approx=link_approx,
             tune_sigma_noise=tune_sigma_noise,
             progress=self.progress if progress is None else flag(progress, "progress"),
-            seed=seed,
+            seed=seed, n_samples=n_samples,
         )
 
     # ------------------------------------------------------------------ save / load

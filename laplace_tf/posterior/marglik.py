@@ -217,7 +217,7 @@ def _tune_marglik(la, prior_structure: str, n_steps: int, lr: float, tune_sigma:
 
 
 def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progress: bool,
-                     seed: int | None) -> dict:
+                     seed: int | None, n_samples: int) -> dict:
     if not hasattr(la, "validation_scorer"):
         raise TypeError(
             "method='gridsearch' scores the predictive la(x, ...); use laplace_tf.Laplace (a "
@@ -248,6 +248,7 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
         kwargs["link_approx"] = link_approx
     if pred_type == "nn" or kwargs.get("link_approx") == "mc":  # the same draws for every value
         kwargs["seed"] = int(np.random.default_rng().integers(2**31 - 1)) if seed is None else seed
+        kwargs["n_samples"] = n_samples
     original = la.prior_precision
     nll, evidence = np.full(grid.size, np.inf), np.full(grid.size, np.nan)
     try:
@@ -321,7 +322,7 @@ def optimize_prior_precision(
     la, method: str | None = None, prior_structure: str = "scalar", n_steps: int = 100,
     lr: float = 0.1, val_data=None, grid=None, pred_type: str = "glm",
     link_approx: str = "probit", tune_sigma_noise: bool | None = None, progress: bool | None = None,
-    seed: int | None = None,
+    seed: int | None = None, n_samples: int = 100,
 ) -> dict:
     """Tune ``la.prior_precision`` (and ``la.sigma_noise`` for regression) in place.
 
@@ -348,6 +349,7 @@ def optimize_prior_precision(
         seed: the seed of a random predictive (``pred_type="nn"``, ``link_approx="mc"``) in
             ``"gridsearch"``: every grid value is scored with the same draws (None: drawn once
             per call).
+        n_samples: the draws of that random predictive (as ``la(x, n_samples=...)``).
 
     Returns:
         ``{"prior_precision": ..., "sigma_noise": ...}`` (``sigma_noise`` for regression), the
@@ -409,7 +411,8 @@ def optimize_prior_precision(
                 f"prior_structure: method='gridsearch' searches one scalar precision; got "
                 f"{prior_structure!r}. Use method='marglik' for per-layer or per-weight priors."
             )
-        return _tune_gridsearch(la, val_data, grid, pred_type, link_approx, progress, seed)
+        return _tune_gridsearch(la, val_data, grid, pred_type, link_approx, progress, seed,
+                                positive_int(n_samples, "n_samples"))
     if val_data is not None or grid is not None or pred_type != "glm" or link_approx != "probit":
         raise ValueError(
             "val_data, grid, pred_type, link_approx: method='marglik' maximises the evidence "
