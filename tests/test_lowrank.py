@@ -133,6 +133,8 @@ def test_rank_k_through_laplace_is_the_truncated_ggn():
         la.posterior.log_prob(points),
         scipy.stats.multivariate_normal(la.mean.numpy(), np.linalg.inv(precision)).logpdf(points),
         rtol=1e-10)
+    np.testing.assert_allclose(la.posterior.stddev(), np.sqrt(np.diag(np.linalg.inv(precision))),
+                               rtol=1e-10)
     samples = la.sample(20000, seed=1).numpy()
     testing.assert_gaussian_moments(samples[:, None, :4], la.mean.numpy()[None, :4],
                                     np.linalg.inv(precision)[None, :4, :4])

@@ -27,6 +27,7 @@ from laplace_tf.blocks import (
 from laplace_tf.blocks.base import eigh
 from laplace_tf.curvature.base import Curvature
 from laplace_tf.posterior import PosteriorLaplace
+from laplace_tf.posterior.structures import StructuredNormal
 from laplace_tf.testing import finite_difference_gradient
 
 tfd = tfp.distributions
@@ -123,7 +124,7 @@ CASES = [  # (structure, subset, block layout, prior kind)
     ("diag", "last_layer", "diag", "diag"),
 ]
 DISTRIBUTIONS = {"full": tfd.MultivariateNormalTriL,
-                 "kron": tfd.MultivariateNormalLinearOperator,
+                 "kron": StructuredNormal,  # variances from the blocks, not scale @ scale^T
                  "diag": tfd.MultivariateNormalDiag}
 
 
@@ -170,6 +171,8 @@ def test_precision_covariance_and_log_prob_match_dense(structure, subset, layout
         part = covariance[offset:offset + size, offset:offset + size]
         np.testing.assert_allclose(block.to_dense(), part, rtol=1e-9, atol=1e-12)
     assert type(la.posterior) is DISTRIBUTIONS[structure]
+    np.testing.assert_allclose(la.posterior.variance(), np.diag(covariance), rtol=1e-10)
+    np.testing.assert_allclose(la.posterior.stddev(), np.sqrt(np.diag(covariance)), rtol=1e-10)
     rng = np.random.default_rng(3)
     theta = la.mean.numpy() + rng.normal(size=(4, la.n_params)) * 0.3
     reference = scipy.stats.multivariate_normal(la.mean.numpy(), covariance).logpdf(theta)
@@ -177,6 +180,18 @@ def test_precision_covariance_and_log_prob_match_dense(structure, subset, layout
     np.testing.assert_allclose(
         la.posterior_precision.log_abs_determinant(), np.linalg.slogdet(precision)[1], rtol=1e-11
     )
+
+
+def test_kron_posterior_variances_need_no_dense_matrix(monkeypatch):
+    """TFP's own ``stddev()`` forms ``scale @ scale^T``: ``[P, P]`` (an OOM at P = 93k)."""
+    la = _case("kron", "all", "kron", "layerwise")
+    expected = np.sqrt(np.diag(np.linalg.inv(dense_precision(la))))
+
+    def refused(self):
+        raise AssertionError("a dense Kronecker matrix was formed")
+
+    monkeypatch.setattr(LinearOperatorKroneckerEigen, "_to_dense", refused)
+    np.testing.assert_allclose(la.posterior.stddev(), expected, rtol=1e-10)
 
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])

@@ -152,6 +152,9 @@ class Covariance(Protocol):
     def to_dense(self) -> tf.Tensor:
         """``Sigma`` as a dense ``[p, p]`` matrix (small cases only)."""
 
+    def diagonal(self) -> tf.Tensor:
+        """The marginal variances ``diag(Sigma)`` ``[p]``, without forming ``Sigma``."""
+
     def for_logits_diagonal(self, shape: tuple[int, int]) -> Any:
         """The block prepared for ``diag(J Sigma J^T)`` of a last-layer posterior whose one
         layer's (``shape = (din, K)``) pre-activation is the logits: work shared by all

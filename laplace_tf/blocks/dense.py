@@ -115,6 +115,9 @@ class DenseCovariance(NamedTuple):
     def to_dense(self) -> tf.Tensor:
         return symmetric(tf.matmul(self.root, self.root, transpose_b=True))
 
+    def diagonal(self) -> tf.Tensor:
+        return tf.reduce_sum(tf.square(self.root), axis=-1)
+
     def for_logits_diagonal(self, shape: tuple[int, int]) -> _SameOutput:
         din, n_outputs = shape
         rows = tf.transpose(tf.reshape(self.root, [din, n_outputs, -1]), [1, 0, 2])  # [K, din, p]

@@ -99,6 +99,9 @@ class DiagCovariance(NamedTuple):
     def to_dense(self) -> tf.Tensor:
         return tf.linalg.diag(self.variance)
 
+    def diagonal(self) -> tf.Tensor:
+        return self.variance
+
     def for_logits_diagonal(self, shape: tuple[int, int]) -> DiagCovariance:
         return self
 

@@ -132,6 +132,10 @@ class KronCovariance(NamedTuple):
         return LinearOperatorKroneckerEigen(self.Qa, self.Qg, 1 / self.precision_eigenvalues
                                             ).to_dense()
 
+    def diagonal(self) -> tf.Tensor:
+        return LinearOperatorKroneckerEigen(self.Qa, self.Qg, 1 / self.precision_eigenvalues
+                                            ).diag_part()
+
     def for_logits_diagonal(self, shape: tuple[int, int]) -> _ProjectedKron:
         return _ProjectedKron(
             self.Qa, tf.matmul(1.0 / self.precision_eigenvalues, self.Qg**2, transpose_b=True)
@@ -300,6 +304,9 @@ class PermutedKronCovariance(NamedTuple):
     def to_dense(self) -> tf.Tensor:
         inverse = tf.math.invert_permutation(self.order)
         return tf.gather(tf.gather(self.covariance.to_dense(), inverse, axis=0), inverse, axis=1)
+
+    def diagonal(self) -> tf.Tensor:
+        return tf.gather(self.covariance.diagonal(), tf.math.invert_permutation(self.order))
 
     def for_logits_diagonal(self, shape: tuple[int, int]) -> PermutedKronCovariance:
         return self  # a layer with a permuted block is never the factored logits layer

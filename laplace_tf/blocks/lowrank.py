@@ -175,6 +175,9 @@ class LowRankCovariance(NamedTuple):
         return tf.linalg.diag(self.variance) - tf.matmul(self.downdate, self.downdate,
                                                          transpose_b=True)
 
+    def diagonal(self) -> tf.Tensor:
+        return self.variance - tf.reduce_sum(tf.square(self.downdate), axis=-1)
+
     def for_logits_diagonal(self, shape: tuple[int, int]) -> LowRankCovariance:
         return self
 

@@ -7,12 +7,12 @@ distribution represents the posterior ``N(mean, (c H + diag(lambda))^-1)``:
 * full -> ``tfd.MultivariateNormalTriL``, ``scale_tril`` a lower-triangular root of the
   covariance from one Cholesky factorisation of the precision and a triangular solve
   (:class:`~laplace_tf.blocks.dense.DenseFactor`; never a naive inverse);
-* kron -> ``tfd.MultivariateNormalLinearOperator`` whose scale is block-diagonal over layers,
+* kron -> :class:`StructuredNormal` (a ``tfd.MultivariateNormalLinearOperator``) whose scale is block-diagonal over layers,
   each block :class:`~laplace_tf.blocks.kron_operator.LinearOperatorKroneckerEigen` (or diagonal for
   layers without a Kronecker rule, or a small dense block for a scale-and-shift layer): no
   dense ``P x P`` matrix;
 * diag -> ``tfd.MultivariateNormalDiag``;
-* lowrank, gp -> ``tfd.MultivariateNormalLinearOperator`` whose scale is the low-rank
+* lowrank, gp -> :class:`StructuredNormal` whose scale is the low-rank
   factor's (:meth:`~laplace_tf.blocks.lowrank.LowRankFactor.scale`: a diagonal times a
   low-rank update of the identity), over the top eigenpairs of the GGN (lowrank) or the GGN
   of the context examples (gp): no dense ``P x P`` matrix.
@@ -66,6 +66,54 @@ def precision_operator(factors: Sequence[Factor], c, priors) -> tf.linalg.Linear
     return block_diagonal([f.precision(c, p) for f, p in zip(factors, priors, strict=True)], **_PD)
 
 
+class StructuredNormal(tfd.MultivariateNormalLinearOperator):  # type: ignore[name-defined]
+    """``tfd.MultivariateNormalLinearOperator`` whose ``variance()`` and ``stddev()`` come from
+    the covariance blocks' diagonals (TFP's would form ``scale @ scale^T``: a dense ``P x P``).
+
+    Args:
+        loc: the mean ``[P]``.
+        scale: an operator ``S`` with ``S S^T`` the covariance.
+        marginal_variance: ``diag(S S^T)`` ``[P]``.
+
+    Example:
+        >>> import tensorflow as tf
+        >>> scale = tf.linalg.LinearOperatorDiag(tf.constant([2.0, 3.0], tf.float64))
+        >>> StructuredNormal(tf.zeros(2, tf.float64), scale,
+        ...                  tf.constant([4.0, 9.0], tf.float64)).stddev().numpy().tolist()
+        [2.0, 3.0]
+    """
+
+    def __init__(self, loc, scale, marginal_variance, validate_args=False,
+                 allow_nan_stats=True, name="StructuredNormal"):
+        parameters = dict(locals())
+        super().__init__(loc=loc, scale=scale, validate_args=validate_args,
+                         allow_nan_stats=allow_nan_stats, name=name)
+        self._parameters = parameters
+        self._marginal_variance = tf.convert_to_tensor(marginal_variance, dtype=self.dtype)
+
+    @classmethod
+    def _parameter_properties(cls, dtype, num_classes=None):
+        return dict(super()._parameter_properties(dtype, num_classes),
+                    marginal_variance=tfp.util.ParameterProperties(event_ndims=1))
+
+    def _variance(self):
+        return self._marginal_variance + tf.zeros_like(self.loc)
+
+    def _stddev(self):
+        return tf.sqrt(self._variance())
+
+
+def _structured_normal(mean, factors, c, priors) -> StructuredNormal:
+    """The posterior over ``factors`` with their scales, and variances from their covariances."""
+    pairs = list(zip(factors, priors, strict=True))
+    scales = [f.scale(c, p) for f, p in pairs]
+    # a dense block's scale is its covariance's Cholesky factor, not self-adjoint
+    hints = _PD if all(s.is_self_adjoint for s in scales) else \
+        dict(is_non_singular=True, is_square=True)
+    variance = tf.concat([tf.cast(f.covariance(c, p).diagonal(), mean.dtype) for f, p in pairs], 0)
+    return StructuredNormal(mean, block_diagonal(scales, **hints), variance)
+
+
 class Structure:
     """A posterior structure: accepted blocks, prior shapes, and the distribution it builds."""
 
@@ -105,11 +153,7 @@ class KronStructure(Structure):
     prior_structures = ("scalar", "layerwise")
 
     def distribution(self, mean, factors, c, priors):
-        scales = [f.scale(c, p) for f, p in zip(factors, priors, strict=True)]
-        # a dense block's scale is its covariance's Cholesky factor, not self-adjoint
-        hints = _PD if all(s.is_self_adjoint for s in scales) else \
-            dict(is_non_singular=True, is_square=True)
-        return tfd.MultivariateNormalLinearOperator(loc=mean, scale=block_diagonal(scales, **hints))
+        return _structured_normal(mean, factors, c, priors)
 
 
 class DiagStructure(Structure):
@@ -129,8 +173,7 @@ class LowRankStructure(Structure):
     per_output_noise = False  # H = R^T R cannot be split into per-output curvatures
 
     def distribution(self, mean, factors, c, priors):
-        scales = [f.scale(c, p) for f, p in zip(factors, priors, strict=True)]
-        return tfd.MultivariateNormalLinearOperator(loc=mean, scale=block_diagonal(scales))
+        return _structured_normal(mean, factors, c, priors)
 
 
 class GPStructure(LowRankStructure):
