@@ -65,10 +65,11 @@ def test_constructor_rejects_half_precision_weights(dtype):
 
 
 def test_distinct_seeds_give_distinct_draws():
-    """A stateless seed is the int in base 2**31 - 1: 0 and 2**31 - 1, 7 and 2**32 + 5, -1 and
-    2**31 - 2 differ (they shared their draws when only the remainder was kept)."""
+    """A stateless seed is the int in base 2**31 - 1: 0 and 2**31 - 1, 7 and 2**32 + 5 differ
+    (they shared their draws when only the remainder was kept); negative seeds, which wrapped
+    onto large ones, are refused."""
     la = make("diag", "all")
-    for a, b in [(0, 2**31 - 1), (7, 2**32 + 5), (-1, 2**31 - 2)]:
+    for a, b in [(0, 2**31 - 1), (7, 2**32 + 5), (2**31 - 2, 2**62 - 2**32)]:
         assert not np.array_equal(la.sample(2, seed=a), la.sample(2, seed=b)), (a, b)
     np.testing.assert_array_equal(la.sample(2, seed=2**40), la.sample(2, seed=2**40))
 
@@ -103,6 +104,8 @@ BAD_USES = [
     (lambda la: setattr(la, "prior_mean", np.zeros(3)), ValueError, "prior_mean: expected a scalar or 26 values"),
     (lambda la: la.sample(0), ValueError, "n_samples: expected a positive integer"),
     (lambda la: la.sample(2, seed=1.5), TypeError, "seed: expected an integer or None"),
+    (lambda la: la.sample(2, seed=-1), ValueError, r"seed: expected an integer in \[0, "),
+    (lambda la: la.sample(2**31), ValueError, "n_samples: 2147483648 draws of 26 weights need"),
     (lambda la: la.log_marginal_likelihood(prior_precision=0.0), ValueError, "prior_precision: every value"),
     (lambda la: la.log_marginal_likelihood(sigma_noise=-1.0), ValueError, "sigma_noise: every value"),
     (lambda la: la.optimize_prior_precision(method="adam"), ValueError, r"method: expected one of \('marglik', 'gridsearch'\)"),

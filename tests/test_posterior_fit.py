@@ -8,6 +8,7 @@ checked on tiny float64 models.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import keras
@@ -271,8 +272,10 @@ def test_gridsearch_needs_the_predictive_and_validation_data():
             val_data=tf.data.Dataset.from_tensor_slices((x, y)).batch(2).repeat())
     with pytest.raises(ValueError, match=r"^val_data: x has 6 rows but y has 5"):
         full.optimize_prior_precision(val_data=(x, y[:5]))
-    with pytest.raises(ValueError, match="grid: expected a non-empty 1-D array"):
-        full.optimize_prior_precision(method="gridsearch", val_data=(x, y), grid=[1.0, -1.0])
+    for grid in ([1.0, -1.0], ["1", "2"], [True, True], [None, 1.0]):  # no string or bool read
+        with pytest.raises(ValueError, match=r"grid: expected a non-empty 1-D array.* got " +
+                           re.escape(repr(grid))):
+            full.optimize_prior_precision(method="gridsearch", val_data=(x, y), grid=grid)
     with pytest.raises(ValueError, match="gridsearch' searches one scalar"):
         full.optimize_prior_precision(method="gridsearch", val_data=(x, y),
                                       prior_structure="layerwise")

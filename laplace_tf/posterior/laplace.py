@@ -132,13 +132,15 @@ class _Fitted(NamedTuple):
 
 
 def stateless_seed(seed: int | None) -> tf.Tensor:
-    """A ``[2]`` int32 stateless seed from an int (fresh entropy when ``None``): the int in
-    base ``2**31 - 1``, so that distinct seeds (below ``2**62`` in size) give distinct draws."""
+    """A ``[2]`` int32 stateless seed from an int in ``[0, (2**31 - 1)**2)`` (fresh entropy when
+    ``None``): the int in base ``2**31 - 1``, so that distinct seeds give distinct draws."""
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an integer or None; got {seed!r}.")
     base = 2**31 - 1
+    if not 0 <= seed < base**2:
+        raise ValueError(f"seed: expected an integer in [0, (2**31 - 1)**2); got {seed}.")
     return tf.constant([int(seed) % base, int(seed) // base % base], tf.int32)
 
 
@@ -953,7 +955,16 @@ class PosteriorLaplace:
         return self._draws(n_samples, seed)
 
     def _draws(self, n_samples: int, seed: tf.Tensor) -> tf.Tensor:
-        """:meth:`sample` with a stateless ``seed`` tensor, compiled once per posterior state."""
+        """:meth:`sample` with a stateless ``seed`` tensor, compiled once per posterior state;
+        refused when the draws (``n_samples x P`` numbers, twice) exceed the memory limit."""
+        limit = self.memory_limit_bytes or default_memory_limit()
+        n_bytes = 2 * n_samples * self.n_params * self._dtype.size
+        if n_bytes > limit:
+            raise ValueError(
+                f"n_samples: {n_samples} draws of {self.n_params} weights need "
+                f"{format_bytes(n_bytes)}, above the limit of {format_bytes(limit)} "
+                "(memory_limit_bytes); draw fewer samples, in several calls with other seeds."
+            )
         draw = self._cached("draw", lambda: tf.function(functools.partial(_draw, self.posterior),
                                                         autograph=False))
         return draw(tf.constant(n_samples), seed)

@@ -228,15 +228,18 @@ def _tune_gridsearch(la, val_data, grid, pred_type: str, link_approx: str, progr
             "val_data: method='gridsearch' needs validation data, a tuple (x, y) or a "
             "tf.data.Dataset of (x, y) batches; got None."
         )
+    given = grid
     try:
-        grid = DEFAULT_GRID if grid is None else np.asarray(grid, np.float64)
+        grid = DEFAULT_GRID if grid is None else np.asarray(grid)
     except (TypeError, ValueError):
-        grid = np.array([np.nan])
-    if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+        grid = np.array([], object)
+    if grid.dtype.kind not in "iuf" or grid.ndim != 1 or grid.size == 0 or \
+            not np.all(np.isfinite(grid)) or np.any(grid <= 0):
         raise ValueError(
             f"grid: expected a non-empty 1-D array of positive prior precisions, e.g. "
-            f"np.logspace(-4, 4, 100); got {grid!r}."
+            f"np.logspace(-4, 4, 100); got {given!r}."
         )
+    grid = grid.astype(np.float64)
     from laplace_tf.predictive.links import PRED_TYPES  # the predictive's (imports this module)
 
     choice(pred_type, "pred_type", PRED_TYPES)
