@@ -245,4 +245,18 @@ def test_a_free_input_size_is_refused_for_the_glm_over_all_weights_and_fixed_by_
     with pytest.raises(ValueError, match=r"input_shape: the served inputs have a free size"):
         la.to_keras()
     served = la.to_keras(input_shape=(5,))
+    assert served.inputs[0].dtype == "int32"  # token ids keep their dtype (were cast to float)
     np.testing.assert_allclose(served(x)["probs"], la(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("input_shape, error, message", [
+    ((4,), ValueError, r"input_shape: the model cannot take examples of shape \(4,\)"),
+    (3, TypeError, r"input_shape: expected the shape of one example"),
+    ((0,), ValueError, r"input_shape: sizes must be positive"),
+])
+def test_a_wrong_input_shape_is_named_before_anything_is_written(tmp_path, input_shape, error,
+                                                                 message):
+    la, _ = _fitted("last_layer", "diag", "classification")
+    with pytest.raises(error, match=message):
+        la.export(tmp_path / "served", input_shape=input_shape)
+    assert not (tmp_path / "served").exists()

@@ -102,7 +102,7 @@ class _Predictive(tf.Module):
                 "predictive over these weights lays out each layer's Jacobian by the size of "
                 "its input. Pass input_shape= with fixed sizes (e.g. (64,) for sequences of "
                 "64), or export pred_type='nn', or a last-layer posterior.")
-        self._la, self._output_dtype = la, tf.as_dtype(dtype)
+        self._la, self._output_dtype, self._input_shape = la, tf.as_dtype(dtype), input_shape
         self.pred_type, self.link_approx = pred_type, link_approx
         noise = la.likelihood.noise_variance(la.subset.dtype)
         arrays = [la.mean, noise, *(v.value for v in la.model.variables)]
@@ -129,6 +129,20 @@ class _Predictive(tf.Module):
         else:
             self.blocks = [tf.nest.map_structure(_variable, block) for block in blocks]
         self.serve = tf.function(self._serve, input_signature=[spec])
+
+    def trace(self) -> None:
+        """Trace :attr:`serve`; a ValueError naming ``input_shape`` if the model cannot take
+        inputs of that shape."""
+        try:
+            self.serve.get_concrete_function()
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
+            if self._input_shape is None:
+                raise
+            model_says = str(err).strip().splitlines()[-1]
+            raise ValueError(
+                f"input_shape: the model cannot take examples of shape {self._input_shape!r}; "
+                f"give the shape of one example as the model takes it. The model said: "
+                f"{model_says}") from None
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -187,11 +201,21 @@ def _input_spec(model: keras.Model, dtype: str, input_shape):
     except (AttributeError, ValueError):  # a subclassed model records no inputs
         inputs = None
     if input_shape is not None:
-        shape = tuple(input_shape)
-        if not all(isinstance(d, (int, np.integer)) or d is None for d in shape):
+        if inputs is not None and len(inputs) > 1:
+            raise ValueError(
+                f"input_shape: for a model of one input; this one has {len(inputs)} inputs, "
+                "whose shapes it records: leave input_shape out.")
+        if not isinstance(input_shape, (tuple, list)) or not all(
+                d is None or isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                for d in input_shape):
             raise TypeError(f"input_shape: expected the shape of one example, a tuple of "
                             f"ints (None for a free size); got {input_shape!r}.")
-        return tf.TensorSpec([None, *shape], tf.as_dtype(dtype), name=INPUT_NAME)
+        if any(d is not None and d < 1 for d in input_shape):
+            raise ValueError(f"input_shape: sizes must be positive (None for a free size); "
+                             f"got {input_shape!r}.")
+        kind = tf.as_dtype(inputs[0].dtype) if inputs else tf.float32
+        return tf.TensorSpec([None, *input_shape], kind if kind.is_integer else
+                             tf.as_dtype(dtype), name=INPUT_NAME)
     if inputs is None:
         raise ValueError(
             "input_shape: the model does not record its input shape (a subclassed model); "
@@ -242,6 +266,7 @@ def export(la, path, **options) -> ExportInfo:
     if os.path.isfile(path):
         raise ValueError(f"path: {path!r} is a file; a SavedModel is a folder, give its name.")
     module = predictive_module(la, **options)
+    module.trace()  # before any folder is made
     os.makedirs(path, exist_ok=True)  # an OSError naming the path where it cannot be made
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
     return ExportInfo(path, module.estimated_bytes, module.outputs)
@@ -278,6 +303,7 @@ def to_keras(la, **options) -> keras.Model:
     ``model.export(path)`` writes a SavedModel of it.
     """
     module = predictive_module(la, **options)
+    module.trace()
     inputs = tf.nest.map_structure(
         lambda spec: keras.Input(spec.shape[1:], dtype=spec.dtype.name, name=spec.name),
         module.serve.input_signature[0])
