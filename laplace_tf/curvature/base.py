@@ -102,9 +102,6 @@ class CurvatureBuilder:
     _compiled_step: Callable | None = None
     """The compiled batch step, built at the first fit (:func:`_compiled_step`)."""
 
-    _compiled_forward: Callable | None = None
-    """The compiled model call that checks each fit's first batch, built at the first fit."""
-
     def __init__(self, logit_model: LogitModel, likelihood: Likelihood, kind: str = "ggn"):
         if kind not in self.kinds:
             raise ValueError(
@@ -197,13 +194,11 @@ def fit_curvature(
         strategy = None  # the default strategy (no scope active): no distribution
 
     step = _compiled_step(builder)
-    if builder._compiled_forward is None:
-        builder._compiled_forward = compiled_per_shape(builder.logit_model, batched=1)
     def prepared():
         n_outputs = None
         for x, y, w in batches.weighted():
             if n_outputs is None:  # the first batch: a failure is explained if x is the cause
-                outputs = InputCheck(builder.logit_model.model).call(builder._compiled_forward, x)
+                outputs = InputCheck(builder.logit_model.model).call(builder.logit_model, x)
                 if outputs.shape.rank != 2:
                     raise ValueError(
                         f"model: its output on a batch of {len(y)} inputs has shape "
