@@ -117,7 +117,8 @@ def train_map(
         learning_rate: Adam's step size.
 
     Returns:
-        The training objective after each epoch.
+        The mean of the mini-batch objectives during each epoch (as Keras reports a training
+        loss: the batches before their updates, a short last batch counting as a full one).
 
     Raises:
         ValueError: the model outputs probabilities, the targets do not fit the likelihood,

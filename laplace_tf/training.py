@@ -124,6 +124,12 @@ class MarginalLikelihoodCallback(keras.callbacks.Callback):
     ``sigma_noise``); ``self.la`` is the latest fitted Laplace, ``self.trace`` the values,
     ``self.best_epoch`` the refit with the highest evidence in the latest fit (a second
     ``model.fit`` with the callback starts its own search; the Adam run and the trace go on).
+
+    The refits see ``train_data`` only, not ``model.fit``'s other arguments: give sample
+    weights as ``(x, y, w)`` batches there instead of a ``class_weight``, and the training
+    split itself instead of a ``validation_split``. An ``EarlyStopping`` that restores its
+    weights does so after this callback's last refit: refit ``self.la`` then
+    (:func:`marglik_training` does).
     """
 
     def __init__(self, likelihood: str, train_data, subset_of_weights: str = "all",
@@ -490,8 +496,10 @@ def marglik_training(model: keras.Model, likelihood: str, train_data, epochs: in
             f"{callback.n_epochs_burnin}, marglik_frequency={callback.marglik_frequency}); "
             "train longer or refit more often.")
     assert callback.la is not None  # a refit happened
-    if not callback.restore_best_weights and callback.trace["epoch"][-1] != epochs:
-        callback.la.fit(train_data, progress=False)  # the posterior at the returned weights
+    la = callback.la
+    if not callback.restore_best_weights and not np.array_equal(la.mean, la.subset.flat_values()):
+        la.fit(train_data, progress=False)  # the posterior at the returned weights (after a
+        # last epoch without a refit, or weights an EarlyStopping put back after the callback)
     trace = {key: np.asarray(value) for key, value in callback.trace.items()}
     return model, callback.la, trace
 

@@ -435,3 +435,17 @@ def test_train_data_must_be_arrays_or_a_dataset():
     x, y = _data("classification")
     with pytest.raises(TypeError, match=r"weighted data: a dataset, .*got a tuple of 3 items"):
         ltf.MarginalLikelihoodCallback("classification", (x, y, np.ones(len(x))))
+
+
+def test_the_returned_laplace_is_centred_on_weights_an_early_stopping_put_back():
+    """EarlyStopping restores its best weights after the callback's last refit (at the last
+    epoch, so no refit followed): the Laplace stayed at the final epoch's weights."""
+    x, y = _data("classification")
+    model, la, trace = ltf.marglik_training(
+        _mlp("classification"), "classification", (x, y), epochs=4, restore_best_weights=False,
+        verbose=0, seed=0, optimizer=keras.optimizers.SGD(0.5),
+        callbacks=[keras.callbacks.EarlyStopping("loss", patience=10, mode="max",
+                                                 restore_best_weights=True)])
+    assert trace["epoch"][-1] == 4  # the last refit saw the last epoch's weights, not these
+    weights = np.concatenate([w.numpy().ravel() for w in model.trainable_variables])
+    np.testing.assert_array_equal(la.mean, weights)

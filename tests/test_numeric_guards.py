@@ -82,6 +82,9 @@ def test_a_curvature_scale_that_overflows_the_dtype_is_refused(setting):
         setattr(la, name, setting[name])
     with pytest.raises(ValueError, match="overflows float32"):
         ltf.Laplace(model, "regression", **setting)
+    if name == "sigma_noise":  # the evidence at another sigma: -inf before
+        with pytest.raises(ValueError, match="overflows float32"):
+            la.log_marginal_likelihood(sigma_noise=setting[name])
     model64, x64 = tanh_mlp(1)
     ltf.Laplace(model64, "regression", **setting)  # float64: accepted
 
