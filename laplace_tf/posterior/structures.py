@@ -7,8 +7,9 @@ distribution represents the posterior ``N(mean, (c H + diag(lambda))^-1)``:
 * full -> ``tfd.MultivariateNormalTriL``, ``scale_tril`` a lower-triangular root of the
   covariance from one Cholesky factorisation of the precision and a triangular solve
   (:class:`~laplace_tf.blocks.dense.DenseFactor`; never a naive inverse);
-* kron -> :class:`StructuredNormal` (a ``tfd.MultivariateNormalLinearOperator``) whose scale is block-diagonal over layers,
-  each block :class:`~laplace_tf.blocks.kron_operator.LinearOperatorKroneckerEigen` (or diagonal for
+* kron -> :class:`StructuredNormal` (a ``tfd.MultivariateNormalLinearOperator`` whose
+  variances come from the blocks) whose scale is block-diagonal over layers, each block
+  :class:`~laplace_tf.blocks.kron_operator.LinearOperatorKroneckerEigen` (or diagonal for
   layers without a Kronecker rule, or a small dense block for a scale-and-shift layer): no
   dense ``P x P`` matrix;
 * diag -> ``tfd.MultivariateNormalDiag``;
