@@ -1040,8 +1040,9 @@ class PosteriorLaplace:
             sigma = self._sigma
         else:
             sigma = self._checked_sigma(sigma_noise)
-            self._check_curvature_scale(sigma, self._temperature)  # as the setter checks it
         if tf.executing_eagerly():
+            if sigma_noise is not None:  # as the setter checks it
+                self._check_curvature_scale(sigma, self._temperature)
             self._check_positive_definite(fitted.factors, self._multiplier(sigma),
                                           self._block_priors(prior))
         return self.log_evidence(prior, sigma)
