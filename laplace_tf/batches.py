@@ -18,21 +18,13 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from laplace_tf.arguments import positive_int_or_none
-from laplace_tf.inputs import InputCheck
+from laplace_tf.inputs import InputCheck, is_input_list
 
 DEFAULT_BATCH_SIZE = 128
 
 
-def _is_input_list(x) -> bool:
-    """Whether ``x`` is a list or tuple of arrays, one per input of a model with several
-    positional inputs (as Keras' ``model.fit([xa, xb], y)``); a list of numbers or of lists is
-    one array."""
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(
-        isinstance(part, (np.ndarray, tf.Tensor, tf.Variable)) for part in x)
-
-
 def _n_rows(x) -> int:
-    if isinstance(x, dict) or _is_input_list(x):
+    if isinstance(x, dict) or is_input_list(x):
         sizes = {k: len(v) for k, v in (x.items() if isinstance(x, dict) else enumerate(x))}
         if len(set(sizes.values())) != 1:
             raise ValueError(
@@ -46,7 +38,7 @@ def _rows(x, start: int, stop: int):
     """Rows ``[start, stop)`` of ``x``: an array, a dict or a list of arrays."""
     if isinstance(x, dict):
         return {k: v[start:stop] for k, v in x.items()}
-    if _is_input_list(x):
+    if is_input_list(x):
         return type(x)(v[start:stop] for v in x)
     return x[start:stop]
 
@@ -56,7 +48,7 @@ def _as_float(x, dtype: tf.DType):
     Python numbers are read as numpy does (float64), so nothing is rounded on the way."""
     if isinstance(x, dict):
         return {k: _as_float(v, dtype) for k, v in x.items()}
-    if _is_input_list(x):
+    if is_input_list(x):
         return type(x)(_as_float(v, dtype) for v in x)
     x = tf.convert_to_tensor(x if tf.is_tensor(x) else np.asarray(x))
     if x.dtype.is_floating or x.dtype.is_integer:

@@ -65,6 +65,14 @@ def explain_grouped_convolution(model: keras.Model, err: Exception) -> None:
     ) from err
 
 
+def is_input_list(x) -> bool:
+    """Whether ``x`` is a list or tuple of arrays (or of a dataset's ``TensorSpec``s), one per
+    input of a model with several positional inputs (as Keras' ``model.fit([xa, xb], y)``); a
+    list of numbers or of lists is one array."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(
+        isinstance(part, (np.ndarray, tf.Tensor, tf.Variable, tf.TensorSpec)) for part in x)
+
+
 class InputCheck:
     """What ``model`` expects as inputs, and checks of data against it.
 
@@ -153,7 +161,7 @@ class InputCheck:
     def _check_shapes(self, x, dataset: bool) -> None:
         if self.expected is None:
             return
-        arrays = isinstance(x, (list, tuple)) and all(hasattr(part, "shape") for part in x)
+        arrays = is_input_list(x)
         if isinstance(self.expected, dict):
             if not isinstance(x, dict):
                 return

@@ -60,6 +60,7 @@ from laplace_tf.calibration.plots import (
     reliability_diagram,
 )
 from laplace_tf.calibration.regression import regression_metrics
+from laplace_tf.inputs import is_input_list
 
 SPECTRUM_DENSE_LIMIT = 2048
 """Largest dense curvature block whose eigenvalues the report computes (cost ``O(p^3)``)."""
@@ -289,7 +290,7 @@ def _n_rows(x: Any, name: str) -> int:
     """Number of examples of an array, tensor, or dict or list of them (its first entry)."""
     if isinstance(x, Mapping):
         first = next(iter(x.values()), None)
-    elif isinstance(x, list | tuple) and x and all(hasattr(part, "shape") for part in x):
+    elif is_input_list(x):
         first = x[0]  # the inputs of a model with several positional inputs
     else:
         first = x

@@ -213,9 +213,9 @@ def _input_spec(model: keras.Model, dtype: str, input_shape):
         if any(d is not None and d < 1 for d in input_shape):
             raise ValueError(f"input_shape: sizes must be positive (None for a free size); "
                              f"got {input_shape!r}.")
-        kind = tf.as_dtype(inputs[0].dtype) if inputs else tf.float32
-        return tf.TensorSpec([None, *input_shape], kind if kind.is_integer else
-                             tf.as_dtype(dtype), name=INPUT_NAME)
+        return tf.TensorSpec([None, *input_shape],
+                             _served_dtype(inputs[0].dtype if inputs else None, dtype),
+                             name=INPUT_NAME)
     if inputs is None:
         raise ValueError(
             "input_shape: the model does not record its input shape (a subclassed model); "
@@ -223,13 +223,18 @@ def _input_spec(model: keras.Model, dtype: str, input_shape):
         )
 
     def spec(tensor, name):
-        kind = tf.as_dtype(tensor.dtype)
-        return tf.TensorSpec([None, *tensor.shape[1:]],
-                             kind if kind.is_integer else tf.as_dtype(dtype), name=name)
+        return tf.TensorSpec([None, *tensor.shape[1:]], _served_dtype(tensor.dtype, dtype),
+                             name=name)
 
     if len(inputs) == 1:
         return spec(inputs[0], INPUT_NAME)
     return {t.name: spec(t, t.name) for t in inputs}
+
+
+def _served_dtype(model_input_dtype, dtype: str) -> tf.DType:
+    """``dtype``, or the model input's integer dtype (token ids stay integers)."""
+    kind = None if model_input_dtype is None else tf.as_dtype(model_input_dtype)
+    return kind if kind is not None and kind.is_integer else tf.as_dtype(dtype)
 
 
 def predictive_module(la, pred_type: str = "glm", link_approx: str = "probit",
